@@ -1,0 +1,42 @@
+"""What the top-level scripts share: clear errors instead of tracebacks, and multirun job failures that
+are recorded instead of stopping the sweep."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from seglab.errors import SeglabError
+
+log = logging.getLogger("seglab")
+
+
+def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig, metric: str | None = None) -> float | None:
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        result = task(cfg)
+    except (SeglabError, Exception) as e:
+        known = isinstance(e, SeglabError)
+        if not multirun:
+            if not known:
+                raise
+            print(f"seglab: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        # In a sweep, one failed job must not stop or hide the others: record it for the leaderboard.
+        log.error("job failed: %s", e if known else traceback.format_exc())
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"status": "failed", "error": str(e)}, indent=2) + "\n")
+        return math.nan
+    if metric is None:
+        return None
+    return result.get("best_val", {}).get(metric, math.nan)

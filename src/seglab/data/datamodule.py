@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from seglab.data.dataset import SegmentationDataset, value_lut
+from seglab.data.masks import OVERLAP_POLICIES, build_mask_cache
+from seglab.data.sources import Sample, Source, discover, make_palette
+from seglab.data.splits import check_not_empty, check_ratios, shuffled, split_items, write_splits
+from seglab.data.transforms import build_transforms
+from seglab.errors import SeglabError
+
+log = logging.getLogger(__name__)
+
+
+def default_num_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cpus, 8)
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        layout: str = "auto",
+        annotation_file: str | None = None,
+        image_dir: str | None = None,
+        classes: Sequence[str] | None = None,
+        resplit: bool = False,
+        split_ratios: Sequence[float] = (0.8, 0.1, 0.1),
+        split_seed: int = 42,
+        overlap: str = "smaller_on_top",
+        ignore_index: int = 255,
+        image_size: int = 513,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        augmentations: Sequence = (),
+        batch_size: int = 8,
+        num_workers: int | None = None,
+        cache_dir: str | None = None,
+        splits_file: str | None = None,
+    ):
+        super().__init__()
+        if overlap not in OVERLAP_POLICIES:
+            raise SeglabError(f"data.overlap={overlap!r} is not one of {OVERLAP_POLICIES}.")
+        if not 0 <= ignore_index <= 255:
+            raise SeglabError(f"data.ignore_index={ignore_index} must be in 0..255 (masks are 8-bit PNGs).")
+        for name, value in (("data.image_size", image_size), ("batch_size", batch_size)):
+            if int(value) <= 0:
+                raise SeglabError(f"{name}={value} must be a positive integer.")
+        self.root = Path(root)
+        self.layout, self.annotation_file, self.image_dir = layout, annotation_file, image_dir
+        self.classes = list(classes) if classes else None
+        self.resplit = resplit
+        self.split_ratios = check_ratios(split_ratios)
+        self.split_seed = split_seed
+        self.overlap = overlap
+        self.ignore_index = ignore_index
+        self.image_size = int(image_size)
+        self.mean, self.std = list(mean), list(std)
+        self.augmentations = list(augmentations)
+        self.batch_size = int(batch_size)
+        self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".seglab_cache"
+        self.splits_file = Path(splits_file) if splits_file else None
+        self.source: Source | None = None
+        self.splits: dict[str, list[Sample]] = {}
+        self.datasets: dict[str, SegmentationDataset] = {}
+
+    # Everything downstream (model head, loss, metrics, overlays, checkpoint) reads these.
+    @property
+    def class_names(self) -> list[str]:
+        return self._source().class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]]:
+        return make_palette(self.num_classes)
+
+    def _source(self) -> Source:
+        if self.source is None:
+            self.source = discover(self.root, self.layout, self.annotation_file, self.image_dir, self.classes)
+        return self.source
+
+    def _make_splits(self, source: Source) -> dict[str, list[Sample]]:
+        own = source.samples
+        if "all" in own or self.resplit:
+            pooled = [s for split in own.values() for s in split]
+            return split_items(pooled, self.split_ratios, self.split_seed, key=lambda s: str(s.image))
+        splits = {s: list(own.get(s, [])) for s in ("train", "val", "test")}
+        for missing in ("val", "test"):
+            if not splits[missing]:
+                total = sum(len(v) for v in own.values())
+                n = max(1, round(total * self.split_ratios[1 if missing == "val" else 2]))
+                pool = shuffled(splits["train"], self.split_seed, key=lambda s: str(s.image))
+                splits[missing], splits["train"] = pool[:n], pool[n:]
+                log.warning("%s has no %s folder: using %d image(s) split off the training data (seed %d) "
+                            "as the %s split.", source.root, missing, n, self.split_seed, missing)
+        return splits
+
+    def transform(self, train: bool):
+        return build_transforms(self.image_size, self.mean, self.std, self.augmentations if train else ())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return  # idempotent: Lightning calls setup for fit and again for test
+        source = self._source()
+        self.splits = self._make_splits(source)
+        check_not_empty(self.splits, str(self.root))
+        if self.splits_file is not None:
+            write_splits(self.splits, self.splits_file, name=lambda s: str(s.image.relative_to(self.root))
+                         if s.image.is_relative_to(self.root) else str(s.image))
+        if source.coco_files:
+            masks = build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index)
+            items = {k: [(s.image, masks[s.image]) for s in v] for k, v in self.splits.items()}
+        else:
+            items = {k: [(s.image, s.mask) for s in v] for k, v in self.splits.items()}
+        lut = value_lut(source.mask_values)
+        self.datasets = {
+            split: SegmentationDataset(items[split], self.transform(train=split == "train"), lut)
+            for split in ("train", "val", "test")
+        }
+        log.info("Data: %s layout, classes %s, %s", source.layout, source.class_names,
+                 ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        dataset = self.datasets[split]
+        if train and len(dataset) < self.batch_size:
+            raise SeglabError(
+                f"The train split has {len(dataset)} image(s), fewer than batch_size={self.batch_size}; "
+                "lower batch_size or add images."
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            # DeepLabV3's ASPP pooling branch fails on a batch of one: drop the ragged last batch.
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+

@@ -1,0 +1,157 @@
+"""COCO annotations to class-index masks: decode (pycocotools) -> remap categories -> merge with an
+overlap policy; plus the on-disk mask cache and image/mask readers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from pycocotools import mask as mask_utils
+
+from seglab.errors import SeglabError
+
+log = logging.getLogger(__name__)
+
+# smaller_on_top: when objects overlap, the smaller one is usually the one in front (a part on a
+#   whole, an object on a larger one); painting by decreasing area keeps every small object visible.
+# last_on_top: the file's annotation order decides (later annotations drawn over earlier ones).
+# ignore: overlap pixels get the ignore index, as torchvision's reference scripts do.
+OVERLAP_POLICIES = ("smaller_on_top", "last_on_top", "ignore")
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | None:
+    """One annotation's `segmentation` (polygons, compressed or uncompressed RLE) as a 0/1 array.
+
+    Returns None for a segmentation with nothing to draw (no polygon of 3 or more points).
+    """
+    if isinstance(segmentation, list):
+        # pycocotools reads a 4-number list as a box, not a polygon: drop degenerate ones first.
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return None
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        counts = segmentation["counts"]
+        rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    else:
+        return None
+    return mask_utils.decode(rle)
+
+
+def rasterize_annotations(
+    annotations: Iterable[Mapping],
+    height: int,
+    width: int,
+    category_index: Mapping[int, int],
+    overlap: str,
+    ignore_index: int,
+) -> tuple[np.ndarray, int]:
+    """Class-index mask (uint8, background 0) and the number of annotations with nothing to draw."""
+    if overlap not in OVERLAP_POLICIES:
+        raise SeglabError(f"data.overlap={overlap!r} is not one of {OVERLAP_POLICIES}.")
+    objects, crowds, degenerate = [], [], 0
+    for ann in annotations:
+        index = category_index.get(int(ann["category_id"]), 0)
+        if index == 0:
+            continue  # a category left out of data.classes is background
+        binary = decode_segmentation(ann.get("segmentation"), height, width)
+        if binary is None or not binary.any():
+            degenerate += 1
+            continue
+        (crowds if ann.get("iscrowd", 0) else objects).append((index, binary.astype(bool)))
+
+    mask = np.zeros((height, width), np.uint8)
+    if overlap == "smaller_on_top":
+        objects.sort(key=lambda o: -int(o[1].sum()))  # stable: equal areas keep file order
+    for index, binary in objects:
+        mask[binary] = index
+    if overlap == "ignore" and len(objects) > 1:
+        coverage = np.sum([b for _, b in objects], axis=0, dtype=np.int32)
+        mask[coverage > 1] = ignore_index
+    for _, binary in crowds:
+        mask[binary] = ignore_index
+    return mask, degenerate
+
+
+def _atomic_write_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)  # a killed run never leaves a half-written mask behind
+
+
+def cache_folder(cache_dir: Path, annotation_file: Path, category_index: Mapping[int, int],
+                 overlap: str, ignore_index: int) -> Path:
+    """The folder for one annotation file's masks, keyed by everything that changes their pixels."""
+    content = hashlib.sha256(annotation_file.read_bytes()).hexdigest()[:16]
+    policy = json.dumps([sorted(category_index.items()), overlap, ignore_index])
+    return cache_dir / f"{content}-{hashlib.sha256(policy.encode()).hexdigest()[:8]}"
+
+
+def build_mask_cache(source, cache_dir: Path, overlap: str, ignore_index: int) -> dict[Path, Path]:
+    """Rasterise every COCO sample of `source` once into PNGs; returns image path -> mask path.
+
+    Masks already in the cache are not decoded again: later epochs and later runs only read PNGs.
+    """
+    mask_paths: dict[Path, Path] = {}
+    built = degenerate = 0
+    for ann_path, coco in source.coco_files.items():
+        folder = cache_folder(cache_dir, ann_path, source.category_index[ann_path], overlap, ignore_index)
+        image_dir = {s.image_id: s.image.parent for split in source.samples.values() for s in split
+                     if s.annotation_file == ann_path}
+        for image_id, info in coco.images.items():
+            path = folder / f"{image_id}.png"
+            if not path.is_file():
+                mask, skipped = rasterize_annotations(
+                    coco.annotations[image_id], int(info["height"]), int(info["width"]),
+                    source.category_index[ann_path], overlap, ignore_index,
+                )
+                _atomic_write_png(mask, path)
+                built += 1
+                degenerate += skipped
+            mask_paths[image_dir[image_id] / info["file_name"]] = path
+    if degenerate:
+        log.warning("Skipped %d annotation(s) with no drawable area (polygons of fewer than 3 points, "
+                    "empty or zero-area shapes).", degenerate)
+    if built:
+        log.info("Rasterised %d mask(s) into %s", built, cache_dir)
+    return mask_paths
+
+
+def load_image(path: Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB uint8 array. Grayscale, RGBA and palette images are converted.
+
+    EXIF orientation is applied (what the annotator saw on screen) unless the stored pixel grid, not the
+    rotated one, matches the annotation's size; RoboFlow exports are already oriented and carry no
+    rotation, so both readings agree for them.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            oriented = ImageOps.exif_transpose(im)
+            if expected_hw is not None and oriented.size[::-1] != tuple(expected_hw) \
+                    and im.size[::-1] == tuple(expected_hw):
+                oriented = im
+            return np.asarray(oriented.convert("RGB"))
+    except FileNotFoundError:
+        raise SeglabError(f"Image file {path} is missing.") from None
+    except OSError as e:
+        raise SeglabError(f"Image file {path} is unreadable or truncated ({e}). Re-export or remove it.") \
+            from None
+
+
+def read_mask(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P", "I;16", "I"):
+            im = im.convert("L")
+        return np.asarray(im)

@@ -1,0 +1,331 @@
+"""Deterministic synthetic dataset laid out like a RoboFlow "COCO Segmentation" export.
+
+Discs and triangles in overlapping hue ranges on textured backgrounds, so a model has to use
+shape as well as colour. The first three train images are fixed cases that loaders must handle:
+an image without objects, and two images with overlapping objects whose annotations include a
+compressed and an uncompressed RLE segmentation.
+
+    python -m seglab.data.synthetic --out data/demo --num-images 120 --size 256 --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+# Typical fraction of the image area covered by one object (each object draws 0.6x-1.4x of it).
+# 0.07 is a disc of radius ~0.15 * size: big enough to learn in a few epochs at 128 px.
+# About 0.01 gives a "small objects" dataset.
+DEFAULT_OBJECT_SCALE = 0.07
+
+SPLIT_NAMES = ("train", "valid", "test")
+ANNOTATION_FILE = "_annotations.coco.json"
+
+DISC_ID, TRIANGLE_ID = 1, 2
+# RoboFlow exports a parent category with id 0 that no annotation uses.
+CATEGORIES = [
+    {"id": 0, "name": "shapes", "supercategory": "none"},
+    {"id": DISC_ID, "name": "disc", "supercategory": "shapes"},
+    {"id": TRIANGLE_ID, "name": "triangle", "supercategory": "shapes"},
+]
+
+# Fill hues in degrees; the ranges share 50-80 (yellow to yellow-green) so colour alone is ambiguous.
+HUE_RANGE_DEG = {DISC_ID: (-40.0, 80.0), TRIANGLE_ID: (50.0, 200.0)}
+ELLIPSE_VERTICES = 48
+# Reject layouts where a later object hides more than 60% of an earlier one.
+MIN_VISIBLE_FRACTION = 0.4
+# Minimum RGB distance between an object's fill and the pixels it covers, so every object is visible.
+MIN_FILL_CONTRAST = 80.0
+MAX_PLACEMENT_ATTEMPTS = 200
+
+# Fixed cases for train images 0, 1, 2: (category ids in drawing order, force overlap, formats).
+TRAIN_FIXED_LAYOUTS = (
+    ((), False, ()),
+    ((DISC_ID, TRIANGLE_ID), True, ("polygon", "rle")),
+    ((TRIANGLE_ID, DISC_ID), True, ("uncompressed_rle", "polygon")),
+)
+OBJECT_COUNT_PROBS = (0.1, 0.3, 0.35, 0.25)  # for 0, 1, 2, 3 objects
+
+# RoboFlow fills these with the export time; fixed values keep the output byte-identical.
+COCO_INFO = {
+    "year": "2024",
+    "version": "1",
+    "description": "Synthetic shapes in RoboFlow COCO Segmentation layout (seglab.data.synthetic)",
+    "contributor": "seglab",
+    "url": "",
+    "date_created": "2024-01-01T00:00:00+00:00",
+}
+COCO_LICENSES = [{"id": 1, "url": "https://creativecommons.org/licenses/by/4.0/", "name": "CC BY 4.0"}]
+
+
+def split_sizes(num_images: int, splits: tuple[float, float, float]) -> tuple[int, int, int]:
+    n_train = round(num_images * splits[0])
+    n_valid = round(num_images * splits[1])
+    return n_train, n_valid, num_images - n_train - n_valid
+
+
+def mask_to_uncompressed_rle(mask: np.ndarray) -> dict:
+    # COCO run lengths go down columns (Fortran order) and always start with a background run.
+    flat = np.asarray(mask, dtype=np.uint8).ravel(order="F")
+    boundaries = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    counts = np.diff(boundaries).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def mask_to_compressed_rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rasterize_polygon(polygon: np.ndarray, size: int) -> np.ndarray:
+    # Rasterise with pycocotools so image pixels agree exactly with what a COCO loader decodes.
+    rles = mask_utils.frPyObjects([polygon.ravel().tolist()], size, size)
+    return mask_utils.decode(mask_utils.merge(rles))
+
+
+def polygon_area(polygon: np.ndarray) -> float:
+    x, y = polygon[:, 0], polygon[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def sample_shape(rng: np.random.Generator, category_id: int, area: float) -> np.ndarray:
+    """Vertices (k, 2) of a shape centred on the origin with the given area."""
+    if category_id == DISC_ID:
+        aspect = rng.uniform(0.65, 1.0)
+        semi_major = np.sqrt(area / (np.pi * aspect))
+        t = np.linspace(0.0, 2 * np.pi, ELLIPSE_VERTICES, endpoint=False)
+        points = np.stack([semi_major * np.cos(t), aspect * semi_major * np.sin(t)], axis=1)
+        rotation = rng.uniform(0.0, np.pi)
+    else:
+        # Jitter of +-20 degrees around equilateral keeps the vertices in order and the angles wide.
+        angles = np.arange(3) * 2 * np.pi / 3 + rng.uniform(-0.35, 0.35, 3)
+        radii = rng.uniform(0.8, 1.2, 3)
+        points = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+        points *= np.sqrt(area / polygon_area(points))
+        rotation = rng.uniform(0.0, 2 * np.pi)
+    c, s = np.cos(rotation), np.sin(rotation)
+    return points @ np.array([[c, s], [-s, c]])
+
+
+def smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
+    grid = rng.random((cells, cells, channels), dtype=np.float32)
+    noise = cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
+    return noise.reshape(size, size, channels)
+
+
+def hsv_to_rgb255(hue_deg: float, saturation: float, value: float) -> np.ndarray:
+    return 255.0 * np.array(colorsys.hsv_to_rgb((hue_deg / 360.0) % 1.0, saturation, value), dtype=np.float32)
+
+
+def render_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    # Muted colours of any hue; object fills are more saturated but backgrounds may share their hue.
+    colour_a, colour_b = (
+        hsv_to_rgb255(rng.uniform(0, 360), rng.uniform(0.05, 0.6), rng.uniform(0.2, 0.95)) for _ in range(2)
+    )
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = rng.uniform(0.0, np.pi)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    v = -xx * np.sin(angle) + yy * np.cos(angle)
+    pattern = rng.integers(4)
+    if pattern == 0:  # linear gradient
+        weight = (u - u.min()) / (u.max() - u.min())
+    elif pattern == 1:  # stripes
+        weight = np.floor(u / rng.uniform(0.04, 0.2)) % 2
+    elif pattern == 2:  # checkerboard
+        period = rng.uniform(0.06, 0.25)
+        weight = (np.floor(u / period) + np.floor(v / period)) % 2
+    else:  # blobs
+        weight = smooth_noise(rng, size, cells=int(rng.integers(3, 8)), channels=1)[..., 0]
+    background = colour_a * (1.0 - weight[..., None]) + colour_b * weight[..., None]
+    return background + 40.0 * (smooth_noise(rng, size, cells=8, channels=3) - 0.5)
+
+
+def paint_object(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, category_id: int) -> None:
+    covered = mask.astype(bool)
+    underneath = canvas[covered].mean(axis=0)
+    best_fill, best_contrast = None, -1.0
+    for _ in range(20):
+        fill = hsv_to_rgb255(
+            rng.uniform(*HUE_RANGE_DEG[category_id]), rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
+        )
+        contrast = float(np.linalg.norm(fill - underneath))
+        if contrast > best_contrast:
+            best_fill, best_contrast = fill, contrast
+        if contrast >= MIN_FILL_CONTRAST:
+            break
+    shading = 1.0 + 0.35 * (smooth_noise(rng, canvas.shape[0], cells=6, channels=1) - 0.5)
+    canvas[covered] = (best_fill * shading)[covered]
+
+
+def place_objects(
+    rng: np.random.Generator,
+    category_ids: tuple[int, ...],
+    size: int,
+    object_scale: float,
+    force_overlap: bool,
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    placed: list[tuple[int, np.ndarray, np.ndarray]] = []
+    visible: list[np.ndarray] = []
+    for category_id in category_ids:
+        for _ in range(MAX_PLACEMENT_ATTEMPTS):
+            area = object_scale * size * size * rng.uniform(0.6, 1.4)
+            shape = sample_shape(rng, category_id, area)
+            reach = float(np.linalg.norm(shape, axis=1).max())
+            # Keep the whole shape inside the image where it fits.
+            low, high = min(reach, size / 2), max(size - reach, size / 2)
+            if force_overlap and placed:
+                previous = placed[-1][1]
+                previous_reach = float(np.linalg.norm(previous - previous.mean(axis=0), axis=1).max())
+                direction = rng.uniform(0.0, 2 * np.pi)
+                distance = rng.uniform(0.3, 0.8) * (reach + previous_reach)
+                centre = previous.mean(axis=0) + distance * np.array([np.cos(direction), np.sin(direction)])
+                centre = np.clip(centre, low, high)
+            else:
+                centre = rng.uniform(low, high, 2)
+            polygon = np.round(np.clip(shape + centre, 0.0, size), 2)
+            mask = rasterize_polygon(polygon, size)
+            if not mask.any():
+                continue
+            if force_overlap and placed and not (mask & placed[-1][2]).any():
+                continue
+            still_visible = [v & ~mask.astype(bool) for v in visible]
+            if all(
+                s.sum() >= MIN_VISIBLE_FRACTION * p[2].sum()
+                for s, p in zip(still_visible, placed, strict=True)
+            ):
+                break
+        else:
+            if force_overlap:
+                raise ValueError(
+                    f"cannot draw two overlapping, partly visible objects at object_scale={object_scale} "
+                    f"in {size}px images"
+                )
+            # Crowded (large object_scale) or sub-pixel objects: the image gets one object fewer.
+            continue
+        visible = still_visible + [mask.astype(bool)]
+        placed.append((category_id, polygon, mask))
+    return placed
+
+
+def build_annotation(
+    annotation_id: int,
+    image_id: int,
+    category_id: int,
+    polygon: np.ndarray,
+    mask: np.ndarray,
+    segmentation_format: str,
+) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    if segmentation_format == "polygon":
+        segmentation = [polygon.ravel().tolist()]
+    elif segmentation_format == "rle":
+        segmentation = mask_to_compressed_rle(mask)
+    else:
+        segmentation = mask_to_uncompressed_rle(mask)
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": segmentation,
+        "area": float(mask_utils.area(rle)),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "iscrowd": 0,
+    }
+
+
+def generate_dataset(
+    out: Path | str,
+    num_images: int = 120,
+    size: int = 256,
+    seed: int = 0,
+    object_scale: float = DEFAULT_OBJECT_SCALE,
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> Path:
+    out = Path(out)
+    sizes = split_sizes(num_images, splits)
+    if sizes[0] < len(TRAIN_FIXED_LAYOUTS) or min(sizes) < 0:
+        raise ValueError(
+            f"split sizes {sizes} from {num_images} images leave no room for the fixed train cases"
+        )
+
+    image_index = 0
+    for split, split_size in zip(SPLIT_NAMES, sizes, strict=True):
+        split_dir = out / split
+        split_dir.mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(split_size):
+            # One generator per image: image i is the same whatever num_images or the split sizes are.
+            rng = np.random.default_rng([seed, image_index])
+            file_name = f"img_{image_index:04d}_jpg.rf.{rng.bytes(4).hex()}.jpg"
+            if split == "train" and image_id < len(TRAIN_FIXED_LAYOUTS):
+                category_ids, force_overlap, formats = TRAIN_FIXED_LAYOUTS[image_id]
+            else:
+                count = int(rng.choice(len(OBJECT_COUNT_PROBS), p=OBJECT_COUNT_PROBS))
+                category_ids = tuple(int(c) for c in rng.integers(DISC_ID, TRIANGLE_ID + 1, count))
+                force_overlap, formats = False, None
+
+            canvas = render_background(rng, size)
+            objects = place_objects(rng, category_ids, size, object_scale, force_overlap)
+            if formats is None:
+                formats = ("polygon",) * len(objects)
+            for (category_id, polygon, mask), segmentation_format in zip(objects, formats, strict=True):
+                paint_object(rng, canvas, mask, category_id)
+                annotations.append(
+                    build_annotation(
+                        len(annotations), image_id, category_id, polygon, mask, segmentation_format
+                    )
+                )
+            canvas += rng.normal(0.0, 4.0, canvas.shape)
+            pixels = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(split_dir / file_name, quality=95)
+            images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+            image_index += 1
+
+        coco = {
+            "info": COCO_INFO,
+            "licenses": COCO_LICENSES,
+            "categories": CATEGORIES,
+            "images": images,
+            "annotations": annotations,
+        }
+        (split_dir / ANNOTATION_FILE).write_text(json.dumps(coco))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--num-images", type=int, default=120)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--object-scale",
+        type=float,
+        default=DEFAULT_OBJECT_SCALE,
+        help="typical fraction of the image covered by one object (~0.01 for small objects)",
+    )
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    out = generate_dataset(args.out, args.num_images, args.size, args.seed, args.object_scale)
+    elapsed = time.perf_counter() - start
+    print(f"wrote {out} in {elapsed:.1f}s")
+    for split in SPLIT_NAMES:
+        coco = json.loads((out / split / ANNOTATION_FILE).read_text())
+        print(f"  {split}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+
+
+if __name__ == "__main__":
+    main()

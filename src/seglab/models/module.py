@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+STAGES = ("train", "val", "test")
+
+
+def segmentation_metrics(num_classes: int, ignore_index: int) -> MetricCollection:
+    """mIoU, mean accuracy, pixel accuracy and per-class IoU.
+
+    Policy for absent classes (torchmetrics' macro averaging): a class with no pixel in the target and
+    none in the prediction is left out of mIoU and mean accuracy instead of counting as 0.
+    validate_args=False keeps `update` free of host syncs.
+    """
+    common = {"num_classes": num_classes, "ignore_index": ignore_index, "validate_args": False}
+    return MetricCollection({
+        "mIoU": MulticlassJaccardIndex(average="macro", **common),
+        "mAcc": MulticlassAccuracy(average="macro", **common),
+        "pixel_acc": MulticlassAccuracy(average="micro", **common),
+        "IoU": MulticlassJaccardIndex(average="none", **common),
+    })
+
+
+def scalar_metrics(values: dict[str, torch.Tensor], class_names: Sequence[str], prefix: str) -> dict[str, float]:
+    """Flatten computed metrics into `<stage>/<name>` floats; per-class IoU becomes `<stage>/IoU_<class>`."""
+    out = {}
+    for name, value in values.items():
+        if value.ndim == 0:
+            out[f"{prefix}/{name}"] = float(value)
+        else:
+            out.update({f"{prefix}/{name}_{c}": float(v) for c, v in zip(class_names, value, strict=True)})
+    return out
+
+
+class SegmentationModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        class_names: Sequence[str],
+        ignore_index: int,
+        palette: Sequence[Sequence[int]] | None = None,
+        criterion: nn.Module | None = None,
+        aux_weight: float = 0.5,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        meta: dict | None = None,
+    ):
+        super().__init__()
+        self.net = net
+        self.class_names = list(class_names)
+        self.ignore_index = ignore_index
+        self.palette = [tuple(c) for c in palette] if palette else None
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss(ignore_index=ignore_index)
+        self.aux_weight = aux_weight
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # What evaluation and prediction need besides the weights: image size, normalisation, config.
+        self.meta = dict(meta or {})
+        n = len(self.class_names)
+        self.metrics = nn.ModuleDict({s: segmentation_metrics(n, ignore_index) for s in ("val", "test")})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)["out"]
+
+    def shared_step(self, batch, stage: str) -> torch.Tensor:
+        images, masks = batch
+        masks = masks.long()
+        outputs = self.net(images)
+        logits = outputs["out"]
+        loss = self.criterion(logits, masks)
+        if stage == "train" and outputs.get("aux") is not None and self.aux_weight:
+            loss = loss + self.aux_weight * self.criterion(outputs["aux"], masks)
+        if stage != "train":
+            self.metrics[stage].update(logits.argmax(dim=1), masks)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
+                 batch_size=images.shape[0])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.shared_step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        values = scalar_metrics(self.metrics[stage].compute(), self.class_names, stage)
+        miou = values.pop(f"{stage}/mIoU")
+        self.log(f"{stage}/mIoU", miou, prog_bar=True)
+        self.log_dict(values)
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        # Also runs after the sanity check, whose partial results are then discarded by the reset.
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def configure_optimizers(self):
+        # Two named groups (the LR monitor shows both); frozen parameters are left out.
+        trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        backbone = [p for n, p in trainable if n.startswith(("backbone.", "encoder."))]
+        heads = [p for n, p in trainable if not n.startswith(("backbone.", "encoder."))]
+        groups = [{"params": ps, "name": name} for name, ps in (("backbone", backbone), ("heads", heads)) if ps]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        # conf/scheduler options are stepped every batch and told the total number of steps.
+        scheduler = self.scheduler_factory(optimizer, total_iters=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain Python values only, so the checkpoint loads with torch.load(weights_only=True).
+        checkpoint["seglab"] = {
+            "class_names": self.class_names,
+            "palette": [list(c) for c in self.palette] if self.palette else None,
+            "ignore_index": self.ignore_index,
+            **self.meta,
+        }

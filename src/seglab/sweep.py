@@ -1,0 +1,68 @@
+"""The leaderboard of a multirun: one row per job, written into the sweep folder when it ends."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["job", "status", "best val loss", "val mIoU", "test mIoU", "test mAcc", "test pixel acc",
+           "epochs", "wall s"]
+
+
+def job_row(job_dir: Path) -> dict[str, str]:
+    row = {"job": job_dir.name.split("_", 1)[-1] or job_dir.name}
+    metrics_file = job_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return {**row, "status": "failed (no metrics.json)"}
+    m = json.loads(metrics_file.read_text())
+    if m.get("status") != "ok":
+        return {**row, "status": f"failed: {m.get('error', '?')}"[:120]}
+
+    def fmt(value):
+        return "" if value is None else f"{value:.4f}"
+
+    return {
+        **row,
+        "status": "ok",
+        "best val loss": fmt(m["best_val"].get("val/loss")),
+        "val mIoU": fmt(m["best_val"].get("val/mIoU")),
+        "test mIoU": fmt(m["test"].get("test/mIoU")),
+        "test mAcc": fmt(m["test"].get("test/mAcc")),
+        "test pixel acc": fmt(m["test"].get("test/pixel_acc")),
+        "epochs": str(m.get("epochs_run", "")),
+        "wall s": str(m.get("wall_time_s", "")),
+    }
+
+
+def write_leaderboard(sweep_dir: Path, job_dirs: list[Path]) -> str:
+    rows = [job_row(d) for d in job_dirs]
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: float(r["best val loss"] or "inf"))
+    rows = ok + [r for r in rows if r["status"] != "ok"]
+    with (sweep_dir / "leaderboard.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r.get(c, "") for c in COLUMNS) + " |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    (sweep_dir / "leaderboard.md").write_text(table)
+    return table
+
+
+class LeaderboardCallback(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        job_dirs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.split("_")[0].isdigit()),
+                          key=lambda d: int(d.name.split("_")[0]))
+        if not job_dirs:
+            return
+        table = write_leaderboard(sweep_dir, job_dirs)
+        print(f"\nLeaderboard ({sweep_dir / 'leaderboard.md'}; best val loss first)\n{table}"
+              f"TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)

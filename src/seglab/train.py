@@ -1,0 +1,112 @@
+"""train(cfg): fit, test the best checkpoint, write metrics.json. train.py at the top level calls it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from seglab.callbacks import ValHistory
+from seglab.models.module import SegmentationModule
+
+log = logging.getLogger(__name__)
+
+
+def flatten(tree, prefix: str = "") -> dict[str, str | float | int | bool]:
+    """Nested config -> {"optimizer/lr": 1e-4, ...} with scalar leaves, for TensorBoard's HPARAMS tab."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        elif isinstance(value, (str, int, float, bool)):
+            out[name] = value
+        elif value is not None:
+            out[name] = str(value)
+    return out
+
+
+def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
+    """The network, loss and optimizer from config, sized by the data's classes."""
+    net = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    meta = {
+        "image_size": datamodule.image_size,
+        "mean": datamodule.mean,
+        "std": datamodule.std,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    return SegmentationModule(
+        net=net,
+        class_names=datamodule.class_names,
+        ignore_index=datamodule.ignore_index,
+        palette=datamodule.palette,
+        criterion=instantiate(cfg.loss.criterion),
+        aux_weight=cfg.loss.aux_weight,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        meta=meta,
+    )
+
+
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def train(cfg: DictConfig) -> dict:
+    started = time.time()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+
+    trainer.fit(module, datamodule=datamodule)
+    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)[0]
+
+    history = next((c for c in callbacks if isinstance(c, ValHistory)), None)
+    best = history.best(cfg.callbacks.model_checkpoint.monitor) if history else {}
+    metrics = {
+        "status": "ok",
+        "best_epoch": best.get("epoch"),
+        "epochs_run": trainer.current_epoch,
+        "best_val": {k: v for k, v in best.items() if k != "epoch"},
+        "test": {k: float(v) for k, v in test.items()},
+        "checkpoint": best_path,
+        "last_checkpoint": str(Path(best_path).with_name("last.ckpt")) if best_path else "",
+        "class_names": datamodule.class_names,
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    for logger in trainer.loggers:
+        hp_metrics = {f"hp/{k}": v for k, v in {**metrics["best_val"], **metrics["test"]}.items()
+                      if k.endswith(("loss", "mIoU", "mAcc", "pixel_acc"))}
+        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)), metrics=hp_metrics)
+        logger.finalize("success")
+
+    rows = [
+        ("best epoch", str(metrics["best_epoch"])),
+        ("best val loss", f"{best.get('val/loss', math.nan):.4f}"),
+        ("val mIoU", f"{best.get('val/mIoU', math.nan):.4f}"),
+        ("test mIoU", f"{metrics['test'].get('test/mIoU', math.nan):.4f}"),
+        ("test mean acc", f"{metrics['test'].get('test/mAcc', math.nan):.4f}"),
+        ("test pixel acc", f"{metrics['test'].get('test/pixel_acc', math.nan):.4f}"),
+        ("checkpoint", best_path),
+        ("run folder", str(out)),
+        ("TensorBoard", f"tensorboard --logdir {out}"),
+    ]
+    print("\nseglab training summary\n" + summary_table(rows), flush=True)
+    return metrics

@@ -1,0 +1,204 @@
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from seglab.data.synthetic import (
+    ANNOTATION_FILE,
+    DEFAULT_OBJECT_SCALE,
+    SPLIT_NAMES,
+    generate_dataset,
+    mask_to_uncompressed_rle,
+    polygon_area,
+    split_sizes,
+)
+
+NUM_IMAGES, SIZE = 20, 64
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("synthetic"), num_images=NUM_IMAGES, size=SIZE, seed=0)
+
+
+def load_coco(root: Path, split: str) -> dict:
+    return json.loads((root / split / ANNOTATION_FILE).read_text())
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle)
+
+
+def annotations_by_image(coco: dict) -> dict[int, list[dict]]:
+    grouped = {image["id"]: [] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        grouped[annotation["image_id"]].append(annotation)
+    return grouped
+
+
+def read_image(root: Path, split: str, image: dict) -> np.ndarray:
+    return np.asarray(Image.open(root / split / image["file_name"]), dtype=np.float64)
+
+
+def test_split_sizes():
+    assert split_sizes(120, (0.8, 0.1, 0.1)) == (96, 12, 12)
+    assert split_sizes(NUM_IMAGES, (0.8, 0.1, 0.1)) == (16, 2, 2)
+
+
+def test_layout_matches_roboflow_export(dataset):
+    name_pattern = re.compile(r"img_\d{4}_jpg\.rf\.[0-9a-f]{8}\.jpg")
+    counts = {}
+    for split in SPLIT_NAMES:
+        coco = load_coco(dataset, split)
+        counts[split] = len(coco["images"])
+        assert sorted(p.name for p in (dataset / split).glob("*.jpg")) == sorted(
+            i["file_name"] for i in coco["images"]
+        )
+        for image in coco["images"]:
+            assert name_pattern.fullmatch(image["file_name"])
+            with Image.open(dataset / split / image["file_name"]) as pil_image:
+                assert (pil_image.format, pil_image.mode, pil_image.size) == ("JPEG", "RGB", (SIZE, SIZE))
+        image_ids = {image["id"] for image in coco["images"]}
+        for annotation in coco["annotations"]:
+            assert annotation["image_id"] in image_ids
+            assert annotation["iscrowd"] == 0
+    assert counts == {"train": 16, "valid": 2, "test": 2}
+
+
+def test_categories_include_unused_parent(dataset):
+    used = set()
+    for split in SPLIT_NAMES:
+        coco = load_coco(dataset, split)
+        assert coco["categories"] == [
+            {"id": 0, "name": "shapes", "supercategory": "none"},
+            {"id": 1, "name": "disc", "supercategory": "shapes"},
+            {"id": 2, "name": "triangle", "supercategory": "shapes"},
+        ]
+        used |= {annotation["category_id"] for annotation in coco["annotations"]}
+    assert used == {1, 2}
+
+
+def test_same_seed_gives_identical_bytes(tmp_path):
+    first = generate_dataset(tmp_path / "a", num_images=NUM_IMAGES, size=SIZE, seed=3)
+    second = generate_dataset(tmp_path / "b", num_images=NUM_IMAGES, size=SIZE, seed=3)
+    other_seed = generate_dataset(tmp_path / "c", num_images=NUM_IMAGES, size=SIZE, seed=4)
+
+    def read_all(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    first_files = read_all(first)
+    assert len(first_files) == NUM_IMAGES + len(SPLIT_NAMES)
+    assert first_files == read_all(second)
+    other_files = read_all(other_seed)
+    for split in SPLIT_NAMES:
+        assert other_files[f"{split}/{ANNOTATION_FILE}"] != first_files[f"{split}/{ANNOTATION_FILE}"]
+
+
+def test_train_has_empty_image_and_both_rle_kinds(dataset):
+    coco = load_coco(dataset, "train")
+    assert any(not annotations for annotations in annotations_by_image(coco).values())
+
+    segmentations = [annotation["segmentation"] for annotation in coco["annotations"]]
+    compressed = [s for s in segmentations if isinstance(s, dict) and isinstance(s["counts"], str)]
+    uncompressed = [s for s in segmentations if isinstance(s, dict) and isinstance(s["counts"], list)]
+    assert compressed and uncompressed
+    for segmentation in compressed + uncompressed:
+        assert segmentation["size"] == [SIZE, SIZE]
+        assert decode_segmentation(segmentation, SIZE, SIZE).sum() > 0
+
+
+def test_uncompressed_rle_round_trips_through_pycocotools():
+    rng = np.random.default_rng(0)
+    mask = (rng.random((7, 5)) > 0.5).astype(np.uint8)
+    for first_pixel in (0, 1):  # counts must start with a (possibly empty) background run
+        mask[0, 0] = first_pixel
+        rle = mask_to_uncompressed_rle(mask)
+        assert (rle["counts"][0] == 0) == bool(first_pixel)
+        assert sum(rle["counts"]) == mask.size
+        decoded = mask_utils.decode(mask_utils.frPyObjects(rle, *mask.shape))
+        np.testing.assert_array_equal(decoded, mask)
+
+
+def test_area_and_bbox_match_decoded_masks(dataset):
+    coco = load_coco(dataset, "train")
+    polygon_ratios = []
+    for annotation in coco["annotations"]:
+        mask = decode_segmentation(annotation["segmentation"], SIZE, SIZE)
+        assert annotation["area"] == mask.sum()
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        assert annotation["bbox"] == [cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1]
+        if isinstance(annotation["segmentation"], list):
+            polygon = np.array(annotation["segmentation"][0]).reshape(-1, 2)
+            polygon_ratios.append((polygon_area(polygon), mask.sum() / polygon_area(polygon)))
+    # Rasterising a ~270 px shape misses or adds a few edge pixels; the largest shape is most exact.
+    assert all(0.9 < ratio < 1.1 for _, ratio in polygon_ratios)
+    assert abs(max(polygon_ratios)[1] - 1.0) < 0.03
+
+
+def test_object_colour_differs_from_surrounding_background(dataset):
+    coco = load_coco(dataset, "train")
+    kernel = np.ones((3, 3), np.uint8)
+    distances = []
+    for image in coco["images"]:
+        annotations = annotations_by_image(coco)[image["id"]]
+        if len(annotations) != 1:
+            continue
+        pixels = read_image(dataset, "train", image)
+        mask = decode_segmentation(annotations[0]["segmentation"], SIZE, SIZE)
+        inside = cv2.erode(mask, kernel).astype(bool)
+        ring = (cv2.dilate(mask, kernel, iterations=4) - cv2.dilate(mask, kernel)).astype(bool)
+        distances.append(np.linalg.norm(pixels[inside].mean(axis=0) - pixels[ring].mean(axis=0)))
+    assert len(distances) >= 3
+    assert min(distances) > 40
+
+
+def test_later_object_is_drawn_on_top(dataset):
+    coco = load_coco(dataset, "train")
+    overlapping_images = 0
+    for image in coco["images"]:
+        annotations = annotations_by_image(coco)[image["id"]]
+        masks = [decode_segmentation(a["segmentation"], SIZE, SIZE).astype(bool) for a in annotations]
+        if len(masks) != 2 or not (masks[0] & masks[1]).any():
+            continue
+        overlapping_images += 1
+        pixels = read_image(dataset, "train", image)
+        under, over = masks
+        both = under & over
+        under_colour = pixels[under & ~over].mean(axis=0)
+        over_colour = pixels[over & ~under].mean(axis=0)
+        overlap_colour = pixels[both].mean(axis=0)
+        assert np.linalg.norm(overlap_colour - over_colour) < np.linalg.norm(overlap_colour - under_colour)
+        # Annotations keep the full shape: the hidden part still belongs to the lower object.
+        assert annotations[0]["area"] == under.sum() > (under & ~over).sum()
+    assert overlapping_images >= 2
+
+
+def test_object_scale_sets_object_size(tmp_path):
+    def mean_area_fraction(object_scale: float) -> float:
+        root = generate_dataset(
+            tmp_path / str(object_scale), NUM_IMAGES, SIZE, seed=0, object_scale=object_scale
+        )
+        areas = [a["area"] for split in SPLIT_NAMES for a in load_coco(root, split)["annotations"]]
+        return float(np.mean(areas)) / SIZE**2
+
+    default_fraction = mean_area_fraction(DEFAULT_OBJECT_SCALE)
+    small_fraction = mean_area_fraction(0.01)
+    assert default_fraction == pytest.approx(DEFAULT_OBJECT_SCALE, rel=0.2)
+    assert small_fraction == pytest.approx(0.01, rel=0.2)
+
+
+def test_too_few_images_for_the_fixed_train_cases(tmp_path):
+    # 3 images -> 2 train images, but train needs the empty image and two overlap images.
+    with pytest.raises(ValueError, match="fixed train cases"):
+        generate_dataset(tmp_path, num_images=3, size=SIZE)
