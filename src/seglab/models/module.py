@@ -79,7 +79,8 @@ class SegmentationModule(pl.LightningModule):
             loss = loss + self.aux_weight * self.criterion(outputs["aux"], masks)
         if stage != "train":
             self.metrics[stage].update(logits.argmax(dim=1), masks)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True,
+        # Training loss per step, evaluation loss per epoch: both on the global-step axis in TensorBoard.
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=stage != "train", prog_bar=True,
                  batch_size=images.shape[0])
         return loss
 

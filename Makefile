@@ -1,0 +1,57 @@
+# Every target creates the environment first if it is missing (.venv, from requirements.txt).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DATA ?= data/demo
+ARGS ?=
+CKPT ?=
+LOGDIR ?= outputs
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo demo-data train sweep evaluate predict tensorboard test test-fast lint bench
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install seglab with its requirements
+
+demo-data: install  ## write the synthetic RoboFlow-style dataset to data/demo (once)
+	@test -f $(DEMO_DATA)/train/_annotations.coco.json || \
+		$(PY) -m seglab.data.synthetic --out $(DEMO_DATA) --num-images 120 --size 256 --seed 0
+
+demo: demo-data  ## train + test the CPU demo on the synthetic data; prints where results and logs are
+	$(PY) train.py experiment=demo data.root=$(DEMO_DATA) $(ARGS)
+
+train: install  ## python train.py $(ARGS), e.g. make train ARGS="data.root=my_export optimizer=sgd"
+	$(PY) train.py $(ARGS)
+
+sweep: install  ## compare optimizers: python train.py -m optimizer=adam,sgd $(ARGS)
+	$(PY) train.py -m optimizer=adam,sgd $(ARGS)
+
+evaluate: install  ## make evaluate CKPT=outputs/.../checkpoints/best-....ckpt [ARGS="split=val"]
+	$(PY) evaluate.py ckpt_path=$(CKPT) $(ARGS)
+
+predict: install  ## make predict CKPT=... ARGS="input=my_images output=predictions"
+	$(PY) predict.py ckpt_path=$(CKPT) $(ARGS)
+
+tensorboard: install  ## tensorboard --logdir $(LOGDIR) (a run folder, a sweep folder, or outputs/)
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
+
+test: install  ## the whole test suite (CPU, offline)
+	$(PY) -m pytest -q
+
+test-fast: install  ## the tests without the end-to-end script runs
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check src tests train.py evaluate.py predict.py
+
+bench: install  ## benchmark data pipeline, training loop and model; writes bench.json
+	$(PY) -m seglab.bench $(ARGS)

@@ -1,0 +1,34 @@
+"""Small builders for test data. Importable from any test because tests/conftest.py puts tests/ on
+sys.path (pytest's default rootdir-conftest import mode)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def write_coco(path: Path, images: list[dict], annotations: list[dict], categories: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[float]:
+    """Polygon of an axis-aligned rectangle; pycocotools fills columns [x0, x1) and rows [y0, y1)."""
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def annotation(ann_id: int, image_id: int, category_id: int, segmentation, iscrowd: int = 0) -> dict:
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id,
+            "segmentation": segmentation, "iscrowd": iscrowd}
+
+
+def masks_by_name(datamodule) -> dict[str, np.ndarray]:
+    """Image file name -> class-index mask at original resolution, over all splits."""
+    out = {}
+    for dataset in datamodule.datasets.values():
+        for i, (image, _) in enumerate(dataset.items):
+            out[image.name] = dataset.load(i)[1]
+    return out

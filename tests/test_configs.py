@@ -1,0 +1,72 @@
+"""Every option of every config group composes and instantiates."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(g, o.stem) for g in GROUPS for o in sorted((CONF / g).glob("*.yaml"))]
+
+
+def test_every_group_has_options():
+    assert {"data", "augmentation", "model", "optimizer", "scheduler", "loss", "trainer", "callbacks",
+            "logger", "experiment", "debug"} <= set(GROUPS)
+    assert len(OPTIONS) >= 15
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(group, option, compose_train):
+    cfg = compose_train(f"{group}={option}", "model.weights=null", "model.weights_backbone=null")
+    datamodule = instantiate(cfg.data)
+    assert datamodule.image_size == cfg.data.image_size
+    node = cfg.get(group)
+    if group == "model":
+        net = instantiate(cfg.model, num_classes=3)
+        net.eval()
+        with torch.no_grad():
+            out = net(torch.zeros(1, 3, 64, 64))["out"]
+        assert out.shape == (1, 3, 64, 64)
+    elif group == "optimizer":
+        optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+        assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+    elif group == "scheduler" and node:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = instantiate(cfg.scheduler)(optimizer, total_iters=10)
+        optimizer.step()
+        scheduler.step()
+        assert optimizer.param_groups[0]["lr"] < 1.0
+    elif group == "loss":
+        assert isinstance(instantiate(cfg.loss.criterion), torch.nn.Module)
+    elif group == "trainer":
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert trainer.max_epochs == cfg.max_epochs
+    elif group in ("callbacks", "logger"):
+        objs = [instantiate(c) for c in node.values()]
+        assert objs and all(type(o).__module__.startswith(("pytorch_lightning", "seglab")) for o in objs)
+    elif group == "augmentation":
+        assert len(datamodule.augmentations) == len(cfg.augmentation.train)
+
+
+def test_ignore_index_is_defined_once(compose_train):
+    cfg = compose_train("data.ignore_index=77")
+    assert cfg.loss.criterion.ignore_index == 77
+    rotate = next(t for t in cfg.augmentation.train if t._target_.endswith("Rotate"))
+    assert rotate.fill_mask == 77
+
+
+def test_recipe_defaults(compose_train):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.output_dir=/tmp/x"])
+    assert (cfg.data.image_size, cfg.batch_size, cfg.max_epochs) == (513, 8, 10)
+    assert list(cfg.data.split_ratios) == [0.8, 0.1, 0.1]
+    assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.Adam", 1e-4, 1e-4)
+    assert cfg.model.weights == "COCO_WITH_VOC_LABELS_V1" and cfg.loss.aux_weight == 0.5
+    assert cfg.callbacks.model_checkpoint.monitor == cfg.callbacks.early_stopping.monitor == "val/loss"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        sgd = compose("train", overrides=["paths.output_dir=/tmp/x", "optimizer=sgd"]).optimizer
+    assert (sgd._target_, sgd.lr, sgd.momentum) == ("torch.optim.SGD", 1e-3, 0.9)

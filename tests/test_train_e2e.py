@@ -1,0 +1,77 @@
+"""The scripts as a user runs them, in a subprocess, on generated data."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def smoke_args(demo_root: Path, tmp_path: Path) -> list[str]:
+    return ["debug=fast", f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_script("train.py", f"optimizer={optimizer}", *smoke_args(demo_root, tmp_path),
+                      f"hydra.run.dir={run_dir}")
+    assert "seglab training summary" in proc.stdout
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["best_epoch"] == 0
+    for key in ("test/loss", "test/mIoU", "test/mAcc", "test/pixel_acc", "test/IoU_disc"):
+        assert math.isfinite(metrics["test"][key])
+    assert 0.0 <= metrics["test"]["test/mIoU"] <= 1.0
+    assert math.isfinite(metrics["best_val"]["val/loss"])
+
+    ckpt = torch.load(metrics["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["seglab"]["class_names"] == ["background", "disc", "triangle"]
+    assert ckpt["seglab"]["config"]["optimizer"]["_target_"] == f"torch.optim.{optimizer.upper().replace('ADAM', 'Adam')}"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    splits = json.loads((run_dir / "splits.json").read_text())
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [16, 2, 2]
+
+    values = scalars(run_dir)
+    assert len(values["train/loss"]) == 2  # debug=fast: 2 steps, logged every step
+    assert all(math.isfinite(v) for v in values["train/loss"] + values["val/loss"])
+    assert values["val/loss"][0] == pytest.approx(metrics["best_val"]["val/loss"], rel=1e-5)
+    assert "hp/test/mIoU" in values
+
+
+@pytest.mark.slow
+def test_multirun_optimizer_sweep_gives_named_runs_and_leaderboard(demo_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_script("train.py", "-m", "optimizer=adam,sgd", *smoke_args(demo_root, tmp_path),
+                      f"hydra.sweep.dir={sweep_dir}")
+    jobs = sorted(d.name for d in sweep_dir.iterdir() if d.is_dir())
+    assert jobs == ["0_debug=fast,optimizer=adam", "1_debug=fast,optimizer=sgd"]
+    for job in jobs:  # each job folder is a TensorBoard run with its own curves
+        assert "train/loss" in scalars(sweep_dir / job)
+    with (sweep_dir / "leaderboard.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["job"] for r in rows) == ["debug=fast,optimizer=adam", "debug=fast,optimizer=sgd"]
+    assert all(r["status"] == "ok" and math.isfinite(float(r["test mIoU"])) for r in rows)
+    assert "Leaderboard" in proc.stdout
+    assert (sweep_dir / "leaderboard.md").read_text().count("optimizer=") == 2
