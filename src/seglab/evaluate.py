@@ -1,0 +1,230 @@
+"""evaluate(cfg): a checkpoint's metrics on a split, its confusion matrix and overlay panels.
+evaluate.py at the top level calls it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.functional.classification import multiclass_jaccard_index
+
+from seglab.data.datamodule import SegmentationDataModule
+from seglab.data.dataset import SegmentationDataset
+from seglab.errors import SeglabError
+from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
+from seglab.models.module import SegmentationModule, segmentation_metrics
+from seglab.predict import logits_to_mask, predict_mask
+from seglab.viz import confusion_matrix_figure, panel_figure
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+RESOLUTIONS = {
+    "original": "each image's original resolution (predictions resized back)",
+    "model": "the model's input resolution (masks resized to data.image_size, as train.py's test step)",
+}
+
+
+class EvaluationItems(Dataset):
+    """A split's images transformed for the model, with their masks both transformed and untouched."""
+
+    def __init__(self, dataset: SegmentationDataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, mask = self.dataset.load(index)
+        out = self.transform(image=image, mask=mask)
+        return out["image"], out["mask"], torch.tensor(mask)  # a copy: PIL's arrays are read-only
+
+
+def collate(batch):
+    images, masks, originals = zip(*batch, strict=True)
+    return torch.stack(images), torch.stack(masks), list(originals)  # originals differ in size
+
+
+def build_datamodule(cfg: DictConfig, module: SegmentationModule, ckpt_path: str) -> SegmentationDataModule:
+    """The run's own data config, with the user's data.* overrides; what the model was trained with
+    (image size, normalisation, ignore index) always comes from the checkpoint."""
+    meta = module.meta
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
+    data = {
+        **meta["config"]["data"],
+        **overrides,
+        "image_size": meta["image_size"],
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "ignore_index": module.ignore_index,
+        "augmentations": [],  # evaluation never augments, whichever split it reads
+        "splits_file": str(Path(cfg.paths.output_dir) / "splits.json"),
+    }
+    datamodule = instantiate(data)
+    if datamodule.class_names != module.class_names:
+        wanted = ",".join(module.class_names[1:])
+        given = ",".join(data["classes"]) if data.get("classes") else None
+        raise SeglabError(
+            f"The checkpoint {ckpt_path} predicts the classes {module.class_names}, but the data in "
+            f"{data['root']} (data.classes={f'[{given}]' if given else 'null'}) gives "
+            f"{datamodule.class_names}. "
+            f"Evaluate on the classes the model knows with data.classes=[{wanted}], or use a checkpoint "
+            "trained on these classes."
+        )
+    return datamodule
+
+
+def per_class_report(counts: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float | None]]:
+    """IoU, accuracy (recall) and ground-truth pixel share per class; None where a class has no pixels
+    to measure (IoU: none in target or prediction; accuracy: none in the target)."""
+    tp = np.diag(counts).astype(np.float64)
+    in_target, in_pred = counts.sum(axis=1), counts.sum(axis=0)
+    union = in_target + in_pred - tp
+    total = max(int(in_target.sum()), 1)
+    return {
+        name: {
+            "IoU": float(tp[i] / union[i]) if union[i] else None,
+            "acc": float(tp[i] / in_target[i]) if in_target[i] else None,
+            "pixel_share": float(in_target[i] / total),
+        }
+        for i, name in enumerate(class_names)
+    }
+
+
+def mean_iou_without_background(report: dict[str, dict]) -> float:
+    # Same policy as the headline mIoU: classes absent from both target and prediction are left out.
+    values = [r["IoU"] for r in list(report.values())[1:] if r["IoU"] is not None]
+    return float(np.mean(values)) if values else math.nan
+
+
+def write_confusion_csv(counts: np.ndarray, class_names: list[str], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ground truth \\ predicted", *class_names])
+        for name, row in zip(class_names, counts.tolist(), strict=True):
+            writer.writerow([name, *row])
+
+
+def format_table(result: dict) -> str:
+    names = list(result["per_class"])
+    width = max(10, *(len(n) for n in names))
+
+    def fmt(value):
+        return "     -" if value is None else f"{value:6.4f}"
+
+    lines = [f"  {'class':<{width}}  {'IoU':>6}  {'acc':>6}  {'pixels':>7}"]
+    for name, r in result["per_class"].items():
+        lines.append(f"  {name:<{width}}  {fmt(r['IoU'])}  {fmt(r['acc'])}  {100 * r['pixel_share']:6.2f}%")
+    lines += [
+        "",
+        f"  mIoU {result['mIoU']:.4f} (without background {result['mIoU_no_background']:.4f})   "
+        f"mean acc {result['mAcc']:.4f}   pixel acc {result['pixel_acc']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def save_panel(module, dataset, index, transform, device, title, path, opacity) -> None:
+    image, target = dataset.load(index)
+    pred = predict_mask(module, image, transform, device)
+    fig = panel_figure(image, target, pred, module.class_names, module.palette, module.ignore_index,
+                       title=title, opacity=opacity)
+    fig.savefig(path)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise SeglabError("ckpt_path is required: "
+                          "python evaluate.py ckpt_path=<run folder>/checkpoints/<name>.ckpt")
+    if cfg.split not in SPLITS:
+        raise SeglabError(f"split={cfg.split!r} is not one of {SPLITS}.")
+    if cfg.resolution not in RESOLUTIONS:
+        raise SeglabError(f"resolution={cfg.resolution!r} is not one of {tuple(RESOLUTIONS)}.")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    module = load_checkpoint(cfg.ckpt_path, map_location=device)
+    datamodule = build_datamodule(cfg, module, cfg.ckpt_path)
+    datamodule.setup("test")
+    dataset = datamodule.datasets[cfg.split]
+    transform = datamodule.transform(train=False)
+    names, n, ignore = module.class_names, len(module.class_names), module.ignore_index
+
+    metrics = segmentation_metrics(n, ignore)
+    confmat = MulticlassConfusionMatrix(n, ignore_index=ignore, validate_args=False)
+    loader = DataLoader(EvaluationItems(dataset, transform), batch_size=datamodule.batch_size,
+                        num_workers=datamodule.num_workers, collate_fn=collate)
+    image_iou = []
+    log.info("Evaluating %s on the %s split (%d images) at %s", cfg.ckpt_path, cfg.split, len(dataset),
+             RESOLUTIONS[cfg.resolution])
+    with torch.no_grad():
+        for images, masks, originals in loader:
+            with inference_autocast(module, device):
+                logits = module(images.to(device))
+            if cfg.resolution == "model":
+                pairs = zip(logits.argmax(dim=1).cpu(), masks.long(), strict=True)
+            else:
+                pairs = ((logits_to_mask(logits[i : i + 1], m.shape)[0].cpu(), m.long())
+                         for i, m in enumerate(originals))
+            for pred, target in pairs:
+                metrics.update(pred[None], target[None])
+                confmat.update(pred[None], target[None])
+                image_iou.append(float(multiclass_jaccard_index(
+                    pred, target, n, average="macro", ignore_index=ignore, validate_args=False)))
+
+    values = metrics.compute()
+    counts = confmat.compute().numpy()
+    per_class = per_class_report(counts, names)
+    result = {
+        "checkpoint": str(cfg.ckpt_path),
+        "data_root": str(datamodule.root),
+        "split": cfg.split,
+        "resolution": cfg.resolution,
+        "computed_at": RESOLUTIONS[cfg.resolution],
+        "images": len(dataset),
+        "pixels": int(counts.sum()),
+        "mIoU": float(values["mIoU"]),
+        "mIoU_no_background": mean_iou_without_background(per_class),
+        "mAcc": float(values["mAcc"]),
+        "pixel_acc": float(values["pixel_acc"]),
+        "per_class": per_class,
+        "class_names": names,
+    }
+
+    write_confusion_csv(counts, names, out / "confusion_matrix.csv")
+    confusion_matrix_figure(
+        counts, names, title=f"{cfg.split} split, {len(dataset)} images: % of each true class"
+    ).savefig(out / "confusion_matrix.png")
+    image_names = [p.name for p, _ in dataset.items]
+    with (out / "per_image.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "mIoU"])
+        writer.writerows(zip(image_names, image_iou, strict=True))
+
+    overlays = out / "overlays"
+    overlays.mkdir(exist_ok=True)
+    for i in range(min(cfg.num_overlays, len(dataset))):
+        save_panel(module, dataset, i, transform, device, f"{image_names[i]}   mIoU {image_iou[i]:.3f}",
+                   overlays / f"{i:03d}_{Path(image_names[i]).stem}.png", cfg.opacity)
+    # Images whose pixels are all ignored have no IoU and cannot be among the worst.
+    ranked = sorted((i for i, v in enumerate(image_iou) if not math.isnan(v)), key=image_iou.__getitem__)
+    result["worst"] = [{"image": image_names[i], "mIoU": image_iou[i]} for i in ranked[: cfg.worst_k]]
+    for rank, i in enumerate(ranked[: cfg.worst_k], start=1):
+        save_panel(module, dataset, i, transform, device,
+                   f"worst #{rank}: {image_names[i]}   mIoU {image_iou[i]:.3f}",
+                   overlays / f"worst{rank:02d}_{Path(image_names[i]).stem}.png", cfg.opacity)
+
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nseglab evaluation: {cfg.ckpt_path}\n"
+          f"  {cfg.split} split of {datamodule.root}, {len(dataset)} images, "
+          f"metrics at {RESOLUTIONS[cfg.resolution]}\n\n{format_table(result)}\n\n  outputs: {out}",
+          flush=True)
+    return result

@@ -1,0 +1,128 @@
+"""Masks in the dataset's palette, overlays, evaluation panels and the confusion-matrix figure.
+
+Figures are plain `matplotlib.figure.Figure` objects (Agg canvas, no pyplot state), so they render the
+same in scripts, tests, DataLoader workers and TensorBoard's `add_figure`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+IGNORE_COLOR = (255, 255, 255)
+ERROR_COLOR = (255, 0, 0)
+
+
+def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int | None = None
+             ) -> np.ndarray:
+    """Class-index mask -> RGB uint8 in the palette; ignored (and unknown) indices are white."""
+    lut = np.full((256, 3), IGNORE_COLOR, np.uint8)
+    lut[: len(palette)] = np.asarray(palette, np.uint8)
+    if ignore_index is not None:
+        lut[ignore_index] = IGNORE_COLOR
+    return lut[np.asarray(mask, np.int64).clip(0, 255)]
+
+
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    palette: Sequence[Sequence[int]],
+    opacity: float = 0.5,
+    ignore_index: int | None = None,
+) -> np.ndarray:
+    """The image with every non-background pixel blended towards its class colour.
+
+    Background (class 0) keeps the image untouched so the scene stays readable; opacity 1 paints the
+    palette colours exactly.
+    """
+    colors = colorize(mask, palette, ignore_index).astype(np.float32)
+    blended = (1.0 - opacity) * image.astype(np.float32) + opacity * colors
+    out = np.where((np.asarray(mask) != 0)[..., None], np.rint(blended), image)
+    return out.astype(np.uint8)
+
+
+def error_map(image: np.ndarray, pred: np.ndarray, target: np.ndarray, ignore_index: int) -> np.ndarray:
+    """The image dimmed to grey, wrong pixels red, ignored pixels white."""
+    grey = (image.astype(np.float32).mean(axis=-1) * 0.5).astype(np.uint8)
+    out = np.repeat(grey[..., None], 3, axis=-1)
+    out[(pred != target) & (target != ignore_index)] = ERROR_COLOR
+    out[target == ignore_index] = IGNORE_COLOR
+    return out
+
+
+def _legend_handles(indices, class_names, palette) -> list[Patch]:
+    # Overlays leave background pixels untinted: a hatched patch, not the palette's black (or the white
+    # of ignored pixels).
+    return [Patch(facecolor="none", edgecolor="grey", hatch="////", label=f"{class_names[i]} (untinted)")
+            if i == 0
+            else Patch(facecolor=np.asarray(palette[i]) / 255, edgecolor="black", label=class_names[i])
+            for i in indices]
+
+
+def panel_figure(
+    image: np.ndarray,
+    target: np.ndarray,
+    pred: np.ndarray,
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    ignore_index: int,
+    title: str = "",
+    opacity: float = 0.6,
+) -> Figure:
+    """image | ground truth | prediction | errors, with a legend of the classes shown."""
+    columns = [
+        ("image", image),
+        ("ground truth", overlay(image, target, palette, opacity, ignore_index)),
+        ("prediction", overlay(image, pred, palette, opacity)),
+        ("errors", error_map(image, pred, target, ignore_index)),
+    ]
+    height, width = image.shape[:2]
+    panel_w = 3.2
+    fig = Figure(figsize=(4 * panel_w, panel_w * height / width + 1.1), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 4)
+    for ax, (name, array) in zip(axes, columns, strict=True):
+        # Matplotlib's default ("auto") keeps small masks crisp when enlarging them (nearest neighbour)
+        # and anti-aliases large photos when shrinking them to the panel.
+        ax.imshow(array)
+        ax.set_title(name)
+        ax.set_axis_off()
+    present = sorted(set(np.unique(target).tolist()) | set(np.unique(pred).tolist()))
+    handles = _legend_handles([i for i in present if i < len(class_names)], class_names, palette)
+    handles.append(Patch(facecolor=np.asarray(ERROR_COLOR) / 255, edgecolor="black", label="error"))
+    if (target == ignore_index).any():
+        handles.append(Patch(facecolor="white", edgecolor="black", label="ignored"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def row_normalize(counts: np.ndarray) -> np.ndarray:
+    """Each ground-truth row as fractions of that class's pixels (a row without pixels stays 0)."""
+    counts = np.asarray(counts, np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def confusion_matrix_figure(counts: np.ndarray, class_names: Sequence[str], title: str = "") -> Figure:
+    """Row-normalised confusion matrix: rows are ground truth, columns prediction, cells in %."""
+    rates = row_normalize(counts)
+    n = len(class_names)
+    side = max(4.0, 0.55 * n + 2.5)
+    fig = Figure(figsize=(side + 1.0, side), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class's pixels")
+    ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), labels=class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    if n <= 25:  # beyond that the numbers no longer fit their cells
+        for (row, col), value in np.ndenumerate(rates):
+            ax.text(col, row, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
+                    color="white" if value > 0.5 else "black")
+    ax.set_title(title or "confusion matrix (% of each true class)")
+    return fig

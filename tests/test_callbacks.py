@@ -1,0 +1,48 @@
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from seglab.callbacks import val_confusion_matrix
+from seglab.data.datamodule import SegmentationDataModule
+from seglab.models.module import SegmentationModule
+from seglab.viz import colorize
+
+
+def test_val_confusion_matrix_reads_the_modules_counts():
+    module = SegmentationModule(net=nn.Identity(), class_names=["background", "a", "b"], ignore_index=255)
+    # Two updates: torchmetrics links metrics that share states after the first one.
+    module.metrics["val"].update(torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 1, 2, 255]]))
+    module.metrics["val"].update(torch.tensor([[2, 2, 0]]), torch.tensor([[2, 0, 0]]))
+    assert val_confusion_matrix(module).tolist() == [[2, 0, 1], [0, 1, 0], [0, 1, 1]]
+
+
+def test_validation_panel_and_confusion_matrix_reach_tensorboard(trained_run, demo_root, tmp_path):
+    acc = EventAccumulator(str(trained_run["run_dir"]), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert {"val/predictions", "val/confusion_matrix"} <= set(acc.Tags()["images"])
+    val_steps = [e.step for e in acc.Scalars("val/mIoU")]
+
+    panels = acc.Images("val/predictions")
+    assert [e.step for e in panels] == val_steps  # one per validation epoch, on the val scalars' axis
+    # num_images=4, but the demo's val split has 2 images: 2 rows of three 64 px panels, 2 px gaps.
+    assert (panels[0].width, panels[0].height) == (3 * 64 + 2 * 2, 2 * 64 + 2)
+    grid = np.asarray(Image.open(io.BytesIO(panels[0].encoded_image_string)).convert("RGB"))
+
+    dm = SegmentationDataModule(root=str(demo_root), image_size=64, num_workers=0, cache_dir=str(tmp_path))
+    dm.setup()
+    for row in range(2):
+        image, mask = dm.datasets["val"].load(row)  # 64 px originals: the model's input size
+        top = row * 66
+        assert np.abs(grid[top:top + 64, :64].astype(int) - image).max() <= 1  # de-normalised image
+        assert (grid[top:top + 64, 66:130] == colorize(mask, dm.palette, dm.ignore_index)).all()
+        prediction_colours = {tuple(c) for c in grid[top:top + 64, 132:196].reshape(-1, 3).tolist()}
+        assert prediction_colours <= set(dm.palette)
+    assert (grid[64:66] == 255).all() and (grid[:, 64:66] == 255).all()
+
+    figures = acc.Images("val/confusion_matrix")
+    assert [e.step for e in figures] == val_steps
+    assert (figures[0].width, figures[0].height) == (515, 415)  # confusion_matrix_figure for 3 classes

@@ -1,0 +1,137 @@
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from seglab.data.masks import load_image
+from seglab.errors import SeglabError
+from seglab.models.checkpoint import load_checkpoint
+from seglab.predict import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75)]
+
+
+def compose_predict(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("predict", overrides=["device=cpu", *overrides])
+
+
+def random_image(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, demo_root) -> Path:
+    """Images as RoboFlow users have them: odd sizes, JPEG, grayscale and RGBA PNG, a sub-folder, a name
+    used twice with different extensions, plus files that are not inputs."""
+    folder = tmp_path_factory.mktemp("inputs")
+    Image.fromarray(random_image((301, 517, 3))).save(folder / "odd.jpg", quality=95)
+    Image.fromarray(random_image((517, 301), seed=1)).save(folder / "gray.png")
+    (folder / "sub").mkdir()
+    Image.fromarray(random_image((33, 47, 4), seed=2)).save(folder / "sub" / "rgba.png")
+    Image.fromarray(random_image((20, 30, 3), seed=3)).save(folder / "photo.png")
+    Image.fromarray(random_image((30, 20, 3), seed=4)).save(folder / "photo.jpg")
+    test_image = next((demo_root / "test").glob("*.jpg"))
+    shutil.copy(test_image, folder / "sub" / "demo.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(folder / "old_mask.png")  # a mask, not an input
+    return folder
+
+
+EXPECTED = {  # output name -> (height, width)
+    "odd": (301, 517), "gray": (517, 301), "sub/rgba": (33, 47), "photo_png": (20, 30),
+    "photo_jpg": (30, 20), "sub/demo": (64, 64),
+}
+
+
+def test_masks_have_each_images_size_and_overlays_its_colours(trained_run, inputs, tmp_path):
+    out = tmp_path / "pred"
+    result = predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs}",
+                                     f"output={out}", "opacity=1.0"))
+    assert result["images"] == len(EXPECTED)
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == sorted(f"{name}{kind}" for name in EXPECTED for kind in ("_mask.png", "_overlay.png"))
+
+    sources = {"odd": "odd.jpg", "gray": "gray.png", "sub/rgba": "sub/rgba.png", "photo_png": "photo.png",
+               "photo_jpg": "photo.jpg", "sub/demo": "sub/demo.jpg"}
+    for name, size in EXPECTED.items():
+        with Image.open(out / f"{name}_mask.png") as im:
+            assert im.mode == "L"
+            mask = np.asarray(im)
+        assert mask.shape == size
+        assert mask.max() < 3
+        overlay = np.asarray(Image.open(out / f"{name}_overlay.png"))
+        image = load_image(inputs / sources[name])
+        assert overlay.shape == (*size, 3)
+        for cls in np.unique(mask).tolist():  # opacity 1: exactly the palette colour, background untouched
+            expected = image[mask == cls] if cls == 0 else np.array(PALETTE[cls], np.uint8)
+            assert (overlay[mask == cls] == expected).all(), (name, cls)
+
+    with (out / "classes.csv").open() as fh:
+        assert list(csv.reader(fh)) == [["index", "class", "r", "g", "b"], ["0", "background", "0", "0", "0"],
+                                        ["1", "disc", "230", "25", "75"],
+                                        ["2", "triangle", "60", "180", "75"]]
+
+
+def test_mask_at_model_size_is_the_models_argmax(trained_run, inputs, tmp_path):
+    # A 64x64 image needs no resizing: the mask must be the network's own argmax, pixel for pixel.
+    out = tmp_path / "pred"
+    predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs / 'sub' / 'demo.jpg'}",
+                            f"output={out}"))
+    module = load_checkpoint(trained_run["checkpoint"])
+    image = load_image(inputs / "sub" / "demo.jpg")
+    mean, std = torch.tensor(module.meta["mean"]), torch.tensor(module.meta["std"])
+    x = ((torch.from_numpy(image).float() / 255 - mean) / std).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = module(x).argmax(dim=1)[0].numpy()
+    assert (np.asarray(Image.open(out / "demo_mask.png")) == expected).all()
+
+
+def test_overlay_opacity_blends_towards_the_class_colour(trained_run, inputs, tmp_path):
+    out = tmp_path / "pred"
+    predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs / 'gray.png'}",
+                            f"output={out}", "opacity=0.25"))
+    mask = np.asarray(Image.open(out / "gray_mask.png"))
+    overlay = np.asarray(Image.open(out / "gray_overlay.png")).astype(np.float64)
+    image = load_image(inputs / "gray.png").astype(np.float64)
+    colors = np.array(PALETTE, np.float64)[mask]
+    expected = np.where((mask > 0)[..., None], np.rint(0.75 * image + 0.25 * colors), image)
+    assert np.abs(overlay - expected).max() <= 1  # float32 vs float64 rounding at .5
+
+
+@pytest.mark.parametrize(("make_input", "override", "message"), [
+    (lambda p: p / "nothing", None, r"input='.*nothing' does not exist"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", None, "No images"),
+    (lambda p: p, "opacity=1.5", "opacity=1.5 must be between 0 and 1"),
+])
+def test_clear_errors(trained_run, tmp_path, make_input, override, message):
+    overrides = [f"ckpt_path={trained_run['checkpoint']}", f"input={make_input(tmp_path)}",
+                 f"output={tmp_path / 'out'}", *([override] if override else [])]
+    with pytest.raises(SeglabError, match=message):
+        predict(compose_predict(*overrides))
+
+
+def test_required_settings_are_named():
+    with pytest.raises(SeglabError, match=r"ckpt_path and input are required: python predict.py ckpt_path="):
+        predict(compose_predict())
+
+
+@pytest.mark.slow
+def test_predict_script_as_a_user_runs_it(trained_run, inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "predict.py", f"ckpt_path={trained_run['checkpoint']}",
+                           f"input={inputs / 'sub'}", f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "seglab prediction: 2 image(s)" in proc.stdout
+    # output defaults to the run folder, next to the run's log
+    assert np.asarray(Image.open(run_dir / "rgba_mask.png")).shape == (33, 47)
+    assert (run_dir / "demo_overlay.png").is_file() and (run_dir / "predict.log").is_file()
