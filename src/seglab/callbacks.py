@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from seglab.viz import colorize, confusion_matrix_figure
 
 
 class ValHistory(pl.Callback):
@@ -27,3 +34,97 @@ class ValHistory(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
+
+
+class ValidationImages(pl.Callback):
+    """After every validation epoch, TensorBoard's IMAGES tab gets the first `num_images` validation images
+    as rows of image | ground truth | prediction (palette colours, ignored pixels white) and the epoch's
+    row-normalised confusion matrix. Runs without a TensorBoard logger do nothing."""
+
+    SEPARATOR = 2  # white pixels between panels
+
+    def __init__(self, num_images: int = 4):
+        self.num_images = num_images
+        self.samples: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        counts = val_confusion_matrix(pl_module)  # a collective under DDP: every rank has to take part
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if logger is None or not trainer.is_global_zero:
+            return
+        # The step Lightning logs this epoch's val/ scalars at (its LearningRateMonitor reads the same).
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if self.num_images > 0:
+            grid = self.grid(trainer, pl_module)
+            logger.experiment.add_image("val/predictions", grid, step, dataformats="HWC")
+        if counts is not None:
+            figure = confusion_matrix_figure(counts, pl_module.class_names,
+                                             title=f"validation, epoch {trainer.current_epoch}")
+            logger.experiment.add_figure("val/confusion_matrix", figure, step)
+
+    def grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> np.ndarray:
+        if self.samples is None:
+            # The same images every epoch: the first ones of the (unshuffled, unaugmented) val split.
+            loaders = trainer.val_dataloaders
+            dataset = (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
+            items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+            self.samples = (torch.stack([x for x, _ in items]), torch.stack([m for _, m in items]))
+        images, masks = self.samples
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            preds = pl_module(images.to(pl_module.device)).argmax(dim=1).cpu().numpy()
+        pl_module.train(was_training)
+
+        mean = np.asarray(pl_module.meta["mean"], np.float32)
+        std = np.asarray(pl_module.meta["std"], np.float32)
+        pixels = (images.permute(0, 2, 3, 1).numpy() * std + mean) * 255  # undo Normalize
+        pixels = pixels.round().clip(0, 255).astype(np.uint8)
+        palette, ignore = pl_module.palette, pl_module.ignore_index
+        rows = [
+            [image, colorize(mask, palette, ignore), colorize(pred, palette, ignore)]
+            for image, mask, pred in zip(pixels, masks.numpy(), preds, strict=True)
+        ]
+        gap = self.SEPARATOR
+        return stack_with_gaps([stack_with_gaps(r, axis=1, gap=gap) for r in rows], axis=0, gap=gap)
+
+
+def stack_with_gaps(arrays: list[np.ndarray], axis: int, gap: int) -> np.ndarray:
+    shape = list(arrays[0].shape)
+    shape[axis] = gap
+    white = np.full(shape, 255, np.uint8)
+    return np.concatenate([a for array in arrays for a in (white, array)][1:], axis=axis)
+
+
+def val_confusion_matrix(pl_module: pl.LightningModule) -> np.ndarray | None:
+    """The epoch's validation confusion matrix, read from the module's IoU metric (torchmetrics' Jaccard
+    index is a confusion matrix underneath), so no second pass over the validation data is needed."""
+    metrics = getattr(pl_module, "metrics", None)
+    if not isinstance(metrics, nn.ModuleDict) or "val" not in metrics:
+        return None
+    for metric in metrics["val"].values(copy_state=False):
+        if isinstance(metric, MulticlassConfusionMatrix):
+            with metric.sync_context():
+                return metric.confmat.detach().cpu().numpy()
+    return None
+
+
+class SaveOnInterrupt(pl.Callback):
+    """Ctrl-C or SIGTERM: save `last.ckpt` before stopping, so `train.py resume=<run folder>` continues.
+
+    Other exceptions (a crash, a non-finite loss) leave the last good `last.ckpt` as it was.
+    """
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.state.fn == "fit":
+            path = f"{self.dirpath}/last.ckpt"
+            trainer.save_checkpoint(path)
+            run_dir = trainer.default_root_dir
+            print(f"\nInterrupted: saved {path}. Continue with: python train.py resume={run_dir}", flush=True)

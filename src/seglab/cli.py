@@ -13,29 +13,44 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from seglab.errors import SeglabError
 
 log = logging.getLogger("seglab")
+
+# conf/train.yaml: a resumed run writes into its own folder, its Hydra files beside the original ones.
+OmegaConf.register_new_resolver("if_resume", lambda resume, then, otherwise: then if resume else otherwise,
+                                replace=True)
+
+
+def user_message(error: BaseException) -> str:
+    # A SeglabError raised in a DataLoader worker comes back carrying the worker's traceback text.
+    text = str(error)
+    marker = "SeglabError: "
+    return text.rsplit(marker, 1)[-1].strip() if "Original Traceback" in text and marker in text else text
 
 
 def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig, metric: str | None = None) -> float | None:
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = task(cfg)
+    except SIGTERMException:
+        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process; last.ckpt is saved
     except (SeglabError, Exception) as e:
         known = isinstance(e, SeglabError)
         if not multirun:
             if not known:
                 raise
-            print(f"seglab: error: {e}", file=sys.stderr, flush=True)
+            print(f"seglab: error: {user_message(e)}", file=sys.stderr, flush=True)
             sys.exit(1)
         # In a sweep, one failed job must not stop or hide the others: record it for the leaderboard.
         log.error("job failed: %s", e if known else traceback.format_exc())
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({"status": "failed", "error": str(e)}, indent=2) + "\n")
+        (out / "metrics.json").write_text(
+            json.dumps({"status": "failed", "error": user_message(e)}, indent=2) + "\n")
         return math.nan
     if metric is None:
         return None

@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seglab.callbacks import ValHistory
+from seglab.errors import SeglabError
+from seglab.models.losses import build_criterion
 from seglab.models.module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
         class_names=datamodule.class_names,
         ignore_index=datamodule.ignore_index,
         palette=datamodule.palette,
-        criterion=instantiate(cfg.loss.criterion),
+        criterion=build_criterion(cfg.loss, datamodule),
         aux_weight=cfg.loss.aux_weight,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
@@ -59,9 +62,50 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Settings that would otherwise fail deep inside a worker or the first optimizer step."""
+    for key in ("optimizer.lr", "max_epochs", "batch_size", "data.image_size"):
+        value = OmegaConf.select(cfg, key)
+        if value is None or not isinstance(value, (int, float)) or value <= 0:
+            raise SeglabError(f"{key}={value} must be a positive number.")
+
+
+def resumed_config(cfg: DictConfig) -> DictConfig:
+    """The interrupted run's own config, with plain key=value overrides of this command applied."""
+    run_dir = Path(cfg.resume)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not last.is_file() or not saved.is_file():
+        raise SeglabError(f"resume={cfg.resume!r}: expected a run folder with checkpoints/last.ckpt and "
+                          ".hydra/config.yaml (the folder train.py printed as 'run folder').")
+    original = OmegaConf.load(saved)
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if OmegaConf.is_config(OmegaConf.select(original, key)):
+            raise SeglabError(f"'{item}' changes a config group; a resumed run keeps its groups. "
+                              "Start a new run instead.")
+        OmegaConf.update(original, key, yaml.safe_load(value) if value else None, force_add=True)
+    original.resume = str(run_dir)
+    original.paths.output_dir = str(run_dir)
+    return original
+
+
 def train(cfg: DictConfig) -> dict:
     started = time.time()
+    resume_from = None
+    if cfg.get("resume"):
+        cfg = resumed_config(cfg)
+        resume_from = str(Path(cfg.resume) / "checkpoints" / "last.ckpt")
+    check_config(cfg)
     out = Path(cfg.paths.output_dir)
+    if resume_from is None and ((out / "metrics.json").exists() or (out / "checkpoints").exists()):
+        raise SeglabError(f"{out} already holds a run; it is left as it is. Choose another folder "
+                          f"(hydra.run.dir=...), or continue that run with resume={out}.")
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -72,9 +116,10 @@ def train(cfg: DictConfig) -> dict:
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
-    trainer.fit(module, datamodule=datamodule)
+    # weights_only: seglab checkpoints hold tensors and plain values only, so never unpickle code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)[0]
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
 
     history = next((c for c in callbacks if isinstance(c, ValHistory)), None)
     best = history.best(cfg.callbacks.model_checkpoint.monitor) if history else {}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from seglab.data.dataset import SegmentationDataset, value_lut
@@ -17,6 +18,37 @@ from seglab.data.transforms import build_transforms
 from seglab.errors import SeglabError
 
 log = logging.getLogger(__name__)
+
+
+def check_images(source: Source, show: int = 5) -> None:
+    """Missing, unreadable and wrongly sized images, found before training (headers only: cheap)."""
+    missing, unreadable, mismatched = [], [], []
+    for sample in (s for split in source.samples.values() for s in split):
+        if not sample.image.is_file():
+            missing.append(sample.image)
+            continue
+        try:
+            with Image.open(sample.image) as im:
+                size = im.size[::-1]
+                oriented = size[::-1] if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else size
+        except OSError:
+            unreadable.append(sample.image)
+            continue
+        if sample.size is not None and sample.size not in (size, oriented):
+            mismatched.append(f"{sample.image} is {size[1]}x{size[0]}, the annotation file says "
+                              f"{sample.size[1]}x{sample.size[0]}")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} image file(s) listed in the annotations are missing, e.g. "
+                        + ", ".join(map(str, missing[:show])))
+    if unreadable:
+        problems.append(f"{len(unreadable)} image file(s) cannot be read as images, e.g. "
+                        + ", ".join(map(str, unreadable[:show])))
+    if mismatched:
+        problems.append(f"{len(mismatched)} image(s) differ in size from their annotation (width x height), "
+                        "e.g. " + "; ".join(mismatched[:show]))
+    if problems:
+        raise SeglabError(" ".join(problems) + ". Re-export the dataset, or restore or remove those images.")
 
 
 def default_num_workers() -> int:
@@ -114,6 +146,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.datasets:
             return  # idempotent: Lightning calls setup for fit and again for test
         source = self._source()
+        check_images(source)
         self.splits = self._make_splits(source)
         check_not_empty(self.splits, str(self.root))
         if self.splits_file is not None:

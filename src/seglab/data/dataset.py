@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from seglab.data.masks import load_image, read_mask
 from seglab.errors import SeglabError
@@ -28,6 +28,16 @@ class SegmentationDataset(Dataset):
         self.items = list(items)
         self.transform = transform
         self.lut = lut
+        self._seed: int | None = None
+
+    def _seed_transform(self) -> None:
+        """Albumentations 2 keeps its own random state and ignores global seeds: derive it from torch's
+        seed, which Lightning's seed_everything(workers=True) makes distinct per worker and per epoch."""
+        info = get_worker_info()
+        seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
+        if seed != self._seed and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+            self._seed = seed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -55,6 +65,7 @@ class SegmentationDataset(Dataset):
         return image, mask
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._seed_transform()
         image, mask = self.load(index)
         out = self.transform(image=image, mask=mask)
         return out["image"], out["mask"]  # mask stays uint8 until the device: 8x less to copy

@@ -154,4 +154,4 @@ def read_mask(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         if im.mode not in ("L", "P", "I;16", "I"):
             im = im.convert("L")
-        return np.asarray(im)
+        return np.array(im)  # writable: torch.from_numpy warns on read-only arrays

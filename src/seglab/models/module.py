@@ -9,6 +9,8 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
+from seglab.errors import SeglabError
+
 STAGES = ("train", "val", "test")
 
 
@@ -65,6 +67,7 @@ class SegmentationModule(pl.LightningModule):
         self.meta = dict(meta or {})
         n = len(self.class_names)
         self.metrics = nn.ModuleDict({s: segmentation_metrics(n, ignore_index) for s in ("val", "test")})
+        self._nonfinite: torch.Tensor | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)["out"]
@@ -77,15 +80,31 @@ class SegmentationModule(pl.LightningModule):
         loss = self.criterion(logits, masks)
         if stage == "train" and outputs.get("aux") is not None and self.aux_weight:
             loss = loss + self.aux_weight * self.criterion(outputs["aux"], masks)
-        if stage != "train":
+        if stage == "train":
+            # Flag on the device; looked at only every log_every_n_steps (no host sync per step).
+            bad = ~torch.isfinite(loss.detach())
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        else:
             self.metrics[stage].update(logits.argmax(dim=1), masks)
         # Training loss per step, evaluation loss per epoch: both on the global-step axis in TensorBoard.
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=stage != "train", prog_bar=True,
-                 batch_size=images.shape[0])
+        # Not the per-step loss in the progress bar: Lightning turns progress-bar values into Python floats
+        # after every batch, a host sync per step.
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=stage != "train",
+                 prog_bar=stage != "train", batch_size=images.shape[0])
         return loss
 
     def training_step(self, batch, batch_idx):
         return self.shared_step(batch, "train")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = self.trainer.log_every_n_steps
+        last = batch_idx + 1 == self.trainer.num_training_batches
+        if self._nonfinite is not None and ((self.global_step % every == 0) or last) and bool(self._nonfinite):
+            raise SeglabError(
+                f"The training loss became NaN or infinite (by step {self.global_step}, epoch "
+                f"{self.current_epoch}); training stopped. The last good checkpoint is kept "
+                "(checkpoints/last.ckpt). Lower optimizer.lr, or check the data and trainer.precision."
+            )
 
     def validation_step(self, batch, batch_idx):
         self.shared_step(batch, "val")

@@ -2,6 +2,7 @@
 
 Every network returns a dict with "out" (logits at input resolution) and, in training with an
 auxiliary head, "aux" — torchvision's DeepLabV3 convention, which the LightningModule relies on.
+SegFormer (segmentation-models-pytorch) is wrapped to follow it; it has no auxiliary head.
 """
 
 from __future__ import annotations
@@ -11,8 +12,14 @@ import urllib.error
 from collections.abc import Callable
 from pathlib import Path
 
+import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 import torchvision
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.file_download import repo_folder_name
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torchvision.models import segmentation
 
@@ -24,41 +31,61 @@ TORCHVISION_DEEPLABS = {
     "deeplabv3_resnet101": (segmentation.deeplabv3_resnet101, "resnet101"),
     "deeplabv3_mobilenet_v3_large": (segmentation.deeplabv3_mobilenet_v3_large, "mobilenet_v3_large"),
 }
+# Architecture -> smp encoder (Mix Transformer). ImageNet encoder weights come from the Hugging Face hub.
+SEGFORMERS = {
+    "segformer_mit_b0": "mit_b0",
+    "segformer_mit_b2": "mit_b2",
+}
+ARCHS = sorted([*TORCHVISION_DEEPLABS, *SEGFORMERS])
 
 
-def offline_message(url: str, error: Exception, setting: str) -> str:
+def offline_message(url: str, error: Exception, setting: str, put_it: str | None = None) -> str:
     file = os.path.basename(url)
-    target = Path(torch.hub.get_dir()) / "checkpoints" / file
+    if put_it is None:
+        target = Path(torch.hub.get_dir()) / "checkpoints" / file
+        put_it = (f"put that file at {target} (download it from {url} on a machine with internet; "
+                  "$TORCH_HOME moves the folder)")
     return (
         f"Could not download the pretrained weights file {file} ({error}); this machine seems to be "
-        f"offline. Either put that file at {target} (download it from {url} on a machine with internet; "
-        f"$TORCH_HOME moves the folder), or train without it: {setting}=null. "
+        f"offline. Either {put_it}, or train without it: {setting}=null. "
         "A weights file you already have can be given with model.weights_path=<file>."
     )
 
 
-def download_guard(load: Callable[[], nn.Module], url: str, setting: str) -> nn.Module:
+def download_guard(load: Callable[[], nn.Module], url: str, setting: str,
+                   put_it: str | None = None) -> nn.Module:
     try:
         return load()
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        raise SeglabError(offline_message(url, e, setting)) from None
+    # huggingface_hub gives up with LocalEntryNotFoundError once its retries fail and nothing is cached.
+    except (urllib.error.URLError, ConnectionError, TimeoutError, LocalEntryNotFoundError) as e:
+        raise SeglabError(offline_message(url, e, setting, put_it)) from None
 
 
 def load_weights_file(model: nn.Module, path: str | Path) -> None:
     """Load a local state dict (torchvision's files, a `{"model": ...}` file from torchvision's reference
-    scripts, or a seglab/Lightning checkpoint). Tensors whose shape differs (the class heads) are skipped."""
+    scripts, a seglab/Lightning checkpoint, or a .safetensors file such as smp's encoder weights).
+    Tensors whose shape differs (the class heads) are skipped."""
     path = Path(path)
     if not path.is_file():
         raise SeglabError(f"model.weights_path={str(path)!r} does not exist.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            state = load_safetensors(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a weights file
         raise SeglabError(f"model.weights_path={str(path)!r} is not a PyTorch weights file ({e}).") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise SeglabError(f"model.weights_path={str(path)!r} holds a {type(state).__name__}, "
+                          "not a state dict.")
     state = {k.removeprefix("net."): v for k, v in state.items()}
     own = model.state_dict()
+    # An encoder-only file (smp's model.safetensors for MiT) names its tensors without the "encoder." prefix.
+    if hasattr(model, "encoder") and not any(k in own for k in state):
+        state = {f"encoder.{k}": v for k, v in state.items()}
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in fitting]
     heads = ("classifier.", "aux_classifier.", "decoder.", "segmentation_head.")
@@ -102,6 +129,49 @@ def torchvision_deeplab(
     return model
 
 
+class Segformer(smp.Segformer):
+    """smp's SegFormer returning {"out": logits at the input size}, like torchvision's DeepLabV3."""
+
+    # The Mix Transformer's overlapping patch embeddings take any size (513 included); the decoder works at
+    # 1/4 of the input and its logits are resized to the input once, with align_corners=False as MMSeg does.
+    requires_divisible_input_shape = False
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = super().forward(x)
+        return {"out": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+def smp_segformer(arch: str, num_classes: int, weights: str | None,
+                  weights_backbone: str | None) -> nn.Module:
+    encoder = SEGFORMERS[arch]
+    if weights:
+        raise SeglabError(
+            f"model.weights={weights!r}: {arch} has no whole-model weights here; set model.weights=null and "
+            "model.weights_backbone=imagenet for the ImageNet-pretrained encoder."
+        )
+    settings = smp.encoders.encoders[encoder]["pretrained_settings"]
+    if weights_backbone and weights_backbone not in settings:
+        raise SeglabError(f"model.weights_backbone={weights_backbone!r} is not one of {sorted(settings)} "
+                          "or null.")
+
+    def load() -> nn.Module:
+        return Segformer(encoder_name=encoder, encoder_weights=weights_backbone, classes=num_classes,
+                         upsampling=1)
+
+    if not weights_backbone:
+        return load()
+    # smp fetches config.json and model.safetensors at a pinned revision; huggingface_hub then finds them in
+    # its cache without any network access.
+    repo, revision = settings[weights_backbone]["repo_id"], settings[weights_backbone]["revision"]
+    url = f"https://huggingface.co/{repo}/resolve/{revision}/model.safetensors"
+    cache = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+    snapshot = cache / "snapshots" / revision
+    put_it = (f"put config.json and model.safetensors from https://huggingface.co/{repo}/tree/{revision} "
+              f"into {snapshot} (`hf download {repo} --revision {revision}` on a machine with internet fills "
+              f"that cache; $HF_HOME moves it), or give that model.safetensors as model.weights_path=<file>")
+    return download_guard(load, url, "model.weights_backbone", put_it)
+
+
 def build_network(
     arch: str,
     num_classes: int,
@@ -113,15 +183,21 @@ def build_network(
     channels_last: bool = False,
     compile: bool = False,
 ) -> nn.Module:
-    if arch not in TORCHVISION_DEEPLABS:
-        raise SeglabError(f"model.arch={arch!r} is not one of {sorted(TORCHVISION_DEEPLABS)}.")
+    if arch not in ARCHS:
+        raise SeglabError(f"model.arch={arch!r} is not one of {ARCHS}.")
     if weights_path:
         weights = weights_backbone = None  # the local file replaces any download
-    model = torchvision_deeplab(arch, num_classes, weights, weights_backbone, aux_loss)
+    if arch in SEGFORMERS:
+        model = smp_segformer(arch, num_classes, weights, weights_backbone)  # no aux head: aux_loss is moot
+    else:
+        model = torchvision_deeplab(arch, num_classes, weights, weights_backbone, aux_loss)
     if weights_path:
         load_weights_file(model, weights_path)
     if freeze_backbone:
-        model.backbone.requires_grad_(False)
+        if arch in SEGFORMERS:
+            model.freeze_encoder()  # also keeps the encoder's norm layers in eval mode
+        else:
+            model.backbone.requires_grad_(False)
     if channels_last:
         # Weights in channels_last make every convolution (and its output) channels_last.
         model.to(memory_format=torch.channels_last)
