@@ -47,7 +47,7 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
 
     ckpt = torch.load(metrics["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["seglab"]["class_names"] == ["background", "disc", "triangle"]
-    assert ckpt["seglab"]["config"]["optimizer"]["_target_"] == f"torch.optim.{optimizer.upper().replace('ADAM', 'Adam')}"
+    assert ckpt["seglab"]["config"]["optimizer"]["_target_"] == {"adam": "torch.optim.Adam", "sgd": "torch.optim.SGD"}[optimizer]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
     splits = json.loads((run_dir / "splits.json").read_text())

@@ -182,6 +182,7 @@ def build_network(
     freeze_backbone: bool = False,
     channels_last: bool = False,
     compile: bool = False,
+    bn_momentum: float | None = None,
 ) -> nn.Module:
     if arch not in ARCHS:
         raise SeglabError(f"model.arch={arch!r} is not one of {ARCHS}.")
@@ -198,6 +199,13 @@ def build_network(
             model.freeze_encoder()  # also keeps the encoder's norm layers in eval mode
         else:
             model.backbone.requires_grad_(False)
+    if bn_momentum is not None:
+        # MobileNetV3 ships momentum 0.01, tuned for long ImageNet runs: trained from scratch for a few
+        # hundred steps its running statistics stay near their initial values and eval-mode predictions
+        # collapse to background. The demo sets 0.1 (PyTorch's default).
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = bn_momentum
     if channels_last:
         # Weights in channels_last make every convolution (and its output) channels_last.
         model.to(memory_format=torch.channels_last)
