@@ -1,0 +1,53 @@
+"""`python -m seglab.bench --quick` runs every section end to end and writes bench.json. Timings are not
+asserted (they depend on the machine); what the bench counts is."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow  # ~30 s: dataset, two Lightning fits, model variants and two evaluate() runs
+def test_bench_quick_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "seglab.bench", "--quick", "--out", str(out)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+
+    assert {"machine", "settings", "data", "masks", "loop", "model", "evaluate", "targets"} <= set(results)
+    assert results["machine"]["torch"] and results["machine"]["cores"] >= 1
+    assert results["settings"]["quick"] is True
+
+    data = results["data"]
+    # --quick: 10 synthetic images at 64 px, split 8/1/1.
+    assert data["image_size"] == 64 and data["images"] == 8
+    assert data["mask_cache"]["first_setup_rasterised"] == 10
+    assert data["mask_cache"]["second_setup_rasterised"] == 0  # the second run reads every mask from the cache
+    steps = [s["step"] for s in data["steps"]]
+    assert steps[2:9] == ["Resize", "Rotate", "HorizontalFlip", "RandomBrightnessContrast", "GaussNoise",
+                          "Normalize", "ToTensorV2"]  # conf/augmentation/default.yaml between resize and normalise
+    assert all(s["ms_per_image"] > 0 for s in data["steps"] if s["ms_per_image"] is not None)
+
+    # Train images 1 and 2 carry RLE annotations (seglab.data.synthetic): the other 8 are all polygons.
+    assert results["masks"]["images"] == 8
+    assert all(results["masks"][k]["masks_per_s"] > 0 for k in ("polygon", "compressed_rle", "uncompressed_rle"))
+
+    loop = results["loop"]
+    assert loop["lightning_s_per_step"] > 0 and loop["plain_s_per_step"] > 0
+    syncs = loop["host_syncs"]
+    assert syncs["steps_profiled"] == 5 == len(syncs["extra_per_step"])  # conf/trainer: log_every_n_steps 5
+    assert all(n > 0 for n in syncs["plain_per_step"])  # the profiler sees Adam's .item() on its step counters
+    # No host sync per step: Lightning and SegmentationModule add at most one step with one per logging period.
+    assert syncs["steps_with_extra_sync"] <= 1
+
+    assert [r["variant"] for r in results["model"]] == ["eager fp32", "channels_last"]
+    assert all("error" not in r and r["train_images_per_s"] > 0 for r in results["model"])
+
+    runs = results["evaluate"]["runs"]
+    assert (runs["train"]["images"], runs["test"]["images"]) == (8, 1)
+
+    assert set(results["targets"]) == {"data_images_per_s", "loop_ratio", "loop_steps_with_sync",
+                                       "cuda_train_images_per_s"}
+    assert "1. Data pipeline" in run.stdout and "Targets" in run.stdout
