@@ -51,3 +51,15 @@ def test_bench_quick_writes_json(tmp_path):
     assert set(results["targets"]) == {"data_images_per_s", "loop_ratio", "loop_steps_with_sync",
                                        "cuda_train_images_per_s"}
     assert "1. Data pipeline" in run.stdout and "Targets" in run.stdout
+
+
+def test_bench_only_runs_the_sections_asked_for(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "seglab.bench", "--quick", "--only", "masks", "--out", str(out)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {"machine", "settings", "masks", "targets"}
+    assert results["masks"]["images"] == 8
+    assert all(t["measured"] is None and t["met"] is None for t in results["targets"].values())
+    assert "2. Mask rasterisation" in run.stdout and "1. Data pipeline" not in run.stdout

@@ -1,6 +1,7 @@
 """Where the time of a training run goes on this machine: `python -m seglab.bench` (make bench).
 
-    python -m seglab.bench [--size N] [--repeats N] [--steps N] [--out bench.json] [--quick] [overrides ...]
+    python -m seglab.bench [--size N] [--repeats N] [--steps N] [--out bench.json] [--quick]
+                           [--only SECTION ...] [overrides ...]
 
 Sections, each a median over --repeats:
   data      images/s of one DataLoader worker at --data-size (513) with the train augmentation, masks
@@ -50,6 +51,7 @@ from seglab.models.checkpoint import MIXED_PRECISION
 from seglab.train import build_module
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+SECTIONS = ("data", "masks", "loop", "model", "evaluate")
 
 # The issue's targets; `measured` values are filled in from the results.
 TARGETS = {
@@ -128,7 +130,7 @@ def clocks() -> np.ndarray:
     return np.array([time.perf_counter(), time.process_time()])
 
 
-def bench_data(cfg: DictConfig, repeats: int):
+def bench_data(cfg: DictConfig, repeats: int) -> dict:
     cache = Path(cfg.data.cache_dir)
     before = count_files(cache)
     first = instantiate(cfg.data)
@@ -174,7 +176,7 @@ def bench_data(cfg: DictConfig, repeats: int):
         "mask_cache": {"first_setup_s": first_s, "first_setup_rasterised": built,
                        "second_setup_s": second_s, "second_setup_rasterised": rebuilt},
         "steps": augmentation_steps(dataset, rasterised, repeats),
-    }, datamodule
+    }
 
 
 def augmentation_steps(dataset, rasterised, repeats: int) -> list[dict]:
@@ -535,16 +537,17 @@ def bench_evaluate(checkpoint: Path, model: str, root: Path, work: Path, device,
 
 
 def check_targets(results: dict) -> dict:
-    data, loop = results["data"], results["loop"]
-    at_513, cpu_128 = data["image_size"] == 513, loop["device"] == "cpu" and loop["image_size"] == 128
+    data, loop, model = results.get("data"), results.get("loop"), results.get("model", [])
+    at_513 = data is not None and data["image_size"] == 513
+    cpu_128 = loop is not None and loop["device"] == "cpu" and loop["image_size"] == 128
     # (wall-clock value, CPU-time value) where the target applies to this run.
     measured = {
         "data_images_per_s": (data["cached_images_per_s"], data["cached_images_per_cpu_s"]) if at_513
         else (None, None),
         "loop_ratio": (loop["ratio"], loop["cpu_ratio"]) if cpu_128 else (None, None),
-        "loop_steps_with_sync": (loop["host_syncs"]["steps_with_extra_sync"], None),
+        "loop_steps_with_sync": (loop["host_syncs"]["steps_with_extra_sync"] if loop else None, None),
         "cuda_train_images_per_s": (next(
-            (r.get("train_images_per_s") for r in results["model"]
+            (r.get("train_images_per_s") for r in model
              if r["variant"] == "bf16-mixed + channels_last" and results["model_image_size"] == 513), None), None),
     }
     out = {}
@@ -569,19 +572,22 @@ def table(rows: list[list[str]], indent: str = "  ") -> str:
                      for r in rows)
 
 
-def report(results: dict) -> str:
-    m, data, masks, loop = results["machine"], results["data"], results["masks"], results["loop"]
-    syncs = loop["host_syncs"]
-    lines = [
+def report_machine(m: dict) -> list[str]:
+    busy = max(m["load_average_start"] or 0, m["load_average_end"] or 0) > m["usable_cores"]
+    return [
         f"seglab bench  {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable, torch threads "
         f"{m['torch_threads']}), GPU: {m['gpu'] or 'none'}",
         f"torch {m['torch']}, torchvision {m['torchvision']}, Lightning {m['pytorch_lightning']}, "
         f"albumentations {m['albumentations']}; load average {fmt(m['load_average_start'], '.2f')} -> "
         f"{fmt(m['load_average_end'], '.2f')}",
-        *([f"BUSY MACHINE: load above {m['usable_cores']} cores, so wall-clock figures are inflated; the CPU-time "
-           "columns are closer to what a core of its own gives."]
-          if max(m["load_average_start"] or 0, m["load_average_end"] or 0) > m["usable_cores"] else []),
-        "",
+        *([f"BUSY MACHINE: load above {m['usable_cores']} cores, so wall-clock figures are inflated; the "
+           "CPU-time columns are closer to what a core of its own gives."] if busy else []),
+    ]
+
+
+def report_data(data: dict) -> list[str]:
+    cache = data["mask_cache"]
+    return [
         f"1. Data pipeline: one worker, {data['image_size']}x{data['image_size']}, train augmentation, "
         f"{data['images']} images",
         table([
@@ -590,18 +596,27 @@ def report(results: dict) -> str:
              fmt(data["decode_images_per_cpu_s"])],
             ["masks from the cache", fmt(data["cached_images_per_s"]), fmt(data["cached_images_per_cpu_s"])],
         ]),
-        f"  mask cache: first setup rasterised {data['mask_cache']['first_setup_rasterised']} masks in "
-        f"{data['mask_cache']['first_setup_s']:.2f} s; second setup rasterised "
-        f"{data['mask_cache']['second_setup_rasterised']} in {data['mask_cache']['second_setup_s']:.2f} s",
+        f"  mask cache: first setup rasterised {cache['first_setup_rasterised']} masks in "
+        f"{cache['first_setup_s']:.2f} s; second setup rasterised {cache['second_setup_rasterised']} in "
+        f"{cache['second_setup_s']:.2f} s",
         table([["step (each forced to apply)", "p", "ms applied", "ms/image", "CPU ms/image"]] + [
             [s["step"], fmt(s["p"], ".2f"), fmt(s["ms_applied"], ".2f"), fmt(s["ms_per_image"], ".2f"),
              fmt(s["cpu_ms_per_image"], ".2f")] for s in data["steps"]]),
-        "",
+    ]
+
+
+def report_masks(masks: dict) -> list[str]:
+    return [
         f"2. Mask rasterisation: {masks['images']} images, {masks['annotations']} annotations",
         table([[name, f"{fmt(masks[name]['masks_per_s'], '.0f')} masks/s",
                 f"{fmt(masks[name]['annotations_per_s'], '.0f')} annotations/s"]
                for name in ("polygon", "compressed_rle", "uncompressed_rle")]),
-        "",
+    ]
+
+
+def report_loop(loop: dict) -> list[str]:
+    syncs = loop["host_syncs"]
+    return [
         f"3. Training loop: {loop['model']}, {loop['image_size']}x{loop['image_size']}, batch "
         f"{loop['batch_size']}, {loop['precision']}, {loop['device']} ({loop['threads']} threads); median of "
         f"{loop['steps_per_run']} steps x {loop['runs']} runs, interleaved step by step",
@@ -616,25 +631,40 @@ def report(results: dict) -> str:
         f"  host syncs that Lightning + SegmentationModule add, step by step: "
         f"{' '.join(str(n) for n in syncs['extra_per_step'])} (the plain loop's own, Adam's CPU step "
         f"counters: {' '.join(str(n) for n in syncs['plain_per_step'])})",
-        "",
-        f"4. Model: {loop['model']}, {results['model_image_size']}x{results['model_image_size']}, batch "
-        f"{loop['batch_size']}, {loop['device']}",
+    ]
+
+
+def report_model(rows: list[dict], settings: dict) -> list[str]:
+    return [
+        f"4. Model: {settings['model']}, {settings['size']}x{settings['size']}, batch {settings['batch_size']}",
         table([["variant", "train img/s", "infer img/s", "peak MB train", "peak MB infer", "warm-up s", ""]]
               + [[r["variant"], fmt(r.get("train_images_per_s")), fmt(r.get("inference_images_per_s")),
                   fmt(r.get("train_peak_memory_mb"), ".0f"), fmt(r.get("inference_peak_memory_mb"), ".0f"),
-                  fmt(r.get("warmup_s"), ".1f"), r.get("error", "")] for r in results["model"]]),
-        "",
-        f"5. Evaluation (seglab.evaluate, resolution=original): {results['evaluate']['model']}",
-        table([["per image", f"{fmt(results['evaluate']['s_per_image'], '.4f')} s"],
-               ["fixed per run", f"{fmt(results['evaluate']['fixed_s'], '.2f')} s"]]),
-        "",
-        "Targets",
-        table([["", "target", "measured", "CPU time", ""]] + [
-            [k, t["target"], fmt(t["measured"], ".3f"), fmt(t["measured_cpu_time"], ".3f"),
-             {True: "met", False: "NOT met", None: "not measured here"}[t["met"]]]
-            for k, t in results["targets"].items()]),
+                  fmt(r.get("warmup_s"), ".1f"), r.get("error", "")] for r in rows]),
     ]
-    return "\n".join(lines)
+
+
+def report_evaluate(evaluation: dict) -> list[str]:
+    return [
+        f"5. Evaluation (seglab.evaluate, resolution=original): {evaluation['model']}",
+        table([["per image", f"{fmt(evaluation['s_per_image'], '.4f')} s"],
+               ["fixed per run", f"{fmt(evaluation['fixed_s'], '.2f')} s"]]),
+    ]
+
+
+def report(results: dict) -> str:
+    parts = [report_machine(results["machine"])]
+    for key, section in (("data", report_data), ("masks", report_masks), ("loop", report_loop),
+                         ("evaluate", report_evaluate)):
+        if key in results:
+            parts.append(section(results[key]))
+        if key == "loop" and "model" in results:
+            parts.append(report_model(results["model"], results["settings"]))
+    parts.append(["Targets", table([["", "target", "measured", "CPU time", ""]] + [
+        [k, t["target"], fmt(t["measured"], ".3f"), fmt(t["measured_cpu_time"], ".3f"),
+         {True: "met", False: "NOT met", None: "not measured here"}[t["met"]]]
+        for k, t in results["targets"].items()])])
+    return "\n\n".join("\n".join(lines) for lines in parts)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -655,6 +685,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="include a torch.compile variant (default: on CUDA, off on CPU and with --quick)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
+                        help=f"run only these sections ({', '.join(SECTIONS)}; evaluate needs loop's checkpoint)")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, one repeat, one thread, no compile: checks that it runs")
@@ -684,33 +716,42 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"machine": machine(), "settings": dict(vars(args))}
 
+    only = set(args.only or SECTIONS) | ({"loop"} if "evaluate" in (args.only or SECTIONS) else set())
     with tempfile.TemporaryDirectory(prefix="seglab-bench-") as tmp:
         work = Path(tmp)
         root = generate_dataset(work / "data", num_images=args.images, size=args.data_size, seed=0)
         common = [f"model={args.model}", *args.overrides]
 
-        print(f"[bench] data pipeline at {args.data_size} px ...", file=sys.stderr, flush=True)
         data_cfg = compose_config(root, work, args.data_size, common)
-        results["data"], datamodule = bench_data(data_cfg, args.repeats)
-        results["masks"] = bench_masks(datamodule.source, data_cfg.data.overlap, data_cfg.data.ignore_index,
-                                       args.repeats)
+        if "data" in only:
+            print(f"[bench] data pipeline at {args.data_size} px ...", file=sys.stderr, flush=True)
+            results["data"] = bench_data(data_cfg, args.repeats)
+        if "masks" in only:
+            datamodule = instantiate(data_cfg.data)
+            datamodule.setup("fit")
+            results["masks"] = bench_masks(datamodule.source, data_cfg.data.overlap, data_cfg.data.ignore_index,
+                                           args.repeats)
 
         def cfg_for(overrides: list[str]) -> DictConfig:
             return compose_config(root, work, args.size, [*common, *overrides])
 
         model_cfg = cfg_for(["trainer.precision=bf16-mixed"] if device.type == "cuda" else [])
         model_data = instantiate(model_cfg.data)
-        model_data.setup("fit")
-        print(f"[bench] training loop at {args.size} px ...", file=sys.stderr, flush=True)
-        results["loop"], checkpoint = bench_loop(model_cfg, model_data, args.steps, args.repeats,
-                                                 args.batch_size, device, work)
-        print(f"[bench] model variants at {args.size} px ...", file=sys.stderr, flush=True)
-        results["model_image_size"] = args.size
-        results["model"] = bench_model(cfg_for, model_data, args.steps, args.repeats, args.batch_size, device,
-                                       args.compile)
-        print("[bench] evaluation ...", file=sys.stderr, flush=True)
-        results["evaluate"] = bench_evaluate(checkpoint, f"{model_cfg.model.arch} at {args.size} px", root, work,
-                                             device, args.repeats)
+        if only & {"loop", "model"}:
+            model_data.setup("fit")
+        if "loop" in only:
+            print(f"[bench] training loop at {args.size} px ...", file=sys.stderr, flush=True)
+            results["loop"], checkpoint = bench_loop(model_cfg, model_data, args.steps, args.repeats,
+                                                     args.batch_size, device, work)
+        if "model" in only:
+            print(f"[bench] model variants at {args.size} px ...", file=sys.stderr, flush=True)
+            results["model_image_size"] = args.size
+            results["model"] = bench_model(cfg_for, model_data, args.steps, args.repeats, args.batch_size,
+                                           device, args.compile)
+        if "evaluate" in only:
+            print("[bench] evaluation ...", file=sys.stderr, flush=True)
+            results["evaluate"] = bench_evaluate(checkpoint, f"{model_cfg.model.arch} at {args.size} px", root,
+                                                 work, device, args.repeats)
 
     results["machine"]["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results["targets"] = check_targets(results)
