@@ -47,7 +47,8 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
 
     ckpt = torch.load(metrics["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["seglab"]["class_names"] == ["background", "disc", "triangle"]
-    assert ckpt["seglab"]["config"]["optimizer"]["_target_"] == {"adam": "torch.optim.Adam", "sgd": "torch.optim.SGD"}[optimizer]
+    expected_target = {"adam": "torch.optim.Adam", "sgd": "torch.optim.SGD"}[optimizer]
+    assert ckpt["seglab"]["config"]["optimizer"]["_target_"] == expected_target
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
     splits = json.loads((run_dir / "splits.json").read_text())
