@@ -8,13 +8,17 @@ import sys
 import pytest
 
 
+def reject_non_json(constant: str):
+    raise AssertionError(f"bench.json holds {constant}, which is not JSON")
+
+
 @pytest.mark.slow  # ~30 s: dataset, two Lightning fits, model variants and two evaluate() runs
 def test_bench_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "-m", "seglab.bench", "--quick", "--out", str(out)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results = json.loads(out.read_text(), parse_constant=reject_non_json)
 
     assert {"machine", "settings", "data", "masks", "loop", "model", "evaluate", "targets"} <= set(results)
     assert results["machine"]["torch"] and results["machine"]["cores"] >= 1

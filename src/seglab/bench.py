@@ -523,12 +523,12 @@ def bench_evaluate(checkpoint: Path, model: str, root: Path, work: Path, device,
         seconds = statistics.median(timed(run) for _ in range(repeats))
         runs[split] = {"images": result["images"], "s": seconds}
     extra = runs["train"]["images"] - runs["test"]["images"]
-    per_image = (runs["train"]["s"] - runs["test"]["s"]) / extra if extra > 0 else math.nan
+    per_image = (runs["train"]["s"] - runs["test"]["s"]) / extra if extra > 0 else None  # JSON has no NaN
     return {
         "model": model,
         "resolution": "original",
         "s_per_image": per_image,
-        "fixed_s": runs["test"]["s"] - per_image * runs["test"]["images"],
+        "fixed_s": None if per_image is None else runs["test"]["s"] - per_image * runs["test"]["images"],
         "runs": runs,
     }
 
