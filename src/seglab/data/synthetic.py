@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from seglab.data.splits import split_sizes
+
 # Typical fraction of the image area covered by one object (each object draws 0.6x-1.4x of it).
 # 0.07 is a disc of radius ~0.15 * size: big enough to learn in a few epochs at 128 px.
 # About 0.01 gives a "small objects" dataset.
@@ -64,12 +66,6 @@ COCO_INFO = {
     "date_created": "2024-01-01T00:00:00+00:00",
 }
 COCO_LICENSES = [{"id": 1, "url": "https://creativecommons.org/licenses/by/4.0/", "name": "CC BY 4.0"}]
-
-
-def split_sizes(num_images: int, splits: tuple[float, float, float]) -> tuple[int, int, int]:
-    n_train = round(num_images * splits[0])
-    n_valid = round(num_images * splits[1])
-    return n_train, n_valid, num_images - n_train - n_valid
 
 
 def mask_to_uncompressed_rle(mask: np.ndarray) -> dict:
