@@ -67,6 +67,11 @@ def test_recipe_defaults(compose_train):
     assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.Adam", 1e-4, 1e-4)
     assert cfg.model.weights == "COCO_WITH_VOC_LABELS_V1" and cfg.loss.aux_weight == 0.5
     assert cfg.callbacks.model_checkpoint.monitor == cfg.callbacks.early_stopping.monitor == "val/loss"
+    assert cfg.callbacks.model_checkpoint.mode == cfg.callbacks.early_stopping.mode == "min"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        callbacks = compose("train", overrides=["paths.output_dir=/tmp/x", "monitor=miou"]).callbacks
+    assert (callbacks.model_checkpoint.monitor, callbacks.model_checkpoint.mode) == ("val/mIoU", "max")
+    assert (callbacks.early_stopping.monitor, callbacks.early_stopping.mode) == ("val/mIoU", "max")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         sgd = compose("train", overrides=["paths.output_dir=/tmp/x", "optimizer=sgd"]).optimizer
     assert (sgd._target_, sgd.lr, sgd.momentum) == ("torch.optim.SGD", 1e-3, 0.9)

@@ -59,6 +59,8 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
     assert all(math.isfinite(v) for v in values["train/loss"] + values["val/loss"])
     assert values["val/loss"][0] == pytest.approx(metrics["best_val"]["val/loss"], rel=1e-5)
     assert "hp/test/mIoU" in values
+    assert values["train/images_per_s"] == [pytest.approx(metrics["train_images_per_s"])] and \
+        metrics["train_images_per_s"] > 0  # one epoch: its own rate
 
 
 @pytest.mark.slow
@@ -74,5 +76,7 @@ def test_multirun_optimizer_sweep_gives_named_runs_and_leaderboard(demo_root, tm
         rows = list(csv.DictReader(fh))
     assert sorted(r["job"] for r in rows) == ["debug=fast,optimizer=adam", "debug=fast,optimizer=sgd"]
     assert all(r["status"] == "ok" and math.isfinite(float(r["test mIoU"])) for r in rows)
+    assert all(0 <= float(r["test IoU triangle"]) <= 1 and float(r["train images/s"]) > 0 for r in rows)
+    assert [float(r["val mIoU"]) for r in rows] == sorted((float(r["val mIoU"]) for r in rows), reverse=True)
     assert "Leaderboard" in proc.stdout
     assert (sweep_dir / "leaderboard.md").read_text().count("optimizer=") == 2

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -25,15 +27,54 @@ class ValHistory(pl.Callback):
         row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.history.append({"epoch": trainer.current_epoch, **row})
 
-    def best(self, monitor: str = "val/loss") -> dict[str, float]:
+    def best(self, monitor: str = "val/loss", mode: str = "min") -> dict[str, float]:
+        """The epoch ModelCheckpoint keeps with the same monitor and mode (the first of equal values)."""
         rows = [r for r in self.history if monitor in r]
-        return min(rows, key=lambda r: r[monitor]) if rows else {}
+        if not rows:
+            return {}
+        return (min if mode == "min" else max)(rows, key=lambda r: r[monitor])
 
     def state_dict(self) -> dict:
         return {"history": self.history}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
+
+
+class TrainSpeed(pl.Callback):
+    """Training images per second of each epoch, from the epoch's start to its validation (data loading
+    included, validation excluded), logged as `train/images_per_s`. `images_per_s` is the median over the
+    epochs after the first (which also starts the DataLoader workers). Lightning's ThroughputMonitor logs a
+    rolling per-step rate to the loggers only; metrics.json and the sweep leaderboard need one number."""
+
+    def __init__(self):
+        self.rates: list[float] = []
+        self._start: float | None = None
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._images += len(batch[0])
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop()
+        if self.rates:
+            pl_module.log("train/images_per_s", self.rates[-1], on_epoch=True)
+
+    def _stop(self) -> None:
+        if self._start is not None and self._images:
+            self.rates.append(self._images / (time.perf_counter() - self._start))
+        self._start = None
+
+    @property
+    def images_per_s(self) -> float | None:
+        rates = self.rates[1:] or self.rates
+        return float(np.median(rates)) if rates else None
 
 
 class ValidationImages(pl.Callback):

@@ -12,11 +12,17 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "status", "best val loss", "val mIoU", "test mIoU", "test mAcc", "test pixel acc",
-           "epochs", "wall s"]
+COLUMNS = ["job", "status", "best epoch", "val loss", "val mIoU", "test mIoU", "test mAcc", "test pixel acc",
+           "train images/s", "epochs", "wall s"]
+
+
+def fmt(value, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def job_row(job_dir: Path) -> dict[str, str]:
+    """One job's leaderboard row from its metrics.json: values at the best epoch (by the run's monitor) and
+    the test split's metrics, per-class IoU as `test IoU <class>` columns."""
     row = {"job": job_dir.name.split("_", 1)[-1] or job_dir.name}
     metrics_file = job_dir / "metrics.json"
     if not metrics_file.is_file():
@@ -24,33 +30,38 @@ def job_row(job_dir: Path) -> dict[str, str]:
     m = json.loads(metrics_file.read_text())
     if m.get("status") != "ok":
         return {**row, "status": f"failed: {m.get('error', '?')}"[:120]}
-
-    def fmt(value):
-        return "" if value is None else f"{value:.4f}"
-
+    per_class = {f"test IoU {name}": fmt(m["test"].get(f"test/IoU_{name}")) for name in m.get("class_names", [])}
     return {
         **row,
         "status": "ok",
-        "best val loss": fmt(m["best_val"].get("val/loss")),
+        "best epoch": str(m.get("best_epoch", "")),
+        "val loss": fmt(m["best_val"].get("val/loss")),
         "val mIoU": fmt(m["best_val"].get("val/mIoU")),
         "test mIoU": fmt(m["test"].get("test/mIoU")),
+        **per_class,
         "test mAcc": fmt(m["test"].get("test/mAcc")),
         "test pixel acc": fmt(m["test"].get("test/pixel_acc")),
+        "train images/s": fmt(m.get("train_images_per_s"), 1),
         "epochs": str(m.get("epochs_run", "")),
         "wall s": str(m.get("wall_time_s", "")),
     }
 
 
 def write_leaderboard(sweep_dir: Path, job_dirs: list[Path]) -> str:
+    """leaderboard.csv and .md, best validation mIoU first (comparable across losses, unlike val loss);
+    failed jobs last with their error."""
     rows = [job_row(d) for d in job_dirs]
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: float(r["best val loss"] or "inf"))
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -float(r["val mIoU"] or "-inf"))
     rows = ok + [r for r in rows if r["status"] != "ok"]
+    class_columns = list(dict.fromkeys(k for r in rows for k in r if k.startswith("test IoU ")))
+    at = COLUMNS.index("test mIoU") + 1
+    columns = COLUMNS[:at] + class_columns + COLUMNS[at:]
     with (sweep_dir / "leaderboard.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r.get(c, "") for c in COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r.get(c, "") for c in columns) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
     (sweep_dir / "leaderboard.md").write_text(table)
     return table
@@ -64,5 +75,5 @@ class LeaderboardCallback(Callback):
         if not job_dirs:
             return
         table = write_leaderboard(sweep_dir, job_dirs)
-        print(f"\nLeaderboard ({sweep_dir / 'leaderboard.md'}; best val loss first)\n{table}"
+        print(f"\nLeaderboard ({sweep_dir / 'leaderboard.md'}; best val mIoU first)\n{table}"
               f"TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)

@@ -13,7 +13,7 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from seglab.callbacks import ValHistory
+from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.errors import SeglabError
 from seglab.models.losses import build_criterion
 from seglab.models.module import SegmentationModule
@@ -122,11 +122,14 @@ def train(cfg: DictConfig) -> dict:
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
 
     history = next((c for c in callbacks if isinstance(c, ValHistory)), None)
-    best = history.best(cfg.callbacks.model_checkpoint.monitor) if history else {}
+    best = history.best(cfg.monitor.metric, cfg.monitor.mode) if history else {}
+    speed = next((c for c in callbacks if isinstance(c, TrainSpeed)), None)
     metrics = {
         "status": "ok",
         "best_epoch": best.get("epoch"),
         "epochs_run": trainer.current_epoch,
+        "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
+        "train_images_per_s": speed.images_per_s if speed else None,
         "best_val": {k: v for k, v in best.items() if k != "epoch"},
         "test": {k: float(v) for k, v in test.items()},
         "checkpoint": best_path,
@@ -143,12 +146,13 @@ def train(cfg: DictConfig) -> dict:
         logger.finalize("success")
 
     rows = [
-        ("best epoch", str(metrics["best_epoch"])),
-        ("best val loss", f"{best.get('val/loss', math.nan):.4f}"),
+        ("best epoch", f"{metrics['best_epoch']} (by {cfg.monitor.metric}, {cfg.monitor.mode})"),
+        ("val loss", f"{best.get('val/loss', math.nan):.4f}"),
         ("val mIoU", f"{best.get('val/mIoU', math.nan):.4f}"),
         ("test mIoU", f"{metrics['test'].get('test/mIoU', math.nan):.4f}"),
         ("test mean acc", f"{metrics['test'].get('test/mAcc', math.nan):.4f}"),
         ("test pixel acc", f"{metrics['test'].get('test/pixel_acc', math.nan):.4f}"),
+        ("train images/s", f"{metrics['train_images_per_s'] or math.nan:.1f}"),
         ("checkpoint", best_path),
         ("run folder", str(out)),
         ("TensorBoard", f"tensorboard --logdir {out}"),
