@@ -68,10 +68,28 @@ def test_dice_ce_is_the_sum_of_its_terms(compose_train, demo_datamodule):
     ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE)
     probs = logits.softmax(1).permute(0, 2, 3, 1)[target != IGNORE]          # (P, 3)
     onehot = torch.nn.functional.one_hot(target[target != IGNORE], 3).float()
-    dice = 1 - 2 * (probs * onehot).sum(0) / (probs + onehot).sum(0)          # smp: per class over the batch
+    dice = -torch.log(2 * (probs * onehot).sum(0) / (probs + onehot).sum(0))  # smp log_loss: per class over the batch
     torch.testing.assert_close(criterion(logits, target), ce + dice.mean())
     criterion.weights["dice"] = 3.0
     torch.testing.assert_close(criterion(logits, target), ce + 3 * dice.mean())
+
+
+def test_log_dice_keeps_a_gradient_for_an_improbable_small_class(compose_train, demo_datamodule):
+    # A 2x2 object on a 16x16 background that the network calls background with p(object) ~ 3e-4: the
+    # situation after a few epochs of cross-entropy on 1 % objects. 1 - Dice hands the object's pixels a
+    # gradient scaled by that p; -log(Dice) (dice_ce's log_loss) divides it by Dice, ~1e3 times larger.
+    dice_log = criterion_for("dice_ce", compose_train, demo_datamodule).terms["dice"]
+    dice_linear = type(dice_log)(mode="multiclass", ignore_index=IGNORE)
+    target = torch.zeros(1, 16, 16, dtype=torch.long)
+    target[0, 7:9, 7:9] = 1
+    grads = {}
+    for name, loss in (("log", dice_log), ("linear", dice_linear)):
+        logits = torch.zeros(1, 3, 16, 16)
+        logits[:, 0] = 8.0
+        logits.requires_grad_(True)
+        loss(logits, target).backward()
+        grads[name] = logits.grad[0, 1, 7:9, 7:9].abs().mean().item()
+    assert grads["log"] > 500 * grads["linear"] and grads["log"] > 1e-3
 
 
 # --- median-frequency class weights on a constructed split ---------------------------------------------
