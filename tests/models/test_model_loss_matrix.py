@@ -9,11 +9,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from PIL import Image
 
+from seglab.evaluate import evaluate
+from seglab.predict import predict
 from seglab.train import build_module, train
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -67,3 +72,17 @@ def test_train_with_segformer_and_weighted_ce_writes_metrics(compose_train, tmp_
     ckpt = torch.load(metrics["checkpoint"], map_location="cpu", weights_only=True)
     assert not any(k.startswith("criterion.") for k in ckpt["state_dict"])
     assert ckpt["seglab"]["config"]["model"]["arch"] == "segformer_mit_b0"
+
+    # evaluate.py and predict.py take the SegFormer checkpoint as they take a DeepLabV3 one.
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        eval_cfg = compose("evaluate", overrides=[f"ckpt_path={metrics['checkpoint']}", "resolution=model",
+                                                  "device=cpu", f"paths.output_dir={tmp_path / 'eval'}"])
+        image = tmp_path / "new" / "odd.png"
+        image.parent.mkdir()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(image)
+        predict_cfg = compose("predict", overrides=[f"ckpt_path={metrics['checkpoint']}", f"input={image}",
+                                                    "device=cpu", f"output={tmp_path / 'pred'}"])
+    assert evaluate(eval_cfg)["mIoU"] == pytest.approx(metrics["test"]["test/mIoU"], abs=1e-6)
+    predict(predict_cfg)
+    mask = np.asarray(Image.open(tmp_path / "pred" / "odd_mask.png"))
+    assert mask.shape == (37, 53) and mask.max() < 3
