@@ -256,11 +256,7 @@ def plain_step(module, optimizer, batch, device: torch.device, precision) -> Non
     images, masks = (t.to(device, non_blocking=True) for t in batch)
     optimizer.zero_grad(set_to_none=True)
     with precision:
-        outputs = module.net(images)
-        masks = masks.long()
-        loss = module.criterion(outputs["out"], masks)
-        if outputs.get("aux") is not None and module.aux_weight:
-            loss = loss + module.aux_weight * module.criterion(outputs["aux"], masks)
+        loss = module.loss(module.net(images), masks.long(), train=True)
     loss.backward()
     optimizer.step()
 

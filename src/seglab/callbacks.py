@@ -27,7 +27,7 @@ class ValHistory(pl.Callback):
         row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.history.append({"epoch": trainer.current_epoch, **row})
 
-    def best(self, monitor: str = "val/loss", mode: str = "min") -> dict[str, float]:
+    def best(self, monitor: str, mode: str) -> dict[str, float]:
         """The epoch ModelCheckpoint keeps with the same monitor and mode (the first of equal values)."""
         rows = [r for r in self.history if monitor in r]
         if not rows:

@@ -72,14 +72,19 @@ class SegmentationModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)["out"]
 
+    def loss(self, outputs: dict[str, torch.Tensor], masks: torch.Tensor, train: bool) -> torch.Tensor:
+        """The criterion on the main head, plus aux_weight x the criterion on the aux head in training."""
+        loss = self.criterion(outputs["out"], masks)
+        if train and outputs.get("aux") is not None and self.aux_weight:
+            loss = loss + self.aux_weight * self.criterion(outputs["aux"], masks)
+        return loss
+
     def shared_step(self, batch, stage: str) -> torch.Tensor:
         images, masks = batch
         masks = masks.long()
         outputs = self.net(images)
         logits = outputs["out"]
-        loss = self.criterion(logits, masks)
-        if stage == "train" and outputs.get("aux") is not None and self.aux_weight:
-            loss = loss + self.aux_weight * self.criterion(outputs["aux"], masks)
+        loss = self.loss(outputs, masks, train=stage == "train")
         if stage == "train":
             # Flag on the device; looked at only every log_every_n_steps (no host sync per step).
             bad = ~torch.isfinite(loss.detach())
