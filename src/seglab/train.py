@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import WeightAveraging
 import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -113,13 +114,17 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    # callbacks.<name>=null switches one off (e.g. early stopping for equal-budget comparisons).
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] if cfg.get("callbacks") else []
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     # weights_only: seglab checkpoints hold tensors and plain values only, so never unpickle code.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    # A weight-averaging callback still attached would load the checkpoint's raw weights (its
+    # current_model_state) for the test; the checkpoint's state_dict, the averaged weights, is the model.
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
 
     history = next((c for c in callbacks if isinstance(c, ValHistory)), None)
