@@ -69,7 +69,8 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig, metric: str | 
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(
             json.dumps({"status": "failed", "error": user_message(e)}, indent=2) + "\n")
-        return math.nan
-    if metric is None:
         return None
-    return result.get("best_val", {}).get(metric, math.nan)
+    # None, not NaN, for a job without a finite value: the Optuna sweeper records None as a failed trial and
+    # goes on, while a NaN makes its study.tell raise and ends the whole search.
+    value = result.get("best_val", {}).get(metric) if metric else None
+    return value if value is not None and math.isfinite(value) else None
