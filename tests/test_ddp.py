@@ -72,6 +72,24 @@ def test_ddp_on_two_processes_validates_like_one_and_writes_one_set_of_outputs(d
 
 
 @pytest.mark.slow
+def test_torchrun_processes_build_the_mask_cache_once_and_write_once(demo_root, tmp_path):
+    # torchrun starts both processes at once (as SLURM does); the run folder is given, so both use the same one.
+    run_dir = tmp_path / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               *DDP_CPU, *SMALL, "debug=fast", f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}",
+               f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "Starting with 2 processes" in output
+    # One process built the whole cache; the other waited, and its setup found every mask there.
+    assert "Rasterised 20 mask(s)" in output and output.count("Rasterised ") == 1
+    assert sorted(p.name for p in run_dir.glob("*.json")) == ["metrics.json", "splits.json"]
+    assert len(list(run_dir.glob("checkpoints/best-*.ckpt"))) == 1
+    assert len({p.name.split(".")[-2] for p in run_dir.glob("events.out.tfevents.*")}) == 1
+
+
+@pytest.mark.slow
 def test_a_local_sweep_with_ddp_is_refused_before_any_job(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_train("-m", *DDP_CPU, "optimizer=adam,sgd", "debug=fast", f"data.root={demo_root}",
