@@ -118,7 +118,7 @@ def prepare_data_once(trainer: pl.Trainer, datamodule) -> None:
         trainer.strategy.barrier("seglab.prepare_data")
 
 
-def test_on_rank_zero(cfg: DictConfig, trainer: pl.Trainer, module: SegmentationModule, datamodule,
+def exact_test_metrics(cfg: DictConfig, trainer: pl.Trainer, module: SegmentationModule, datamodule,
                       best_path: str) -> dict[str, float]:
     """Test metrics of a DDP run, exact: Lightning's DistributedSampler would pad the test split with repeated
     images to divide it evenly between processes, so the first process alone scores every image once."""
@@ -162,7 +162,7 @@ def train(cfg: DictConfig) -> dict:
     if trainer.world_size == 1:
         test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
     else:
-        test = test_on_rank_zero(cfg, trainer, module, datamodule, best_path)
+        test = exact_test_metrics(cfg, trainer, module, datamodule, best_path)
         if not trainer.is_global_zero:
             return {"status": "ok", "rank": trainer.global_rank}  # rank 0 writes and reports
 
