@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import WeightAveraging
 import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from seglab.callbacks import TrainSpeed, ValHistory
