@@ -214,10 +214,12 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     def health() -> Health:
         return Health()
 
-    @app.get("/ready", responses={503: {"model": Ready}})
-    def ready() -> Ready | JSONResponse:
+    @app.get("/ready", responses={503: {"model": Ready, "description": "the model's queue is full"}})
+    def ready(response: Response) -> Ready:
         state = Ready(ready=queue.pending < queue.size, queued=queue.pending, queue_size=queue.size)
-        return state if state.ready else JSONResponse(status_code=503, content=state.model_dump())
+        if not state.ready:
+            response.status_code = 503
+        return state
 
     @app.get("/v1/model")
     def model() -> ModelInfo:
