@@ -22,9 +22,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install seglab with its requirements
 
-demo-data: install  ## write the synthetic RoboFlow-style dataset to data/demo (once)
-	@test -f $(DEMO_DATA)/train/_annotations.coco.json || \
-		$(PY) -m seglab.data.synthetic --out $(DEMO_DATA) --num-images 120 --size 256 --seed 0
+demo-data: install  ## write the synthetic dataset to data/demo; rewrites one an older generator wrote (old kept aside)
+	$(PY) -m seglab.data.synthetic --out $(DEMO_DATA) --num-images 120 --size 256 --seed 0 --refresh
 
 demo: demo-data  ## train + test the CPU demo on the synthetic data; prints where results and logs are
 	$(PY) train.py experiment=demo data.root=$(DEMO_DATA) $(ARGS)

@@ -40,6 +40,7 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     net = instantiate(cfg.model, num_classes=datamodule.num_classes)
     meta = {
         "image_size": datamodule.image_size,
+        "base_size": datamodule.base_size,
         "mean": datamodule.mean,
         "std": datamodule.std,
         "config": OmegaConf.to_container(cfg, resolve=True),

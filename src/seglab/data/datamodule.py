@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -14,7 +15,7 @@ from seglab.data.dataset import SegmentationDataset, value_lut
 from seglab.data.masks import OVERLAP_POLICIES, build_mask_cache
 from seglab.data.sources import Sample, Source, discover, make_palette
 from seglab.data.splits import check_not_empty, check_ratios, shuffled, split_items, write_splits
-from seglab.data.transforms import build_transforms
+from seglab.data.transforms import GEOMETRIES, build_transforms
 from seglab.errors import SeglabError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,18 @@ def check_images(source: Source, show: int = 5) -> None:
         raise SeglabError(" ".join(problems) + ". Re-export the dataset, or restore or remove those images.")
 
 
+def pad_collate(batch, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (3, h, w) and masks (h, w) of different sizes -> one batch padded at the bottom and right."""
+    height = max(image.shape[-2] for image, _ in batch)
+    width = max(image.shape[-1] for image, _ in batch)
+    images = torch.zeros((len(batch), 3, height, width), dtype=batch[0][0].dtype)
+    masks = torch.full((len(batch), height, width), ignore_index, dtype=batch[0][1].dtype)
+    for i, (image, mask) in enumerate(batch):
+        images[i, :, : image.shape[-2], : image.shape[-1]] = image
+        masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
+    return images, masks
+
+
 def default_num_workers() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(cpus, 8)
@@ -70,6 +83,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         overlap: str = "smaller_on_top",
         ignore_index: int = 255,
         image_size: int = 513,
+        base_size: int | None = 1024,
+        geometry: Mapping | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         augmentations: Sequence = (),
@@ -83,8 +98,13 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise SeglabError(f"data.overlap={overlap!r} is not one of {OVERLAP_POLICIES}.")
         if not 0 <= ignore_index <= 255:
             raise SeglabError(f"data.ignore_index={ignore_index} must be in 0..255 (masks are 8-bit PNGs).")
-        for name, value in (("data.image_size", image_size), ("batch_size", batch_size)):
-            if int(value) <= 0:
+        self.geometry = dict(geometry or {"kind": "stretch"})
+        if self.geometry.get("kind") not in GEOMETRIES:
+            raise SeglabError(f"augmentation.geometry.kind={self.geometry.get('kind')!r} is not one of {GEOMETRIES}.")
+        scale_crop = self.geometry["kind"] == "scale_crop"
+        sizes = [("data.image_size", image_size), ("batch_size", batch_size)]
+        for name, value in [*sizes, *([("data.base_size", base_size)] if scale_crop else [])]:
+            if value is None or int(value) <= 0:
                 raise SeglabError(f"{name}={value} must be a positive integer.")
         self.root = Path(root)
         self.layout, self.annotation_file, self.image_dir = layout, annotation_file, image_dir
@@ -95,6 +115,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.overlap = overlap
         self.ignore_index = ignore_index
         self.image_size = int(image_size)
+        # The long side of the scale images are trained and predicted at; None: stretched (original recipe).
+        self.base_size = int(base_size) if scale_crop else None
         self.mean, self.std = list(mean), list(std)
         self.augmentations = list(augmentations)
         self.batch_size = int(batch_size)
@@ -140,7 +162,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         return splits
 
     def transform(self, train: bool):
-        return build_transforms(self.image_size, self.mean, self.std, self.augmentations if train else ())
+        return build_transforms(self.image_size, self.mean, self.std, self.augmentations, train=train,
+                                base_size=self.base_size, geometry=self.geometry, ignore_index=self.ignore_index)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -176,6 +199,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
+            # Whole images at the base scale differ in size: pad them into one batch (masks with the ignore
+            # index, so padding is never scored). Training crops all have the same size.
+            collate_fn=None if train or self.base_size is None else partial(pad_collate,
+                                                                            ignore_index=self.ignore_index),
             # DeepLabV3's ASPP pooling branch fails on a batch of one: drop the ragged last batch.
             drop_last=train,
             num_workers=self.num_workers,
