@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
 from seglab.export import check_parity, export
-from seglab.inference import OnnxModel, load_predictor
+from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,16 +80,15 @@ def test_onnx_predictor_gives_the_checkpoints_masks(mobilenet_export, demo_root)
 
 
 def test_parity_check_fails_when_onnx_and_pytorch_differ(mobilenet_export, demo_root):
-    module = load_checkpoint(mobilenet_export["checkpoint"])
-    meta = json.loads(Path(mobilenet_export["sidecar"]).read_text())
-    onnx_model = OnnxModel(mobilenet_export["output"])
-    passed = check_parity(module, onnx_model, meta, first_test_image(demo_root), "test image", 1e-3, 0.999, seed=0)
-    assert passed["passed"]
+    reference = load_predictor(mobilenet_export["checkpoint"], device="cpu")
+    candidate = Predictor(OnnxModel(mobilenet_export["output"]), reference.meta)
+    image = first_test_image(demo_root)
+    assert check_parity(reference, candidate, image, "test image", 1e-3, 0.999, seed=0)["passed"]
     # The PyTorch side drifts from the export: +0.5 on the disc logit everywhere.
     with torch.no_grad():
-        module.net.classifier[-1].bias[1] += 0.5
+        reference.model.module.net.classifier[-1].bias[1] += 0.5
     with pytest.raises(SeglabError, match=r"does not reproduce PyTorch on random 1x3x64x64: max \|logit diff\| 0\.5"):
-        check_parity(module, onnx_model, meta, first_test_image(demo_root), "test image", 1e-3, 0.999, seed=0)
+        check_parity(reference, candidate, image, "test image", 1e-3, 0.999, seed=0)
 
 
 def test_export_never_overwrites(mobilenet_export):
@@ -144,3 +144,43 @@ def test_export_script(trained_run, tmp_path):
     assert again.returncode == 1
     assert again.stderr.strip() == (f"seglab: error: {output} already exists; an export is never overwritten. "
                                     "Choose another output=<file>.onnx or move the old export away.")
+
+
+def test_predict_py_and_the_web_api_take_the_export(mobilenet_export, demo_root, tmp_path):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from seglab.predict import predict
+    from seglab.serve.app import create_app
+
+    outputs = {}
+    for name, model in (("ckpt", mobilenet_export["checkpoint"]), ("onnx", mobilenet_export["output"])):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("predict", overrides=["device=cpu", f"ckpt_path={model}", f"input={demo_root / 'test'}",
+                                                f"output={tmp_path / name}"])
+        assert predict(cfg)["images"] == 2
+        outputs[name] = sorted((tmp_path / name).glob("*_mask.png"))
+    assert [p.name for p in outputs["onnx"]] == [p.name for p in outputs["ckpt"]]
+    for onnx_mask, ckpt_mask in zip(outputs["onnx"], outputs["ckpt"], strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(onnx_mask)), np.asarray(Image.open(ckpt_mask)))
+
+    with TestClient(create_app(load_predictor(mobilenet_export["output"], device="cpu"))) as client:
+        assert client.get("/v1/model").json()["format"] == "onnx"
+        image_path = sorted((demo_root / "test").glob("*.jpg"))[0]
+        response = client.post("/v1/segment", params={"format": "mask"},
+                               files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")})
+        assert response.status_code == 200
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(response.content))),
+                                      np.asarray(Image.open(outputs["ckpt"][0])))
+
+
+def test_loading_a_broken_export_says_what_to_fix(mobilenet_export, tmp_path):
+    lone = tmp_path / "lone.onnx"
+    lone.write_bytes(Path(mobilenet_export["output"]).read_bytes())
+    with pytest.raises(SeglabError, match=r"lone\.json is missing: an exported model needs its sidecar JSON"):
+        load_predictor(lone, device="cpu")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    garbage.with_suffix(".json").write_text(Path(mobilenet_export["sidecar"]).read_text())
+    with pytest.raises(SeglabError, match=r"garbage\.onnx is not an ONNX model ONNX Runtime can load"):
+        load_predictor(garbage, device="cpu")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.data.synthetic import render_background
 from seglab.errors import SeglabError
-from seglab.inference import OnnxModel, Predictor
-from seglab.models.checkpoint import load_checkpoint
+from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -93,19 +91,18 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     }
 
 
-def check_parity(reference: Callable[[torch.Tensor], torch.Tensor], candidate: Callable[[torch.Tensor], torch.Tensor],
-                 meta: dict, image: np.ndarray, image_name: str, rtol: float, min_agreement: float, seed: int
-                 ) -> dict:
-    """PyTorch vs ONNX Runtime on random normalised batches (the raw networks) and on a real image (the
-    whole Predictor path: resize, normalise, network, resize back). Raises SeglabError beyond tolerance."""
+def check_parity(reference: Predictor, candidate: Predictor, image: np.ndarray, image_name: str,
+                 rtol: float, min_agreement: float, seed: int) -> dict:
+    """PyTorch vs ONNX Runtime on random normalised batches (the networks alone) and on a real image (the
+    whole Predictor path: scale, normalise, network, resize back). Raises SeglabError beyond tolerance."""
     generator = torch.Generator().manual_seed(seed)
     checks = []
-    for batch, height, width in parity_sizes(int(meta["image_size"])):
+    for batch, height, width in parity_sizes(reference.image_size):
         x = torch.randn(batch, 3, height, width, generator=generator)
-        with torch.no_grad():
-            checks.append({"input": f"random {batch}x3x{height}x{width}", **compare(reference(x), candidate(x))})
+        checks.append({"input": f"random {batch}x3x{height}x{width}",
+                       **compare(reference.model(x).cpu(), candidate.model(x).cpu())})
     checks.append({"input": f"image {image_name} ({image.shape[1]}x{image.shape[0]})",
-                   **compare(Predictor(reference, meta).logits(image), Predictor(candidate, meta).logits(image))})
+                   **compare(reference.logits(image), candidate.logits(image))})
     failed = [c for c in checks if c["max_abs_diff"] > rtol * max(1.0, c["max_abs_logit"])
               or c["class_agreement"] < min_agreement]
     result = {"rtol": rtol, "min_agreement": min_agreement, "checks": checks, "passed": not failed}
@@ -144,28 +141,25 @@ def export(cfg: DictConfig) -> dict:
         raise SeglabError(f"opset={cfg.opset} is too old: use 17 or later (default 18).")
     ckpt = Path(cfg.ckpt_path)
     output = resolve_output(cfg)
-    module = load_checkpoint(ckpt, map_location="cpu")  # export and reference run on the CPU
+    # The reference: the checkpoint's own Predictor on the CPU, where the export traces it too.
+    reference = load_predictor(ckpt, device="cpu")
+    module = reference.model.module
     output.parent.mkdir(parents=True, exist_ok=True)
     log.info("exporting %s -> %s (opset %d)", ckpt, output, cfg.opset)
     export_onnx(module, output, cfg.opset)
 
-    meta = {k: v for k, v in module.meta.items() if k != "config"}
-    meta.update({
-        "class_names": module.class_names,
-        "palette": [list(c) for c in module.palette],
-        "ignore_index": module.ignore_index,
-        "architecture": module.meta["config"]["model"]["arch"],
-        "config": module.meta["config"],
-    })
     image, image_name = parity_image(cfg, module)
+    candidate = Predictor(OnnxModel(output), reference.meta, mode=reference.mode, flip=reference.flip,
+                          overlap=reference.overlap)
     try:
-        parity = check_parity(module, OnnxModel(output), meta, image, image_name,
-                              cfg.parity.rtol, cfg.parity.min_agreement, cfg.parity.seed)
+        parity = check_parity(reference, candidate, image, image_name, cfg.parity.rtol, cfg.parity.min_agreement,
+                              cfg.parity.seed)
     except SeglabError:
         output.unlink()
         raise
     sidecar = {
-        **meta,
+        **{k: v for k, v in reference.meta.items() if k != "source"},
+        "palette": [list(c) for c in reference.palette],
         "format": "onnx",
         "opset": cfg.opset,
         "input": {"name": "image", "layout": "NCHW float32, normalised with mean/std; N, H, W dynamic"},

@@ -25,7 +25,7 @@ def serve(cfg: DictConfig) -> dict:
     except ValidationError as e:
         raise SeglabError(f"Invalid limits in conf/serve.yaml: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}"
                           ) from None
-    predictor = load_predictor(cfg.ckpt_path, device=cfg.device, mode=cfg.mode, flip=cfg.flip)
+    predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
     app = create_app(predictor, settings)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines (host=127.0.0.1 keeps it local)", cfg.host)
