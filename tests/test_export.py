@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
-from seglab.export import check_parity, export
+from seglab.export import check_parity, export, parity_image
 from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.checkpoint import load_checkpoint
 
@@ -89,6 +89,18 @@ def test_parity_check_fails_when_onnx_and_pytorch_differ(mobilenet_export, demo_
         reference.model.module.net.classifier[-1].bias[1] += 0.5
     with pytest.raises(SeglabError, match=r"does not reproduce PyTorch on random 1x3x64x64: max \|logit diff\| 0\.5"):
         check_parity(reference, candidate, image, "test image", 1e-3, 0.999, seed=0)
+
+
+def test_parity_image_without_the_training_data(trained_run, demo_root, tmp_path):
+    module = load_checkpoint(trained_run["checkpoint"])
+    cfg = compose_export("ckpt_path=x.ckpt", "output=x.onnx")
+    image, name = parity_image(cfg, module)
+    assert name == str(sorted(demo_root.rglob("*.jpg"))[0]) and image.shape == (64, 64, 3)
+    module.meta["config"]["data"]["root"] = str(tmp_path / "moved")
+    image, name = parity_image(cfg, module)
+    assert name == "synthetic" and image.shape == (96, 128, 3) and image.dtype == np.uint8 and image.std() > 1
+    cfg.image = str(sorted(demo_root.rglob("*.jpg"))[-1])
+    assert parity_image(cfg, module)[1] == cfg.image
 
 
 def test_export_never_overwrites(mobilenet_export):

@@ -75,9 +75,9 @@ def parity_image(cfg: DictConfig, module: SegmentationModule) -> tuple[np.ndarra
                     and not any(part.startswith(".") for part in path.relative_to(root).parts):
                 return load_image(path), str(path)
     size = 2 * int(module.meta["image_size"])
-    image = render_background(np.random.default_rng(cfg.parity.seed), size)
     # Non-square, so the pre-processing's resize and the resize back both change the aspect ratio.
-    return np.clip(image[:, : size * 3 // 4], 0, 255).astype(np.uint8), "synthetic"
+    image = render_background(np.random.default_rng(cfg.parity.seed), size * 3 // 4, size)
+    return np.clip(image, 0, 255).astype(np.uint8), "synthetic"
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
