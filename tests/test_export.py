@@ -134,7 +134,7 @@ def test_export_parity_for_every_architecture(compose_train, tmp_path, demo_root
     from seglab.train import train
 
     # Two training steps give BatchNorm statistics and weights that are not the initial ones.
-    ckpt = train(compose_train(f"model={model}", "trainer.limit_test_batches=0"))["checkpoint"]
+    ckpt = train(compose_train(f"model={model}"))["checkpoint"]
     result = export(compose_export(f"ckpt_path={ckpt}", f"output={tmp_path / 'model.onnx'}"))
     assert result["parity"]["passed"] and len(result["parity"]["checks"]) == 3
     from_onnx = load_predictor(result["output"], device="cpu")
