@@ -119,6 +119,22 @@ def test_model_health_ready(client, predictor):
     assert info["inference"] == predictor.settings()
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"ready": True, "queued": 0, "queue_size": 4}
+    assert "/v1/segment" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 404  # it would load Swagger UI from a CDN
+
+
+def test_serve_settings_errors(trained_run):
+    from seglab.errors import SeglabError
+    from seglab.serve import serve
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        missing = compose("serve")
+        bad = compose("serve", overrides=[f"ckpt_path={trained_run['checkpoint']}", "limits.queue_size=0"])
+    with pytest.raises(SeglabError, match=r"ckpt_path is required: python serve.py ckpt_path="):
+        serve(missing)
+    with pytest.raises(SeglabError, match=r"Invalid limits in conf/serve.yaml: queue_size: Input should be greater "
+                                          r"than or equal to 1"):
+        serve(bad)
 
 
 def png_header_claiming(width: int, height: int) -> bytes:

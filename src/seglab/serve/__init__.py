@@ -29,7 +29,7 @@ def serve(cfg: DictConfig) -> dict:
     app = create_app(predictor, settings)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: reachable from other machines (host=127.0.0.1 keeps it local)", cfg.host)
-    print(f"\nseglab serve: {cfg.ckpt_path}\n  page http://{cfg.host}:{cfg.port}/   API docs "
-          f"http://{cfg.host}:{cfg.port}/docs   (Ctrl-C stops)", flush=True)
+    print(f"\nseglab serve: {cfg.ckpt_path}\n  page http://{cfg.host}:{cfg.port}/   API schema "
+          f"http://{cfg.host}:{cfg.port}/openapi.json   (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     return {"host": cfg.host, "port": cfg.port}

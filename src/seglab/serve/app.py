@@ -199,7 +199,9 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
         inference=predictor.settings(),
     )
 
-    app = FastAPI(title="seglab", description="Semantic segmentation with a seglab model", version="1")
+    # FastAPI's /docs and /redoc pages load their scripts from a CDN: only the schema is served.
+    app = FastAPI(title="seglab", description="Semantic segmentation with a seglab model", version="1",
+                  docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * MIB))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.state.queue = queue  # tests and the load test read the queue depth
