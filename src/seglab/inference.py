@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from seglab.data.transforms import build_transforms
+from seglab.data.transforms import base_scale_size, build_transforms
 from seglab.errors import SeglabError
 from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
 
@@ -85,6 +85,15 @@ class Predictor:
         if self.mode != "auto":
             return self.mode
         return "slide" if max(height, width) > self.image_size else "whole"
+
+    def scaled_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is predicted at (what self.transform resizes it to)."""
+        if self.base_size is None:
+            return self.image_size, self.image_size
+        return base_scale_size(height, width, self.base_size)
+
+    def mode_for(self, image: np.ndarray) -> str:
+        return self.resolve_mode(*self.scaled_size(*image.shape[:2]))
 
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
         _, _, height, width = x.shape

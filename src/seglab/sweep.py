@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from seglab.cli import check_multirun_launch
+from seglab.errors import SeglabError
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +60,31 @@ def write_leaderboard(sweep_dir: Path, job_dirs: list[Path]) -> str:
     class_columns = list(dict.fromkeys(k for r in rows for k in r if k.startswith("test IoU ")))
     at = COLUMNS.index("test mIoU") + 1
     columns = COLUMNS[:at] + class_columns + COLUMNS[at:]
-    with (sweep_dir / "leaderboard.csv").open("w", newline="") as fh:
+    return write_table(sweep_dir / "leaderboard", rows, columns)
+
+
+def write_table(stem: Path, rows: list[dict[str, str]], columns: list[str]) -> str:
+    """<stem>.csv and <stem>.md (a Markdown table, returned)."""
+    with stem.with_suffix(".csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r.get(c, "") for c in columns) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
-    (sweep_dir / "leaderboard.md").write_text(table)
+    stem.with_suffix(".md").write_text(table)
     return table
 
 
 class LeaderboardCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # Before any job starts: a sweep that cannot work stops here with one line, like the scripts' errors.
+        try:
+            check_multirun_launch(config.get("trainer"), config.hydra.launcher.get("_target_", ""))
+        except SeglabError as e:
+            print(f"seglab: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         job_dirs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.split("_")[0].isdigit()),

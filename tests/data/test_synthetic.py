@@ -259,12 +259,20 @@ def test_refresh_keeps_an_up_to_date_dataset_and_replaces_a_stale_one(tmp_path, 
     args = ["--out", str(out), "--num-images", "10", "--size", "48", "--refresh"]
     synthetic_main(args)
     fresh = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    stamp = json.loads((out / ".seglab_synthetic.json").read_text())
+    assert stamp["num_images"] == 10 and len(stamp["generator_sha256"]) == 64
     synthetic_main(args)
     assert "is up to date" in capsys.readouterr().out
+    # Without its fingerprint (a dataset from before fingerprints) but with the same bytes: kept, stamped.
+    (out / ".seglab_synthetic.json").unlink()
+    synthetic_main(args)
+    assert "is up to date" in capsys.readouterr().out and (out / ".seglab_synthetic.json").is_file()
     assert not list(tmp_path.glob("demo.stale-*"))
 
-    # An older generator wrote different pixels: the dataset is rewritten, the old one kept aside.
+    # An older generator wrote different pixels (and no fingerprint, or another one): the dataset is
+    # rewritten, the old one kept aside.
     first = sorted(out.glob("train/*.jpg"))[0]
+    (out / ".seglab_synthetic.json").unlink()
     first.write_bytes(first.read_bytes()[:-10])
     synthetic_main(args)
     assert "was not what this generator writes" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import hashlib
 import json
 import shutil
 import time
@@ -346,22 +347,39 @@ def generate_dataset(
     return out
 
 
+FINGERPRINT_FILE = ".seglab_synthetic.json"
+
+
+def fingerprint(**settings) -> dict:
+    """What a dataset was written by: the settings and a hash of this generator's source."""
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    return {"generator_sha256": source, **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+
+
 def dataset_files(root: Path) -> dict[str, bytes]:
-    """Relative path -> content of a generated dataset (seglab's caches left out)."""
+    """Relative path -> content of a generated dataset (seglab's caches and the fingerprint left out)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and ".seglab_cache" not in p.relative_to(root).parts}
+            if p.is_file() and ".seglab_cache" not in p.relative_to(root).parts and p.name != FINGERPRINT_FILE}
 
 
-def refresh_dataset(out: Path, **kwargs) -> str:
-    """Write the dataset to `out` unless it already holds exactly what this generator writes. A dataset
-    written by an older generator (or other settings) is moved aside to <out>.stale-<time>, never deleted."""
-    if not out.exists():
-        generate_dataset(out, **kwargs)
-        return f"wrote {out}"
+def refresh_dataset(out: Path, **settings) -> str:
+    """Write the dataset to `out` unless it already holds exactly what this generator writes for these
+    settings. Fast when the fingerprint matches; otherwise the dataset is generated again beside it and
+    compared byte for byte. One that differs (an older generator, other settings) is moved aside to
+    <out>.stale-<time>, never deleted."""
+    wanted = fingerprint(**settings)
+    stamp = out / FINGERPRINT_FILE
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return f"{out} is up to date"
     fresh = out.with_name(f".{out.name}.new")
     shutil.rmtree(fresh, ignore_errors=True)
-    generate_dataset(fresh, **kwargs)
+    generate_dataset(fresh, **settings)
+    (fresh / FINGERPRINT_FILE).write_text(json.dumps(wanted, indent=2) + "\n")
+    if not out.exists():
+        fresh.rename(out)
+        return f"wrote {out}"
     if dataset_files(fresh) == dataset_files(out):
+        stamp.write_text(json.dumps(wanted, indent=2) + "\n")
         shutil.rmtree(fresh)
         return f"{out} is up to date"
     stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
