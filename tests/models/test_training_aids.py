@@ -5,6 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from seglab.evaluate import evaluate
+from seglab.models.averaging import ema_with_warmup
 from seglab.models.checkpoint import load_checkpoint
 from seglab.train import train
 
@@ -45,3 +46,18 @@ def test_ema_weights_are_validated_saved_and_loaded(compose_train, tmp_path):
                                                   "num_overlays=0", "worst_k=0"])
     result = evaluate(eval_cfg)
     assert result["mIoU"] == pytest.approx(metrics["test"]["test/mIoU"], abs=1e-6)
+
+
+def test_ema_decay_warms_up_then_holds():
+    averaged, current = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
+    # After 0 updates the decay is (1 + 0) / (10 + 0) = 0.1: the average moves 90 % of the way.
+    torch.testing.assert_close(ema_with_warmup(averaged, current, torch.tensor(0), decay=0.999),
+                               torch.tensor([1.0 * 0.1 + 3.0 * 0.9, 2.0 * 0.1 + 6.0 * 0.9]))
+    # After 90 updates: 91 / 100 = 0.91.
+    torch.testing.assert_close(ema_with_warmup(averaged, current, torch.tensor(90), decay=0.999),
+                               averaged * 0.91 + current * 0.09)
+    # Long runs settle at the configured decay: (1 + n) / (10 + n) > 0.999 from n = 8991 on.
+    torch.testing.assert_close(ema_with_warmup(averaged, current, torch.tensor(20000), decay=0.999),
+                               averaged * 0.999 + current * 0.001)
+    counts = ema_with_warmup(torch.tensor(5), torch.tensor(9), torch.tensor(3))
+    assert counts.item() == 9  # integer buffers (BatchNorm's num_batches_tracked) follow the model
