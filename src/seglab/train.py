@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -55,6 +56,35 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         meta=meta,
     )
+
+
+def fast_defaults(accelerator: str, cuda_available: bool, bf16_supported: bool) -> tuple[str, bool]:
+    """(precision, channels_last) for `auto`: bf16-mixed + channels_last where a CUDA GPU runs bf16 (about
+    twice fp32's images/s for DeepLabV3 on an H100, same accuracy); full fp32 everywhere else (CPUs, and
+    GPUs without bf16, where fp16 would need loss scaling: choose it there with trainer.precision=16-mixed)."""
+    on_gpu = cuda_available and str(accelerator) in ("auto", "gpu", "cuda")
+    if on_gpu and bf16_supported:
+        return "bf16-mixed", True
+    return "32-true", False
+
+
+def resolve_runtime(cfg: DictConfig) -> dict:
+    """Replace `auto` in trainer.precision and model.channels_last by what this machine runs best, in `cfg`
+    itself, so the checkpoint stores the resolved values (evaluation autocasts by trainer.precision)."""
+    cuda = torch.cuda.is_available()
+    precision, channels_last = fast_defaults(cfg.trainer.get("accelerator", "auto"), cuda,
+                                             cuda and torch.cuda.is_bf16_supported())
+    if cfg.trainer.get("precision", "auto") == "auto":
+        cfg.trainer.precision = precision
+    if cfg.model.get("channels_last") == "auto":
+        cfg.model.channels_last = channels_last
+    on_gpu = cuda and str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    return {
+        "device": f"cuda ({torch.cuda.get_device_name(0)})" if on_gpu else "cpu",
+        "precision": str(cfg.trainer.precision),
+        "channels_last": bool(cfg.model.get("channels_last", False)),
+        "compile": bool(cfg.model.get("compile", False)),
+    }
 
 
 def summary_table(rows: list[tuple[str, str]]) -> str:
@@ -107,6 +137,8 @@ def train(cfg: DictConfig) -> dict:
         raise SeglabError(f"{out} already holds a run; it is left as it is. Choose another folder "
                           f"(hydra.run.dir=...), or continue that run with resume={out}.")
     out.mkdir(parents=True, exist_ok=True)
+    runtime = resolve_runtime(cfg)
+    print("seglab runtime: " + ", ".join(f"{k} {v}" for k, v in runtime.items()), flush=True)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
@@ -130,6 +162,8 @@ def train(cfg: DictConfig) -> dict:
         "epochs_run": trainer.current_epoch,
         "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
         "train_images_per_s": speed.images_per_s if speed else None,
+        "train_warmup_s": speed.warmup_s if speed else None,
+        "runtime": runtime,
         "best_val": {k: v for k, v in best.items() if k != "epoch"},
         "test": {k: float(v) for k, v in test.items()},
         "checkpoint": best_path,
