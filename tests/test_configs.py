@@ -6,6 +6,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from seglab.train import resolve_runtime
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, o.stem) for g in GROUPS for o in sorted((CONF / g).glob("*.yaml"))]
@@ -41,6 +43,7 @@ def test_option_composes_and_instantiates(group, option, compose_train):
     elif group == "loss":
         assert isinstance(instantiate(cfg.loss.criterion), torch.nn.Module)
     elif group == "trainer":
+        resolve_runtime(cfg)  # precision `auto` -> this machine's, as train() does before building the Trainer
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_epochs == cfg.max_epochs
     elif group in ("callbacks", "logger"):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -125,7 +126,9 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     return original
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler=None) -> dict:
+    """The run: fit, test the best checkpoint, write metrics.json. `extra_callbacks` and `profiler` are for
+    seglab.bench, which times a real run from the inside."""
     started = time.time()
     resume_from = None
     if cfg.get("resume"):
@@ -145,8 +148,10 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
+                                      **({"profiler": profiler} if profiler is not None else {}))
 
     # weights_only: seglab checkpoints hold tensors and plain values only, so never unpickle code.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)

@@ -73,7 +73,7 @@ def test_cached_and_uncached_loads_are_identical(demo_root, tmp_path):
             np.testing.assert_array_equal(got[0], expected[0])
             np.testing.assert_array_equal(got[1], expected[1])
     entries = sorted((tmp_path / "cached" / "images").iterdir())
-    assert len(entries) == len(cached) and all(p.suffix == ".npy" for p in entries)
+    assert len(entries) == 2 * len(cached) and all(p.suffix == ".npy" for p in entries)  # image + mask
     # load() stays at the original resolution (evaluation reads it).
     assert cached.load(0)[0].shape == (64, 64, 3)
 
@@ -95,7 +95,8 @@ def test_cache_invalidates_when_an_image_changes(demo_root, tmp_path):
     after = dataset.load_prescaled(3)[0]
     assert not np.array_equal(after, before)
     assert np.abs(after.astype(int) - (10, 200, 30)).max() <= 2  # JPEG's rounding of a flat colour
-    assert len(list((tmp_path / "cache" / "images").glob("*.npy"))) == 2  # old entry kept, new one added
+    images = list((tmp_path / "cache" / "images").glob("*-image-*.npy"))
+    assert len(images) == 2  # the old entry is kept, a new one added
 
 
 def test_two_workers_fill_one_cache(demo_root, tmp_path):
@@ -113,7 +114,7 @@ def test_two_workers_fill_one_cache(demo_root, tmp_path):
         np.testing.assert_array_equal(image.numpy(), expected_image)
         np.testing.assert_array_equal(mask.numpy(), expected_mask)
     folder = tmp_path / "cache" / "images"
-    assert len(list(folder.glob("*.npy"))) == len(dataset)
+    assert len(list(folder.glob("*.npy"))) == 2 * len(dataset)  # an image and a mask entry each
     assert not list(folder.glob("*.tmp"))  # every write finished with its rename
     for index in range(len(dataset)):  # and what they left is right
         np.testing.assert_array_equal(dataset.load_prescaled(index)[0], reference.load_prescaled(index)[0])
@@ -122,7 +123,7 @@ def test_two_workers_fill_one_cache(demo_root, tmp_path):
 def test_a_damaged_entry_is_built_again(tmp_path):
     dataset = hand_made(tmp_path, (2, 2))
     first = dataset.load_prescaled(0)[0]
-    (entry,) = (tmp_path / "cache").glob("*.npy")
+    (entry,) = (tmp_path / "cache").glob("*-image-*.npy")
     entry.write_bytes(b"not an array")
     np.testing.assert_array_equal(dataset.load_prescaled(0)[0], first)
 
@@ -149,3 +150,19 @@ def test_prefetch_factor_must_be_positive(bad, demo_root, tmp_path):
 
     with pytest.raises(SeglabError, match=r"data.prefetch_factor"):
         SegmentationDataModule(root=str(demo_root), prefetch_factor=bad, cache_dir=str(tmp_path))
+
+
+def test_cached_masks_follow_the_mask_file_and_the_class_mapping(tmp_path):
+    dataset = hand_made(tmp_path, (2, 2))
+    assert dataset.load_prescaled(0)[1].tolist() == [[0, 1], [2, 1]]
+    mask_path = dataset.items[0][1]
+    Image.fromarray(np.full((4, 4), 2, np.uint8)).save(mask_path)  # the annotator repainted everything
+    assert dataset.load_prescaled(0)[1].tolist() == [[2, 2], [2, 2]]
+
+    # A PNG-mask export whose _classes.csv maps value 2 to class 1: same file, another cached mask.
+    lut = np.full(65536, -1, np.int32)
+    lut[[0, 1, 2]] = [0, 2, 1]
+    remapped = SegmentationDataset(dataset.items, Raw(), lut=lut, prescale=dataset.prescale,
+                                   image_cache=dataset.image_cache)
+    assert remapped.load_prescaled(0)[1].tolist() == [[1, 1], [1, 1]]
+    assert dataset.load_prescaled(0)[1].tolist() == [[2, 2], [2, 2]]

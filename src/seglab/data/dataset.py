@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from seglab.data.image_cache import ImageCache, resize_image, resize_mask
+from seglab.data.image_cache import ImageCache, interpolation_for, resize_image, resize_mask
 from seglab.data.masks import load_image, read_mask
 from seglab.errors import SeglabError
 
@@ -38,6 +40,8 @@ class SegmentationDataset(Dataset):
         self.lut = lut
         self.prescale = prescale
         self.image_cache = image_cache
+        # A PNG-mask export's value -> class table changes the cached masks' pixels: part of their key.
+        self._lut_key = "raw" if lut is None else hashlib.blake2b(lut.tobytes(), digest_size=8).hexdigest()
         self._seed: int | None = None
 
     def _seed_transform(self) -> None:
@@ -84,19 +88,24 @@ class SegmentationDataset(Dataset):
 
     def load_prescaled(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The image and mask resized to prescale(h, w): the image by area averaging when shrinking,
-        bilinearly when enlarging (from the image cache when there is one), the mask by nearest neighbour."""
+        bilinearly when enlarging, the mask by nearest neighbour; from the image cache when there is one."""
         if self.prescale is None:
             return self.load(index)
-        mask = self.load_mask(index)
-        source_hw = mask.shape[:2]
-        target_hw = tuple(int(v) for v in self.prescale(*source_hw))
         if self.image_cache is None:
-            image = resize_image(self.load_image(index, source_hw), target_hw)
-        else:
-            # The size check against the mask runs when the entry is built; the key holds both sizes.
-            image = self.image_cache.load(self.items[index][0], source_hw, target_hw,
-                                          lambda: self.load_image(index, source_hw))
-        return image, resize_mask(mask, target_hw)
+            mask = self.load_mask(index)
+            target_hw = tuple(int(v) for v in self.prescale(*mask.shape[:2]))
+            return resize_image(self.load_image(index, mask.shape), target_hw), resize_mask(mask, target_hw)
+        image_path, mask_path = self.items[index]
+        with Image.open(mask_path) as im:  # the header only: a cache hit decodes no pixels at all
+            source_hw = im.size[::-1]
+        target_hw = tuple(int(v) for v in self.prescale(*source_hw))
+        sizes = "x".join(str(int(v)) for v in (*source_hw, *target_hw))
+        mask = self.image_cache.load(mask_path, f"mask-{sizes}-{self._lut_key}", target_hw,
+                                     lambda: resize_mask(self.load_mask(index), target_hw))
+        # The size check against the mask runs when the entry is built; the key holds both sizes.
+        image = self.image_cache.load(image_path, f"image-{sizes}-{interpolation_for(source_hw, target_hw)}",
+                                      target_hw, lambda: resize_image(self.load_image(index, source_hw), target_hw))
+        return image, mask
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._seed_transform()

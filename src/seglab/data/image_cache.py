@@ -1,11 +1,12 @@
-"""Decoded, resized images on disk (`data.image_cache`), beside the mask cache: a large JPEG is decoded and
-resized once, and every later epoch (and run) reads a raw .npy array instead.
+"""Decoded, resized images and masks on disk (`data.image_cache`), beside the mask cache: a large JPEG and
+its mask PNG are decoded and resized once, and every later epoch (and run) reads raw .npy arrays instead.
 
-An entry is keyed by the image file (size, modification time in ns, a hash of its first and last 64 KiB),
-its original size and the target size and interpolation. Looking it up reads at most 128 KiB whatever the
-image's size, where hashing a whole 2 MB JPEG would read all of it every epoch; the modification time
-catches an edit between the first and last 64 KiB. Copying an export without keeping modification times
-(plain `cp`) therefore rebuilds its entries: a cost, never a wrong image.
+An entry is keyed by the file (size, modification time in ns, a hash of its first and last 64 KiB), its
+original size, the target size and interpolation (for masks: a PNG-mask export's class mapping). Looking
+it up reads at most 128 KiB whatever the image's size, where hashing a whole 2 MB JPEG would read all of
+it every epoch; the modification time catches an edit between the first and last 64 KiB. Copying an
+export without keeping modification times (plain `cp`) therefore rebuilds its entries: a cost, never a
+wrong image.
 
 Entries are written to a temporary file and renamed into place (atomic on one filesystem), so any number
 of DataLoader workers and runs can fill the same folder at once: a reader sees a whole entry or none.
@@ -57,33 +58,31 @@ def fingerprint(path: Path) -> str:
 
 
 class ImageCache:
+    """Arrays made from a file (a decoded, resized image; a class-index mask, resized), stored under
+    `folder` keyed by the file's fingerprint and a `variant` string naming everything else that changes
+    them (sizes, interpolation, class mapping)."""
+
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
 
-    def entry(self, path: Path, source_hw: tuple[int, int], target_hw: tuple[int, int]) -> Path:
-        interpolation = interpolation_for(source_hw, target_hw)
-        sizes = "x".join(str(int(v)) for v in (*source_hw, *target_hw))
-        return self.folder / f"{fingerprint(path)}-{sizes}-{interpolation}.npy"
-
-    def load(self, path: Path, source_hw: tuple[int, int], target_hw: tuple[int, int],
-             decode: Callable[[], np.ndarray]) -> np.ndarray:
-        """The image at `path` resized to target_hw: from the cache, or `decode()`d (the original-size RGB
-        array), resized and stored."""
-        entry = self.entry(path, source_hw, target_hw)
+    def load(self, path: Path, variant: str, target_hw: tuple[int, int],
+             make: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached array for (path, variant), or `make()`, stored for next time."""
+        entry = self.folder / f"{fingerprint(path)}-{variant}.npy"
         try:
-            image = np.load(entry)
-            if image.shape[:2] == tuple(target_hw):
-                return image
+            array = np.load(entry)
+            if array.shape[:2] == tuple(target_hw):
+                return array
         except (OSError, ValueError):
             pass  # missing, or not a readable array (a disk that filled up): build it again
-        image = np.ascontiguousarray(resize_image(decode(), target_hw))
+        array = np.ascontiguousarray(make())
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npy.tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.save(f, image)
+                np.save(f, array)
             os.replace(tmp, entry)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return image
+        return array
