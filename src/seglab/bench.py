@@ -672,6 +672,7 @@ def bench_fit(args, work: Path, device: torch.device) -> dict:
                                                                           ".on_train_epoch_end")),
     }
     costs = {k: v / epochs for k, v in totals.items()}
+    print("[bench] fit: bare-model ceiling and feeding cost ...", file=sys.stderr, flush=True)
     ceiling_cfg = copy.deepcopy(cfg)
     datamodule = instantiate(ceiling_cfg.data)
     datamodule.setup("fit")
