@@ -3,12 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
+HARD_DATA ?= data/hard
+SWEEP ?=
 ARGS ?=
 CKPT ?=
 LOGDIR ?= outputs
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data train sweep evaluate predict tensorboard test test-fast lint bench
+.PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-fast lint bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,9 +24,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install seglab with its requirements
 
-demo-data: install  ## write the synthetic RoboFlow-style dataset to data/demo (once)
-	@test -f $(DEMO_DATA)/train/_annotations.coco.json || \
-		$(PY) -m seglab.data.synthetic --out $(DEMO_DATA) --num-images 120 --size 256 --seed 0
+demo-data: install  ## write the synthetic dataset to data/demo; rewrites one an older generator wrote (old kept aside)
+	$(PY) -m seglab.data.synthetic --out $(DEMO_DATA) --num-images 120 --size 256 --seed 0 --refresh
+
+hard-data: install  ## write the hard synthetic data (photos up to 2048 px, small and rare objects) to data/hard
+	$(PY) -m seglab.data.synthetic --out $(HARD_DATA) --hard --num-images 140 --size 2048 --splits 0.7 0.15 0.15 \
+		--seed 2 --refresh
+
+compare: install  ## evaluate every job of a sweep per inference mode: make compare SWEEP=multirun/<date>/<time>
+	$(PY) -m seglab.compare $(SWEEP) $(ARGS)
 
 demo: demo-data  ## train + test the CPU demo on the synthetic data; prints where results and logs are
 	$(PY) train.py experiment=demo data.root=$(DEMO_DATA) $(ARGS)

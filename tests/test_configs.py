@@ -4,12 +4,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from seglab.inference import Predictor
 from seglab.train import resolve_runtime
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+# The groups conf/train.yaml selects from; conf/inference belongs to evaluate.yaml and predict.yaml.
+TRAIN_DEFAULTS = [next(iter(d)) for d in OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml").defaults)
+                  if isinstance(d, dict)]
+GROUPS = sorted(g for g in TRAIN_DEFAULTS if (CONF / g).is_dir())
 OPTIONS = [(g, o.stem) for g in GROUPS for o in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -78,3 +84,15 @@ def test_recipe_defaults(compose_train):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         sgd = compose("train", overrides=["paths.output_dir=/tmp/x", "optimizer=sgd"]).optimizer
     assert (sgd._target_, sgd.lr, sgd.momentum) == ("torch.optim.SGD", 1e-3, 0.9)
+
+
+@pytest.mark.parametrize("config_name", ["evaluate", "predict"])
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "inference").glob("*.yaml")))
+def test_inference_options_compose_into_a_predictor(config_name, option):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=[f"inference={option}", "ckpt_path=x", "input=x", "paths.output_dir=x"]
+                      if config_name == "predict" else [f"inference={option}", "ckpt_path=x", "paths.output_dir=x"])
+    meta = {"class_names": ["bg", "a"], "palette": [[0, 0, 0], [1, 1, 1]], "ignore_index": 255,
+            "image_size": 32, "base_size": 64, "mean": [0, 0, 0], "std": [1, 1, 1]}
+    predictor = Predictor(lambda x: x[:, :2], meta, **cfg.inference)
+    assert predictor.settings()["mode"] == cfg.inference.mode

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import io
 import json
 import logging
@@ -640,8 +639,8 @@ def feed_epochs(cfg: DictConfig, work: Path) -> dict:
 def bench_fit(args, work: Path, device: torch.device) -> dict:
     from pytorch_lightning.profilers import SimpleProfiler
 
-    root = generate_dataset(work / "fit_data", num_images=args.fit_images, size=args.fit_data_size, seed=0,
-                            **({"hard": True} if "hard" in inspect.signature(generate_dataset).parameters else {}))
+    # The generator's hard mode: JPEG photos of varied sizes and aspect ratios, the long side up to --fit-data-size.
+    root = generate_dataset(work / "fit_data", num_images=args.fit_images, size=args.fit_data_size, seed=0, hard=True)
     sizes = [Image.open(p).size for p in sorted((root / "train").glob("*.jpg"))]
     cfg = compose_config(root, work / "fit", args.size, [
         f"model={args.model}", f"max_epochs={args.fit_epochs}", f"batch_size={args.batch_size}",

@@ -133,9 +133,10 @@ class ValidationImages(pl.Callback):
         if self.samples is None:
             # The same images every epoch: the first ones of the (unshuffled, unaugmented) val split.
             loaders = trainer.val_dataloaders
-            dataset = (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
-            items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
-            self.samples = (torch.stack([x for x, _ in items]), torch.stack([m for _, m in items]))
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            items = [loader.dataset[i] for i in range(min(self.num_images, len(loader.dataset)))]
+            # The loader's own collate: whole images of different sizes are padded as in validation.
+            self.samples = loader.collate_fn(items)
         images, masks = self.samples
         was_training = pl_module.training
         pl_module.eval()

@@ -13,45 +13,23 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
 from seglab.data.datamodule import SegmentationDataModule
-from seglab.data.dataset import SegmentationDataset
 from seglab.errors import SeglabError
+from seglab.inference import Predictor, TorchModel
 from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
 from seglab.models.module import SegmentationModule, segmentation_metrics
-from seglab.predict import logits_to_mask, predict_mask
 from seglab.viz import confusion_matrix_figure, panel_figure
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 RESOLUTIONS = {
-    "original": "each image's original resolution (predictions resized back)",
-    "model": "the model's input resolution (masks resized to data.image_size, as train.py's test step)",
+    "original": "each image's original resolution (logits resized back), through seglab.inference",
+    "model": "the model's input resolution (masks resized as validation images are, as train.py's test step)",
 }
-
-
-class EvaluationItems(Dataset):
-    """A split's images transformed for the model, with their masks both transformed and untouched."""
-
-    def __init__(self, dataset: SegmentationDataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, mask = self.dataset.load(index)
-        out = self.transform(image=image, mask=mask)
-        return out["image"], out["mask"], torch.tensor(mask)  # a copy: PIL's arrays are read-only
-
-
-def collate(batch):
-    images, masks, originals = zip(*batch, strict=True)
-    return torch.stack(images), torch.stack(masks), list(originals)  # originals differ in size
 
 
 def build_datamodule(cfg: DictConfig, module: SegmentationModule, ckpt_path: str) -> SegmentationDataModule:
@@ -63,6 +41,7 @@ def build_datamodule(cfg: DictConfig, module: SegmentationModule, ckpt_path: str
         **meta["config"]["data"],
         **overrides,
         "image_size": meta["image_size"],
+        "base_size": meta.get("base_size"),  # absent in checkpoints of the original recipe: stretch
         "mean": meta["mean"],
         "std": meta["std"],
         "ignore_index": module.ignore_index,
@@ -132,12 +111,28 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def save_panel(module, dataset, index, transform, device, title, path, opacity) -> None:
+def save_panel(predictor: Predictor, dataset, index, title, path, opacity) -> None:
     image, target = dataset.load(index)
-    pred = predict_mask(module, image, transform, device)
-    fig = panel_figure(image, target, pred, module.class_names, module.palette, module.ignore_index,
-                       title=title, opacity=opacity)
+    fig = panel_figure(image, target, predictor.predict(image), predictor.class_names, predictor.palette,
+                       predictor.ignore_index, title=title, opacity=opacity)
     fig.savefig(path)
+
+
+def model_resolution_pairs(module, datamodule, split: str, device):
+    """(prediction, target) per image at the model's input resolution, batched as train.py's test step."""
+    for images, masks in datamodule._loader(split):
+        with inference_autocast(module, device):
+            logits = module(images.to(device))
+        yield from zip(logits.argmax(dim=1).cpu(), masks.long(), strict=True)
+
+
+def original_resolution_pairs(predictor: Predictor, dataset, modes: dict):
+    for i in range(len(dataset)):
+        image, mask = dataset.load(i)
+        logits = predictor.logits(image)
+        used = predictor.resolve_mode(*predictor.transform(image=image)["image"].shape[-2:])
+        modes[used] = modes.get(used, 0) + 1
+        yield logits.argmax(dim=0), torch.from_numpy(mask.astype(np.int64))
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -155,30 +150,23 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg, module, cfg.ckpt_path)
     datamodule.setup("test")
     dataset = datamodule.datasets[cfg.split]
-    transform = datamodule.transform(train=False)
     names, n, ignore = module.class_names, len(module.class_names), module.ignore_index
+    meta = {**module.meta, "class_names": names, "palette": module.palette, "ignore_index": ignore}
+    predictor = Predictor(TorchModel(module, device), meta, **cfg.inference)
 
     metrics = segmentation_metrics(n, ignore)
     confmat = MulticlassConfusionMatrix(n, ignore_index=ignore, validate_args=False)
-    loader = DataLoader(EvaluationItems(dataset, transform), batch_size=datamodule.batch_size,
-                        num_workers=datamodule.num_workers, collate_fn=collate)
-    image_iou = []
+    image_iou, modes = [], {}
     log.info("Evaluating %s on the %s split (%d images) at %s", cfg.ckpt_path, cfg.split, len(dataset),
              RESOLUTIONS[cfg.resolution])
     with torch.no_grad():
-        for images, masks, originals in loader:
-            with inference_autocast(module, device):
-                logits = module(images.to(device))
-            if cfg.resolution == "model":
-                pairs = zip(logits.argmax(dim=1).cpu(), masks.long(), strict=True)
-            else:
-                pairs = ((logits_to_mask(logits[i : i + 1], m.shape)[0].cpu(), m.long())
-                         for i, m in enumerate(originals))
-            for pred, target in pairs:
-                metrics.update(pred[None], target[None])
-                confmat.update(pred[None], target[None])
-                image_iou.append(float(multiclass_jaccard_index(
-                    pred, target, n, average="macro", ignore_index=ignore, validate_args=False)))
+        pairs = (model_resolution_pairs(module, datamodule, cfg.split, device) if cfg.resolution == "model"
+                 else original_resolution_pairs(predictor, dataset, modes))
+        for pred, target in pairs:
+            metrics.update(pred[None], target[None])
+            confmat.update(pred[None], target[None])
+            image_iou.append(float(multiclass_jaccard_index(
+                pred, target, n, average="macro", ignore_index=ignore, validate_args=False)))
 
     values = metrics.compute()
     counts = confmat.compute().numpy()
@@ -189,6 +177,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "split": cfg.split,
         "resolution": cfg.resolution,
         "computed_at": RESOLUTIONS[cfg.resolution],
+        # How the predictions were made (resolution=original): settings and images per resolved mode.
+        "inference": {**predictor.settings(), "images_per_mode": modes} if cfg.resolution == "original" else None,
         "images": len(dataset),
         "pixels": int(counts.sum()),
         "mIoU": float(values["mIoU"]),
@@ -212,13 +202,13 @@ def evaluate(cfg: DictConfig) -> dict:
     overlays = out / "overlays"
     overlays.mkdir(exist_ok=True)
     for i in range(min(cfg.num_overlays, len(dataset))):
-        save_panel(module, dataset, i, transform, device, f"{image_names[i]}   mIoU {image_iou[i]:.3f}",
+        save_panel(predictor, dataset, i, f"{image_names[i]}   mIoU {image_iou[i]:.3f}",
                    overlays / f"{i:03d}_{Path(image_names[i]).stem}.png", cfg.opacity)
     # Images whose pixels are all ignored have no IoU and cannot be among the worst.
     ranked = sorted((i for i, v in enumerate(image_iou) if not math.isnan(v)), key=image_iou.__getitem__)
     result["worst"] = [{"image": image_names[i], "mIoU": image_iou[i]} for i in ranked[: cfg.worst_k]]
     for rank, i in enumerate(ranked[: cfg.worst_k], start=1):
-        save_panel(module, dataset, i, transform, device,
+        save_panel(predictor, dataset, i,
                    f"worst #{rank}: {image_names[i]}   mIoU {image_iou[i]:.3f}",
                    overlays / f"worst{rank:02d}_{Path(image_names[i]).stem}.png", cfg.opacity)
 

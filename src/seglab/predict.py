@@ -8,38 +8,18 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
-from seglab.data.transforms import build_transforms
 from seglab.errors import SeglabError
-from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
-from seglab.models.module import SegmentationModule
+from seglab.inference import load_predictor
 from seglab.viz import overlay
 
 log = logging.getLogger(__name__)
 
 OVERLAY_SUFFIX = "_overlay.png"
-
-
-def logits_to_mask(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    # Resize the logits, then take the argmax (as MMSegmentation does): smoother class borders than
-    # resizing the model-resolution argmax with nearest neighbour.
-    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False).argmax(dim=1)
-
-
-@torch.no_grad()
-def predict_mask(module: SegmentationModule, image: np.ndarray, transform, device: torch.device
-                 ) -> np.ndarray:
-    """Class-index mask (uint8) of an RGB image, at the image's height and width."""
-    x = transform(image=image)["image"][None].to(device)
-    with inference_autocast(module, device):
-        logits = module(x)
-    return logits_to_mask(logits, image.shape[:2])[0].to(torch.uint8).cpu().numpy()
 
 
 def list_images(source: Path, skip: Path | None = None) -> list[Path]:
@@ -69,10 +49,7 @@ def predict(cfg: DictConfig) -> dict:
                           "[output=<folder>]")
     if not 0.0 <= cfg.opacity <= 1.0:
         raise SeglabError(f"opacity={cfg.opacity} must be between 0 and 1.")
-    device = resolve_device(cfg.device)
-    module = load_checkpoint(cfg.ckpt_path, map_location=device)
-    meta = module.meta
-    transform = build_transforms(meta["image_size"], meta["mean"], meta["std"])
+    predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
     source, out = Path(cfg.input), Path(cfg.output)
     images = list_images(source, skip=out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,28 +58,28 @@ def predict(cfg: DictConfig) -> dict:
     with (out / "classes.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["index", "class", "r", "g", "b"])
-        for i, (class_name, color) in enumerate(zip(module.class_names, module.palette, strict=True)):
+        for i, (class_name, color) in enumerate(zip(predictor.class_names, predictor.palette, strict=True)):
             writer.writerow([i, class_name, *color])
 
-    pixels = np.zeros(len(module.class_names), np.int64)
+    pixels = np.zeros(len(predictor.class_names), np.int64)
     stems = Counter((p.parent, p.stem) for p in images)
     for path in images:
         # photo.jpg and photo.png side by side: keep both, named photo_jpg_mask.png and photo_png_mask.png.
         name = path.stem if stems[(path.parent, path.stem)] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
         image = load_image(path)
-        mask = predict_mask(module, image, transform, device)
+        mask = predictor.predict(image)
         # Sub-folders of the input are kept, so equal file names in different folders never collide.
         target = out / (path.relative_to(source).parent if source.is_dir() else Path())
         target.mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask).save(target / f"{name}{MASK_SUFFIX}")
-        blended = overlay(image, mask, module.palette, cfg.opacity)
+        blended = overlay(image, mask, predictor.palette, cfg.opacity)
         Image.fromarray(blended).save(target / f"{name}{OVERLAY_SUFFIX}")
         pixels += np.bincount(mask.ravel(), minlength=len(pixels))
         log.info("%s: %dx%d", path, image.shape[1], image.shape[0])
 
-    share = {c: float(p / max(pixels.sum(), 1)) for c, p in zip(module.class_names, pixels, strict=True)}
+    share = {c: float(p / max(pixels.sum(), 1)) for c, p in zip(predictor.class_names, pixels, strict=True)}
     print(f"\nseglab prediction: {len(images)} image(s) -> {out}\n"
           f"  masks: <name>{MASK_SUFFIX} (class indices, see classes.csv); overlays: <name>{OVERLAY_SUFFIX}\n"
           "  predicted pixel share: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items()),
           flush=True)
-    return {"images": len(images), "output": str(out), "pixel_share": share}
+    return {"images": len(images), "output": str(out), "pixel_share": share, "inference": predictor.settings()}

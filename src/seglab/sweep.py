@@ -56,14 +56,19 @@ def write_leaderboard(sweep_dir: Path, job_dirs: list[Path]) -> str:
     class_columns = list(dict.fromkeys(k for r in rows for k in r if k.startswith("test IoU ")))
     at = COLUMNS.index("test mIoU") + 1
     columns = COLUMNS[:at] + class_columns + COLUMNS[at:]
-    with (sweep_dir / "leaderboard.csv").open("w", newline="") as fh:
+    return write_table(sweep_dir / "leaderboard", rows, columns)
+
+
+def write_table(stem: Path, rows: list[dict[str, str]], columns: list[str]) -> str:
+    """<stem>.csv and <stem>.md (a Markdown table, returned)."""
+    with stem.with_suffix(".csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r.get(c, "") for c in columns) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
-    (sweep_dir / "leaderboard.md").write_text(table)
+    stem.with_suffix(".md").write_text(table)
     return table
 
 

@@ -14,6 +14,7 @@ import torch
 import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import WeightAveraging
 
 from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.errors import SeglabError
@@ -42,6 +43,7 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     net = instantiate(cfg.model, num_classes=datamodule.num_classes)
     meta = {
         "image_size": datamodule.image_size,
+        "base_size": datamodule.base_size,
         "mean": datamodule.mean,
         "std": datamodule.std,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -147,7 +149,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    # callbacks.<name>=null switches one off (e.g. early stopping for equal-budget comparisons).
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] if cfg.get("callbacks") else []
     callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
@@ -156,6 +159,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     # weights_only: seglab checkpoints hold tensors and plain values only, so never unpickle code.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    # A weight-averaging callback still attached would load the checkpoint's raw weights (its
+    # current_model_state) for the test; the checkpoint's state_dict, the averaged weights, is the model.
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
 
     history = next((c for c in callbacks if isinstance(c, ValHistory)), None)

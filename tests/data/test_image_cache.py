@@ -166,3 +166,14 @@ def test_cached_masks_follow_the_mask_file_and_the_class_mapping(tmp_path):
                                    image_cache=dataset.image_cache)
     assert remapped.load_prescaled(0)[1].tolist() == [[1, 1], [1, 1]]
     assert dataset.load_prescaled(0)[1].tolist() == [[2, 2], [2, 2]]
+
+
+def test_scale_crop_prescale_only_drops_what_no_scale_uses(demo_root, tmp_path):
+    geometry = {"kind": "scale_crop", "scales": [0.5, 1.0, 2.0]}
+    dm = SegmentationDataModule(root=str(demo_root), image_size=40, base_size=100, geometry=geometry,
+                                cache_dir=str(tmp_path))
+    train, evaluation = dm.prescale(train=True), dm.prescale(train=False)
+    # Training rescales the long side to at most 100 x 2.0 = 200; evaluation to base_size 100.
+    assert train(300, 150) == (200, 100) and train(150, 90) == (150, 90)
+    assert evaluation(300, 150) == (100, 50) and evaluation(80, 60) == (80, 60)
+    assert pickle.loads(pickle.dumps(train))(400, 100) == (200, 50)

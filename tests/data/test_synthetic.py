@@ -13,10 +13,12 @@ from seglab.data.synthetic import (
     DEFAULT_OBJECT_SCALE,
     SPLIT_NAMES,
     generate_dataset,
+    hard_layout,
     mask_to_uncompressed_rle,
     polygon_area,
     split_sizes,
 )
+from seglab.data.synthetic import main as synthetic_main
 
 NUM_IMAGES, SIZE = 20, 64
 
@@ -202,3 +204,78 @@ def test_too_few_images_for_the_fixed_train_cases(tmp_path):
     # 3 images -> 2 train images, but train needs the empty image and two overlap images.
     with pytest.raises(ValueError, match="fixed train cases"):
         generate_dataset(tmp_path, num_images=3, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def hard_dataset(tmp_path_factory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("hard"), num_images=30, size=320, seed=3, hard=True)
+
+
+def test_hard_mode_varies_image_size_and_keeps_annotations_inside(hard_dataset):
+    shapes = set()
+    for split in ("train", "valid", "test"):
+        coco = load_coco(hard_dataset, split)
+        for image in coco["images"]:
+            pixels = read_image(hard_dataset, split, image)
+            assert pixels.shape[:2] == (image["height"], image["width"])  # the JSON says the real size
+            assert 0.75 * 320 - 1 <= max(pixels.shape[:2]) <= 320
+            shapes.add(pixels.shape[:2])
+        for ann in coco["annotations"]:
+            image = next(i for i in coco["images"] if i["id"] == ann["image_id"])
+            mask = decode_segmentation(ann["segmentation"], image["height"], image["width"])
+            assert mask.sum() == pytest.approx(ann["area"], rel=0.05)
+    assert len(shapes) >= 10  # sizes and aspect ratios vary, portrait and landscape
+    assert any(h > w for h, w in shapes) and any(w > h for h, w in shapes)
+
+
+def test_hard_mode_objects_are_small_and_triangles_rare(hard_dataset):
+    area = {1: 0.0, 2: 0.0}
+    with_class = {1: 0, 2: 0}
+    total = 0
+    for split in ("train", "valid", "test"):
+        coco = load_coco(hard_dataset, split)
+        total += sum(i["width"] * i["height"] for i in coco["images"])
+        for ann in coco["annotations"]:
+            area[ann["category_id"]] += ann["area"]
+        for anns in annotations_by_image(coco).values():
+            for category_id in {a["category_id"] for a in anns}:
+                with_class[category_id] += 1
+    assert 0 < with_class[2] < with_class[1] / 2  # the triangle is the rare class ...
+    area = {k: v / total for k, v in area.items()}
+    assert 0 < area[2] < area[1] / 3 and area[1] < 0.03  # ... and the smaller; objects cover a few % at most
+
+
+def test_hard_layout_draws_clutter_first_and_never_annotates_it():
+    for i in range(20):
+        ids, (height, width) = hard_layout(np.random.default_rng([0, i]), 1000, None)
+        clutter = [c for c in ids if c < 0]
+        assert 2 <= len(clutter) and ids[: len(clutter)] == tuple(clutter)  # below every object
+        assert set(ids) - set(clutter) <= {1, 2}
+        assert 750 <= max(height, width) <= 1000
+
+
+def test_refresh_keeps_an_up_to_date_dataset_and_replaces_a_stale_one(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--num-images", "10", "--size", "48", "--refresh"]
+    synthetic_main(args)
+    fresh = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    stamp = json.loads((out / ".seglab_synthetic.json").read_text())
+    assert stamp["num_images"] == 10 and len(stamp["generator_sha256"]) == 64
+    synthetic_main(args)
+    assert "is up to date" in capsys.readouterr().out
+    # Without its fingerprint (a dataset from before fingerprints) but with the same bytes: kept, stamped.
+    (out / ".seglab_synthetic.json").unlink()
+    synthetic_main(args)
+    assert "is up to date" in capsys.readouterr().out and (out / ".seglab_synthetic.json").is_file()
+    assert not list(tmp_path.glob("demo.stale-*"))
+
+    # An older generator wrote different pixels (and no fingerprint, or another one): the dataset is
+    # rewritten, the old one kept aside.
+    first = sorted(out.glob("train/*.jpg"))[0]
+    (out / ".seglab_synthetic.json").unlink()
+    first.write_bytes(first.read_bytes()[:-10])
+    synthetic_main(args)
+    assert "was not what this generator writes" in capsys.readouterr().out
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == fresh
+    (stale,) = tmp_path.glob("demo.stale-*")
+    assert (stale / first.relative_to(out)).read_bytes() == fresh[first.relative_to(out)][:-10]

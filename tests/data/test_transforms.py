@@ -7,7 +7,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from seglab.data.transforms import build_transforms
+from seglab.data.datamodule import pad_collate
+from seglab.data.transforms import ClassAwareCrop, build_transforms
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SIZE = 32
@@ -51,7 +52,7 @@ def test_resize_never_invents_mask_values():
 
 
 def test_horizontal_flip_moves_image_and_mask_together(l_shape):
-    transform = build_transforms(SIZE, (0, 0, 0), (1, 1, 1), [A.HorizontalFlip(p=1)])
+    transform = build_transforms(SIZE, (0, 0, 0), (1, 1, 1), [A.HorizontalFlip(p=1)], train=True)
     image, mask = apply(transform, *l_shape)
     expected = np.zeros((SIZE, SIZE), np.uint8)
     expected[2:20, 24:30] = 1  # bar: rows 2-19, columns 2-7 mirrored to 24-29
@@ -71,7 +72,7 @@ def next_to_boundary(mask: np.ndarray) -> np.ndarray:
 
 def test_rotation_pads_mask_with_ignore_and_keeps_alignment(l_shape):
     rotate = A.Rotate(limit=(15, 15), border_mode=0, fill=0, fill_mask=255, p=1)
-    image, mask = apply(build_transforms(SIZE, (0, 0, 0), (1, 1, 1), [rotate]), *l_shape)
+    image, mask = apply(build_transforms(SIZE, (0, 0, 0), (1, 1, 1), [rotate], train=True), *l_shape)
     _, unrotated = apply(build_transforms(SIZE, (0, 0, 0), (1, 1, 1)), *l_shape)
 
     assert [mask[0, 0], mask[0, -1], mask[-1, 0], mask[-1, -1]] == [255, 255, 255, 255]
@@ -85,14 +86,14 @@ def test_rotation_pads_mask_with_ignore_and_keeps_alignment(l_shape):
     assert not (disagree & ~next_to_boundary(on)).any()
 
 
-def test_default_augmentation_config_pads_masks_with_ignore_index():
+def test_original_augmentation_config_pads_masks_with_ignore_index():
     # ${data.ignore_index} resolves against the data node, as in the composed train config.
-    cfg = OmegaConf.merge({"data": {"ignore_index": 255}}, OmegaConf.load(CONF / "augmentation/default.yaml"))
+    cfg = OmegaConf.merge({"data": {"ignore_index": 255}}, OmegaConf.load(CONF / "augmentation/original.yaml"))
     augmentations = instantiate(cfg.train)
     rotate = [t for t in augmentations if isinstance(t, A.Rotate)]
     assert len(rotate) == 1 and rotate[0].fill_mask == 255
 
-    transform = build_transforms(SIZE, (0, 0, 0), (1, 1, 1), augmentations)
+    transform = build_transforms(SIZE, (0, 0, 0), (1, 1, 1), augmentations, train=True)
     transform.set_random_seed(0)
     mask = np.zeros((48, 48), np.uint8)
     mask[:, 16:32], mask[:, 32:] = 1, 2  # both classes touch the border, where rotation pads
@@ -104,3 +105,111 @@ def test_default_augmentation_config_pads_masks_with_ignore_index():
         assert values <= {0, 1, 2, 255}, values
         padded += 255 in values
     assert padded > 0  # Rotate(p=0.5) ran on some of the 40 draws
+
+
+SCALE_CROP = {"kind": "scale_crop", "scales": [1.0], "class_prob": 0.5, "cat_max_ratio": 0.75}
+
+
+def coordinate_image(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Red = column, green = row (so every pixel says where it came from); mask = (row + column) % 3."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    image = np.stack([cols, rows, np.full_like(rows, 7)], axis=-1).astype(np.uint8)
+    return image, ((rows + cols) % 3).astype(np.uint8)
+
+
+def test_scale_crop_keeps_image_and_mask_aligned_pixel_for_pixel():
+    image, mask = coordinate_image(90, 120)
+    # base_size = the long side and one scale of 1.0: no resampling, so the crop can be checked exactly.
+    transform = build_transforms(32, (0, 0, 0), (1, 1, 1), train=True, base_size=120, geometry=SCALE_CROP)
+    transform.set_random_seed(0)
+    corners = set()
+    for _ in range(10):
+        out_image, out_mask = apply(transform, image, mask)
+        cols, rows = np.round(out_image[0]).astype(int), np.round(out_image[1]).astype(int)
+        y0, x0 = rows[0, 0], cols[0, 0]
+        corners.add((y0, x0))
+        np.testing.assert_array_equal(rows, y0 + np.arange(32)[:, None].repeat(32, 1))  # a contiguous window
+        np.testing.assert_array_equal(cols, x0 + np.arange(32)[None, :].repeat(32, 0))
+        np.testing.assert_array_equal(out_mask, (rows + cols) % 3)  # the mask of exactly those pixels
+    assert len(corners) > 1  # the crop moves
+
+
+def test_scale_crop_rescales_keeping_the_aspect_ratio():
+    mask = np.zeros((40, 80), np.uint8)
+    mask[:, 40:] = 1  # right half
+    image = np.zeros((40, 80, 3), np.uint8)
+    geometry = {**SCALE_CROP, "scales": [0.5]}
+    # base 160 x 0.5 = long side 80 (unchanged) would not show a rescale: use base 320 -> long side 160.
+    transform = build_transforms(80, (0, 0, 0), (1, 1, 1), train=True, base_size=320, geometry=geometry)
+    transform.set_random_seed(0)
+    for _ in range(5):
+        out = apply(transform, image, mask)[1]
+        # 40x80 -> 80x160 (aspect kept), crop 80x80 of it: the class border stays a vertical line.
+        assert out.shape == (80, 80)
+        assert all(len(np.unique(column)) == 1 for column in out.T)
+
+
+def test_scale_crop_pads_small_images_with_the_ignore_index():
+    image, mask = coordinate_image(20, 30)
+    image[..., 2] = 200  # blue marks real pixels; padding is 0
+    transform = build_transforms(32, (0, 0, 0), (1, 1, 1), train=True, base_size=30, geometry=SCALE_CROP,
+                                 ignore_index=250)
+    out_image, out_mask = apply(transform, image, mask)
+    real = np.round(out_image[2]) == 200
+    assert real.sum() == 20 * 30 and (out_mask == 250).sum() == 32 * 32 - 20 * 30
+    np.testing.assert_array_equal(out_mask == 250, ~real)
+    assert (np.round(out_image[:, ~real]) == 0).all()
+
+
+def test_class_aware_crop_finds_a_rare_class():
+    mask = np.zeros((200, 200), np.uint8)
+    mask[:100] = 1  # a common class on the top half
+    mask[190:193, 5:8] = 2  # 9 pixels of a rare class in a corner
+    crop = ClassAwareCrop(32, 32, class_prob=1.0, ignore_index=255)
+    crop.set_random_seed(0)
+    seen = [(crop(image=np.zeros((200, 200, 3), np.uint8), mask=mask)["mask"]) for _ in range(40)]
+    hits = sum(2 in m for m in seen)
+    # class_prob 1: each crop targets class 1 or 2, drawn uniformly; a random crop would hold the 9 pixels
+    # ~2 % of the time (0.8 expected in 40), the class-aware one about half of the time.
+    assert 10 <= hits <= 30, hits
+    assert all(m.shape == (32, 32) for m in seen)
+
+
+def test_cat_max_ratio_redraws_crops_dominated_by_one_class():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[40:60, 40:60] = 1  # a 20x20 object in the middle
+    image = np.zeros((100, 100, 3), np.uint8)
+    # Exact odds over the 71 x 71 crop positions: a crop holds the object (p_obj), and is acceptable
+    # (two classes, none above 75 %: the object covers at least 225 of its 900 pixels) (p_ok).
+    windows = np.lib.stride_tricks.sliding_window_view(mask, (30, 30)).sum(axis=(-2, -1))
+    p_obj, p_ok = (windows > 0).mean(), ((windows >= 225) & (windows <= 675)).mean()
+    # Up to 9 redraws, then the 10th crop is kept whatever it is.
+    expected = 1 - (1 - p_ok) ** 9 * (1 - p_obj)
+
+    def mixed_share(max_tries: int) -> float:
+        crop = ClassAwareCrop(30, 30, class_prob=0.0, cat_max_ratio=0.75, max_tries=max_tries)
+        crop.set_random_seed(1)
+        return float(np.mean([1 in crop(image=image, mask=mask)["mask"] for _ in range(400)]))
+
+    # 400 draws: a standard error of at most 0.025; 0.06 is over 2 of them.
+    assert mixed_share(1) == pytest.approx(p_obj, abs=0.06)  # one try: a plain random crop
+    assert mixed_share(10) == pytest.approx(expected, abs=0.06)
+    assert expected > p_obj + 0.25
+
+
+def test_validation_at_base_scale_keeps_the_aspect_ratio():
+    image, mask = coordinate_image(50, 100)
+    transform = build_transforms(32, (0, 0, 0), (1, 1, 1), base_size=40, geometry=SCALE_CROP)
+    out_image, out_mask = apply(transform, image, mask)
+    assert out_image.shape == (3, 20, 40) and out_mask.shape == (20, 40)  # whole image, long side 40
+
+
+def test_pad_collate_pads_masks_with_ignore_index():
+    batch = [(torch.ones(3, 4, 6), torch.ones(4, 6, dtype=torch.uint8)),
+             (torch.full((3, 5, 3), 2.0), torch.full((5, 3), 2, dtype=torch.uint8))]
+    images, masks = pad_collate(batch, ignore_index=200)
+    assert images.shape == (2, 3, 5, 6) and masks.shape == (2, 5, 6) and masks.dtype == torch.uint8
+    assert (masks[0, :4, :6] == 1).all() and (masks[0, 4:] == 200).all()
+    assert (masks[1, :5, :3] == 2).all() and (masks[1, :, 3:] == 200).all()
+    assert images[0, :, 4:].abs().sum() == 0 and images[1, :, :, 3:].abs().sum() == 0
+    assert (images[1, :, :5, :3] == 2).all()

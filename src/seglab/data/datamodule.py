@@ -3,7 +3,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from seglab.data.image_cache import ImageCache
 from seglab.data.masks import OVERLAP_POLICIES, build_mask_cache
 from seglab.data.sources import Sample, Source, discover, make_palette
 from seglab.data.splits import check_not_empty, check_ratios, shuffled, split_items, write_splits
-from seglab.data.transforms import build_transforms
+from seglab.data.transforms import GEOMETRIES, base_scale_size, build_transforms
 from seglab.errors import SeglabError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,18 @@ def check_images(source: Source, show: int = 5) -> None:
         raise SeglabError(" ".join(problems) + ". Re-export the dataset, or restore or remove those images.")
 
 
+def pad_collate(batch, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (3, h, w) and masks (h, w) of different sizes -> one batch padded at the bottom and right."""
+    height = max(image.shape[-2] for image, _ in batch)
+    width = max(image.shape[-1] for image, _ in batch)
+    images = torch.zeros((len(batch), 3, height, width), dtype=batch[0][0].dtype)
+    masks = torch.full((len(batch), height, width), ignore_index, dtype=batch[0][1].dtype)
+    for i, (image, mask) in enumerate(batch):
+        images[i, :, : image.shape[-2], : image.shape[-1]] = image
+        masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
+    return images, masks
+
+
 def default_num_workers() -> int:
     """One DataLoader worker per usable core: decoding and augmenting is what keeps a GPU fed."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -67,6 +79,10 @@ def default_prefetch_factor(num_workers: int) -> int:
 
 def square(height: int, width: int, size: int) -> tuple[int, int]:
     return size, size
+
+
+def cap_long_side(height: int, width: int, size: int) -> tuple[int, int]:
+    return (height, width) if max(height, width) <= size else base_scale_size(height, width, size)
 
 
 
@@ -85,6 +101,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         overlap: str = "smaller_on_top",
         ignore_index: int = 255,
         image_size: int = 513,
+        base_size: int | None = 1024,
+        geometry: Mapping | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         augmentations: Sequence = (),
@@ -100,8 +118,13 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise SeglabError(f"data.overlap={overlap!r} is not one of {OVERLAP_POLICIES}.")
         if not 0 <= ignore_index <= 255:
             raise SeglabError(f"data.ignore_index={ignore_index} must be in 0..255 (masks are 8-bit PNGs).")
-        for name, value in (("data.image_size", image_size), ("batch_size", batch_size)):
-            if int(value) <= 0:
+        self.geometry = dict(geometry or {"kind": "stretch"})
+        if self.geometry.get("kind") not in GEOMETRIES:
+            raise SeglabError(f"augmentation.geometry.kind={self.geometry.get('kind')!r} is not one of {GEOMETRIES}.")
+        scale_crop = self.geometry["kind"] == "scale_crop"
+        sizes = [("data.image_size", image_size), ("batch_size", batch_size)]
+        for name, value in [*sizes, *([("data.base_size", base_size)] if scale_crop else [])]:
+            if value is None or int(value) <= 0:
                 raise SeglabError(f"{name}={value} must be a positive integer.")
         self.root = Path(root)
         self.layout, self.annotation_file, self.image_dir = layout, annotation_file, image_dir
@@ -112,6 +135,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.overlap = overlap
         self.ignore_index = ignore_index
         self.image_size = int(image_size)
+        # The long side of the scale images are trained and predicted at; None: stretched (original recipe).
+        self.base_size = int(base_size) if scale_crop else None
         self.mean, self.std = list(mean), list(std)
         self.augmentations = list(augmentations)
         self.batch_size = int(batch_size)
@@ -162,12 +187,18 @@ class SegmentationDataModule(pl.LightningDataModule):
         return splits
 
     def transform(self, train: bool):
-        return build_transforms(self.image_size, self.mean, self.std, self.augmentations if train else ())
+        return build_transforms(self.image_size, self.mean, self.std, self.augmentations, train=train,
+                                base_size=self.base_size, geometry=self.geometry, ignore_index=self.ignore_index)
 
     def prescale(self, train: bool):
         """(height, width) of an image -> the size it is resized to (once, then cached) before the transform.
         A module-level function, not a lambda, so that spawned DataLoader workers can unpickle it."""
-        return partial(square, size=self.image_size)
+        if self.base_size is None:  # stretch: the transform's own Resize then has nothing left to do
+            return partial(square, size=self.image_size)
+        # scale_crop: only what no scale of the transform uses is dropped: the long side is capped at the
+        # largest one it rescales to (base_size x the largest training scale; base_size for evaluation).
+        largest = max(round(self.base_size * r) for r in self.geometry["scales"]) if train else self.base_size
+        return partial(cap_long_side, size=largest)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -205,6 +236,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
+            # Whole images at the base scale differ in size: pad them into one batch (masks with the ignore
+            # index, so padding is never scored). Training crops all have the same size.
+            collate_fn=None if train or self.base_size is None else partial(pad_collate,
+                                                                            ignore_index=self.ignore_index),
             # DeepLabV3's ASPP pooling branch fails on a batch of one: drop the ragged last batch.
             drop_last=train,
             num_workers=self.num_workers,

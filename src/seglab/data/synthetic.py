@@ -6,13 +6,16 @@ an image without objects, and two images with overlapping objects whose annotati
 compressed and an uncompressed RLE segmentation.
 
     python -m seglab.data.synthetic --out data/demo --num-images 120 --size 256 --seed 0
+    python -m seglab.data.synthetic --out data/hard --hard --num-images 140 --size 2048 --splits 0.7 0.15 0.15
 """
 
 from __future__ import annotations
 
 import argparse
 import colorsys
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -56,6 +59,18 @@ TRAIN_FIXED_LAYOUTS = (
 )
 OBJECT_COUNT_PROBS = (0.1, 0.3, 0.35, 0.25)  # for 0, 1, 2, 3 objects
 
+# Hard mode (--hard): what real exports look like where a squashed 513x513 input loses the objects. Large
+# photos of varied size and aspect ratio (long side 75-100 % of --size), small objects (a disc covers
+# ~0.8 % of the image, a triangle ~0.25 %), triangles rare (in ~20 % of the images), and unannotated clutter:
+# quadrilaterals and hexagons in the objects' colours (a small hexagon looks like a disc), below the objects.
+HARD_OBJECT_SCALE = {1: 0.008, 2: 0.0025, -4: 0.006, -6: 0.004}
+HARD_DISC_COUNT_PROBS = (0.15, 0.35, 0.3, 0.2)  # for 0, 1, 2, 3 discs
+HARD_TRIANGLE_PROB = 0.2
+HARD_CLUTTER_COUNT = (2, 7)  # 2-6 pieces of clutter per image
+HARD_ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9)
+CLUTTER_CORNERS = {4: 4, 6: 6}  # clutter category -id -> corners of its polygon
+CLUTTER_HUE_DEG = (-40.0, 200.0)  # the discs' and triangles' hues together
+
 # RoboFlow fills these with the export time; fixed values keep the output byte-identical.
 COCO_INFO = {
     "year": "2024",
@@ -83,9 +98,9 @@ def mask_to_compressed_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def rasterize_polygon(polygon: np.ndarray, size: int) -> np.ndarray:
+def rasterize_polygon(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
     # Rasterise with pycocotools so image pixels agree exactly with what a COCO loader decodes.
-    rles = mask_utils.frPyObjects([polygon.ravel().tolist()], size, size)
+    rles = mask_utils.frPyObjects([polygon.ravel().tolist()], height, width)
     return mask_utils.decode(mask_utils.merge(rles))
 
 
@@ -103,9 +118,11 @@ def sample_shape(rng: np.random.Generator, category_id: int, area: float) -> np.
         points = np.stack([semi_major * np.cos(t), aspect * semi_major * np.sin(t)], axis=1)
         rotation = rng.uniform(0.0, np.pi)
     else:
-        # Jitter of +-20 degrees around equilateral keeps the vertices in order and the angles wide.
-        angles = np.arange(3) * 2 * np.pi / 3 + rng.uniform(-0.35, 0.35, 3)
-        radii = rng.uniform(0.8, 1.2, 3)
+        # Jitter of +-20 degrees around regular keeps the vertices in order and the angles wide: triangles,
+        # and (as clutter in hard mode) quadrilaterals and hexagons, which look like discs when small.
+        corners = CLUTTER_CORNERS.get(category_id, 3)
+        angles = np.arange(corners) * 2 * np.pi / corners + rng.uniform(-0.35, 0.35, corners) * 3 / corners
+        radii = rng.uniform(0.8, 1.2, corners)
         points = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
         points *= np.sqrt(area / polygon_area(points))
         rotation = rng.uniform(0.0, 2 * np.pi)
@@ -113,22 +130,22 @@ def sample_shape(rng: np.random.Generator, category_id: int, area: float) -> np.
     return points @ np.array([[c, s], [-s, c]])
 
 
-def smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int, channels: int) -> np.ndarray:
     grid = rng.random((cells, cells, channels), dtype=np.float32)
-    noise = cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
-    return noise.reshape(size, size, channels)
+    noise = cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+    return noise.reshape(height, width, channels)
 
 
 def hsv_to_rgb255(hue_deg: float, saturation: float, value: float) -> np.ndarray:
     return 255.0 * np.array(colorsys.hsv_to_rgb((hue_deg / 360.0) % 1.0, saturation, value), dtype=np.float32)
 
 
-def render_background(rng: np.random.Generator, size: int) -> np.ndarray:
+def render_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     # Muted colours of any hue; object fills are more saturated but backgrounds may share their hue.
     colour_a, colour_b = (
         hsv_to_rgb255(rng.uniform(0, 360), rng.uniform(0.05, 0.6), rng.uniform(0.2, 0.95)) for _ in range(2)
     )
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width)
     angle = rng.uniform(0.0, np.pi)
     u = xx * np.cos(angle) + yy * np.sin(angle)
     v = -xx * np.sin(angle) + yy * np.cos(angle)
@@ -141,44 +158,52 @@ def render_background(rng: np.random.Generator, size: int) -> np.ndarray:
         period = rng.uniform(0.06, 0.25)
         weight = (np.floor(u / period) + np.floor(v / period)) % 2
     else:  # blobs
-        weight = smooth_noise(rng, size, cells=int(rng.integers(3, 8)), channels=1)[..., 0]
+        weight = smooth_noise(rng, height, width, cells=int(rng.integers(3, 8)), channels=1)[..., 0]
     background = colour_a * (1.0 - weight[..., None]) + colour_b * weight[..., None]
-    return background + 40.0 * (smooth_noise(rng, size, cells=8, channels=3) - 0.5)
+    return background + 40.0 * (smooth_noise(rng, height, width, cells=8, channels=3) - 0.5)
 
 
-def paint_object(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, category_id: int) -> None:
+def paint_object(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, hue_range: tuple[float, float]
+                 ) -> None:
     covered = mask.astype(bool)
     underneath = canvas[covered].mean(axis=0)
     best_fill, best_contrast = None, -1.0
     for _ in range(20):
         fill = hsv_to_rgb255(
-            rng.uniform(*HUE_RANGE_DEG[category_id]), rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
+            rng.uniform(*hue_range), rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
         )
         contrast = float(np.linalg.norm(fill - underneath))
         if contrast > best_contrast:
             best_fill, best_contrast = fill, contrast
         if contrast >= MIN_FILL_CONTRAST:
             break
-    shading = 1.0 + 0.35 * (smooth_noise(rng, canvas.shape[0], cells=6, channels=1) - 0.5)
+    shading = 1.0 + 0.35 * (smooth_noise(rng, *canvas.shape[:2], cells=6, channels=1) - 0.5)
     canvas[covered] = (best_fill * shading)[covered]
 
 
 def place_objects(
     rng: np.random.Generator,
     category_ids: tuple[int, ...],
-    size: int,
-    object_scale: float,
+    shape_hw: tuple[int, int],
+    object_scale: float | dict[int, float],
     force_overlap: bool,
 ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Shapes placed so that each stays at least MIN_VISIBLE_FRACTION visible. object_scale: the typical
+    share of the image one object covers, one number or one per category id. Clutter (category id < 0)
+    is drawn like an object of its shape (-id) but never annotated."""
+    height, width = shape_hw
+    size = max(height, width)
     placed: list[tuple[int, np.ndarray, np.ndarray]] = []
     visible: list[np.ndarray] = []
     for category_id in category_ids:
         for _ in range(MAX_PLACEMENT_ATTEMPTS):
-            area = object_scale * size * size * rng.uniform(0.6, 1.4)
-            shape = sample_shape(rng, category_id, area)
+            scale = object_scale[category_id] if isinstance(object_scale, dict) else object_scale
+            area = scale * height * width * rng.uniform(0.6, 1.4)
+            shape = sample_shape(rng, abs(category_id), area)
             reach = float(np.linalg.norm(shape, axis=1).max())
             # Keep the whole shape inside the image where it fits.
-            low, high = min(reach, size / 2), max(size - reach, size / 2)
+            extent = np.array([width, height], dtype=np.float64)
+            low, high = np.minimum(reach, extent / 2), np.maximum(extent - reach, extent / 2)
             if force_overlap and placed:
                 previous = placed[-1][1]
                 previous_reach = float(np.linalg.norm(previous - previous.mean(axis=0), axis=1).max())
@@ -188,8 +213,8 @@ def place_objects(
                 centre = np.clip(centre, low, high)
             else:
                 centre = rng.uniform(low, high, 2)
-            polygon = np.round(np.clip(shape + centre, 0.0, size), 2)
-            mask = rasterize_polygon(polygon, size)
+            polygon = np.round(np.clip(shape + centre, 0.0, extent), 2)
+            mask = rasterize_polygon(polygon, height, width)
             if not mask.any():
                 continue
             if force_overlap and placed and not (mask & placed[-1][2]).any():
@@ -239,6 +264,19 @@ def build_annotation(
     }
 
 
+def hard_layout(rng: np.random.Generator, size: int, fixed: tuple[int, ...] | None
+                ) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """Hard mode: (category ids in drawing order, clutter first; (height, width))."""
+    long_side = int(size * rng.uniform(0.75, 1.0))
+    short_side = int(long_side / rng.choice(HARD_ASPECTS))
+    shape_hw = (short_side, long_side) if rng.random() < 0.7 else (long_side, short_side)
+    clutter = tuple(int(c) for c in rng.choice(list(CLUTTER_CORNERS), int(rng.integers(*HARD_CLUTTER_COUNT))))
+    if fixed is None:
+        discs = int(rng.choice(len(HARD_DISC_COUNT_PROBS), p=HARD_DISC_COUNT_PROBS))
+        fixed = (DISC_ID,) * discs + ((TRIANGLE_ID,) if rng.random() < HARD_TRIANGLE_PROB else ())
+    return tuple(-c for c in clutter) + fixed, shape_hw
+
+
 def generate_dataset(
     out: Path | str,
     num_images: int = 120,
@@ -246,7 +284,10 @@ def generate_dataset(
     seed: int = 0,
     object_scale: float = DEFAULT_OBJECT_SCALE,
     splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    hard: bool = False,
 ) -> Path:
+    """A RoboFlow COCO export of num_images size x size images (hard: see HARD_OBJECT_SCALE; size is then
+    the largest long side and object_scale is not used)."""
     out = Path(out)
     sizes = split_sizes(num_images, splits)
     if sizes[0] < len(TRAIN_FIXED_LAYOUTS) or min(sizes) < 0:
@@ -263,19 +304,27 @@ def generate_dataset(
             # One generator per image: image i is the same whatever num_images or the split sizes are.
             rng = np.random.default_rng([seed, image_index])
             file_name = f"img_{image_index:04d}_jpg.rf.{rng.bytes(4).hex()}.jpg"
-            if split == "train" and image_id < len(TRAIN_FIXED_LAYOUTS):
+            fixed = split == "train" and image_id < len(TRAIN_FIXED_LAYOUTS)
+            if fixed:
                 category_ids, force_overlap, formats = TRAIN_FIXED_LAYOUTS[image_id]
             else:
-                count = int(rng.choice(len(OBJECT_COUNT_PROBS), p=OBJECT_COUNT_PROBS))
-                category_ids = tuple(int(c) for c in rng.integers(DISC_ID, TRIANGLE_ID + 1, count))
                 force_overlap, formats = False, None
+            if hard:
+                category_ids, shape_hw = hard_layout(rng, size, category_ids if fixed else None)
+            else:
+                shape_hw = (size, size)
+                if not fixed:
+                    count = int(rng.choice(len(OBJECT_COUNT_PROBS), p=OBJECT_COUNT_PROBS))
+                    category_ids = tuple(int(c) for c in rng.integers(DISC_ID, TRIANGLE_ID + 1, count))
 
-            canvas = render_background(rng, size)
-            objects = place_objects(rng, category_ids, size, object_scale, force_overlap)
-            if formats is None:
-                formats = ("polygon",) * len(objects)
-            for (category_id, polygon, mask), segmentation_format in zip(objects, formats, strict=True):
-                paint_object(rng, canvas, mask, category_id)
+            canvas = render_background(rng, *shape_hw)
+            placed = place_objects(rng, category_ids, shape_hw, HARD_OBJECT_SCALE if hard else object_scale,
+                                   force_overlap)
+            for category_id, _, mask in placed:
+                paint_object(rng, canvas, mask, HUE_RANGE_DEG.get(category_id, CLUTTER_HUE_DEG))
+            objects = [o for o in placed if o[0] > 0]  # clutter is drawn, never annotated
+            for (category_id, polygon, mask), segmentation_format in zip(
+                    objects, formats or ("polygon",) * len(objects), strict=True):
                 annotations.append(
                     build_annotation(
                         len(annotations), image_id, category_id, polygon, mask, segmentation_format
@@ -284,7 +333,7 @@ def generate_dataset(
             canvas += rng.normal(0.0, 4.0, canvas.shape)
             pixels = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(split_dir / file_name, quality=95)
-            images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+            images.append({"id": image_id, "file_name": file_name, "width": shape_hw[1], "height": shape_hw[0]})
             image_index += 1
 
         coco = {
@@ -298,13 +347,55 @@ def generate_dataset(
     return out
 
 
+FINGERPRINT_FILE = ".seglab_synthetic.json"
+
+
+def fingerprint(**settings) -> dict:
+    """What a dataset was written by: the settings and a hash of this generator's source."""
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    return {"generator_sha256": source, **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+
+
+def dataset_files(root: Path) -> dict[str, bytes]:
+    """Relative path -> content of a generated dataset (seglab's caches and the fingerprint left out)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".seglab_cache" not in p.relative_to(root).parts and p.name != FINGERPRINT_FILE}
+
+
+def refresh_dataset(out: Path, **settings) -> str:
+    """Write the dataset to `out` unless it already holds exactly what this generator writes for these
+    settings. Fast when the fingerprint matches; otherwise the dataset is generated again beside it and
+    compared byte for byte. One that differs (an older generator, other settings) is moved aside to
+    <out>.stale-<time>, never deleted."""
+    wanted = fingerprint(**settings)
+    stamp = out / FINGERPRINT_FILE
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return f"{out} is up to date"
+    fresh = out.with_name(f".{out.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    generate_dataset(fresh, **settings)
+    (fresh / FINGERPRINT_FILE).write_text(json.dumps(wanted, indent=2) + "\n")
+    if not out.exists():
+        fresh.rename(out)
+        return f"wrote {out}"
+    if dataset_files(fresh) == dataset_files(out):
+        stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+        shutil.rmtree(fresh)
+        return f"{out} is up to date"
+    stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(stale)
+    fresh.rename(out)
+    return (f"{out} was not what this generator writes for these settings (an older generator or other "
+            f"settings): rewrote it; the old one is in {stale}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--num-images", type=int, default=120)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=256, help="image size (hard: the largest long side)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--object-scale",
@@ -312,15 +403,30 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_OBJECT_SCALE,
         help="typical fraction of the image covered by one object (~0.01 for small objects)",
     )
+    parser.add_argument("--hard", action="store_true",
+                        help="large photos of varied size, small objects, a rare class, clutter (see HARD_*)")
+    parser.add_argument("--splits", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--refresh", action="store_true",
+                        help="rewrite --out only if it differs from what this generator writes (old one kept)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    out = generate_dataset(args.out, args.num_images, args.size, args.seed, args.object_scale)
+    kwargs = {"num_images": args.num_images, "size": args.size, "seed": args.seed,
+              "object_scale": args.object_scale, "splits": tuple(args.splits), "hard": args.hard}
+    if args.refresh:
+        print(refresh_dataset(args.out, **kwargs))
+        out = args.out
+    else:
+        out = generate_dataset(args.out, **kwargs)
     elapsed = time.perf_counter() - start
-    print(f"wrote {out} in {elapsed:.1f}s")
+    print(f"{out}: {elapsed:.1f}s")
     for split in SPLIT_NAMES:
         coco = json.loads((out / split / ANNOTATION_FILE).read_text())
-        print(f"  {split}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
+        pixels = sum(i["width"] * i["height"] for i in coco["images"])
+        share = {c["name"]: sum(a["area"] for a in coco["annotations"] if a["category_id"] == c["id"]) / pixels
+                 for c in CATEGORIES[1:]}
+        print(f"  {split}: {len(coco['images'])} images, {len(coco['annotations'])} annotations, "
+              + ", ".join(f"{k} {100 * v:.2f} % of pixels" for k, v in share.items()))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""Every finished job of a sweep, evaluated on its test split in each inference mode, in one table:
+
+    python -m seglab.compare multirun/<date>/<time> --modes whole slide [--flip]
+
+Each evaluation is evaluate.py's (at the images' original resolution, through seglab.inference), written to
+<job>/evaluate-<mode>/; the table goes to <sweep>/leaderboard_inference.md and .csv, best test mIoU first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from seglab.errors import SeglabError
+from seglab.evaluate import evaluate
+from seglab.inference import MODES
+from seglab.sweep import fmt, write_table
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def finished_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:
+    jobs = []
+    for job in sorted(sweep_dir.iterdir()):
+        metrics = job / "metrics.json"
+        if job.is_dir() and metrics.is_file():
+            m = json.loads(metrics.read_text())
+            if m.get("status") == "ok" and m.get("checkpoint"):
+                jobs.append((job, m))
+    if not jobs:
+        raise SeglabError(f"{sweep_dir} has no finished jobs (folders with a metrics.json whose status is ok). "
+                          "Give the folder train.py -m printed as the sweep folder.")
+    return jobs
+
+
+def quoted(path) -> str:
+    """A path as a Hydra override value: job folders are named by their overrides (`0_loss=ce,model=x`)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def evaluate_job(job: Path, checkpoint: str, mode: str, flip: bool, device: str) -> dict:
+    out = job / f"evaluate-{mode}{'-flip' if flip else ''}"
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())  # evaluated before: keep, never overwrite
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"ckpt_path={quoted(checkpoint)}", f"inference.mode={mode}",
+                                             f"inference.flip={flip}", f"device={device}",
+                                             f"paths.output_dir={quoted(out)}", "num_overlays=2", "worst_k=2"])
+    started = time.perf_counter()
+    result = evaluate(cfg)
+    result["seconds_per_image"] = (time.perf_counter() - started) / max(result["images"], 1)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def compare(sweep_dir: Path, modes: list[str], flip: bool = False, device: str = "auto") -> str:
+    rows = []
+    for job, metrics in finished_jobs(sweep_dir):
+        for mode in modes:
+            result = evaluate_job(job, metrics["checkpoint"], mode, flip, device)
+            per_class = {f"IoU {name}": fmt(r["IoU"]) for name, r in result["per_class"].items()}
+            rows.append({
+                "job": job.name.split("_", 1)[-1],
+                "inference": mode + (" + flip" if flip else ""),
+                "test mIoU": fmt(result["mIoU"]),
+                **per_class,
+                "mean acc": fmt(result["mAcc"]),
+                "pixel acc": fmt(result["pixel_acc"]),
+                "val mIoU (training)": fmt(metrics["best_val"].get("val/mIoU")),
+                "best epoch": str(metrics.get("best_epoch", "")),
+                "s / image": fmt(result.get("seconds_per_image"), 2),
+            })
+    rows.sort(key=lambda r: -float(r["test mIoU"] or "-inf"))
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return write_table(sweep_dir / "leaderboard_inference", rows, columns)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--modes", nargs="+", default=["whole", "slide"], choices=MODES)
+    parser.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        table = compare(args.sweep_dir, args.modes, args.flip, args.device)
+    except SeglabError as e:
+        raise SystemExit(f"seglab: error: {e}") from None
+    print(f"\n{args.sweep_dir / 'leaderboard_inference.md'} (test split, original resolution)\n{table}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The one path from an RGB image to logits or a class mask, for evaluate, predict, the bench and the web app.
+
+Pre-processing is the validation transform of the data node stored with the model (long side at base_size,
+or stretched to image_size x image_size for the original recipe, then normalised). The network then sees
+either the whole image or image_size x image_size tiles that overlap, their logits averaged where they meet
+(MMSegmentation's slide inference): tiles are the size the network was trained on, so a 2048 px photo is
+not shrunk to fit one. Optional horizontal-flip test-time augmentation averages the logits of the image and
+of its mirror. Logits are resized back to the image's own size before the argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from seglab.data.transforms import build_transforms
+from seglab.errors import SeglabError
+from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
+
+MODES = ("auto", "whole", "slide")
+
+Model = Callable[[torch.Tensor], torch.Tensor]  # normalised (N, 3, h, w) -> logits (N, C, h, w)
+
+
+def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # Resize the logits, then take the argmax (as MMSegmentation does): smoother class borders than
+    # resizing the model-resolution argmax with nearest neighbour.
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Offsets of tiles of `tile` pixels every `stride` pixels; the last one ends at the border."""
+    if length <= tile:
+        return [0]
+    count = math.ceil((length - tile) / stride) + 1
+    return sorted({min(i * stride, length - tile) for i in range(count)})
+
+
+class TorchModel:
+    """A SegmentationModule as a Model: on its device, with the autocast it was trained and tested with."""
+
+    def __init__(self, module, device: torch.device):
+        self.module, self.device = module.to(device).eval(), device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), inference_autocast(self.module, self.device):
+            return self.module(x.to(self.device)).float()
+
+
+class Predictor:
+    """Built once from a model and its metadata (classes, palette, normalisation, sizes)."""
+
+    def __init__(self, model: Model, meta: dict, mode: str = "auto", flip: bool = False,
+                 overlap: float = 1 / 3, tile_batch: int = 8):
+        if mode not in MODES:
+            raise SeglabError(f"inference.mode={mode!r} is not one of {MODES}.")
+        if not 0 <= overlap < 1:
+            raise SeglabError(f"inference.overlap={overlap} must be at least 0 and below 1 (a share of a tile).")
+        self.model, self.meta = model, dict(meta)
+        self.class_names = list(meta["class_names"])
+        self.palette = [tuple(c) for c in meta["palette"]]
+        self.ignore_index = int(meta["ignore_index"])
+        self.image_size = int(meta["image_size"])
+        self.base_size = meta.get("base_size")  # None: the original recipe's stretch to image_size x image_size
+        self.mode, self.flip, self.overlap, self.tile_batch = mode, bool(flip), float(overlap), int(tile_batch)
+        geometry = {"kind": "scale_crop" if self.base_size else "stretch"}
+        self.transform = build_transforms(self.image_size, meta["mean"], meta["std"], base_size=self.base_size,
+                                          geometry=geometry)
+
+    def settings(self) -> dict:
+        """How predictions were made; stored with evaluation results."""
+        return {"mode": self.mode, "flip": self.flip, "tile": self.image_size, "overlap": self.overlap,
+                "base_size": self.base_size}
+
+    def resolve_mode(self, height: int, width: int) -> str:
+        """auto: tiles when the scaled image does not fit one training-size tile, else the whole image."""
+        if self.mode != "auto":
+            return self.mode
+        return "slide" if max(height, width) > self.image_size else "whole"
+
+    def _slide(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, height, width = x.shape
+        tile = self.image_size
+        stride = max(1, round(tile * (1 - self.overlap)))
+        boxes = [(y, xx) for y in tile_starts(height, tile, stride) for xx in tile_starts(width, tile, stride)]
+        total = count = None
+        for i in range(0, len(boxes), self.tile_batch):
+            chunk = boxes[i : i + self.tile_batch]
+            out = self.model(torch.cat([x[:, :, y : y + tile, xx : xx + tile] for y, xx in chunk]))
+            if total is None:
+                total = out.new_zeros((1, out.shape[1], height, width))
+                count = out.new_zeros((1, 1, height, width))
+            for logits, (y, xx) in zip(out, chunk, strict=True):
+                total[0, :, y : y + tile, xx : xx + tile] += logits
+                count[0, :, y : y + tile, xx : xx + tile] += 1
+        return total / count
+
+    def scaled_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (1, C, h, w) of a transformed image (1, 3, h, w), at that resolution."""
+        run = self._slide if self.resolve_mode(*x.shape[-2:]) == "slide" else self.model
+        logits = run(x)
+        if self.flip:
+            logits = (logits + run(x.flip(-1)).flip(-1)) / 2
+        return logits
+
+    def logits(self, image: np.ndarray) -> torch.Tensor:
+        """Logits (C, H, W), float32 on the CPU, of an RGB uint8 image (H, W, 3), at the image's size."""
+        x = self.transform(image=image)["image"][None]
+        return resize_logits(self.scaled_logits(x), image.shape[:2])[0].cpu()
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Class-index mask (H, W) uint8 of an RGB uint8 image (H, W, 3)."""
+        return self.logits(image).argmax(dim=0).to(torch.uint8).numpy()
+
+
+def load_predictor(path: str | Path, device: str = "auto", mode: str = "auto", flip: bool = False,
+                   overlap: float = 1 / 3) -> Predictor:
+    """A Predictor over a seglab checkpoint (.ckpt)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        raise SeglabError(f"{path}: ONNX models are not supported here yet; pass the .ckpt it was exported from.")
+    torch_device = resolve_device(device)
+    module = load_checkpoint(path, map_location=torch_device)
+    meta = {**module.meta, "class_names": module.class_names, "palette": module.palette,
+            "ignore_index": module.ignore_index, "architecture": module.meta["config"]["model"]["arch"],
+            "format": "pytorch", "source": str(path)}
+    return Predictor(TorchModel(module, torch_device), meta, mode=mode, flip=flip, overlap=overlap)

@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from seglab.errors import SeglabError
+from seglab.inference import Predictor, load_predictor, tile_starts
+from seglab.models.networks import build_network
+
+META = {"class_names": ["background", "a", "b"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+        "ignore_index": 255, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+
+
+@pytest.mark.parametrize(("length", "tile", "stride"), [(100, 32, 21), (64, 32, 32), (33, 32, 21), (20, 32, 21),
+                                                        (257, 64, 43)])
+def test_tiles_cover_every_pixel_and_end_at_the_border(length, tile, stride):
+    starts = tile_starts(length, tile, stride)
+    covered = np.zeros(length, bool)
+    for s in starts:
+        covered[s : s + tile] = True
+    assert covered.all()
+    assert starts[0] == 0 and min(starts[-1] + tile, length) == length
+    assert all(b - a <= stride for a, b in zip(starts, starts[1:], strict=False))
+
+
+def channels_as_logits(x: torch.Tensor) -> torch.Tensor:
+    """A position-independent test network: each output pixel is a function of its own input pixel only."""
+    return torch.cat([x, x[:, :1] * x[:, 1:2]], dim=1)
+
+
+def test_sliding_window_covers_every_pixel_once_averaged():
+    # Overlapping tiles of a network whose output at a pixel depends on that pixel alone must give back
+    # exactly the whole-image output: every pixel predicted, overlaps averaged (not summed).
+    predictor = Predictor(channels_as_logits, {**META, "image_size": 32, "base_size": 100}, mode="slide")
+    x = torch.rand(1, 3, 75, 100)
+    slid = predictor.scaled_logits(x)
+    torch.testing.assert_close(slid, channels_as_logits(x), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    net = build_network("deeplabv3_mobilenet_v3_large", num_classes=3, weights=None, weights_backbone=None,
+                        bn_momentum=0.5)
+    # Fresh BatchNorm statistics make an untrained network's output constant in eval mode: a few train-mode
+    # passes give it statistics under which its output varies across the image, as a trained one's does.
+    with torch.no_grad():
+        for _ in range(4):
+            net(torch.rand(2, 3, 64, 64) * 3)
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 64, 64))["out"].std(dim=(2, 3)).min() > 1e-3
+    return net
+
+
+def run(net):
+    def model(x):
+        with torch.no_grad():
+            return net(x)["out"]
+    return model
+
+
+def test_slide_equals_whole_where_the_image_fits_one_tile(tiny_net):
+    image = np.random.default_rng(0).integers(0, 256, (40, 64, 3), dtype=np.uint8)
+    meta = {**META, "image_size": 64, "base_size": 64}  # long side 64 = one tile
+    whole = Predictor(run(tiny_net), meta, mode="whole").logits(image)
+    slide = Predictor(run(tiny_net), meta, mode="slide").logits(image)
+    assert whole.shape == (3, 40, 64)
+    assert torch.equal(whole, slide)
+
+
+def test_auto_mode_slides_only_over_images_larger_than_a_tile(tiny_net):
+    predictor = Predictor(run(tiny_net), {**META, "image_size": 64, "base_size": 128})
+    assert predictor.resolve_mode(64, 48) == "whole" and predictor.resolve_mode(96, 128) == "slide"
+    image = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    x = predictor.transform(image=image)["image"]
+    assert tuple(x.shape[-2:]) == (96, 128)  # long side at base_size, aspect kept
+    auto = predictor.logits(image)
+    slide = Predictor(run(tiny_net), {**META, "image_size": 64, "base_size": 128}, mode="slide").logits(image)
+    assert auto.shape == (3, 300, 400) and torch.equal(auto, slide)
+    assert predictor.predict(image).shape == (300, 400)
+
+
+def test_original_recipe_stretches_and_predicts_at_the_image_size(tiny_net):
+    predictor = Predictor(run(tiny_net), {**META, "image_size": 64, "base_size": None})
+    image = np.random.default_rng(2).integers(0, 256, (30, 90, 3), dtype=np.uint8)
+    assert tuple(predictor.transform(image=image)["image"].shape) == (3, 64, 64)
+    mask = predictor.predict(image)
+    assert mask.shape == (30, 90) and mask.dtype == np.uint8 and mask.max() < 3
+
+
+def test_flip_averages_the_image_and_its_mirror(tiny_net):
+    meta = {**META, "image_size": 64, "base_size": 64}
+    image = np.random.default_rng(3).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    x = Predictor(run(tiny_net), meta).transform(image=image)["image"][None]
+    expected = (run(tiny_net)(x) + run(tiny_net)(x.flip(-1)).flip(-1)) / 2
+    flipped = Predictor(run(tiny_net), meta, flip=True).scaled_logits(x)
+    torch.testing.assert_close(flipped, expected)
+    assert not torch.allclose(flipped, run(tiny_net)(x))  # the network is not mirror-symmetric
+
+
+def test_bad_settings_name_the_setting():
+    with pytest.raises(SeglabError, match="inference.mode='tiles'"):
+        Predictor(channels_as_logits, {**META, "image_size": 32}, mode="tiles")
+    with pytest.raises(SeglabError, match="inference.overlap=1"):
+        Predictor(channels_as_logits, {**META, "image_size": 32}, overlap=1)
+
+
+def test_load_predictor_reads_everything_from_the_checkpoint(trained_run):
+    predictor = load_predictor(trained_run["checkpoint"], device="cpu")
+    assert predictor.class_names == trained_run["class_names"]
+    assert predictor.meta["architecture"] == "deeplabv3_mobilenet_v3_large"
+    assert predictor.settings()["mode"] == "auto"
+    image = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    assert predictor.predict(image).shape == (37, 53)
