@@ -10,7 +10,8 @@ CKPT ?=
 LOGDIR ?= outputs
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-fast lint bench
+.PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-fast lint bench \
+	export serve loadtest
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,6 +50,15 @@ evaluate: install  ## make evaluate CKPT=outputs/.../checkpoints/best-....ckpt [
 predict: install  ## make predict CKPT=... ARGS="input=my_images output=predictions"
 	$(PY) predict.py ckpt_path=$(CKPT) $(ARGS)
 
+export: install  ## make export CKPT=<.ckpt> [ARGS="output=model.onnx"]: ONNX + sidecar JSON, parity-checked
+	$(PY) export.py ckpt_path=$(CKPT) $(ARGS)
+
+serve: install  ## make serve CKPT=<.ckpt or .onnx> [ARGS="port=8000"]: web API + page on 127.0.0.1
+	$(PY) serve.py ckpt_path=$(CKPT) $(ARGS)
+
+loadtest: install  ## make loadtest CKPT="<.ckpt> <.onnx>" [ARGS="--clients 4 --seconds 20"] on 127.0.0.1
+	$(PY) -m seglab.serve.loadtest $(CKPT) $(ARGS)
+
 tensorboard: install  ## tensorboard --logdir $(LOGDIR) (a run folder, a sweep folder, or outputs/)
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
@@ -59,7 +69,7 @@ test-fast: install  ## the tests without the end-to-end script runs
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install  ## ruff
-	$(VENV)/bin/ruff check src tests train.py evaluate.py predict.py
+	$(VENV)/bin/ruff check src tests train.py evaluate.py predict.py export.py serve.py
 
 bench: install  ## benchmark data pipeline, training loop, model and a fit (time-to-result); writes bench.json
 	$(PY) -m seglab.bench $(ARGS)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -43,9 +44,12 @@ def test_option_composes_and_instantiates(group, option, compose_train):
     elif group == "scheduler" and node:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         scheduler = instantiate(cfg.scheduler)(optimizer, total_iters=10)
-        optimizer.step()
-        scheduler.step()
-        assert optimizer.param_groups[0]["lr"] < 1.0
+        lrs = []
+        for _ in range(10):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert len(set(lrs)) > 2 and lrs[-1] < 0.5  # it schedules, and decays by the end
     elif group == "loss":
         assert isinstance(instantiate(cfg.loss.criterion), torch.nn.Module)
     elif group == "trainer":
@@ -62,6 +66,13 @@ def test_option_composes_and_instantiates(group, option, compose_train):
 def test_ignore_index_is_defined_once(compose_train):
     cfg = compose_train("data.ignore_index=77")
     assert cfg.loss.criterion.ignore_index == 77
+    # The default recipe pads its crops with it ...
+    datamodule = instantiate(cfg.data)
+    out = datamodule.transform(train=True)(image=np.zeros((10, 30, 3), np.uint8), mask=np.ones((10, 30), np.uint8))
+    # A 64 crop of a 10 x 30 image rescaled to a long side of at most 2 x 64: at most 43 rows are image.
+    assert set(out["mask"].unique().tolist()) == {1, 77} and (out["mask"] == 77).sum() >= 21 * 64
+    # ... and the original recipe's rotation pads its masks with it.
+    cfg = compose_train("data.ignore_index=77", "augmentation=original")
     rotate = next(t for t in cfg.augmentation.train if t._target_.endswith("Rotate"))
     assert rotate.fill_mask == 77
 
@@ -72,6 +83,14 @@ def test_recipe_defaults(compose_train):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["paths.output_dir=/tmp/x"])
     assert (cfg.data.image_size, cfg.batch_size, cfg.max_epochs) == (513, 8, 10)
+    assert (cfg.augmentation.geometry.kind, cfg.data.base_size) == ("scale_crop", 1024)  # the new default
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        original = compose("train", overrides=["paths.output_dir=/tmp/x", "augmentation=original"]).augmentation
+    # The original recipe, one option away by name: stretch, rotation +-15, flip 0.5, brightness/contrast, noise.
+    assert original.geometry.kind == "stretch"
+    assert [t._target_.split(".")[-1] for t in original.train] == ["Rotate", "HorizontalFlip",
+                                                                   "RandomBrightnessContrast", "GaussNoise"]
+    assert original.train[0].limit == 15 and original.train[1].p == 0.5
     assert list(cfg.data.split_ratios) == [0.8, 0.1, 0.1]
     assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.Adam", 1e-4, 1e-4)
     assert cfg.model.weights == "COCO_WITH_VOC_LABELS_V1" and cfg.loss.aux_weight == 0.5

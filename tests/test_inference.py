@@ -73,7 +73,8 @@ def test_auto_mode_slides_only_over_images_larger_than_a_tile(tiny_net):
     assert predictor.resolve_mode(64, 48) == "whole" and predictor.resolve_mode(96, 128) == "slide"
     image = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     x = predictor.transform(image=image)["image"]
-    assert tuple(x.shape[-2:]) == (96, 128)  # long side at base_size, aspect kept
+    assert tuple(x.shape[-2:]) == (96, 128) == predictor.scaled_size(300, 400)  # long side at base_size
+    assert predictor.mode_for(image) == "slide"
     auto = predictor.logits(image)
     slide = Predictor(run(tiny_net), {**META, "image_size": 64, "base_size": 128}, mode="slide").logits(image)
     assert auto.shape == (3, 300, 400) and torch.equal(auto, slide)

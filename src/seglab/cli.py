@@ -32,9 +32,27 @@ def user_message(error: BaseException) -> str:
     return text.rsplit(marker, 1)[-1].strip() if "Original Traceback" in text and marker in text else text
 
 
+def check_multirun_launch(trainer_cfg, launcher_target: str) -> None:
+    """DDP in a sweep works only where the cluster starts the processes (SLURM). Elsewhere Lightning starts them
+    by re-running this command line (sys.argv), which under -m would start the whole sweep again in each
+    (Lightning issue 11300, Hydra issue 2070)."""
+    strategy = trainer_cfg.get("strategy") if trainer_cfg is not None else None
+    name = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy or "")
+    if "ddp" not in name.lower() or launcher_target.endswith(".SlurmLauncher"):
+        return
+    raise SeglabError(
+        "trainer=ddp cannot run inside a sweep on this machine (-m or hparams_search): Lightning starts the "
+        "other DDP processes by re-running the command, which would start the whole sweep again in each. Run "
+        "one training per command (python train.py trainer=ddp ...), or sweep with hydra/launcher=slurm, where "
+        "SLURM starts one process per GPU."
+    )
+
+
 def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig, metric: str | None = None) -> float | None:
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        if multirun:  # a job whose own overrides chose trainer=ddp (a whole sweep is checked before it starts)
+            check_multirun_launch(cfg.get("trainer"), HydraConfig.get().launcher.get("_target_", ""))
         result = task(cfg)
     except SIGTERMException:
         sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process; last.ckpt is saved
@@ -51,7 +69,8 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig, metric: str | 
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(
             json.dumps({"status": "failed", "error": user_message(e)}, indent=2) + "\n")
-        return math.nan
-    if metric is None:
         return None
-    return result.get("best_val", {}).get(metric, math.nan)
+    # None, not NaN, for a job without a finite value: the Optuna sweeper records None as a failed trial and
+    # goes on, while a NaN makes its study.tell raise and ends the whole search.
+    value = result.get("best_val", {}).get(metric) if metric else None
+    return value if value is not None and math.isfinite(value) else None

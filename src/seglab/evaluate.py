@@ -129,10 +129,9 @@ def model_resolution_pairs(module, datamodule, split: str, device):
 def original_resolution_pairs(predictor: Predictor, dataset, modes: dict):
     for i in range(len(dataset)):
         image, mask = dataset.load(i)
-        logits = predictor.logits(image)
-        used = predictor.resolve_mode(*predictor.transform(image=image)["image"].shape[-2:])
+        used = predictor.mode_for(image)
         modes[used] = modes.get(used, 0) + 1
-        yield logits.argmax(dim=0), torch.from_numpy(mask.astype(np.int64))
+        yield predictor.logits(image).argmax(dim=0), torch.from_numpy(mask.astype(np.int64))
 
 
 def evaluate(cfg: DictConfig) -> dict:

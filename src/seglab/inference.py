@@ -10,21 +10,24 @@ of its mirror. Logits are resized back to the image's own size before the argmax
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from seglab.data.transforms import build_transforms
+from seglab.data.transforms import base_scale_size, build_transforms
 from seglab.errors import SeglabError
 from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
 
 MODES = ("auto", "whole", "slide")
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # normalised (N, 3, h, w) -> logits (N, C, h, w)
+CPU = torch.device("cpu")
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -83,6 +86,15 @@ class Predictor:
             return self.mode
         return "slide" if max(height, width) > self.image_size else "whole"
 
+    def scaled_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is predicted at (what self.transform resizes it to)."""
+        if self.base_size is None:
+            return self.image_size, self.image_size
+        return base_scale_size(height, width, self.base_size)
+
+    def mode_for(self, image: np.ndarray) -> str:
+        return self.resolve_mode(*self.scaled_size(*image.shape[:2]))
+
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
         _, _, height, width = x.shape
         tile = self.image_size
@@ -118,13 +130,61 @@ class Predictor:
         return self.logits(image).argmax(dim=0).to(torch.uint8).numpy()
 
 
+class OnnxModel:
+    """An exported model (export.py) as a Model, run by ONNX Runtime: on the GPU when the device is CUDA and
+    onnxruntime has its CUDA provider (onnxruntime-gpu), else on the CPU."""
+
+    def __init__(self, path: str | Path, device: torch.device = CPU):
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        options = ort.SessionOptions()
+        # As many threads as PyTorch uses, and none spinning while idle: spinning threads take the cores the
+        # pre-processing, the web server and the rest of the machine need (3x slower under load here).
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's own exceptions: not a model it can run
+            raise SeglabError(f"{path} is not an ONNX model ONNX Runtime can load "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}). "
+                              "Export it again with python export.py ckpt_path=<checkpoint>.") from None
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(None, {self.input: x.detach().float().cpu().numpy()})[0]
+        return torch.from_numpy(logits)
+
+
+def read_sidecar(path: Path) -> dict:
+    """The metadata export.py wrote beside an .onnx model (same name, .json)."""
+    sidecar = path.with_suffix(".json")
+    if not path.is_file():
+        raise SeglabError(f"ONNX model {path} does not exist. Export one with python export.py "
+                          "ckpt_path=<checkpoint> output=<file>.onnx.")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        raise SeglabError(f"{sidecar} is missing: an exported model needs its sidecar JSON (classes, palette, "
+                          "normalisation, sizes) beside it. Copy it with the .onnx, or export again.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SeglabError(f"{sidecar} is not valid JSON ({e}). Export the model again.") from None
+    missing = [k for k in ("class_names", "palette", "ignore_index", "mean", "std", "image_size")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise SeglabError(f"{sidecar} lacks {', '.join(missing)}: it is not a seglab export's sidecar. "
+                          "Export the model again with export.py.")
+    return meta
+
+
 def load_predictor(path: str | Path, device: str = "auto", mode: str = "auto", flip: bool = False,
                    overlap: float = 1 / 3) -> Predictor:
-    """A Predictor over a seglab checkpoint (.ckpt)."""
+    """A Predictor over a seglab checkpoint (.ckpt) or an export of one (.onnx + its sidecar .json)."""
     path = Path(path)
-    if path.suffix == ".onnx":
-        raise SeglabError(f"{path}: ONNX models are not supported here yet; pass the .ckpt it was exported from.")
     torch_device = resolve_device(device)
+    if path.suffix == ".onnx":
+        meta = {**read_sidecar(path), "source": str(path)}
+        return Predictor(OnnxModel(path, torch_device), meta, mode=mode, flip=flip, overlap=overlap)
     module = load_checkpoint(path, map_location=torch_device)
     meta = {**module.meta, "class_names": module.class_names, "palette": module.palette,
             "ignore_index": module.ignore_index, "architecture": module.meta["config"]["model"]["arch"],

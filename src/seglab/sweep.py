@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from seglab.cli import check_multirun_launch
+from seglab.errors import SeglabError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,14 @@ def write_table(stem: Path, rows: list[dict[str, str]], columns: list[str]) -> s
 
 
 class LeaderboardCallback(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # Before any job starts: a sweep that cannot work stops here with one line, like the scripts' errors.
+        try:
+            check_multirun_launch(config.get("trainer"), config.hydra.launcher.get("_target_", ""))
+        except SeglabError as e:
+            print(f"seglab: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         job_dirs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.split("_")[0].isdigit()),

@@ -15,6 +15,7 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.errors import SeglabError
@@ -101,6 +102,12 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None or not isinstance(value, (int, float)) or value <= 0:
             raise SeglabError(f"{key}={value} must be a positive number.")
+    trainer = cfg.get("trainer") or {}
+    accelerator = trainer.get("accelerator")
+    on_cpu = accelerator == "cpu" or accelerator == "auto" and not torch.cuda.is_available()
+    if trainer.get("sync_batchnorm") and on_cpu:
+        raise SeglabError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is GPU-only). For DDP on "
+                          "CPU processes set trainer.sync_batchnorm=false.")
 
 
 def resumed_config(cfg: DictConfig) -> DictConfig:
@@ -128,6 +135,36 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     return original
 
 
+def prepare_data_once(trainer: pl.Trainer, datamodule) -> None:
+    """Build the mask cache in one process per machine while the others wait, as Lightning does inside fit; it
+    is needed before fit because the loss (class weights) reads the training masks.
+
+    Lightning's own launcher starts the other processes inside fit, after this has run in the first one. Where
+    torchrun or SLURM started all processes at once, the process group is set up now so they can wait."""
+    external = trainer.world_size > 1 and not isinstance(trainer.strategy.cluster_environment, LightningEnvironment)
+    if external:
+        trainer.strategy.setup_environment()  # fit finds the process group ready and keeps it
+    if trainer.local_rank == 0:
+        datamodule.prepare_data()
+    if external:
+        trainer.strategy.barrier("seglab.prepare_data")
+
+
+def exact_test_metrics(cfg: DictConfig, trainer: pl.Trainer, module: SegmentationModule, datamodule,
+                      best_path: str) -> dict[str, float]:
+    """Test metrics of a DDP run, exact: Lightning's DistributedSampler would pad the test split with repeated
+    images to divide it evenly between processes, so the first process alone scores every image once."""
+    # torchmetrics synchronises whenever a process group exists; the others have left it.
+    torch.distributed.destroy_process_group()
+    if not trainer.is_global_zero:
+        return {}
+    tester: pl.Trainer = instantiate(cfg.trainer, devices=1, num_nodes=1, strategy="auto", sync_batchnorm=False,
+                                     logger=trainer.loggers, callbacks=[], enable_checkpointing=False)
+    # Test scalars at the step training ended, as in a single-process run (a new trainer starts at 0).
+    tester.fit_loop.epoch_loop._batches_that_stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
+    return tester.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler=None) -> dict:
     """The run: fit, test the best checkpoint, write metrics.json. `extra_callbacks` and `profiler` are for
     seglab.bench, which times a real run from the inside."""
@@ -147,14 +184,16 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    module = build_module(cfg, datamodule)
     # callbacks.<name>=null switches one off (e.g. early stopping for equal-budget comparisons).
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] if cfg.get("callbacks") else []
     callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
+    # The trainer first: it knows this process's rank, which decides who builds the mask cache and who writes.
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
                                       **({"profiler": profiler} if profiler is not None else {}))
+    prepare_data_once(trainer, datamodule)
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
 
     # weights_only: seglab checkpoints hold tensors and plain values only, so never unpickle code.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
@@ -162,7 +201,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     # A weight-averaging callback still attached would load the checkpoint's raw weights (its
     # current_model_state) for the test; the checkpoint's state_dict, the averaged weights, is the model.
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
+    if trainer.world_size == 1:
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
+    else:
+        test = exact_test_metrics(cfg, trainer, module, datamodule, best_path)
+        if not trainer.is_global_zero:
+            return {"status": "ok", "rank": trainer.global_rank}  # rank 0 writes and reports
 
     history = next((c for c in callbacks if isinstance(c, ValHistory)), None)
     best = history.best(cfg.monitor.metric, cfg.monitor.mode) if history else {}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from PIL import Image
+from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from seglab.data.dataset import SegmentationDataset, value_lut
@@ -200,6 +201,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         largest = max(round(self.base_size * r) for r in self.geometry["scales"]) if train else self.base_size
         return partial(cap_long_side, size=largest)
 
+    def prepare_data(self) -> None:
+        # Lightning runs this in one process per machine before any process runs setup, so under DDP the masks
+        # are rasterised once. setup still builds whatever is missing, for callers outside a Trainer.
+        source = self._source()
+        if source.coco_files:
+            build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index)
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return  # idempotent: Lightning calls setup for fit and again for test
@@ -207,7 +215,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         check_images(source)
         self.splits = self._make_splits(source)
         check_not_empty(self.splits, str(self.root))
-        if self.splits_file is not None:
+        if self.splits_file is not None and rank_zero_only.rank == 0:  # every DDP process makes the same splits
             write_splits(self.splits, self.splits_file, name=lambda s: str(s.image.relative_to(self.root))
                          if s.image.is_relative_to(self.root) else str(s.image))
         if source.coco_files:

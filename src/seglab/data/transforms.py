@@ -87,8 +87,10 @@ def geometry_transforms(train: bool, image_size: int, base_size: int | None, geo
     if kind not in GEOMETRIES:
         raise ValueError(f"augmentation.geometry.kind={kind!r} is not one of {GEOMETRIES}")
     linear = {"interpolation": cv2.INTER_LINEAR, "mask_interpolation": cv2.INTER_NEAREST}
+    # Shrinking with INTER_AREA (bilinear would alias a 2048 px photo) and enlarging bilinearly, as the
+    # decoded-image cache does (seglab.data.image_cache), so cached and direct paths give the same pixels.
     if kind == "stretch":
-        return [A.Resize(image_size, image_size, **linear)]
+        return [A.Resize(image_size, image_size, area_for_downscale="image", **linear)]
     if not train:
         return [A.LongestMaxSize(max_size=base_size, area_for_downscale="image", **linear)]
     # A random long side from the listed ratios x base_size (MMSegmentation's RandomChoiceResize), aspect kept.

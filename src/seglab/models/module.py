@@ -105,8 +105,10 @@ class SegmentationModule(pl.LightningModule):
         # Training loss per step, evaluation loss per epoch: both on the global-step axis in TensorBoard.
         # Not the per-step loss in the progress bar: Lightning turns progress-bar values into Python floats
         # after every batch, a host sync per step.
+        # sync_dist: under DDP the epoch's val/test loss (a monitor) is the mean over all processes' images; one
+        # all-reduce at the epoch's end.
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=stage != "train",
-                 prog_bar=stage != "train", batch_size=images.shape[0])
+                 prog_bar=stage != "train", batch_size=images.shape[0], sync_dist=stage != "train")
         return loss
 
     def training_step(self, batch, batch_idx):

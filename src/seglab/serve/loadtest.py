@@ -1,0 +1,153 @@
+"""A bounded load test on loopback: for each model, start `serve.py` on 127.0.0.1 (a real uvicorn process), send
+N concurrent clients' POST /v1/segment for T seconds, and print throughput, latency percentiles and the
+answers by status code.
+
+    python -m seglab.serve.loadtest outputs/.../best.ckpt outputs/export/.../model.onnx --clients 4 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from seglab.data.masks import load_image
+from seglab.data.synthetic import render_background
+
+ROOT = Path(__file__).resolve().parents[3]  # serve.py lives at the top of the repository
+HOST = "127.0.0.1"  # never anything else: this tool must not load someone else's server
+MAX_CLIENTS, MAX_SECONDS = 64, 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"serve.py exited with code {server.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"serve.py was not ready within {timeout:.0f} s")
+
+
+def run_clients(url: str, image: bytes, clients: int, seconds: float, fmt: str) -> list[tuple[float, int]]:
+    """(latency in s, status) of every request the clients finished before the deadline."""
+    results: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        own = []
+        with httpx.Client(timeout=60) as http:
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                try:
+                    status = http.post(f"{url}/v1/segment", params={"format": fmt},
+                                       files={"image": ("image.png", image, "image/png")}).status_code
+                except httpx.TransportError:
+                    status = 0  # no HTTP answer at all (refused, reset, timed out)
+                own.append((time.perf_counter() - start, status))
+        with lock:
+            results.extend(own)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def summarise(model: str, results: list[tuple[float, int]], seconds: float) -> dict:
+    ok = np.array([latency for latency, status in results if status == 200])
+    percentiles = np.percentile(ok, [50, 95, 99]) * 1e3 if ok.size else [float("nan")] * 3
+    return {
+        "model": model,
+        "requests": len(results),
+        "ok": int(ok.size),
+        "throughput_per_s": ok.size / seconds,
+        "p50_ms": float(percentiles[0]), "p95_ms": float(percentiles[1]), "p99_ms": float(percentiles[2]),
+        "errors": {str(k): v for k, v in sorted(Counter(s for _, s in results if s != 200).items())},
+    }
+
+
+def load_model(model: str, image: bytes, args: argparse.Namespace) -> dict:
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    with tempfile.TemporaryDirectory() as run_dir:
+        cmd = [sys.executable, "serve.py", f"ckpt_path={Path(model).resolve()}", f"host={HOST}", f"port={port}",
+               "device=cpu", "log_level=warning", f"limits.queue_size={args.queue_size}", f"hydra.run.dir={run_dir}"]
+        server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+        try:
+            wait_ready(url, server, timeout=180)
+            run_clients(url, image, 1, 1.0, args.format)  # warm-up, not counted
+            summary = summarise(model, run_clients(url, image, args.clients, args.seconds, args.format),
+                                args.seconds)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help=".ckpt or .onnx files, each served and loaded in turn")
+    parser.add_argument("--clients", type=int, default=4, help=f"concurrent clients (1-{MAX_CLIENTS})")
+    parser.add_argument("--seconds", type=float, default=20.0, help=f"duration per model (at most {MAX_SECONDS})")
+    parser.add_argument("--image", type=Path, help="the image every request sends (default: synthetic)")
+    parser.add_argument("--size", type=int, default=256, help="side of the synthetic image")
+    parser.add_argument("--format", choices=("json", "mask", "overlay"), default="mask")
+    parser.add_argument("--queue-size", type=int, default=None,
+                        help="the server's limits.queue_size (default: --clients, so no request gets 503)")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
+        parser.error(f"--clients must be 1-{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
+    args.queue_size = args.queue_size or args.clients
+
+    if args.image:
+        array = load_image(args.image)
+    else:
+        array = np.clip(render_background(np.random.default_rng(0), args.size, args.size), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+
+    print(f"seglab load test: {args.clients} clients x {args.seconds:g} s per model, POST /v1/segment?format="
+          f"{args.format}, {array.shape[1]}x{array.shape[0]} PNG, server on {HOST} (queue {args.queue_size})",
+          flush=True)
+    rows = []
+    for model in args.models:
+        row = load_model(model, buffer.getvalue(), args)
+        rows.append(row)
+        errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "none"
+        print(f"  {Path(model).name:<24} {row['ok']:>5} ok in {args.seconds:g} s = {row['throughput_per_s']:6.2f}/s   "
+              f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms   "
+              f"errors: {errors}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

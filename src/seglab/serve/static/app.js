@@ -1,0 +1,130 @@
+// The page: upload an image to /v1/segment?format=mask, then draw the class colours over the image here, so
+// the opacity slider needs no second request. Blending matches seglab.viz.overlay: background (class 0) stays
+// untinted, other pixels become (1 - opacity) x image + opacity x class colour.
+"use strict";
+
+const state = { model: null, photo: null, colours: null, counts: null };
+const $ = (id) => document.getElementById(id);
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function loadModel() {
+  const response = await fetch("/v1/model");
+  state.model = await response.json();
+  const m = state.model;
+  $("model-info").textContent =
+    `${m.architecture} (${m.format}), ${m.class_names.length} classes, trained at ${m.input_size} px`;
+  renderLegend();
+}
+
+function renderLegend() {
+  const body = $("legend").querySelector("tbody");
+  body.replaceChildren();
+  const total = state.counts ? state.counts.reduce((a, b) => a + b, 0) : 0;
+  state.model.class_names.forEach((name, i) => {
+    const row = document.createElement("tr");
+    const swatch = document.createElement("span");
+    swatch.className = i === 0 ? "swatch untinted" : "swatch";
+    if (i !== 0) swatch.style.background = `rgb(${state.model.palette[i].join(",")})`;
+    const label = document.createElement("td");
+    label.append(swatch, name);
+    const pixels = document.createElement("td");
+    const area = document.createElement("td");
+    if (state.counts) {
+      pixels.textContent = state.counts[i].toLocaleString();
+      area.textContent = `${(100 * state.counts[i] / total).toFixed(2)} %`;
+    }
+    row.dataset.className = name;
+    row.append(label, pixels, area);
+    body.append(row);
+  });
+}
+
+// The mask PNG holds class indices; one RGBA layer with the class colours, transparent on background.
+async function colourLayer(maskBlob) {
+  const bitmap = await createImageBitmap(maskBlob, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  const context = canvas.getContext("2d");
+  context.drawImage(bitmap, 0, 0);
+  const pixels = context.getImageData(0, 0, bitmap.width, bitmap.height);
+  const counts = new Array(state.model.class_names.length).fill(0);
+  const data = pixels.data;
+  for (let p = 0; p < data.length; p += 4) {
+    const index = data[p];
+    counts[index] += 1;
+    const colour = state.model.palette[index];
+    if (index === 0 || !colour) {
+      data[p + 3] = 0;
+    } else {
+      data[p] = colour[0]; data[p + 1] = colour[1]; data[p + 2] = colour[2]; data[p + 3] = 255;
+    }
+  }
+  context.putImageData(pixels, 0, 0);
+  return { layer: canvas, counts };
+}
+
+async function compose() {
+  if (!state.photo || !state.colours) return;
+  const opacity = Number($("opacity").value);
+  const canvas = new OffscreenCanvas(state.photo.width, state.photo.height);
+  const context = canvas.getContext("2d");
+  context.drawImage(state.photo, 0, 0);
+  context.globalAlpha = opacity;
+  context.drawImage(state.colours, 0, 0);
+  const blob = await canvas.convertToBlob({ type: "image/png" });
+  const old = $("overlay").src;
+  $("overlay").src = URL.createObjectURL(blob);
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+}
+
+async function segment(file) {
+  setStatus(`segmenting ${file.name} ...`);
+  $("overlay").removeAttribute("data-ready");
+  const form = new FormData();
+  form.append("image", file);
+  const started = performance.now();
+  const response = await fetch("/v1/segment?format=mask", { method: "POST", body: form });
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
+    setStatus(`${response.status}: ${detail}`, true);
+    return;
+  }
+  const timing = response.headers.get("Server-Timing") || "";
+  const [photo, result] = await Promise.all([
+    createImageBitmap(file, { imageOrientation: "from-image" }), colourLayer(await response.blob()),
+  ]);
+  state.photo = photo;
+  state.colours = result.layer;
+  state.counts = result.counts;
+  await compose();
+  renderLegend();
+  $("caption").textContent = `${file.name}: ${photo.width} x ${photo.height} px`;
+  $("overlay").dataset.ready = "true";
+  setStatus(`done in ${Math.round(performance.now() - started)} ms (${timing})`);
+}
+
+function start() {
+  loadModel().catch((e) => setStatus(`cannot read /v1/model: ${e}`, true));
+  $("file").addEventListener("change", () => {
+    if ($("file").files.length) segment($("file").files[0]).catch((e) => setStatus(String(e), true));
+  });
+  $("opacity").addEventListener("input", () => {
+    $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
+    compose();
+  });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    const file = event.dataTransfer.files[0];
+    if (file) segment(file).catch((e) => setStatus(String(e), true));
+  });
+}
+
+document.addEventListener("DOMContentLoaded", start);

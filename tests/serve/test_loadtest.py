@@ -1,0 +1,21 @@
+import pytest
+
+from seglab.serve.loadtest import main, summarise
+
+
+def test_summary_counts_and_percentiles():
+    # 100 answers of 1..100 ms, three 503s and one connection failure (status 0) in 10 s.
+    results = [(ms / 1000, 200) for ms in range(1, 101)] + [(0.001, 503)] * 3 + [(0.5, 0)]
+    row = summarise("model.onnx", results, seconds=10)
+    assert (row["requests"], row["ok"], row["throughput_per_s"]) == (104, 100, 10.0)
+    assert (row["p50_ms"], row["p95_ms"], row["p99_ms"]) == pytest.approx((50.5, 95.05, 99.01))
+    assert row["errors"] == {"0": 1, "503": 3}
+
+
+@pytest.mark.slow
+def test_load_test_against_a_real_server(trained_run, capsys):
+    rows = main([trained_run["checkpoint"], "--clients", "2", "--seconds", "2", "--size", "64"])
+    assert len(rows) == 1 and rows[0]["ok"] > 0 and rows[0]["errors"] == {}
+    assert rows[0]["p50_ms"] <= rows[0]["p95_ms"] <= rows[0]["p99_ms"]
+    out = capsys.readouterr().out
+    assert "seglab load test: 2 clients x 2 s per model" in out and "errors: none" in out

@@ -1,0 +1,221 @@
+import base64
+import io
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from seglab.data.masks import load_image
+from seglab.predict import predict
+from seglab.serve.app import ServeSettings, create_app
+from seglab.serve.formats import mask_polygons
+from seglab.viz import overlay
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    with TestClient(create_app(predictor, ServeSettings(max_body_mb=0.25, max_pixels=1_000_000))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def expected(predictor, trained_run, photo, tmp_path_factory) -> dict:
+    """What predict.py writes for the photo, and what the Predictor returns for it."""
+    out = tmp_path_factory.mktemp("predicted")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("predict", overrides=["device=cpu", f"ckpt_path={trained_run['checkpoint']}",
+                                            f"input={photo}", f"output={out}"])
+    predict(cfg)
+    image = load_image(photo)
+    return {"image": image, "mask": predictor.predict(image),
+            "predict_py_mask": np.asarray(Image.open(out / "photo_mask.png"))}
+
+
+def upload(client, data: bytes, name="photo.png", content_type="image/png", **params):
+    return client.post("/v1/segment", params=params, files={"image": (name, data, content_type)})
+
+
+def decode_png(content: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(content)))
+
+
+def test_mask_is_predict_py_output(client, photo, expected):
+    np.testing.assert_array_equal(expected["mask"], expected["predict_py_mask"])
+    response = upload(client, photo.read_bytes(), format="mask")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["server-timing"].startswith("decode;dur=")
+    mask = decode_png(response.content)
+    assert mask.dtype == np.uint8 and mask.shape == (64, 96)
+    np.testing.assert_array_equal(mask, expected["predict_py_mask"])
+
+
+def test_overlay_is_the_viz_overlay(client, predictor, photo, expected):
+    response = upload(client, photo.read_bytes(), format="overlay", opacity=0.3)
+    assert response.status_code == 200
+    np.testing.assert_array_equal(decode_png(response.content),
+                                  overlay(expected["image"], expected["mask"], predictor.palette, 0.3))
+
+
+def test_json_counts_rle_and_polygons(client, predictor, photo, expected):
+    response = upload(client, photo.read_bytes(), format="json")
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["width"], body["height"]) == (96, 64)
+    mask = expected["predict_py_mask"]
+    counts = np.bincount(mask.ravel(), minlength=3)
+    assert [c["name"] for c in body["classes"]] == predictor.class_names
+    assert [c["pixels"] for c in body["classes"]] == counts.tolist()
+    assert [c["area_share"] for c in body["classes"]] == pytest.approx((counts / mask.size).tolist(), abs=1e-12)
+    for entry in body["classes"]:
+        assert entry["color"] == list(predictor.palette[entry["index"]])
+        if entry["pixels"] == 0:
+            assert entry["rle"] is None and entry["polygons"] == []
+            continue
+        rle = {"size": entry["rle"]["size"], "counts": entry["rle"]["counts"].encode()}
+        np.testing.assert_array_equal(mask_utils.decode(rle), (mask == entry["index"]).astype(np.uint8))
+        assert entry["polygons"] and all(len(p["exterior"]) >= 1 for p in entry["polygons"])
+    assert body["timing"]["inference_ms"] > 0 and body["timing"]["total_ms"] >= body["timing"]["inference_ms"]
+
+
+def test_base64_json_body_gives_the_same_mask(client, photo, expected):
+    encoded = base64.b64encode(photo.read_bytes()).decode()
+    response = client.post("/v1/segment", params={"format": "mask"}, json={"image": encoded})
+    assert response.status_code == 200
+    np.testing.assert_array_equal(decode_png(response.content), expected["mask"])
+    data_url = client.post("/v1/segment", params={"format": "mask"}, json={"image": f"data:image/png;base64,{encoded}"})
+    np.testing.assert_array_equal(decode_png(data_url.content), expected["mask"])
+
+
+def test_polygons_keep_holes():
+    ring = np.zeros((40, 40), np.uint8)
+    ring[10:30, 10:30] = 1
+    ring[15:25, 15:25] = 0
+    ring[18:22, 18:22] = 1  # an island inside the hole is an outer boundary of its own
+    polygons = sorted(mask_polygons(ring), key=lambda p: -len(p.holes))
+    assert len(polygons) == 2
+    assert sorted(map(tuple, polygons[0].exterior)) == [(10, 10), (10, 29), (29, 10), (29, 29)]
+    # The hole's boundary runs through the ring pixels 4-adjacent to it: the hole's corners are cut.
+    assert [sorted(map(tuple, h)) for h in polygons[0].holes] == [
+        [(14, 15), (14, 24), (15, 14), (15, 25), (24, 14), (24, 25), (25, 15), (25, 24)]]
+    assert sorted(map(tuple, polygons[1].exterior)) == [(18, 18), (18, 21), (21, 18), (21, 21)]
+    assert polygons[1].holes == []
+
+
+def test_model_health_ready(client, predictor):
+    info = client.get("/v1/model").json()
+    assert info["class_names"] == ["background", "disc", "triangle"]
+    assert info["palette"] == [list(c) for c in predictor.palette]
+    assert (info["architecture"], info["format"], info["input_size"]) == ("deeplabv3_mobilenet_v3_large", "pytorch", 64)
+    assert info["inference"] == predictor.settings()
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"ready": True, "queued": 0, "queue_size": 4}
+    assert "/v1/segment" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 404  # it would load Swagger UI from a CDN
+
+
+def test_serve_settings_errors(trained_run):
+    from seglab.errors import SeglabError
+    from seglab.serve import serve
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        missing = compose("serve")
+        bad = compose("serve", overrides=[f"ckpt_path={trained_run['checkpoint']}", "limits.queue_size=0"])
+    with pytest.raises(SeglabError, match=r"ckpt_path is required: python serve.py ckpt_path="):
+        serve(missing)
+    with pytest.raises(SeglabError, match=r"Invalid limits in conf/serve.yaml: queue_size: Input should be greater "
+                                          r"than or equal to 1"):
+        serve(bad)
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose IHDR is rewritten to claim width x height (a decompression bomb's header)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data[12:29]  # chunk type + 13 data bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def test_bad_inputs_get_their_status_and_message(client, photo):
+    big = np.random.default_rng(0).integers(0, 256, (400, 400, 3), np.uint8)  # ~480 KB as PNG, limit 0.25 MiB
+    buffer = io.BytesIO()
+    Image.fromarray(big).save(buffer, format="PNG")
+    cases = {
+        "oversize body": (upload(client, buffer.getvalue()), 413,
+                          "larger than the server's limit of 0.25 MiB (limits.max_body_mb)"),
+        "oversize streamed body": (
+            client.post("/v1/segment", content=iter([buffer.getvalue()[:200_000], buffer.getvalue()[200_000:]]),
+                        headers={"content-type": "application/json"}), 413, "larger than the server's limit"),
+        "text file": (upload(client, b"hello, not an image\n", "notes.txt", "text/plain"), 415,
+                      "not an image this server can read"),
+        "truncated png": (upload(client, photo.read_bytes()[: len(photo.read_bytes()) // 2]), 400,
+                          "The image is corrupt or truncated"),
+        "pixel limit": (upload(client, png_header_claiming(2000, 1000)), 413,
+                        "The image is 2000x1000 = 2000000 pixels, above the server's limit of 1000000"),
+        "decompression bomb": (upload(client, png_header_claiming(30_000, 30_000)), 413,
+                               "The image is too large to decode safely"),
+        "empty file": (upload(client, b""), 400, "The image is empty (0 bytes)"),
+        "no image field": (client.post("/v1/segment", files={"photo": ("p.png", photo.read_bytes())}), 400,
+                           "no file field 'image'"),
+        "bad base64": (client.post("/v1/segment", json={"image": "not base64!"}), 400, "not valid base64"),
+        "json without image": (client.post("/v1/segment", json={"picture": "x"}), 400, "no string field 'image'"),
+        "invalid json": (client.post("/v1/segment", content=b"{oops", headers={"content-type": "application/json"}),
+                         400, "The JSON body is invalid"),
+        "other content type": (client.post("/v1/segment", content=photo.read_bytes(),
+                                           headers={"content-type": "image/png"}), 415,
+                               "Content-Type 'image/png' is not accepted"),
+    }
+    for name, (response, status, message) in cases.items():
+        assert (name, response.status_code) == (name, status)
+        assert message in response.json()["detail"], (name, response.json())
+    assert client.post("/v1/segment", params={"format": "svg"}, content=b"").status_code == 422
+
+
+class HeldPredictor:
+    """The real predictor, but each prediction waits until the test releases it."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+    def predict(self, image):
+        self.entered.set()
+        assert self.release.wait(60)
+        return self.predictor.predict(image)
+
+
+def test_full_queue_answers_503_with_retry_after(predictor, photo, expected, live_server):
+    held = HeldPredictor(predictor)
+    app = create_app(held, ServeSettings(queue_size=1, retry_after_s=2))
+    with live_server(app) as url:
+        first = {}
+        thread = threading.Thread(target=lambda: first.update(response=httpx.post(
+            f"{url}/v1/segment?format=mask", files={"image": ("photo.png", photo.read_bytes())}, timeout=60)))
+        thread.start()
+        assert held.entered.wait(60)
+        busy = httpx.post(f"{url}/v1/segment", files={"image": ("photo.png", photo.read_bytes())}, timeout=60)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
+        assert busy.json()["detail"] == ("The model is busy: 1 requests are already running on or waiting for it "
+                                         "(limits.queue_size). Retry after 2 s.")
+        assert httpx.get(f"{url}/ready").status_code == 503
+        held.release.set()
+        thread.join(60)
+        assert first["response"].status_code == 200
+        np.testing.assert_array_equal(decode_png(first["response"].content), expected["mask"])
+        assert httpx.get(f"{url}/ready").json() == {"ready": True, "queued": 0, "queue_size": 1}

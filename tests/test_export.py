@@ -1,0 +1,198 @@
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from seglab.data.masks import load_image
+from seglab.errors import SeglabError
+from seglab.export import check_parity, export, parity_image
+from seglab.inference import OnnxModel, Predictor, load_predictor
+from seglab.models.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_export(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("export", overrides=list(overrides))
+
+
+def first_test_image(demo_root: Path) -> np.ndarray:
+    return load_image(sorted((demo_root / "test").glob("*.jpg"))[0])
+
+
+@pytest.fixture(scope="module")
+def mobilenet_export(trained_run, tmp_path_factory) -> dict:
+    output = tmp_path_factory.mktemp("export") / "model.onnx"
+    result = export(compose_export(f"ckpt_path={trained_run['checkpoint']}", f"output={output}"))
+    return {**result, "checkpoint": trained_run["checkpoint"]}
+
+
+def test_export_writes_a_dynamic_onnx_model_and_its_sidecar(mobilenet_export, demo_root):
+    output, ckpt = Path(mobilenet_export["output"]), Path(mobilenet_export["checkpoint"])
+    sidecar = json.loads(output.with_suffix(".json").read_text())
+    module = load_checkpoint(ckpt)
+    assert sidecar["class_names"] == module.class_names == ["background", "disc", "triangle"]
+    assert sidecar["palette"] == [list(c) for c in module.palette]
+    assert (sidecar["image_size"], sidecar["mean"], sidecar["std"]) == (64, module.meta["mean"], module.meta["std"])
+    assert sidecar["ignore_index"] == 255
+    assert sidecar["architecture"] == "deeplabv3_mobilenet_v3_large"
+    assert sidecar["source_checkpoint"] == str(ckpt.resolve())
+    assert sidecar["source_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert sidecar["opset"] == 18 and sidecar["format"] == "onnx"
+    parity = sidecar["parity"]
+    assert parity["passed"] and [c["input"].split(" ")[:2] for c in parity["checks"]] == [
+        ["random", "1x3x64x64"], ["random", "2x3x49x99"], ["image", str(sorted(demo_root.rglob("*.jpg"))[0])]]
+    assert all(c["max_abs_diff"] <= 1e-3 * max(1, c["max_abs_logit"]) and c["class_agreement"] >= 0.999
+               for c in parity["checks"])
+
+    model = onnx.load(str(output))
+    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [
+        "batch", 3, "height", "width"]
+    assert [o.name for o in model.graph.output] == ["logits"]  # the main head only, no aux output
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
+    # Sizes it was never traced at: batch 3, 37 x 53.
+    x = torch.randn(3, 3, 37, 53)
+    logits = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        reference = module(x).numpy()
+    assert logits.shape == (3, 3, 37, 53)
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4)
+
+
+def test_onnx_predictor_gives_the_checkpoints_masks(mobilenet_export, demo_root):
+    from_onnx = load_predictor(mobilenet_export["output"], device="cpu")
+    from_ckpt = load_predictor(mobilenet_export["checkpoint"], device="cpu")
+    assert from_onnx.class_names == from_ckpt.class_names
+    for path in sorted((demo_root / "test").glob("*.jpg")):
+        image = load_image(path)
+        torch.testing.assert_close(from_onnx.logits(image), from_ckpt.logits(image), rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(from_onnx.predict(image), from_ckpt.predict(image))
+
+
+def test_parity_check_fails_when_onnx_and_pytorch_differ(mobilenet_export, demo_root):
+    reference = load_predictor(mobilenet_export["checkpoint"], device="cpu")
+    candidate = Predictor(OnnxModel(mobilenet_export["output"]), reference.meta)
+    image = first_test_image(demo_root)
+    assert check_parity(reference, candidate, image, "test image", 1e-3, 0.999, seed=0)["passed"]
+    # The PyTorch side drifts from the export: +0.5 on the disc logit everywhere.
+    with torch.no_grad():
+        reference.model.module.net.classifier[-1].bias[1] += 0.5
+    with pytest.raises(SeglabError, match=r"does not reproduce PyTorch on random 1x3x64x64: max \|logit diff\| 0\.5"):
+        check_parity(reference, candidate, image, "test image", 1e-3, 0.999, seed=0)
+
+
+def test_parity_image_without_the_training_data(trained_run, demo_root, tmp_path):
+    module = load_checkpoint(trained_run["checkpoint"])
+    cfg = compose_export("ckpt_path=x.ckpt", "output=x.onnx")
+    image, name = parity_image(cfg, module)
+    assert name == str(sorted(demo_root.rglob("*.jpg"))[0]) and image.shape == (64, 64, 3)
+    module.meta["config"]["data"]["root"] = str(tmp_path / "moved")
+    image, name = parity_image(cfg, module)
+    assert name == "synthetic" and image.shape == (96, 128, 3) and image.dtype == np.uint8 and image.std() > 1
+    cfg.image = str(sorted(demo_root.rglob("*.jpg"))[-1])
+    assert parity_image(cfg, module)[1] == cfg.image
+
+
+def test_export_never_overwrites(mobilenet_export):
+    output = Path(mobilenet_export["output"])
+    before = output.read_bytes()
+    with pytest.raises(SeglabError, match=r"model\.onnx already exists; an export is never overwritten"):
+        export(compose_export(f"ckpt_path={mobilenet_export['checkpoint']}", f"output={output}"))
+    assert output.read_bytes() == before
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("format=tensorrt", r"format='tensorrt' is not supported; choose one of \['onnx'\]"),
+    ("opset=13", r"opset=13 is too old: use 17 or later"),
+    ("output=model.pt", r"output='model.pt' must be a file name ending in \.onnx"),
+])
+def test_export_rejects_bad_settings(trained_run, tmp_path, override, message):
+    overrides = [f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}", override]
+    with pytest.raises(SeglabError, match=message):
+        export(compose_export(*overrides))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_needs_a_checkpoint(tmp_path):
+    with pytest.raises(SeglabError, match=r"Checkpoint .*missing\.ckpt does not exist"):
+        export(compose_export(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output={tmp_path / 'model.onnx'}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["deeplabv3_resnet50", "deeplabv3_resnet101", "segformer", "segformer_b2"])
+def test_export_parity_for_every_architecture(compose_train, tmp_path, demo_root, model):
+    from seglab.train import train
+
+    # Two training steps give BatchNorm statistics and weights that are not the initial ones.
+    ckpt = train(compose_train(f"model={model}"))["checkpoint"]
+    result = export(compose_export(f"ckpt_path={ckpt}", f"output={tmp_path / 'model.onnx'}"))
+    assert result["parity"]["passed"] and len(result["parity"]["checks"]) == 3
+    from_onnx = load_predictor(result["output"], device="cpu")
+    from_ckpt = load_predictor(ckpt, device="cpu")
+    image = first_test_image(demo_root)
+    np.testing.assert_array_equal(from_onnx.predict(image), from_ckpt.predict(image))
+
+
+@pytest.mark.slow
+def test_export_script(trained_run, tmp_path):
+    output = tmp_path / "exported" / "model.onnx"
+    cmd = [sys.executable, "export.py", f"ckpt_path={trained_run['checkpoint']}", f"output={output}",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"seglab export: {output} (+ model.json)" in done.stdout
+    assert "parity PyTorch vs ONNX Runtime on 3 inputs: max |logit diff|" in done.stdout
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1
+    assert again.stderr.strip() == (f"seglab: error: {output} already exists; an export is never overwritten. "
+                                    "Choose another output=<file>.onnx or move the old export away.")
+
+
+def test_predict_py_and_the_web_api_take_the_export(mobilenet_export, demo_root, tmp_path):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from seglab.predict import predict
+    from seglab.serve.app import create_app
+
+    outputs = {}
+    for name, model in (("ckpt", mobilenet_export["checkpoint"]), ("onnx", mobilenet_export["output"])):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("predict", overrides=["device=cpu", f"ckpt_path={model}", f"input={demo_root / 'test'}",
+                                                f"output={tmp_path / name}"])
+        assert predict(cfg)["images"] == 2
+        outputs[name] = sorted((tmp_path / name).glob("*_mask.png"))
+    assert [p.name for p in outputs["onnx"]] == [p.name for p in outputs["ckpt"]]
+    for onnx_mask, ckpt_mask in zip(outputs["onnx"], outputs["ckpt"], strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(onnx_mask)), np.asarray(Image.open(ckpt_mask)))
+
+    with TestClient(create_app(load_predictor(mobilenet_export["output"], device="cpu"))) as client:
+        assert client.get("/v1/model").json()["format"] == "onnx"
+        image_path = sorted((demo_root / "test").glob("*.jpg"))[0]
+        response = client.post("/v1/segment", params={"format": "mask"},
+                               files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")})
+        assert response.status_code == 200
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(response.content))),
+                                      np.asarray(Image.open(outputs["ckpt"][0])))
+
+
+def test_loading_a_broken_export_says_what_to_fix(mobilenet_export, tmp_path):
+    lone = tmp_path / "lone.onnx"
+    lone.write_bytes(Path(mobilenet_export["output"]).read_bytes())
+    with pytest.raises(SeglabError, match=r"lone\.json is missing: an exported model needs its sidecar JSON"):
+        load_predictor(lone, device="cpu")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    garbage.with_suffix(".json").write_text(Path(mobilenet_export["sidecar"]).read_text())
+    with pytest.raises(SeglabError, match=r"garbage\.onnx is not an ONNX model ONNX Runtime can load"):
+        load_predictor(garbage, device="cpu")
