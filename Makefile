@@ -71,5 +71,5 @@ test-fast: install  ## the tests without the end-to-end script runs
 lint: install  ## ruff
 	$(VENV)/bin/ruff check src tests train.py evaluate.py predict.py export.py serve.py
 
-bench: install  ## benchmark data pipeline, training loop and model; writes bench.json
+bench: install  ## benchmark data pipeline, training loop, model and a fit (time-to-result); writes bench.json
 	$(PY) -m seglab.bench $(ARGS)

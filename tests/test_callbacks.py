@@ -46,3 +46,23 @@ def test_validation_panel_and_confusion_matrix_reach_tensorboard(trained_run, de
     figures = acc.Images("val/confusion_matrix")
     assert [e.step for e in figures] == val_steps
     assert (figures[0].width, figures[0].height) == (515, 415)  # confusion_matrix_figure for 3 classes
+
+
+def test_image_panels_every_n_validations(compose_train, tmp_path):
+    import pytest
+
+    from seglab.callbacks import ValidationImages
+    from seglab.errors import SeglabError
+    from seglab.train import train
+
+    cfg = compose_train("model=deeplabv3_mobilenet_v3_large", "max_epochs=3", "callbacks.val_images.every_n=2")
+    run = train(cfg)
+    acc = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    val_steps = [e.step for e in acc.Scalars("val/mIoU")]
+    assert len(val_steps) == run["epochs_run"] == 3
+    # Validations 1 and 3 of 3 get panels and a confusion matrix; the scalars are logged every time.
+    assert [e.step for e in acc.Images("val/predictions")] == val_steps[::2]
+    assert [e.step for e in acc.Images("val/confusion_matrix")] == val_steps[::2]
+    with pytest.raises(SeglabError, match="callbacks.val_images.every_n=0"):
+        ValidationImages(every_n=0)

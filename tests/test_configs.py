@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from seglab.inference import Predictor
+from seglab.train import resolve_runtime
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The groups conf/train.yaml selects from; conf/inference belongs to evaluate.yaml and predict.yaml.
@@ -52,6 +53,7 @@ def test_option_composes_and_instantiates(group, option, compose_train):
     elif group == "loss":
         assert isinstance(instantiate(cfg.loss.criterion), torch.nn.Module)
     elif group == "trainer":
+        resolve_runtime(cfg)  # precision `auto` -> this machine's, as train() does before building the Trainer
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_epochs == cfg.max_epochs
     elif group in ("callbacks", "logger"):

@@ -11,6 +11,11 @@ Sections, each a median over --repeats:
             precision; same process, interleaved step by step), and host syncs per step in each
   model     train and inference images/s: eager fp32, channels_last, bf16-mixed (CUDA), torch.compile
   evaluate  s/image of seglab.evaluate.evaluate on a checkpoint written by the loop section
+  fit       time-to-result: a real `seglab.train.train` run (the project's Trainer, callbacks, logger) of
+            --fit-epochs over a synthetic export of large JPEGs: wall time, time inside training steps and
+            their share, images/s end to end, data waits per epoch, per-epoch costs (validation, metrics,
+            image panels, checkpoint, early stopping), the image cache's effect on feeding an epoch, and
+            the bare-model ceiling (same network, batch, precision; data already on the device)
 
 Everything runs on a synthetic dataset written to a temporary folder, with the project's own config
 (conf/train.yaml); trailing Hydra overrides change it, e.g. `augmentation.train.3.noise_scale_factor=1`.
@@ -42,16 +47,17 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from seglab.data.masks import decode_segmentation, load_image, rasterize_annotations
 from seglab.data.synthetic import generate_dataset, mask_to_compressed_rle, mask_to_uncompressed_rle
 from seglab.errors import SeglabError
 from seglab.models.checkpoint import MIXED_PRECISION
-from seglab.train import build_module
+from seglab.train import build_module, resolve_runtime, train
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-SECTIONS = ("data", "masks", "loop", "model", "evaluate")
+SECTIONS = ("data", "masks", "loop", "model", "evaluate", "fit")
 
 # The issue's targets; `measured` values are filled in from the results.
 TARGETS = {
@@ -59,6 +65,9 @@ TARGETS = {
     "loop_ratio": ("<=", 1.03, "Lightning s/step / plain loop s/step (CPU, 128x128)"),
     "loop_steps_with_sync": ("<=", 1.0, "steps with a host sync the plain loop lacks, per log_every_n_steps"),
     "cuda_train_images_per_s": (">=", 300.0, "bf16-mixed + channels_last training at 513 on one H100"),
+    "fit_steps_share": (">=", 0.85, "share of a fit's wall time spent inside training steps"),
+    "fit_feed_speedup": (">=", 3.0, "feeding an epoch of large JPEGs: epoch 1 (cache filling) / epoch 2+"),
+    "fit_ceiling_ratio": (">=", 0.95, "seglab steady-state train images/s / bare-model ceiling (CUDA)"),
 }
 
 
@@ -104,7 +113,7 @@ def compose_config(root: Path, work: Path, image_size: int, overrides: list[str]
         raise SeglabError(f"seglab.bench reads the project's configs from {CONF_DIR}, which does not exist: "
                           "run it from a source checkout installed with `pip install -e .`.")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[
+        cfg = compose("train", overrides=[
             f"data.root={root}",
             f"data.cache_dir={work / 'cache'}",
             f"data.image_size={image_size}",
@@ -115,6 +124,8 @@ def compose_config(root: Path, work: Path, image_size: int, overrides: list[str]
             "scheduler=none",
             *overrides,
         ])
+        resolve_runtime(cfg)  # trainer.precision / model.channels_last `auto` -> this machine's values
+        return cfg
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -427,15 +438,17 @@ def bench_loop(cfg: DictConfig, datamodule, steps: int, repeats: int, batch_size
 
 def variant_overrides(device: torch.device, compile_: bool) -> dict[str, list[str]]:
     """Model variants as the config overrides a user would set."""
+    # Every setting explicit: the config's `auto` would make "eager fp32" bf16 on a GPU.
+    fp32, mixed = ["trainer.precision=32-true"], ["trainer.precision=bf16-mixed"]
+    eager, last = ["model.channels_last=false"], ["model.channels_last=true"]
     if device.type != "cuda":
-        variants = {"eager fp32": [], "channels_last": ["model.channels_last=true"]}
-        return variants | ({"compile": ["model.compile=true"]} if compile_ else {})
-    mixed = ["trainer.precision=bf16-mixed"]
+        variants = {"eager fp32": [*fp32, *eager], "channels_last": [*fp32, *last]}
+        return variants | ({"compile": [*fp32, *eager, "model.compile=true"]} if compile_ else {})
     variants = {
-        "eager fp32": [],
-        "channels_last": ["model.channels_last=true"],
-        "bf16-mixed": mixed,
-        "bf16-mixed + channels_last": [*mixed, "model.channels_last=true"],
+        "eager fp32": [*fp32, *eager],
+        "channels_last": [*fp32, *last],
+        "bf16-mixed": [*mixed, *eager],
+        "bf16-mixed + channels_last": [*mixed, *last],
     }
     if compile_:
         variants["bf16-mixed + channels_last + compile"] = [*variants["bf16-mixed + channels_last"],
@@ -529,11 +542,178 @@ def bench_evaluate(checkpoint: Path, model: str, root: Path, work: Path, device,
     }
 
 
+# ----------------------------------------------------------------------------------------------- fit
+
+
+class FitClock(pl.Callback):
+    """Where a real fit's wall time goes, seen from inside it: each training step (batch start to batch end),
+    the wait for data before it (from the previous step's end or the epoch's start), and each validation
+    pass. On CUDA it synchronizes at these points, so queued GPU work is counted in the step that queued it
+    (and the fit runs a little slower than it would unobserved); on CPU it only reads the clock."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.steps: list[list[float]] = []  # per epoch, seconds of each training step
+        self.waits: list[list[float]] = []  # per epoch, seconds waiting for each batch
+        self.validations: list[float] = []  # seconds of each validation pass
+        self.val_steps: list[float] = []  # seconds inside its validation steps
+        self.images = 0
+        self.fit_start = self.fit_end = self._mark = self._validation = self._val_mark = None
+
+    def now(self) -> float:
+        sync(self.device)
+        return time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.fit_start = self.now()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.steps.append([])
+        self.waits.append([])
+        self._mark = self.now()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = self.now()
+        self.waits[-1].append(now - self._mark)
+        self._mark = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = self.now()
+        self.steps[-1].append(now - self._mark)
+        self.images += len(batch[0])
+        self._mark = now
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validation = self.now()
+        self.val_steps.append(0.0)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._val_mark = self.now()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val_steps[-1] += self.now() - self._val_mark
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Lightning runs ModelCheckpoint's hook after this one: its save is timed by the profiler.
+        if trainer.sanity_checking:
+            self.val_steps.pop()
+        else:
+            self.validations.append(self.now() - self._validation)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._mark = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.fit_end = self.now()
+
+
+def hook_total(durations: dict[str, list[float]], prefix: str, hooks: tuple[str, ...]) -> float:
+    """Seconds spent over the whole fit in the profiled hooks named `<prefix>...<hook>`."""
+    return float(sum(sum(d) for name, d in durations.items() if name.startswith(prefix) and name.endswith(hooks)))
+
+
+def feed_epochs(cfg: DictConfig, work: Path) -> dict:
+    """Seconds to produce one epoch of training items in one process (no model), with the image cache
+    empty (epoch 1 fills it), full (epoch 2 and later, and later runs) and switched off (every epoch)."""
+    out = {}
+    for image_cache in (True, False):
+        data = copy.deepcopy(cfg.data)
+        data.cache_dir, data.image_cache, data.num_workers, data.splits_file = \
+            str(work / "feed_cache"), image_cache, 0, None
+        datamodule = instantiate(data)
+        datamodule.setup("fit")
+        dataset = datamodule.datasets["train"]
+
+        def epoch(dataset=dataset) -> float:
+            return timed(lambda: [dataset[i] for i in range(len(dataset))])
+
+        if image_cache:
+            out["epoch1_s"], out["epoch2_s"] = epoch(), epoch()
+        else:
+            out["no_cache_s"] = epoch()
+        out["images"] = len(dataset)
+    out["speedup"] = out["epoch1_s"] / out["epoch2_s"]
+    return out
+
+
+def bench_fit(args, work: Path, device: torch.device) -> dict:
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    # The generator's hard mode: JPEG photos of varied sizes and aspect ratios, the long side up to --fit-data-size.
+    root = generate_dataset(work / "fit_data", num_images=args.fit_images, size=args.fit_data_size, seed=0, hard=True)
+    sizes = [Image.open(p).size for p in sorted((root / "train").glob("*.jpg"))]
+    cfg = compose_config(root, work / "fit", args.size, [
+        f"model={args.model}", f"max_epochs={args.fit_epochs}", f"batch_size={args.batch_size}",
+        "callbacks.progress_bar.refresh_rate=0", *args.overrides])
+    cfg.data.num_workers = None  # the default: one worker per core, as a user's run has
+    clock, profiler = FitClock(device), SimpleProfiler()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = train(cfg, extra_callbacks=[clock], profiler=profiler)
+    total_s = time.perf_counter() - started
+    wall = clock.fit_end - started  # from the call to the end of fit: setup, all epochs, validation
+    steps = [s for epoch in clock.steps for s in epoch]
+    n_val, epochs = len(clock.validations), len(clock.steps)
+    durations = profiler.recorded_durations
+    module = next(k for k in durations if k.startswith("[LightningModule]")).split("]")[1].split(".")[0]
+    # Seconds per training epoch, each over the whole fit (sanity check included) divided by the epochs:
+    # validating every N epochs divides the first four by N.
+    totals = {
+        "validation_pass": sum(clock.validations),
+        "val_steps": sum(clock.val_steps),
+        "metric_compute": hook_total(durations, f"[LightningModule]{module}", (".on_validation_epoch_end",)),
+        "image_panels": hook_total(durations, "[Callback]ValidationImages", (".on_validation_epoch_end",)),
+        # ModelCheckpoint and EarlyStopping act at the end of the training epoch when validation runs every
+        # epoch, else at the end of validation.
+        "checkpoint_save": hook_total(durations, "[Callback]ModelCheckpoint", (".on_validation_end",
+                                                                             ".on_train_epoch_end")),
+        "early_stopping": hook_total(durations, "[Callback]EarlyStopping", (".on_validation_end",
+                                                                          ".on_train_epoch_end")),
+    }
+    costs = {k: v / epochs for k, v in totals.items()}
+    print("[bench] fit: bare-model ceiling and feeding cost ...", file=sys.stderr, flush=True)
+    ceiling_cfg = copy.deepcopy(cfg)
+    datamodule = instantiate(ceiling_cfg.data)
+    datamodule.setup("fit")
+    batches = random_batches(2, args.batch_size, args.size, datamodule.num_classes)
+    ceiling = bench_variant(ceiling_cfg, datamodule, batches, args.steps, args.repeats, device)
+    feed = feed_epochs(cfg, work)
+    steady = metrics["train_images_per_s"]
+    return {
+        "model": str(cfg.model.arch),
+        "image_size": args.size,
+        "batch_size": args.batch_size,
+        "epochs": metrics["epochs_run"],
+        "train_images": clock.images // max(1, len(clock.steps)),
+        "export_images": args.fit_images,
+        "export_sizes": sorted({f"{w}x{h}" for w, h in sizes}),
+        "num_workers": instantiate(cfg.data).num_workers,
+        "runtime": metrics["runtime"],
+        "wall_s": wall,
+        "setup_s": clock.fit_start - started,
+        "test_and_report_s": total_s - wall,
+        "steps_s": float(sum(steps)),
+        "steps_share": float(sum(steps) / wall),
+        "images_per_s_end_to_end": clock.images / wall,
+        "steady_images_per_s": steady,
+        "steps_images_per_s": clock.images / sum(steps),
+        "warmup_s": metrics["train_warmup_s"],
+        "data_wait_s_per_epoch": [float(sum(w)) for w in clock.waits],
+        "steps_s_per_epoch": [float(sum(s)) for s in clock.steps],
+        "validations": n_val,
+        "per_epoch_s": costs,
+        "feed": feed,
+        "ceiling_images_per_s": ceiling["train_images_per_s"],
+        "ceiling_warmup_s": ceiling["warmup_s"],
+        "ceiling_ratio": steady / ceiling["train_images_per_s"] if steady else None,
+    }
+
+
 # ----------------------------------------------------------------------------------------- reporting
 
 
 def check_targets(results: dict) -> dict:
-    data, loop, model = results.get("data"), results.get("loop"), results.get("model", [])
+    data, loop, model, fit = results.get("data"), results.get("loop"), results.get("model", []), results.get("fit")
     at_513 = data is not None and data["image_size"] == 513
     cpu_128 = loop is not None and loop["device"] == "cpu" and loop["image_size"] == 128
     # (wall-clock value, CPU-time value) where the target applies to this run.
@@ -545,6 +725,9 @@ def check_targets(results: dict) -> dict:
         "cuda_train_images_per_s": (next(
             (r.get("train_images_per_s") for r in model
              if r["variant"] == "bf16-mixed + channels_last" and results["model_image_size"] == 513), None), None),
+        "fit_steps_share": (fit["steps_share"] if fit else None, None),
+        "fit_feed_speedup": (fit["feed"]["speedup"] if fit else None, None),
+        "fit_ceiling_ratio": (fit["ceiling_ratio"] if fit and fit["runtime"]["device"] != "cpu" else None, None),
     }
     out = {}
     for key, (op, target, what) in TARGETS.items():
@@ -648,10 +831,39 @@ def report_evaluate(evaluation: dict) -> list[str]:
     ]
 
 
+def report_fit(fit: dict) -> list[str]:
+    costs, feed = fit["per_epoch_s"], fit["feed"]
+    return [
+        f"6. Fit (time-to-result): seglab.train.train, {fit['model']} at {fit['image_size']} px, batch "
+        f"{fit['batch_size']}, {fit['epochs']} epochs of {fit['train_images']} images from an export of "
+        f"{fit['export_images']} JPEGs ({', '.join(fit['export_sizes'][:4])}"
+        f"{', ...' if len(fit['export_sizes']) > 4 else ''}), {fit['num_workers']} workers; runtime "
+        + ", ".join(f"{k} {v}" for k, v in fit["runtime"].items()),
+        table([
+            ["wall time, start to end of fit", f"{fit['wall_s']:.1f} s"],
+            ["  of which setup (data, masks, model)", f"{fit['setup_s']:.1f} s"],
+            ["  inside training steps", f"{fit['steps_s']:.1f} s (share {fit['steps_share']:.3f})"],
+            ["test pass and report after the fit", f"{fit['test_and_report_s']:.1f} s"],
+            ["train images/s end to end", fmt(fit["images_per_s_end_to_end"])],
+            ["train images/s steady (epochs 2+, TrainSpeed)", fmt(fit["steady_images_per_s"])],
+            ["train images/s inside steps", fmt(fit["steps_images_per_s"])],
+            ["bare-model ceiling (data on the device)", fmt(fit["ceiling_images_per_s"])],
+            ["seglab steady / ceiling", fmt(fit["ceiling_ratio"], ".3f")],
+            ["warm-up (first epoch beyond steady rate)", f"{fmt(fit['warmup_s'])} s"],
+        ]),
+        "  per epoch, waiting for data: " + " ".join(f"{w:.2f}" for w in fit["data_wait_s_per_epoch"])
+        + " s; inside steps: " + " ".join(f"{w:.2f}" for w in fit["steps_s_per_epoch"]) + " s",
+        f"  per epoch ({fit['validations']} validations in {fit['epochs']} epochs), s: "
+        + ", ".join(f"{k.replace('_', ' ')} {fmt(v, '.3f')}" for k, v in costs.items()),
+        f"  feeding one epoch ({feed['images']} images, one process): cache empty {feed['epoch1_s']:.2f} s, "
+        f"cache full {feed['epoch2_s']:.2f} s ({feed['speedup']:.1f}x), no cache {feed['no_cache_s']:.2f} s",
+    ]
+
+
 def report(results: dict) -> str:
     parts = [report_machine(results["machine"])]
     for key, section in (("data", report_data), ("masks", report_masks), ("loop", report_loop),
-                         ("evaluate", report_evaluate)):
+                         ("evaluate", report_evaluate), ("fit", report_fit)):
         if key in results:
             parts.append(section(results[key]))
         if key == "loop" and "model" in results:
@@ -683,6 +895,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
                         help=f"run only these sections ({', '.join(SECTIONS)}; evaluate needs loop's checkpoint)")
+    parser.add_argument("--fit-epochs", type=int, default=3, help="epochs of the fit section")
+    parser.add_argument("--fit-images", type=int, default=48, help="images of the fit section's export")
+    parser.add_argument("--fit-data-size", type=int, default=2048,
+                        help="long side of the fit section's JPEGs (default 2048)")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes, one repeat, one thread, no compile: checks that it runs")
@@ -696,6 +912,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batch_size = args.batch_size or (8 if cuda else 2)
     if quick:
         args.images, args.repeats, args.steps = min(args.images, 10), 1, min(args.steps, 3)
+        args.fit_epochs, args.fit_images, args.fit_data_size = 2, min(args.fit_images, 12), 256
         # One thread: on a busy shared CPU, two OpenMP threads can be ten times slower than one.
         args.threads = args.threads or 1
     args.compile = (cuda and not quick) if args.compile is None else args.compile
@@ -715,39 +932,44 @@ def main(argv: list[str] | None = None) -> dict:
     only = set(args.only or SECTIONS) | ({"loop"} if "evaluate" in (args.only or SECTIONS) else set())
     with tempfile.TemporaryDirectory(prefix="seglab-bench-") as tmp:
         work = Path(tmp)
-        root = generate_dataset(work / "data", num_images=args.images, size=args.data_size, seed=0)
-        common = [f"model={args.model}", *args.overrides]
+        if only - {"fit"}:  # the fit section writes its own export
+            root = generate_dataset(work / "data", num_images=args.images, size=args.data_size, seed=0)
+            common = [f"model={args.model}", *args.overrides]
 
-        data_cfg = compose_config(root, work, args.data_size, common)
-        if "data" in only:
-            print(f"[bench] data pipeline at {args.data_size} px ...", file=sys.stderr, flush=True)
-            results["data"] = bench_data(data_cfg, args.repeats)
-        if "masks" in only:
-            datamodule = instantiate(data_cfg.data)
-            datamodule.setup("fit")
-            results["masks"] = bench_masks(datamodule.source, data_cfg.data.overlap, data_cfg.data.ignore_index,
-                                           args.repeats)
+            data_cfg = compose_config(root, work, args.data_size, common)
+            if "data" in only:
+                print(f"[bench] data pipeline at {args.data_size} px ...", file=sys.stderr, flush=True)
+                results["data"] = bench_data(data_cfg, args.repeats)
+            if "masks" in only:
+                datamodule = instantiate(data_cfg.data)
+                datamodule.setup("fit")
+                results["masks"] = bench_masks(datamodule.source, data_cfg.data.overlap, data_cfg.data.ignore_index,
+                                               args.repeats)
 
-        def cfg_for(overrides: list[str]) -> DictConfig:
-            return compose_config(root, work, args.size, [*common, *overrides])
+            def cfg_for(overrides: list[str]) -> DictConfig:
+                return compose_config(root, work, args.size, [*common, *overrides])
 
-        model_cfg = cfg_for(["trainer.precision=bf16-mixed"] if device.type == "cuda" else [])
-        model_data = instantiate(model_cfg.data)
-        if only & {"loop", "model"}:
-            model_data.setup("fit")
-        if "loop" in only:
-            print(f"[bench] training loop at {args.size} px ...", file=sys.stderr, flush=True)
-            results["loop"], checkpoint = bench_loop(model_cfg, model_data, args.steps, args.repeats,
-                                                     args.batch_size, device, work)
-        if "model" in only:
-            print(f"[bench] model variants at {args.size} px ...", file=sys.stderr, flush=True)
-            results["model_image_size"] = args.size
-            results["model"] = bench_model(cfg_for, model_data, args.steps, args.repeats, args.batch_size,
-                                           device, args.compile)
-        if "evaluate" in only:
-            print("[bench] evaluation ...", file=sys.stderr, flush=True)
-            results["evaluate"] = bench_evaluate(checkpoint, f"{model_cfg.model.arch} at {args.size} px", root,
-                                                 work, device, args.repeats)
+            model_cfg = cfg_for(["trainer.precision=bf16-mixed"] if device.type == "cuda" else [])
+            model_data = instantiate(model_cfg.data)
+            if only & {"loop", "model"}:
+                model_data.setup("fit")
+            if "loop" in only:
+                print(f"[bench] training loop at {args.size} px ...", file=sys.stderr, flush=True)
+                results["loop"], checkpoint = bench_loop(model_cfg, model_data, args.steps, args.repeats,
+                                                         args.batch_size, device, work)
+            if "model" in only:
+                print(f"[bench] model variants at {args.size} px ...", file=sys.stderr, flush=True)
+                results["model_image_size"] = args.size
+                results["model"] = bench_model(cfg_for, model_data, args.steps, args.repeats, args.batch_size,
+                                               device, args.compile)
+            if "evaluate" in only:
+                print("[bench] evaluation ...", file=sys.stderr, flush=True)
+                results["evaluate"] = bench_evaluate(checkpoint, f"{model_cfg.model.arch} at {args.size} px", root,
+                                                     work, device, args.repeats)
+        if "fit" in only:
+            print(f"[bench] fit of {args.fit_epochs} epochs at {args.size} px over {args.fit_data_size} px JPEGs ...",
+                  file=sys.stderr, flush=True)
+            results["fit"] = bench_fit(args, work, device)
 
     results["machine"]["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results["targets"] = check_targets(results)

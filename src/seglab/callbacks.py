@@ -9,6 +9,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from seglab.errors import SeglabError
 from seglab.viz import colorize, confusion_matrix_figure
 
 
@@ -43,12 +44,15 @@ class ValHistory(pl.Callback):
 
 class TrainSpeed(pl.Callback):
     """Training images per second of each epoch, from the epoch's start to its validation (data loading
-    included, validation excluded), logged as `train/images_per_s`. `images_per_s` is the median over the
-    epochs after the first (which also starts the DataLoader workers). Lightning's ThroughputMonitor logs a
-    rolling per-step rate to the loggers only; metrics.json and the sweep leaderboard need one number."""
+    included, validation excluded), logged as `train/images_per_s`. `images_per_s` is the steady state: the
+    median over the epochs after the first. The first epoch also pays the warm-up (DataLoader workers
+    starting, torch.compile compiling, cudnn autotuning, the image cache filling): `warmup_s` is how much
+    longer it took than the same images at the steady rate. Lightning's ThroughputMonitor logs a rolling
+    per-step rate to the loggers only; metrics.json and the sweep leaderboard need one number."""
 
     def __init__(self):
         self.rates: list[float] = []
+        self.first_epoch: tuple[int, float] | None = None  # (images, seconds)
         self._start: float | None = None
         self._images = 0
 
@@ -68,7 +72,10 @@ class TrainSpeed(pl.Callback):
 
     def _stop(self) -> None:
         if self._start is not None and self._images:
-            self.rates.append(self._images / (time.perf_counter() - self._start))
+            seconds = time.perf_counter() - self._start
+            self.rates.append(self._images / seconds)
+            if self.first_epoch is None:
+                self.first_epoch = (self._images, seconds)
         self._start = None
 
     @property
@@ -76,20 +83,37 @@ class TrainSpeed(pl.Callback):
         rates = self.rates[1:] or self.rates
         return float(np.median(rates)) if rates else None
 
+    @property
+    def warmup_s(self) -> float | None:
+        """Seconds the first epoch took beyond the steady rate; None until a second epoch has run."""
+        if self.first_epoch is None or len(self.rates) < 2:
+            return None
+        images, seconds = self.first_epoch
+        return max(0.0, seconds - images / self.images_per_s)
+
 
 class ValidationImages(pl.Callback):
-    """After every validation epoch, TensorBoard's IMAGES tab gets the first `num_images` validation images
-    as rows of image | ground truth | prediction (palette colours, ignored pixels white) and the epoch's
-    row-normalised confusion matrix. Runs without a TensorBoard logger do nothing."""
+    """After the 1st, (1+every_n)th, (1+2 every_n)th ... validation, TensorBoard's IMAGES tab gets the first
+    `num_images` validation images as rows of image | ground truth | prediction (palette colours, ignored
+    pixels white) and the epoch's row-normalised confusion matrix. Runs without a TensorBoard logger do
+    nothing. The panels cost a forward pass and a matplotlib figure: `every_n` keeps them off short epochs."""
 
     SEPARATOR = 2  # white pixels between panels
 
-    def __init__(self, num_images: int = 4):
+    def __init__(self, num_images: int = 4, every_n: int = 1):
+        if int(every_n) < 1:
+            raise SeglabError(f"callbacks.val_images.every_n={every_n} must be a positive integer "
+                              "(1: after every validation).")
         self.num_images = num_images
+        self.every_n = int(every_n)
         self.samples: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._validations = 0
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
+            return
+        self._validations += 1
+        if (self._validations - 1) % self.every_n:
             return
         counts = val_confusion_matrix(pl_module)  # a collective under DDP: every rank has to take part
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)

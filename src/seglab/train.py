@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -59,6 +60,35 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         meta=meta,
     )
+
+
+def fast_defaults(accelerator: str, cuda_available: bool, bf16_supported: bool) -> tuple[str, bool]:
+    """(precision, channels_last) for `auto`: bf16-mixed + channels_last where a CUDA GPU runs bf16 (about
+    twice fp32's images/s for DeepLabV3 on an H100, same accuracy); full fp32 everywhere else (CPUs, and
+    GPUs without bf16, where fp16 would need loss scaling: choose it there with trainer.precision=16-mixed)."""
+    on_gpu = cuda_available and str(accelerator) in ("auto", "gpu", "cuda")
+    if on_gpu and bf16_supported:
+        return "bf16-mixed", True
+    return "32-true", False
+
+
+def resolve_runtime(cfg: DictConfig) -> dict:
+    """Replace `auto` in trainer.precision and model.channels_last by what this machine runs best, in `cfg`
+    itself, so the checkpoint stores the resolved values (evaluation autocasts by trainer.precision)."""
+    cuda = torch.cuda.is_available()
+    precision, channels_last = fast_defaults(cfg.trainer.get("accelerator", "auto"), cuda,
+                                             cuda and torch.cuda.is_bf16_supported())
+    if cfg.trainer.get("precision", "auto") == "auto":
+        cfg.trainer.precision = precision
+    if cfg.model.get("channels_last") == "auto":
+        cfg.model.channels_last = channels_last
+    on_gpu = cuda and str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    return {
+        "device": f"cuda ({torch.cuda.get_device_name(0)})" if on_gpu else "cpu",
+        "precision": str(cfg.trainer.precision),
+        "channels_last": bool(cfg.model.get("channels_last", False)),
+        "compile": bool(cfg.model.get("compile", False)),
+    }
 
 
 def summary_table(rows: list[tuple[str, str]]) -> str:
@@ -135,7 +165,9 @@ def exact_test_metrics(cfg: DictConfig, trainer: pl.Trainer, module: Segmentatio
     return tester.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler=None) -> dict:
+    """The run: fit, test the best checkpoint, write metrics.json. `extra_callbacks` and `profiler` are for
+    seglab.bench, which times a real run from the inside."""
     started = time.time()
     resume_from = None
     if cfg.get("resume"):
@@ -147,14 +179,18 @@ def train(cfg: DictConfig) -> dict:
         raise SeglabError(f"{out} already holds a run; it is left as it is. Choose another folder "
                           f"(hydra.run.dir=...), or continue that run with resume={out}.")
     out.mkdir(parents=True, exist_ok=True)
+    runtime = resolve_runtime(cfg)
+    print("seglab runtime: " + ", ".join(f"{k} {v}" for k, v in runtime.items()), flush=True)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
     # callbacks.<name>=null switches one off (e.g. early stopping for equal-budget comparisons).
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] if cfg.get("callbacks") else []
+    callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
     # The trainer first: it knows this process's rank, which decides who builds the mask cache and who writes.
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
+                                      **({"profiler": profiler} if profiler is not None else {}))
     prepare_data_once(trainer, datamodule)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
@@ -181,6 +217,8 @@ def train(cfg: DictConfig) -> dict:
         "epochs_run": trainer.current_epoch,
         "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
         "train_images_per_s": speed.images_per_s if speed else None,
+        "train_warmup_s": speed.warmup_s if speed else None,
+        "runtime": runtime,
         "best_val": {k: v for k, v in best.items() if k != "epoch"},
         "test": {k: float(v) for k, v in test.items()},
         "checkpoint": best_path,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -13,10 +14,11 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from seglab.data.dataset import SegmentationDataset, value_lut
+from seglab.data.image_cache import ImageCache
 from seglab.data.masks import OVERLAP_POLICIES, build_mask_cache
 from seglab.data.sources import Sample, Source, discover, make_palette
 from seglab.data.splits import check_not_empty, check_ratios, shuffled, split_items, write_splits
-from seglab.data.transforms import GEOMETRIES, build_transforms
+from seglab.data.transforms import GEOMETRIES, base_scale_size, build_transforms
 from seglab.errors import SeglabError
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,24 @@ def pad_collate(batch, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def default_num_workers() -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cpus, 8)
+    """One DataLoader worker per usable core: decoding and augmenting is what keeps a GPU fed."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_prefetch_factor(num_workers: int) -> int:
+    """Batches each worker prepares ahead: at least torch's 2, and enough that 4 batches are queued in all,
+    so one slow image (a large JPEG on a cache miss) does not starve a step when there are few workers."""
+    return max(2, math.ceil(4 / num_workers))
+
+
+def square(height: int, width: int, size: int) -> tuple[int, int]:
+    return size, size
+
+
+def cap_long_side(height: int, width: int, size: int) -> tuple[int, int]:
+    return (height, width) if max(height, width) <= size else base_scale_size(height, width, size)
+
+
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -93,6 +111,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         num_workers: int | None = None,
         cache_dir: str | None = None,
         splits_file: str | None = None,
+        image_cache: bool = True,
+        prefetch_factor: int | None = None,
     ):
         super().__init__()
         if overlap not in OVERLAP_POLICIES:
@@ -123,6 +143,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".seglab_cache"
+        self.image_cache = bool(image_cache)
+        if prefetch_factor is not None and int(prefetch_factor) < 1:
+            raise SeglabError(f"data.prefetch_factor={prefetch_factor} must be a positive integer or null "
+                              "(null: enough for 4 batches in flight).")
+        self.prefetch_factor = int(prefetch_factor) if prefetch_factor is not None else None
         self.splits_file = Path(splits_file) if splits_file else None
         self.source: Source | None = None
         self.splits: dict[str, list[Sample]] = {}
@@ -166,6 +191,16 @@ class SegmentationDataModule(pl.LightningDataModule):
         return build_transforms(self.image_size, self.mean, self.std, self.augmentations, train=train,
                                 base_size=self.base_size, geometry=self.geometry, ignore_index=self.ignore_index)
 
+    def prescale(self, train: bool):
+        """(height, width) of an image -> the size it is resized to (once, then cached) before the transform.
+        A module-level function, not a lambda, so that spawned DataLoader workers can unpickle it."""
+        if self.base_size is None:  # stretch: the transform's own Resize then has nothing left to do
+            return partial(square, size=self.image_size)
+        # scale_crop: only what no scale of the transform uses is dropped: the long side is capped at the
+        # largest one it rescales to (base_size x the largest training scale; base_size for evaluation).
+        largest = max(round(self.base_size * r) for r in self.geometry["scales"]) if train else self.base_size
+        return partial(cap_long_side, size=largest)
+
     def prepare_data(self) -> None:
         # Lightning runs this in one process per machine before any process runs setup, so under DDP the masks
         # are rasterised once. setup still builds whatever is missing, for callers outside a Trainer.
@@ -189,8 +224,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         else:
             items = {k: [(s.image, s.mask) for s in v] for k, v in self.splits.items()}
         lut = value_lut(source.mask_values)
+        cache = ImageCache(self.cache_dir / "images") if self.image_cache else None
         self.datasets = {
-            split: SegmentationDataset(items[split], self.transform(train=split == "train"), lut)
+            split: SegmentationDataset(items[split], self.transform(train=split == "train"), lut,
+                                       prescale=self.prescale(train=split == "train"), image_cache=cache)
             for split in ("train", "val", "test")
         }
         log.info("Data: %s layout, classes %s, %s", source.layout, source.class_names,
@@ -214,8 +251,11 @@ class SegmentationDataModule(pl.LightningDataModule):
             # DeepLabV3's ASPP pooling branch fails on a batch of one: drop the ragged last batch.
             drop_last=train,
             num_workers=self.num_workers,
+            # Pinned batches let Lightning's copy to the GPU run without blocking (it passes non_blocking=True).
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            prefetch_factor=(self.prefetch_factor or default_prefetch_factor(self.num_workers))
+            if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

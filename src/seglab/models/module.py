@@ -41,6 +41,17 @@ def scalar_metrics(values: dict[str, torch.Tensor], class_names: Sequence[str], 
     return out
 
 
+# Optimizers with a fused CUDA kernel: one launch for all parameters instead of several per tensor.
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def use_fused(factory: Callable[..., torch.optim.Optimizer], device: torch.device) -> bool:
+    """Whether to pass fused=True to the optimizer partial: on CUDA, for the optimizers that have a fused
+    kernel, unless the config already chose (optimizer.fused=...). CPU keeps the default implementation."""
+    keywords = getattr(factory, "keywords", {})
+    return device.type == "cuda" and getattr(factory, "func", None) in FUSED_OPTIMIZERS and "fused" not in keywords
+
+
 class SegmentationModule(pl.LightningModule):
     def __init__(
         self,
@@ -139,7 +150,8 @@ class SegmentationModule(pl.LightningModule):
         backbone = [p for n, p in trainable if n.startswith(("backbone.", "encoder."))]
         heads = [p for n, p in trainable if not n.startswith(("backbone.", "encoder."))]
         groups = [{"params": ps, "name": name} for name, ps in (("backbone", backbone), ("heads", heads)) if ps]
-        optimizer = self.optimizer_factory(groups)
+        fused = use_fused(self.optimizer_factory, next(self.net.parameters()).device)
+        optimizer = self.optimizer_factory(groups, **({"fused": True} if fused else {}))
         if self.scheduler_factory is None:
             return optimizer
         # conf/scheduler options are stepped every batch and told the total number of steps.

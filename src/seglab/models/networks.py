@@ -180,7 +180,7 @@ def build_network(
     weights_path: str | None = None,
     aux_loss: bool = True,
     freeze_backbone: bool = False,
-    channels_last: bool = False,
+    channels_last: bool | str = False,
     compile: bool = False,
     bn_momentum: float | None = None,
 ) -> nn.Module:
@@ -206,6 +206,11 @@ def build_network(
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = bn_momentum
+    if channels_last == "auto":  # a run resolves it first (seglab.train.resolve_runtime); a direct build here
+        from seglab.train import fast_defaults
+
+        cuda = torch.cuda.is_available()
+        channels_last = fast_defaults("auto", cuda, cuda and torch.cuda.is_bf16_supported())[1]
     if channels_last:
         # Weights in channels_last make every convolution (and its output) channels_last.
         model.to(memory_format=torch.channels_last)

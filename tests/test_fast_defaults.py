@@ -1,0 +1,88 @@
+"""precision/channels_last `auto`, fused optimizers on CUDA, and the warm-up apart from the steady state."""
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from seglab.callbacks import TrainSpeed
+from seglab.models.checkpoint import load_checkpoint
+from seglab.models.module import use_fused
+from seglab.train import fast_defaults, resolve_runtime
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.mark.parametrize(("accelerator", "cuda", "bf16", "expected"), [
+    ("auto", True, True, ("bf16-mixed", True)),   # an Ampere/Hopper GPU
+    ("gpu", True, True, ("bf16-mixed", True)),
+    ("auto", True, False, ("32-true", False)),    # a GPU without bf16 (V100, T4)
+    ("cpu", True, True, ("32-true", False)),      # trainer=cpu on a GPU machine
+    ("auto", False, False, ("32-true", False)),   # a CPU-only machine
+])
+def test_fast_defaults_from_the_machines_facts(accelerator, cuda, bf16, expected):
+    assert fast_defaults(accelerator, cuda, bf16) == expected
+
+
+def compose_plain(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="states what a CPU-only machine resolves to")
+def test_defaults_resolve_to_fp32_without_channels_last_on_cpu():
+    cfg = compose_plain()
+    assert (cfg.trainer.precision, cfg.model.channels_last, cfg.model.compile) == ("auto", "auto", False)
+    runtime = resolve_runtime(cfg)
+    assert runtime == {"device": "cpu", "precision": "32-true", "channels_last": False, "compile": False}
+    assert (cfg.trainer.precision, cfg.model.channels_last) == ("32-true", False)  # what the checkpoint stores
+
+
+def test_explicit_choices_are_kept():
+    gpu = compose_plain("trainer=gpu", "model.channels_last=true", "model.compile=true")
+    runtime = resolve_runtime(gpu)
+    assert (gpu.trainer.precision, runtime["precision"], runtime["channels_last"], runtime["compile"]) == \
+        ("bf16-mixed", "bf16-mixed", True, True)
+    cpu = compose_plain("trainer=cpu", "trainer.precision=bf16-mixed")
+    assert resolve_runtime(cpu)["precision"] == "bf16-mixed"
+    assert resolve_runtime(compose_plain("trainer=cpu"))["precision"] == "32-true"
+
+
+def test_a_run_records_the_resolved_runtime(trained_run, capsys):
+    assert trained_run["runtime"] == {"device": "cpu", "precision": "32-true", "channels_last": False,
+                                      "compile": False}
+    module = load_checkpoint(trained_run["checkpoint"])
+    config = module.meta["config"]
+    assert (config["trainer"]["precision"], config["model"]["channels_last"]) == ("32-true", False)
+    assert trained_run["train_warmup_s"] is None  # one epoch: no steady state to compare it with
+
+
+def adam(**kw):
+    return functools.partial(torch.optim.Adam, lr=1e-3, **kw)
+
+
+def test_fused_optimizers_on_cuda_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_fused(adam(), cuda) and not use_fused(adam(), cpu)
+    assert use_fused(functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9), cuda)
+    assert use_fused(functools.partial(torch.optim.AdamW, lr=1e-3), cuda)
+    assert not use_fused(functools.partial(torch.optim.RMSprop, lr=1e-3), cuda)  # no fused kernel
+    assert not use_fused(adam(fused=False), cuda)  # optimizer.fused=false in the config wins
+    # On this CPU the module's optimizer is the plain one.
+    from seglab.models.module import SegmentationModule
+
+    module = SegmentationModule(net=torch.nn.Conv2d(3, 2, 1), class_names=["a", "b"], ignore_index=255,
+                                optimizer=adam())
+    assert module.configure_optimizers().defaults["fused"] in (None, False)
+
+
+def test_warmup_is_the_first_epochs_time_beyond_the_steady_rate():
+    speed = TrainSpeed()
+    speed.rates = [4.0, 8.0, 10.0, 8.0]  # images/s of four epochs
+    speed.first_epoch = (16, 4.0)        # 16 images in 4 s
+    assert speed.images_per_s == 8.0     # median of epochs 2-4
+    assert speed.warmup_s == pytest.approx(4.0 - 16 / 8.0)
+    speed.rates = speed.rates[:1]
+    assert speed.warmup_s is None
