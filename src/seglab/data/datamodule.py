@@ -86,8 +86,6 @@ def cap_long_side(height: int, width: int, size: int) -> tuple[int, int]:
     return (height, width) if max(height, width) <= size else base_scale_size(height, width, size)
 
 
-
-
 class SegmentationDataModule(pl.LightningDataModule):
     def __init__(
         self,
