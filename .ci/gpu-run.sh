@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 11 on one GPU (H100/H200), in one device call of ~8 minutes. From the project root:
-#   bash ../shared/device/prepare.sh && cp scripts/gpu_time_to_result.sh .whl/gpu-run.sh
+#   bash ../shared/device/prepare.sh && cp .ci/gpu-run.sh .whl/gpu-run.sh
 #   device run: command "bash .whl/gpu-run.sh", carry [".whl"], timeout_s 560
 # Every step has its own timeout; results are packed into $OUT/results.tgz after each step.
 set -u

@@ -30,8 +30,9 @@ def test_bench_quick_writes_json(tmp_path):
     assert data["mask_cache"]["first_setup_rasterised"] == 10
     assert data["mask_cache"]["second_setup_rasterised"] == 0  # the second run reads every mask from the cache
     steps = [s["step"] for s in data["steps"]]
-    assert steps[2:9] == ["Resize", "Rotate", "HorizontalFlip", "RandomBrightnessContrast", "GaussNoise",
-                          "Normalize", "ToTensorV2"]  # conf/augmentation/default.yaml between resize and normalise
+    # The default recipe (conf/augmentation/scale_crop.yaml): geometry, augmentations, normalisation.
+    assert steps[2:] == ["LongestMaxSize", "PadIfNeeded", "ClassAwareCrop", "HorizontalFlip",
+                         "RandomBrightnessContrast", "GaussNoise", "Normalize", "ToTensorV2"]
     assert all(s["ms_per_image"] > 0 for s in data["steps"] if s["ms_per_image"] is not None)
 
     # Train images 1 and 2 carry RLE annotations (seglab.data.synthetic): the other 8 are all polygons.

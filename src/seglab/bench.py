@@ -117,6 +117,8 @@ def compose_config(root: Path, work: Path, image_size: int, overrides: list[str]
             f"data.root={root}",
             f"data.cache_dir={work / 'cache'}",
             f"data.image_size={image_size}",
+            # The default's ratio of base scale to crop (1024 / 513 ~ 2) at every --data-size.
+            f"data.base_size={2 * image_size}",
             "data.num_workers=0",  # every section measures one process
             f"paths.output_dir={work / 'run'}",
             "model.weights=null",

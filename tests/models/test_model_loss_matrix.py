@@ -38,7 +38,7 @@ def test_matrix_covers_the_issue():
 
 @pytest.mark.parametrize(("model", "loss"), MATRIX)
 def test_one_training_and_one_validation_step(model, loss, compose_train):
-    cfg = compose_train(f"model={model}", f"loss={loss}", "data.image_size=32")
+    cfg = compose_train(f"model={model}", f"loss={loss}", "data.image_size=32", "data.base_size=32")
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     pl.seed_everything(0)
@@ -59,7 +59,7 @@ def test_one_training_and_one_validation_step(model, loss, compose_train):
         assert changed == {"backbone", "classifier", "aux_classifier"}
     images, _ = next(iter(datamodule.val_dataloader()))
     with torch.no_grad():
-        assert module.eval()(images).shape == (images.shape[0], datamodule.num_classes, 32, 32)
+        assert module.eval()(images).shape == (images.shape[0], datamodule.num_classes, *images.shape[-2:])
 
 
 def test_train_with_segformer_and_weighted_ce_writes_metrics(compose_train, tmp_path, capsys):
