@@ -120,7 +120,7 @@ def save_panel(predictor: Predictor, dataset, index, title, path, opacity) -> No
 
 def model_resolution_pairs(module, datamodule, split: str, device):
     """(prediction, target) per image at the model's input resolution, batched as train.py's test step."""
-    for images, masks in datamodule._loader(split):
+    for images, masks in datamodule.loader(split):
         with inference_autocast(module, device):
             logits = module(images.to(device))
         yield from zip(logits.argmax(dim=1).cpu(), masks.long(), strict=True)

@@ -231,7 +231,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         log.info("Data: %s layout, classes %s, %s", source.layout, source.class_names,
                  ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
+    def loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
         if train and len(dataset) < self.batch_size:
             raise SeglabError(
@@ -257,14 +257,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self.loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self.loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self.loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self.loader("test")
 
