@@ -1,18 +1,16 @@
 """precision/channels_last `auto`, fused optimizers on CUDA, and the warm-up apart from the steady state."""
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from seglab.callbacks import TrainSpeed
 from seglab.models.checkpoint import load_checkpoint
 from seglab.models.module import use_fused
 from seglab.train import fast_defaults, resolve_runtime
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @pytest.mark.parametrize(("accelerator", "cuda", "bf16", "expected"), [

@@ -15,12 +15,11 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from seglab.bench import CONF_DIR
 from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
 from seglab.inference import MODES
 from seglab.sweep import fmt, write_table
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def finished_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:
