@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from helpers import CONF_DIR
 
 from seglab.data.synthetic import generate_dataset
 
@@ -10,9 +11,6 @@ def demo_root(tmp_path_factory) -> Path:
     """A 20-image, 64 px synthetic RoboFlow COCO export (train 16, valid 2, test 2). Read-only: copy it
     before editing, and give datamodules a cache_dir under tmp_path so tests do not share masks."""
     return generate_dataset(tmp_path_factory.mktemp("demo"), num_images=20, size=64, seed=0)
-
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @pytest.fixture

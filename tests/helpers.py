@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+"""The project's Hydra config directory, for tests that compose configs themselves."""
+
 
 def write_coco(path: Path, images: list[dict], annotations: list[dict], categories: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from conftest import CONF_DIR
+from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from seglab.callbacks import TrainSpeed

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import CONF_DIR
+from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
