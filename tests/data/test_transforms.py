@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from seglab.data.datamodule import pad_collate
-from seglab.data.transforms import ClassAwareCrop, build_transforms
+from seglab.data.transforms import ClassAwareCrop, build_transforms, class_counts
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SIZE = 32
@@ -173,6 +173,35 @@ def test_class_aware_crop_finds_a_rare_class():
     # ~2 % of the time (0.8 expected in 40), the class-aware one about half of the time.
     assert 10 <= hits <= 30, hits
     assert all(m.shape == (32, 32) for m in seen)
+
+
+def test_class_counts_equal_bincount():
+    mask = np.random.default_rng(0).integers(0, 256, (97, 131), dtype=np.uint8)
+    mask[:, 7] = 255
+    np.testing.assert_array_equal(class_counts(mask), np.bincount(mask.ravel(), minlength=256))
+    np.testing.assert_array_equal(class_counts(mask[::2, 1::3]), np.bincount(mask[::2, 1::3].ravel(), minlength=256))
+    wide = mask.astype(np.int64)
+    np.testing.assert_array_equal(class_counts(wide), np.bincount(wide.ravel(), minlength=256))
+
+
+def test_class_aware_crop_always_holds_a_lone_target_pixel():
+    # One pixel of class 2, nothing else but background: every targeted crop must hold it, wherever it lands
+    # in the crop, including next to the image's edges (the corner is clipped back into the image).
+    for y, x in [(0, 0), (57, 3), (99, 139), (30, 70)]:
+        mask = np.zeros((100, 140), np.uint8)
+        mask[y, x] = 2
+        crop = ClassAwareCrop(16, 24, class_prob=1.0)
+        crop.set_random_seed(y + x)
+        corners = set()
+        for _ in range(30):
+            params = crop.get_params_dependent_on_data({}, {"mask": mask})
+            x0, y0, x1, y1 = params["crop_coords"]
+            assert (x1 - x0, y1 - y0) == (24, 16)
+            assert x0 <= x < x1 and y0 <= y < y1 and 0 <= x0 and x1 <= 140 and 0 <= y0 and y1 <= 100
+            corners.add((x0, y0))
+        # Placed anywhere around the pixel, not always in the same spot: in an image corner one place fits.
+        fits = (min(x, 140 - 24) - max(0, x - 23) + 1) * (min(y, 100 - 16) - max(0, y - 15) + 1)
+        assert len(corners) == 1 if fits == 1 else len(corners) > 5, (y, x, fits, corners)
 
 
 def test_cat_max_ratio_redraws_crops_dominated_by_one_class():
