@@ -1,8 +1,14 @@
-import pytest
-import torch
+import os
+from pathlib import Path
 
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.demos.boring_classes import BoringModel
+
+from seglab.callbacks import ModelCheckpoint
 from seglab.errors import SeglabError
-from seglab.models.checkpoint import load_checkpoint
+from seglab.models.checkpoint import AtomicCheckpointIO, link_atomically, load_checkpoint
 
 
 def test_loads_the_trained_weights_and_metadata(trained_run):
@@ -64,3 +70,81 @@ def test_weights_that_do_not_fit_the_stored_config(trained_run, tmp_path):
     message = r"do not fit the network .*deeplabv3_mobilenet_v3_large.*2 classes"
     with pytest.raises(SeglabError, match=message):
         load_checkpoint(path)
+
+
+class ScriptedLoss(BoringModel):
+    """Lightning's BoringModel with a validation loss that follows a script, one value per epoch."""
+
+    def __init__(self, losses):
+        super().__init__()
+        self.losses = losses
+
+    def on_validation_epoch_end(self):
+        self.log("val/loss", self.losses[self.current_epoch])
+
+
+class Inodes(pl.Callback):
+    """After each epoch's checkpointing: is last.ckpt the same file as the best checkpoint?"""
+
+    def __init__(self):
+        self.linked = []
+
+    def record(self, trainer):
+        ckpt = trainer.checkpoint_callback
+        self.linked.append(os.path.samefile(ckpt.best_model_path, ckpt.last_model_path))
+
+    # Lightning runs checkpoint callbacks' hooks last; the next epoch's start comes after all of them.
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch > 0:
+            self.record(trainer)
+
+    def on_fit_end(self, trainer, pl_module):
+        self.record(trainer)
+
+
+def test_best_and_last_are_one_file_when_the_epoch_is_the_best(tmp_path):
+    dirpath = tmp_path / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=dirpath, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                                 monitor="val/loss", mode="min", save_top_k=1, save_last=True)
+    inodes = Inodes()
+    trainer = pl.Trainer(max_epochs=4, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+                         callbacks=[checkpoint, inodes], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
+    trainer.fit(ScriptedLoss([3.0, 1.0, 2.0, 1.5]))
+
+    # Epochs 0 and 1 improve (one file, two names); 2 and 3 do not (last.ckpt written on its own).
+    assert inodes.linked == [True, True, False, False]
+    assert sorted(p.name for p in dirpath.iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]  # no temporaries
+    best = torch.load(dirpath / "best-epoch001.ckpt", weights_only=True)
+    last = torch.load(dirpath / "last.ckpt", weights_only=True)
+    # last.ckpt follows every epoch (stock Lightning 2.6 leaves it at the best epoch, 1), and rewriting it after
+    # the link left the best as it was: epoch 1's weights, not epoch 3's.
+    assert (best["epoch"], last["epoch"]) == (1, 3)
+    assert not torch.equal(best["state_dict"]["layer.weight"], last["state_dict"]["layer.weight"])
+    assert "optimizer_states" in best and "optimizer_states" in last  # both whole checkpoints
+    state = best["callbacks"][checkpoint.state_key]
+    assert Path(state["best_model_path"]).name == "best-epoch001.ckpt" and state["best_model_score"] == 1.0
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot be saved")
+
+
+def test_atomic_writer_leaves_the_old_file_when_a_save_fails(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(RuntimeError, match="cannot be saved"):  # torch.save fails half-way through
+        AtomicCheckpointIO().save_checkpoint({"epoch": 2, "w": torch.zeros(3), "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_link_atomically_replaces_the_target_and_is_idempotent(tmp_path):
+    source, target = tmp_path / "a", tmp_path / "b"
+    source.write_text("new")
+    target.write_text("old")
+    link_atomically(source, target)
+    link_atomically(source, target)  # already one file: nothing to do, nothing left behind
+    assert target.read_text() == "new" and os.path.samefile(source, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

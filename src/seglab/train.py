@@ -19,6 +19,7 @@ from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.errors import SeglabError
+from seglab.models.checkpoint import AtomicCheckpointIO
 from seglab.models.losses import build_criterion
 from seglab.models.module import SegmentationModule
 
@@ -189,7 +190,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     callbacks += list(extra_callbacks)
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
     # The trainer first: it knows this process's rank, which decides who builds the mask cache and who writes.
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
                                       **({"profiler": profiler} if profiler is not None else {}))
     prepare_data_once(trainer, datamodule)
     datamodule.setup("fit")
