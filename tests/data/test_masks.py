@@ -4,7 +4,8 @@ from helpers import annotation, rectangle
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from seglab.data.masks import load_image, rasterize_annotations
+from seglab.data.masks import PARALLEL_FROM, build_mask_cache, load_image, rasterize_annotations
+from seglab.data.sources import discover
 from seglab.errors import SeglabError
 
 IGNORE = 255
@@ -208,3 +209,21 @@ def test_exif_orientation_ignored_when_annotation_matches_stored_size(exif_rotat
 def test_missing_image_is_a_seglab_error(tmp_path):
     with pytest.raises(SeglabError, match="nope.jpg"):
         load_image(tmp_path / "nope.jpg")
+
+
+def test_parallel_rasterising_writes_the_same_masks_as_one_process(demo_root, tmp_path, caplog):
+    source = discover(demo_root)
+    assert len([i for c in source.coco_files.values() for i in c.images]) >= PARALLEL_FROM  # the pool is used
+    serial = build_mask_cache(source, tmp_path / "one", "smaller_on_top", 255, workers=1)
+    with caplog.at_level("INFO", logger="seglab.data.masks"):
+        pooled = build_mask_cache(source, tmp_path / "two", "smaller_on_top", 255, workers=2)
+    assert "Rasterised 20 mask(s)" in caplog.text
+    assert serial.keys() == pooled.keys()
+    for image, path in serial.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(pooled[image])), np.asarray(Image.open(path)))
+    assert not list((tmp_path / "two").rglob("*.tmp"))
+    # A second call finds every mask in the cache and starts no pool.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="seglab.data.masks"):
+        assert build_mask_cache(source, tmp_path / "two", "smaller_on_top", 255, workers=2) == pooled
+    assert "Rasterised" not in caplog.text

@@ -204,7 +204,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         # are rasterised once. setup still builds whatever is missing, for callers outside a Trainer.
         source = self._source()
         if source.coco_files:
-            build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index)
+            build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index, self.num_workers)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -217,7 +217,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             write_splits(self.splits, self.splits_file, name=lambda s: str(s.image.relative_to(self.root))
                          if s.image.is_relative_to(self.root) else str(s.image))
         if source.coco_files:
-            masks = build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index)
+            masks = build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index, self.num_workers)
             items = {k: [(s.image, masks[s.image]) for s in v] for k, v in self.splits.items()}
         else:
             items = {k: [(s.image, s.mask) for s in v] for k, v in self.splits.items()}
