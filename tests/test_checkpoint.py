@@ -8,7 +8,8 @@ from pytorch_lightning.demos.boring_classes import BoringModel
 
 from seglab.callbacks import ModelCheckpoint
 from seglab.errors import SeglabError
-from seglab.models.checkpoint import AtomicCheckpointIO, link_atomically, load_checkpoint
+from seglab.files import link_atomically
+from seglab.models.checkpoint import AtomicCheckpointIO, load_checkpoint
 
 
 def test_loads_the_trained_weights_and_metadata(trained_run):

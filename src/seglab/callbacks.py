@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from seglab.errors import SeglabError
-from seglab.models.checkpoint import link_atomically
+from seglab.files import link_atomically
 from seglab.viz import colorize, confusion_matrix_figure
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from seglab.files import replacing
 
 CHUNK = 64 * 1024  # bytes hashed at each end of the file
 
@@ -76,13 +77,6 @@ class ImageCache:
         except (OSError, ValueError):
             pass  # missing, or not a readable array (a disk that filled up): build it again
         array = np.ascontiguousarray(make())
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".npy.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, entry)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(entry) as tmp, open(tmp, "wb") as f:  # a file object: np.save would append .npy
+            np.save(f, array)
         return array

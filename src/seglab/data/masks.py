@@ -7,8 +7,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -19,6 +17,7 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from seglab.errors import SeglabError
+from seglab.files import replacing
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +84,6 @@ def rasterize_annotations(
     return mask, degenerate
 
 
-def _atomic_write_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)  # a killed run never leaves a half-written mask behind
-
-
 def cache_folder(cache_dir: Path, annotation_file: Path, category_index: Mapping[int, int],
                  overlap: str, ignore_index: int) -> Path:
     """The folder for one annotation file's masks, keyed by everything that changes their pixels."""
@@ -109,7 +100,8 @@ PARALLEL_FROM = 16
 def _rasterize_to_png(job: tuple, overlap: str, ignore_index: int) -> int:
     path, annotations, height, width, category_index = job
     mask, skipped = rasterize_annotations(annotations, height, width, category_index, overlap, ignore_index)
-    _atomic_write_png(mask, path)
+    with replacing(path) as tmp:  # a killed run never leaves a half-written mask behind
+        Image.fromarray(mask).save(tmp, format="PNG")
     return skipped
 
 

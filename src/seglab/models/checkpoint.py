@@ -3,7 +3,6 @@ prediction need (classes, palette, ignore index, image size, normalisation, the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 
 from seglab.data.sources import make_palette
 from seglab.errors import SeglabError
+from seglab.files import replacing
 from seglab.models.module import SegmentationModule
 
 # Mixed-precision settings of conf/trainer -> autocast dtype, so evaluation runs as train.py's test did.
@@ -21,8 +21,9 @@ MIXED_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save straight into a temporary file beside the checkpoint, then os.replace: one pass over the
-    bytes, and a checkpoint file is always either the old one or the new one, whatever kills the process.
+    """torch.save straight into a temporary file beside the checkpoint, then a rename (seglab.files.replacing):
+    one pass over the bytes, and a checkpoint file is always the old one or the new one, whatever kills the
+    process.
 
     Lightning's own writer serialises into memory, writes a temporary file in the system's temp folder and
     moves it: a copy in place where that folder is another file system (a tmpfs /tmp, a data disk), which a
@@ -32,27 +33,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        # A new file under the old name: hard links to the old one (a best checkpoint) keep its content.
+        with replacing(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)  # a new file under the old name: hard links to the old one keep its content
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def link_atomically(source: str | Path, target: str | Path) -> None:
-    """`target` becomes another name of `source`'s file (a hard link), replacing what `target` was."""
-    source, target = Path(source), Path(target)
-    if target.exists() and os.path.samefile(source, target):
-        return  # rename() between two names of one file does nothing and would leave the temporary behind
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        os.link(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _first_line(error: Exception) -> str:

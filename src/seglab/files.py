@@ -1,0 +1,34 @@
+"""Files written whole or not at all, for the mask cache, the image cache and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def replacing(target: str | Path) -> Iterator[Path]:
+    """A temporary path beside `target` for the block to write; when the block ends without an error, one
+    rename puts it in `target`'s place. On one file system that is atomic: readers, other processes filling
+    the same cache and a process killed half-way see the old file or the new one, never part of one, and
+    other hard links to the old file keep its content. On an error the temporary file is removed.
+    The writer creates the file itself, so it gets the usual permissions."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def link_atomically(source: str | Path, target: str | Path) -> None:
+    """`target` becomes another name of `source`'s file (a hard link), replacing what `target` was."""
+    if Path(target).exists() and os.path.samefile(source, target):
+        return  # rename() between two names of one file does nothing and would leave the temporary behind
+    with replacing(target) as tmp:
+        os.link(source, tmp)
