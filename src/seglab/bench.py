@@ -689,7 +689,7 @@ def bench_fit(args, work: Path, device: torch.device) -> dict:
         "train_images": clock.images // max(1, len(clock.steps)),
         "export_images": args.fit_images,
         "export_sizes": sorted({f"{w}x{h}" for w, h in sizes}),
-        "num_workers": instantiate(cfg.data).num_workers,
+        "num_workers": datamodule.num_workers,  # the ceiling's datamodule: the same data config
         "runtime": metrics["runtime"],
         "wall_s": wall,
         "setup_s": clock.fit_start - started,

@@ -18,7 +18,7 @@ from torchmetrics.functional.classification import multiclass_jaccard_index
 
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.errors import SeglabError
-from seglab.inference import Predictor, TorchModel
+from seglab.inference import Predictor, TorchModel, module_meta
 from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
 from seglab.models.module import SegmentationModule, segmentation_metrics
 from seglab.viz import confusion_matrix_figure, panel_figure
@@ -150,8 +150,7 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     dataset = datamodule.datasets[cfg.split]
     names, n, ignore = module.class_names, len(module.class_names), module.ignore_index
-    meta = {**module.meta, "class_names": names, "palette": module.palette, "ignore_index": ignore}
-    predictor = Predictor(TorchModel(module, device), meta, **cfg.inference)
+    predictor = Predictor(TorchModel(module, device), module_meta(module), **cfg.inference)
 
     metrics = segmentation_metrics(n, ignore)
     confmat = MulticlassConfusionMatrix(n, ignore_index=ignore, validate_args=False)

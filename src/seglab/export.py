@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.data.synthetic import render_background
-from seglab.errors import SeglabError
+from seglab.errors import SeglabError, first_line
 from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.module import SegmentationModule
 
@@ -59,7 +59,7 @@ def export_onnx(module: SegmentationModule, path: Path, opset: int) -> None:
     except Exception as e:  # noqa: BLE001 - any exporter failure: say which model and keep nothing half-written
         path.unlink(missing_ok=True)
         raise SeglabError(f"ONNX export of {module.meta.get('config', {}).get('model', {}).get('arch')} failed: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+                          f"{first_line(e)}") from None
 
 
 def parity_image(cfg: DictConfig, module: SegmentationModule) -> tuple[np.ndarray, str]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from seglab.data.transforms import base_scale_size, build_transforms
-from seglab.errors import SeglabError
+from seglab.errors import SeglabError, first_line
 from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
 
 MODES = ("auto", "whole", "slide")
@@ -53,6 +53,12 @@ class TorchModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), inference_autocast(self.module, self.device):
             return self.module(x.to(self.device)).float()
+
+
+def module_meta(module) -> dict:
+    """What a Predictor reads from a checkpoint's module: its stored metadata, classes, palette, ignore index."""
+    return {**module.meta, "class_names": module.class_names, "palette": module.palette,
+            "ignore_index": module.ignore_index}
 
 
 class Predictor:
@@ -147,7 +153,7 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's own exceptions: not a model it can run
             raise SeglabError(f"{path} is not an ONNX model ONNX Runtime can load "
-                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}). "
+                              f"({first_line(e)}). "
                               "Export it again with python export.py ckpt_path=<checkpoint>.") from None
         self.input = self.session.get_inputs()[0].name
 
@@ -186,7 +192,6 @@ def load_predictor(path: str | Path, device: str = "auto", mode: str = "auto", f
         meta = {**read_sidecar(path), "source": str(path)}
         return Predictor(OnnxModel(path, torch_device), meta, mode=mode, flip=flip, overlap=overlap)
     module = load_checkpoint(path, map_location=torch_device)
-    meta = {**module.meta, "class_names": module.class_names, "palette": module.palette,
-            "ignore_index": module.ignore_index, "architecture": module.meta["config"]["model"]["arch"],
-            "format": "pytorch", "source": str(path)}
+    meta = {**module_meta(module), "architecture": module.meta["config"]["model"]["arch"], "format": "pytorch",
+            "source": str(path)}
     return Predictor(TorchModel(module, torch_device), meta, mode=mode, flip=flip, overlap=overlap)

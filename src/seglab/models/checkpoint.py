@@ -12,7 +12,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 
 from seglab.data.sources import make_palette
-from seglab.errors import SeglabError
+from seglab.errors import SeglabError, first_line
 from seglab.files import replacing
 from seglab.models.module import SegmentationModule
 
@@ -38,10 +38,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, tmp)
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationModule:
     """The SegmentationModule of a seglab checkpoint, in eval mode, with `.meta` (image_size, mean, std,
     config) and `.class_names`, `.palette`, `.ignore_index`."""
@@ -56,7 +52,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a usable checkpoint
         raise SeglabError(f"{path} is not a readable PyTorch checkpoint (corrupt or another format: "
-                          f"{_first_line(e)}).") from None
+                          f"{first_line(e)}).") from None
     seglab = checkpoint.get("seglab") if isinstance(checkpoint, dict) else None
     if not isinstance(checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None, dict) \
             or not isinstance(seglab, dict) or "config" not in seglab:
@@ -80,7 +76,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as e:
         raise SeglabError(
             f"The weights in {path} do not fit the network its config describes "
-            f"(model.arch={model_cfg.get('arch')!r}, {len(class_names)} classes): {_first_line(e)}"
+            f"(model.arch={model_cfg.get('arch')!r}, {len(class_names)} classes): {first_line(e)}"
         ) from None
 
     module = SegmentationModule(
