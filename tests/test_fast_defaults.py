@@ -1,5 +1,6 @@
-"""precision/channels_last `auto`, fused optimizers on CUDA, and the warm-up apart from the steady state."""
+"""precision/channels_last `auto`, fused optimizers (CUDA and CPU), and the warm-up apart from the steady state."""
 
+import copy
 import functools
 
 import pytest
@@ -61,19 +62,37 @@ def adam(**kw):
     return functools.partial(torch.optim.Adam, lr=1e-3, **kw)
 
 
-def test_fused_optimizers_on_cuda_only():
+def test_fused_optimizers_on_cuda_and_cpu():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert use_fused(adam(), cuda) and not use_fused(adam(), cpu)
+    assert use_fused(adam(), cuda) and use_fused(adam(), cpu)
+    assert not use_fused(adam(), torch.device("mps"))
     assert use_fused(functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9), cuda)
-    assert use_fused(functools.partial(torch.optim.AdamW, lr=1e-3), cuda)
+    assert use_fused(functools.partial(torch.optim.AdamW, lr=1e-3), cpu)
     assert not use_fused(functools.partial(torch.optim.RMSprop, lr=1e-3), cuda)  # no fused kernel
     assert not use_fused(adam(fused=False), cuda)  # optimizer.fused=false in the config wins
-    # On this CPU the module's optimizer is the plain one.
+    assert not use_fused(adam(fused=False), cpu)
+
+
+def test_the_modules_cpu_optimizer_is_fused_and_steps_as_plain_adam():
     from seglab.models.module import SegmentationModule
 
-    module = SegmentationModule(net=torch.nn.Conv2d(3, 2, 1), class_names=["a", "b"], ignore_index=255,
-                                optimizer=adam())
-    assert module.configure_optimizers().defaults["fused"] in (None, False)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    plain_net, start = copy.deepcopy(net), copy.deepcopy(net)
+    module = SegmentationModule(net=net, class_names=["a", "b"], ignore_index=255,
+                                optimizer=adam(weight_decay=1e-4))
+    fused = module.configure_optimizers()
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.Adam(plain_net.parameters(), lr=1e-3, weight_decay=1e-4)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        for model, optimizer in ((net, fused), (plain_net, plain)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for a, b, a0 in zip(net.parameters(), plain_net.parameters(), start.parameters(), strict=True):
+        assert (a - a0).abs().min() > 1e-4  # three steps of lr 1e-3 moved every weight
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_warmup_is_the_first_epochs_time_beyond_the_steady_rate():

@@ -41,15 +41,19 @@ def scalar_metrics(values: dict[str, torch.Tensor], class_names: Sequence[str], 
     return out
 
 
-# Optimizers with a fused CUDA kernel: one launch for all parameters instead of several per tensor.
+# Optimizers with a fused kernel on CUDA and on CPU: one pass over all parameters instead of several operations
+# per tensor. On CPU the default is a Python loop over the tensors: fused Adam's step is 4-5x faster there
+# (DeepLabV3-MobileNetV3 89 -> 17 ms, ResNet-50 258 -> 64 ms, one thread), a fifth of a 128 px training step.
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+FUSED_DEVICES = ("cuda", "cpu")
 
 
 def use_fused(factory: Callable[..., torch.optim.Optimizer], device: torch.device) -> bool:
-    """Whether to pass fused=True to the optimizer partial: on CUDA, for the optimizers that have a fused
-    kernel, unless the config already chose (optimizer.fused=...). CPU keeps the default implementation."""
+    """Whether to pass fused=True to the optimizer partial: on CUDA and CPU, for the optimizers that have a
+    fused kernel, unless the config already chose (optimizer.fused=...)."""
     keywords = getattr(factory, "keywords", {})
-    return device.type == "cuda" and getattr(factory, "func", None) in FUSED_OPTIMIZERS and "fused" not in keywords
+    return (device.type in FUSED_DEVICES and getattr(factory, "func", None) in FUSED_OPTIMIZERS
+            and "fused" not in keywords)
 
 
 class SegmentationModule(pl.LightningModule):
