@@ -1,4 +1,6 @@
+import collections
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,74 @@ def test_best_and_last_are_one_file_when_the_epoch_is_the_best(tmp_path):
     assert "optimizer_states" in best and "optimizer_states" in last  # both whole checkpoints
     state = best["callbacks"][checkpoint.state_key]
     assert Path(state["best_model_path"]).name == "best-epoch001.ckpt" and state["best_model_score"] == 1.0
+
+
+class SlowToWrite:
+    """Pickles as an empty OrderedDict (loadable with weights_only) after a pause: torch.save writes tensor
+    data after the pickle, so without a snapshot the tensors would be read after later training steps."""
+
+    def __reduce__(self):
+        time.sleep(0.3)
+        return collections.OrderedDict, ()
+
+
+class WeightsAtValidation(pl.Callback):
+    def __init__(self):
+        self.weights = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.weights[trainer.current_epoch] = pl_module.layer.weight.detach().clone()
+
+
+class SlowScriptedLoss(ScriptedLoss):
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["slow"] = SlowToWrite()
+
+
+def test_background_writes_save_the_state_of_their_epoch_in_order(tmp_path):
+    dirpath = tmp_path / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=dirpath, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                                 monitor="val/loss", mode="min", save_top_k=1, save_last=True)
+    weights = WeightsAtValidation()
+    trainer = pl.Trainer(max_epochs=4, limit_train_batches=4, limit_val_batches=1, num_sanity_val_steps=0,
+                         callbacks=[checkpoint, weights], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=[AtomicCheckpointIO(background=True)],
+                         default_root_dir=tmp_path)
+    trainer.fit(SlowScriptedLoss([3.0, 1.0, 2.0, 1.5]))  # each write takes longer than an epoch's steps
+
+    # Epoch 0's best was removed only after its write (and the link to it) finished: no file left behind.
+    assert sorted(p.name for p in dirpath.iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
+    best = torch.load(dirpath / "best-epoch001.ckpt", weights_only=True)
+    last = torch.load(dirpath / "last.ckpt", weights_only=True)
+    assert (best["epoch"], last["epoch"]) == (1, 3)
+    # The weights as they were when each checkpoint was asked for, not as training left them afterwards.
+    assert torch.equal(best["state_dict"]["layer.weight"], weights.weights[1])
+    assert torch.equal(last["state_dict"]["layer.weight"], weights.weights[3])
+    assert not torch.equal(weights.weights[1], weights.weights[3])
+
+
+def test_a_failed_background_write_is_raised_with_the_file_and_keeps_the_old_one(tmp_path):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO(background=True)
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    io.save_checkpoint({"epoch": 2, "w": torch.zeros(3), "bad": Unpicklable()}, path)  # returns at once
+    with pytest.raises(SeglabError, match=r"Writing checkpoint .*last\.ckpt failed: cannot be saved"):
+        io.teardown()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    io.save_checkpoint({"epoch": 3, "w": torch.ones(3)}, path)  # reported once; the writer goes on
+    io.teardown()
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+
+
+def test_a_failed_background_write_stops_the_next_save(tmp_path):
+    io = AtomicCheckpointIO(background=True)
+    io.save_checkpoint({"bad": Unpicklable()}, tmp_path / "a.ckpt")
+    with pytest.raises(SeglabError, match=r"a\.ckpt failed"):
+        io.save_checkpoint({"epoch": 2}, tmp_path / "b.ckpt")  # waits for the previous save, then raises
+    io.teardown()
+    assert list(tmp_path.iterdir()) == []
 
 
 class Unpicklable:

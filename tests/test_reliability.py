@@ -205,6 +205,26 @@ def test_interrupted_run_resumes_in_the_same_folder(sig, demo_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resume_from_an_older_checkpoint_logs_each_epoch_once(demo_root, tmp_path):
+    """A kill -9 after an epoch's validation was logged but before its checkpoint reached the disk (they are
+    written in the background): the resume repeats that epoch, and TensorBoard shows it once."""
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run_train(*smoke(demo_root, tmp_path, "max_epochs=1", "trainer.limit_train_batches=3",
+                     "callbacks.early_stopping.patience=100", f"hydra.run.dir={run_dir}"))
+    epoch0 = shutil.copy(last, tmp_path / "epoch0.ckpt")
+    run_train(f"resume={run_dir}", "max_epochs=2")  # epoch 1 logged and checkpointed
+    last.unlink()
+    shutil.copy(epoch0, last)  # as if epoch 1's checkpoint had been lost with the process
+    run_train(f"resume={run_dir}", "max_epochs=3")  # epochs 1 and 2
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    val_steps = [e.step for e in acc.Scalars("val/loss")]
+    assert val_steps == [2, 5, 8]  # at each epoch's last step (three per epoch, from 0); epoch 1 once
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs_run"] == 3
+
+
+@pytest.mark.slow
 def test_same_seed_gives_same_split_and_first_epoch_loss(compose_train, tmp_path):
     runs = []
     for name in ("a", "b"):

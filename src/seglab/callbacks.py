@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from seglab.errors import SeglabError
-from seglab.files import link_atomically
+from seglab.models.checkpoint import AtomicCheckpointIO
 from seglab.viz import colorize, confusion_matrix_figure
 
 
@@ -190,8 +190,9 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
     - When an epoch is the new best, best-epochNNN.ckpt is written and last.ckpt becomes a hard link to it
       instead of a second serialisation of the same weights and optimizer state. Both names stay whole
       checkpoints: the next last.ckpt is a new file (seglab.models.checkpoint.AtomicCheckpointIO writes beside
-      and renames), so the best keeps its content. Where hard links are impossible (remote storage, a file
-      system without them) both are written, as Lightning does.
+      and renames), so the best keeps its content. Where hard links are impossible (a file system without
+      them) last.ckpt is a copy of the file; on remote storage, or with another checkpoint writer than
+      AtomicCheckpointIO, both are serialised, as Lightning does.
     """
 
     def __init__(self, *args, **kwargs):
@@ -207,7 +208,11 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         step = trainer.global_step
         same_state = self._written is not None and self._written[0] == step and self._written[1] != filepath
-        if same_state and self._link(trainer, self._written[1], filepath):
+        io = trainer.strategy.checkpoint_io
+        # The same on every rank, so no rank waits in a collective save that the others skip.
+        if same_state and isinstance(io, AtomicCheckpointIO) and _is_local_file_protocol(filepath):
+            if trainer.is_global_zero:
+                io.link_checkpoint(self._written[1], filepath)  # after the write of the source, in order
             # As Lightning's own save: bookkeeping, then the loggers hear of the new file.
             self._last_global_step_saved, self._last_checkpoint_saved = step, filepath
             if trainer.is_global_zero:
@@ -216,20 +221,6 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         else:
             super()._save_checkpoint(trainer, filepath)
         self._written = (step, filepath)
-
-    @staticmethod
-    def _link(trainer: pl.Trainer, source: str, target: str) -> bool:
-        linked = False
-        if trainer.is_global_zero and _is_local_file_protocol(target):
-            try:
-                link_atomically(source, target)
-                linked = True
-            except OSError:
-                linked = False
-        # Every rank takes the same branch: the fallback save is collective.
-        linked = trainer.strategy.broadcast(linked)
-        trainer.strategy.barrier("seglab.ModelCheckpoint._link")
-        return linked
 
 
 class SaveOnInterrupt(pl.Callback):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,3 +33,15 @@ def link_atomically(source: str | Path, target: str | Path) -> None:
         return  # rename() between two names of one file does nothing and would leave the temporary behind
     with replacing(target) as tmp:
         os.link(source, tmp)
+
+
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """`target` gets `source`'s content: a hard link, or a copy where the file system has no hard links (or
+    they would cross file systems). Either way `target` is replaced whole."""
+    try:
+        link_atomically(source, target)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        with replacing(target) as tmp:
+            shutil.copyfile(source, tmp)

@@ -19,7 +19,6 @@ from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.errors import SeglabError
-from seglab.models.checkpoint import AtomicCheckpointIO
 from seglab.models.losses import build_criterion
 from seglab.models.module import SegmentationModule
 
@@ -137,6 +136,21 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     return original
 
 
+def resumed_logger_options(logger_cfg: DictConfig, checkpoint: str | None) -> dict:
+    """A resumed TensorBoard run hides what the interrupted process logged after its checkpoint: the epoch it
+    was in, and a validation whose checkpoint had not reached the disk (checkpoints are written in the
+    background). SummaryWriter's purge_step marks the restart; TensorBoard drops the older events from that
+    step on, and the resumed run logs them again."""
+    if checkpoint is None or not str(logger_cfg.get("_target_", "")).endswith("TensorBoardLogger"):
+        return {}
+    # mmap: only the few bytes of the loop state are read, not the weights.
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    # Lightning's count of optimizer steps when the checkpoint was taken: what it had logged by then is at
+    # earlier steps (an epoch's validation at its last step, counting from 0), what came after at this step on.
+    step = state["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
+    return {"purge_step": int(step)}
+
+
 def prepare_data_once(trainer: pl.Trainer, datamodule) -> None:
     """Build the mask cache in one process per machine while the others wait, as Lightning does inside fit; it
     is needed before fit because the loss (class weights) reads the training masks.
@@ -189,9 +203,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     # callbacks.<name>=null switches one off (e.g. early stopping for equal-budget comparisons).
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] if cfg.get("callbacks") else []
     callbacks += list(extra_callbacks)
-    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
+    loggers = [instantiate(c, **resumed_logger_options(c, resume_from)) for c in cfg.logger.values()] \
+        if cfg.get("logger") else []
     # The trainer first: it knows this process's rank, which decides who builds the mask cache and who writes.
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
                                       **({"profiler": profiler} if profiler is not None else {}))
     prepare_data_once(trainer, datamodule)
     datamodule.setup("fit")

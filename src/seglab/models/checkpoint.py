@@ -3,6 +3,9 @@ prediction need (classes, palette, ignore index, image size, normalisation, the 
 
 from __future__ import annotations
 
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +13,11 @@ import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from seglab.data.sources import make_palette
 from seglab.errors import SeglabError, first_line
-from seglab.files import replacing
+from seglab.files import link_or_copy, replacing
 from seglab.models.module import SegmentationModule
 
 # Mixed-precision settings of conf/trainer -> autocast dtype, so evaluation runs as train.py's test did.
@@ -28,14 +32,89 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Lightning's own writer serialises into memory, writes a temporary file in the system's temp folder and
     moves it: a copy in place where that folder is another file system (a tmpfs /tmp, a data disk), which a
     kill can cut short, and two more passes over a 0.5 GB ResNet-50 checkpoint every epoch. Other storage
-    (s3://...) goes through Lightning's writer."""
+    (s3://...) goes through Lightning's writer.
+
+    `background=True`: the checkpoint's tensors are copied into CPU memory before training goes on, and one
+    thread writes the copy, so the steps after a validation do not wait for the disk. Writes, links
+    (`link_checkpoint`) and removals run in the order they were asked for. A save first waits for the
+    previous save, so memory holds at most one extra checkpoint. The Trainer's teardown (the end of fit,
+    Ctrl-C, SIGTERM, an error) waits for every write; a write that failed is raised there or at the next
+    save, naming the file."""
+
+    def __init__(self, background: bool = False):
+        super().__init__()
+        self.background = background
+        self._executor: ThreadPoolExecutor | None = None
+        self._last_save: Future | None = None
+        self._error: SeglabError | None = None  # the first failed write, until raised on this thread
+        self._error_lock = threading.Lock()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
+            self.wait()
             return super().save_checkpoint(checkpoint, path, storage_options)
-        # A new file under the old name: hard links to the old one (a best checkpoint) keep its content.
-        with replacing(path) as tmp:
-            torch.save(checkpoint, tmp)
+        if not self.background:
+            return write_checkpoint(checkpoint, path)
+        if self._last_save is not None:
+            futures.wait([self._last_save])
+        # A snapshot: the next optimizer step changes the weights and moments in place.
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+        self._last_save = self._submit(f"Writing checkpoint {path}", write_checkpoint, snapshot, path)
+
+    def link_checkpoint(self, source, target) -> None:
+        """`target` becomes another name of the checkpoint `source` (a copy where hard links are impossible)."""
+        self._run(f"Linking checkpoint {target} to {source}", link_or_copy, source, target)
+
+    def remove_checkpoint(self, path) -> None:
+        # After the writes asked for before it: a removal must not overtake the write of the same file.
+        self._run(f"Removing checkpoint {path}", super().remove_checkpoint, path)
+
+    def wait(self) -> None:
+        """Returns when everything asked for so far is on disk; raises the first failure."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        self._raise()
+
+    def teardown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor, self._last_save = None, None
+        self._raise()
+
+    def _run(self, what: str, fn, *args) -> None:
+        if self.background:
+            self._submit(what, fn, *args)
+        else:
+            fn(*args)
+
+    def _submit(self, what: str, fn, *args) -> Future:
+        self._raise()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seglab-checkpoint")
+
+        def job():
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - reported on the training thread, with the file's name
+                error = SeglabError(f"{what} failed: {first_line(e)}. The previous file of that name, if any, "
+                                    "is unchanged.")
+                error.__cause__ = e
+                with self._error_lock:
+                    self._error = self._error or error
+
+        return self._executor.submit(job)
+
+    def _raise(self) -> None:
+        with self._error_lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def write_checkpoint(checkpoint: dict[str, Any], path) -> None:
+    # A new file under the old name: hard links to the old one (a best checkpoint) keep its content.
+    with replacing(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationModule:
