@@ -3,9 +3,9 @@ prediction need (classes, palette, ignore index, image size, normalisation, the 
 
 from __future__ import annotations
 
+import threading
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-import threading
 from pathlib import Path
 from typing import Any
 

@@ -12,13 +12,8 @@ import urllib.error
 from collections.abc import Callable
 from pathlib import Path
 
-import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 import torchvision
-from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import LocalEntryNotFoundError
-from huggingface_hub.file_download import repo_folder_name
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from torchvision.models import segmentation
@@ -52,12 +47,11 @@ def offline_message(url: str, error: Exception, setting: str, put_it: str | None
     )
 
 
-def download_guard(load: Callable[[], nn.Module], url: str, setting: str,
-                   put_it: str | None = None) -> nn.Module:
+def download_guard(load: Callable[[], nn.Module], url: str, setting: str, put_it: str | None = None,
+                   offline_errors: tuple[type[Exception], ...] = ()) -> nn.Module:
     try:
         return load()
-    # huggingface_hub gives up with LocalEntryNotFoundError once its retries fail and nothing is cached.
-    except (urllib.error.URLError, ConnectionError, TimeoutError, LocalEntryNotFoundError) as e:
+    except (urllib.error.URLError, ConnectionError, TimeoutError, *offline_errors) as e:
         raise SeglabError(offline_message(url, e, setting, put_it)) from None
 
 
@@ -129,49 +123,6 @@ def torchvision_deeplab(
     return model
 
 
-class Segformer(smp.Segformer):
-    """smp's SegFormer returning {"out": logits at the input size}, like torchvision's DeepLabV3."""
-
-    # The Mix Transformer's overlapping patch embeddings take any size (513 included); the decoder works at
-    # 1/4 of the input and its logits are resized to the input once, with align_corners=False as MMSeg does.
-    requires_divisible_input_shape = False
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = super().forward(x)
-        return {"out": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)}
-
-
-def smp_segformer(arch: str, num_classes: int, weights: str | None,
-                  weights_backbone: str | None) -> nn.Module:
-    encoder = SEGFORMERS[arch]
-    if weights:
-        raise SeglabError(
-            f"model.weights={weights!r}: {arch} has no whole-model weights here; set model.weights=null and "
-            "model.weights_backbone=imagenet for the ImageNet-pretrained encoder."
-        )
-    settings = smp.encoders.encoders[encoder]["pretrained_settings"]
-    if weights_backbone and weights_backbone not in settings:
-        raise SeglabError(f"model.weights_backbone={weights_backbone!r} is not one of {sorted(settings)} "
-                          "or null.")
-
-    def load() -> nn.Module:
-        return Segformer(encoder_name=encoder, encoder_weights=weights_backbone, classes=num_classes,
-                         upsampling=1)
-
-    if not weights_backbone:
-        return load()
-    # smp fetches config.json and model.safetensors at a pinned revision; huggingface_hub then finds them in
-    # its cache without any network access.
-    repo, revision = settings[weights_backbone]["repo_id"], settings[weights_backbone]["revision"]
-    url = f"https://huggingface.co/{repo}/resolve/{revision}/model.safetensors"
-    cache = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
-    snapshot = cache / "snapshots" / revision
-    put_it = (f"put config.json and model.safetensors from https://huggingface.co/{repo}/tree/{revision} "
-              f"into {snapshot} (`hf download {repo} --revision {revision}` on a machine with internet fills "
-              f"that cache; $HF_HOME moves it), or give that model.safetensors as model.weights_path=<file>")
-    return download_guard(load, url, "model.weights_backbone", put_it)
-
-
 def build_network(
     arch: str,
     num_classes: int,
@@ -189,6 +140,8 @@ def build_network(
     if weights_path:
         weights = weights_backbone = None  # the local file replaces any download
     if arch in SEGFORMERS:
+        from seglab.models.segformer import smp_segformer  # smp costs ~0.5 s to import: only when used
+
         model = smp_segformer(arch, num_classes, weights, weights_backbone)  # no aux head: aux_loss is moot
     else:
         model = torchvision_deeplab(arch, num_classes, weights, weights_backbone, aux_loss)
