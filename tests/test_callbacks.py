@@ -6,8 +6,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from seglab.callbacks import val_confusion_matrix
+from seglab.callbacks import stack_with_gaps, val_confusion_matrix
 from seglab.data.datamodule import SegmentationDataModule
+from seglab.models.checkpoint import load_checkpoint
 from seglab.models.module import SegmentationModule
 from seglab.viz import colorize
 
@@ -34,6 +35,8 @@ def test_validation_panel_and_confusion_matrix_reach_tensorboard(trained_run, de
 
     dm = SegmentationDataModule(root=str(demo_root), image_size=64, num_workers=0, cache_dir=str(tmp_path))
     dm.setup()
+    assert len(panels) == 1  # one epoch: the panel shows the weights last.ckpt holds
+    module = load_checkpoint(trained_run["run_dir"] / "checkpoints" / "last.ckpt")
     for row in range(2):
         image, mask = dm.datasets["val"].load(row)  # 64 px originals: the model's input size
         top = row * 66
@@ -41,6 +44,10 @@ def test_validation_panel_and_confusion_matrix_reach_tensorboard(trained_run, de
         assert (grid[top:top + 64, 66:130] == colorize(mask, dm.palette, dm.ignore_index)).all()
         prediction_colours = {tuple(c) for c in grid[top:top + 64, 132:196].reshape(-1, 3).tolist()}
         assert prediction_colours <= set(dm.palette)
+        # The validation's own prediction: what the epoch's weights (last.ckpt) predict for the image.
+        with torch.no_grad():
+            pred = module(dm.datasets["val"][row][0][None]).argmax(dim=1)[0].numpy()
+        assert (grid[top:top + 64, 132:196] == colorize(pred, dm.palette, dm.ignore_index)).all()
     assert (grid[64:66] == 255).all() and (grid[:, 64:66] == 255).all()
 
     figures = acc.Images("val/confusion_matrix")
@@ -66,3 +73,13 @@ def test_image_panels_every_n_validations(compose_train, tmp_path):
     assert [e.step for e in acc.Images("val/confusion_matrix")] == val_steps[::2]
     with pytest.raises(SeglabError, match="callbacks.val_images.every_n=0"):
         ValidationImages(every_n=0)
+
+
+def test_rows_of_different_sizes_are_padded_with_white():
+    # Two panel rows from different validation batches: 3 and 2 pixels wide.
+    a = np.zeros((1, 3, 3), np.uint8)
+    b = np.full((2, 2, 3), 7, np.uint8)
+    grid = stack_with_gaps([a, b], axis=0, gap=1)
+    assert grid.shape == (4, 3, 3)
+    assert (grid[0] == 0).all() and (grid[1] == 255).all()  # row a, then the gap
+    assert (grid[2:, :2] == 7).all() and (grid[2:, 2] == 255).all()  # row b, padded at its end

@@ -5,7 +5,6 @@ from weakref import proxy
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning import callbacks
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -100,7 +99,8 @@ class ValidationImages(pl.Callback):
     """After the 1st, (1+every_n)th, (1+2 every_n)th ... validation, TensorBoard's IMAGES tab gets the first
     `num_images` validation images as rows of image | ground truth | prediction (palette colours, ignored
     pixels white) and the epoch's row-normalised confusion matrix. Runs without a TensorBoard logger do
-    nothing. The panels cost a forward pass and a matplotlib figure: `every_n` keeps them off short epochs."""
+    nothing. The predictions are the validation's own (the module's validation_step returns them), so a panel
+    costs no forward pass; its PNG and the matplotlib figure still cost ~0.3 s, hence `every_n`."""
 
     SEPARATOR = 2  # white pixels between panels
 
@@ -110,14 +110,39 @@ class ValidationImages(pl.Callback):
                               "(1: after every validation).")
         self.num_images = num_images
         self.every_n = int(every_n)
-        self.samples: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (image, mask, prediction) on the CPU
         self._validations = 0
+
+    def _draws(self, trainer: pl.Trainer) -> bool:
+        """Whether the validation in progress gets panels."""
+        return not trainer.sanity_checking and self._validations % self.every_n == 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        wanted = self.num_images - len(self.rows)
+        if wanted <= 0 or not self._draws(trainer) or not trainer.is_global_zero:
+            return
+        if not isinstance(outputs, dict) or "preds" not in outputs:
+            raise SeglabError(f"callbacks.val_images needs the module's validation_step to return "
+                              f"{{'preds': classes}}; {type(pl_module).__name__}'s returned {type(outputs).__name__}.")
+        # The first images of the (unshuffled, unaugmented) val split: the same ones every epoch, as validated
+        # (whole images, padded to the batch's largest with the ignore index).
+        images, masks = (t[:wanted].detach().cpu() for t in batch)
+        preds = outputs["preds"][:wanted].cpu().numpy()
+        mean = np.asarray(pl_module.meta["mean"], np.float32)
+        std = np.asarray(pl_module.meta["std"], np.float32)
+        pixels = (images.float().permute(0, 2, 3, 1).numpy() * std + mean) * 255  # undo Normalize
+        pixels = pixels.round().clip(0, 255).astype(np.uint8)
+        self.rows += list(zip(pixels, masks.numpy(), preds, strict=True))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        draws = self._draws(trainer)
         self._validations += 1
-        if (self._validations - 1) % self.every_n:
+        if not draws:
             return
         counts = val_confusion_matrix(pl_module)  # a collective under DDP: every rank has to take part
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
@@ -125,47 +150,36 @@ class ValidationImages(pl.Callback):
             return
         # The step Lightning logs this epoch's val/ scalars at (its LearningRateMonitor reads the same).
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if self.num_images > 0:
-            grid = self.grid(trainer, pl_module)
-            logger.experiment.add_image("val/predictions", grid, step, dataformats="HWC")
+        if self.rows:
+            logger.experiment.add_image("val/predictions", self.grid(pl_module), step, dataformats="HWC")
+            self.rows = []
         if counts is not None:
             figure = confusion_matrix_figure(counts, pl_module.class_names,
                                              title=f"validation, epoch {trainer.current_epoch}")
             logger.experiment.add_figure("val/confusion_matrix", figure, step)
 
-    def grid(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> np.ndarray:
-        if self.samples is None:
-            # The same images every epoch: the first ones of the (unshuffled, unaugmented) val split.
-            loaders = trainer.val_dataloaders
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            items = [loader.dataset[i] for i in range(min(self.num_images, len(loader.dataset)))]
-            # The loader's own collate: whole images of different sizes are padded as in validation.
-            self.samples = loader.collate_fn(items)
-        images, masks = self.samples
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
-            preds = pl_module(images.to(pl_module.device)).argmax(dim=1).cpu().numpy()
-        pl_module.train(was_training)
-
-        mean = np.asarray(pl_module.meta["mean"], np.float32)
-        std = np.asarray(pl_module.meta["std"], np.float32)
-        pixels = (images.permute(0, 2, 3, 1).numpy() * std + mean) * 255  # undo Normalize
-        pixels = pixels.round().clip(0, 255).astype(np.uint8)
+    def grid(self, pl_module: pl.LightningModule) -> np.ndarray:
         palette, ignore = pl_module.palette, pl_module.ignore_index
-        rows = [
-            [image, colorize(mask, palette, ignore), colorize(pred, palette, ignore)]
-            for image, mask, pred in zip(pixels, masks.numpy(), preds, strict=True)
-        ]
+        rows = [[image, colorize(mask, palette, ignore), colorize(pred, palette, ignore)]
+                for image, mask, pred in self.rows]
         gap = self.SEPARATOR
         return stack_with_gaps([stack_with_gaps(r, axis=1, gap=gap) for r in rows], axis=0, gap=gap)
 
 
 def stack_with_gaps(arrays: list[np.ndarray], axis: int, gap: int) -> np.ndarray:
-    shape = list(arrays[0].shape)
+    """Concatenated along `axis` with `gap` white pixels between; arrays of different sizes (images padded
+    per validation batch) are padded with white at the end to the largest along the other axis."""
+    other = 1 - axis
+    size = max(a.shape[other] for a in arrays)
+    padded = []
+    for a in arrays:
+        widths = [(0, 0)] * a.ndim
+        widths[other] = (0, size - a.shape[other])
+        padded.append(np.pad(a, widths, constant_values=255))
+    shape = list(padded[0].shape)
     shape[axis] = gap
     white = np.full(shape, 255, np.uint8)
-    return np.concatenate([a for array in arrays for a in (white, array)][1:], axis=axis)
+    return np.concatenate([a for array in padded for a in (white, array)][1:], axis=axis)
 
 
 def val_confusion_matrix(pl_module: pl.LightningModule) -> np.ndarray | None:

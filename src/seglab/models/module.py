@@ -94,7 +94,8 @@ class SegmentationModule(pl.LightningModule):
             loss = loss + self.aux_weight * self.criterion(outputs["aux"], masks)
         return loss
 
-    def shared_step(self, batch, stage: str) -> torch.Tensor:
+    def shared_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss, and in validation and test the predicted classes."""
         images, masks = batch
         masks = masks.long()
         outputs = self.net(images)
@@ -104,8 +105,10 @@ class SegmentationModule(pl.LightningModule):
             # Flag on the device; looked at only every log_every_n_steps (no host sync per step).
             bad = ~torch.isfinite(loss.detach())
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            preds = None
         else:
-            self.metrics[stage].update(logits.argmax(dim=1), masks)
+            preds = logits.argmax(dim=1)
+            self.metrics[stage].update(preds, masks)
         # Training loss per step, evaluation loss per epoch: both on the global-step axis in TensorBoard.
         # Not the per-step loss in the progress bar: Lightning turns progress-bar values into Python floats
         # after every batch, a host sync per step.
@@ -113,10 +116,10 @@ class SegmentationModule(pl.LightningModule):
         # all-reduce at the epoch's end.
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=stage != "train",
                  prog_bar=stage != "train", batch_size=images.shape[0], sync_dist=stage != "train")
-        return loss
+        return loss, preds
 
     def training_step(self, batch, batch_idx):
-        return self.shared_step(batch, "train")
+        return self.shared_step(batch, "train")[0]
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = self.trainer.log_every_n_steps
@@ -129,7 +132,8 @@ class SegmentationModule(pl.LightningModule):
             )
 
     def validation_step(self, batch, batch_idx):
-        self.shared_step(batch, "val")
+        # The predictions reach callbacks' on_validation_batch_end: ValidationImages draws the first ones.
+        return {"preds": self.shared_step(batch, "val")[1]}
 
     def test_step(self, batch, batch_idx):
         self.shared_step(batch, "test")
