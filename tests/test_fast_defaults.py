@@ -71,6 +71,7 @@ def test_fused_optimizers_on_cuda_and_cpu():
     assert not use_fused(functools.partial(torch.optim.RMSprop, lr=1e-3), cuda)  # no fused kernel
     assert not use_fused(adam(fused=False), cuda)  # optimizer.fused=false in the config wins
     assert not use_fused(adam(fused=False), cpu)
+    assert use_fused(adam(fused=None), cpu)  # conf/optimizer's default: null
 
 
 def test_the_modules_cpu_optimizer_is_fused_and_steps_as_plain_adam():
@@ -93,6 +94,24 @@ def test_the_modules_cpu_optimizer_is_fused_and_steps_as_plain_adam():
     for a, b, a0 in zip(net.parameters(), plain_net.parameters(), start.parameters(), strict=True):
         assert (a - a0).abs().min() > 1e-4  # three steps of lr 1e-3 moved every weight
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("overrides", "fused"), [
+    ([], True),
+    (["optimizer.fused=false"], False),
+    (["optimizer=sgd"], True),
+    (["optimizer=sgd", "optimizer.fused=false"], False),
+])
+def test_configured_optimizers_are_fused_on_cpu_unless_switched_off(overrides, fused):
+    from hydra.utils import instantiate
+
+    from seglab.models.module import SegmentationModule
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    module = SegmentationModule(net=torch.nn.Conv2d(3, 2, 1), class_names=["a", "b"], ignore_index=255,
+                                optimizer=instantiate(cfg.optimizer))
+    assert bool(module.configure_optimizers().defaults["fused"]) is fused
 
 
 def test_warmup_is_the_first_epochs_time_beyond_the_steady_rate():

@@ -50,10 +50,10 @@ FUSED_DEVICES = ("cuda", "cpu")
 
 def use_fused(factory: Callable[..., torch.optim.Optimizer], device: torch.device) -> bool:
     """Whether to pass fused=True to the optimizer partial: on CUDA and CPU, for the optimizers that have a
-    fused kernel, unless the config already chose (optimizer.fused=...)."""
+    fused kernel, unless the config chose (optimizer.fused=true/false; null leaves it to this)."""
     keywords = getattr(factory, "keywords", {})
     return (device.type in FUSED_DEVICES and getattr(factory, "func", None) in FUSED_OPTIMIZERS
-            and "fused" not in keywords)
+            and keywords.get("fused") is None)
 
 
 class SegmentationModule(pl.LightningModule):
