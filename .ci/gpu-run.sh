@@ -18,8 +18,9 @@ python3 -c "import torch, seglab.train; print('torch', torch.__version__, 'bf16'
 #    channels_last resolved from `auto`, workers = cores) over ~100 training images of large JPEGs, with
 #    the bare-model ceiling and the image cache's feeding numbers. The export is written first (single
 #    process: most of this step's time on a fast GPU).
+#    Early stopping off: the target is a 30-epoch fit.
 step fit 330 python3 -m seglab.bench --only fit --fit-epochs 30 --fit-images 120 --fit-data-size 2048 \
-  --steps 20 --repeats 3 --out $R/bench_fit.json
+  --steps 20 --repeats 3 --out $R/bench_fit.json callbacks.early_stopping=null
 # 2. The compile decision: eager vs torch.compile warm-up and steady images/s (bf16 + channels_last).
 step model 200 python3 -m seglab.bench --only model --compile --steps 20 --repeats 3 --out $R/bench_model.json
 # 3. train.py with no trainer option: the runtime line and metrics.json must say bf16-mixed + channels_last.
