@@ -197,6 +197,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     out.mkdir(parents=True, exist_ok=True)
     runtime = resolve_runtime(cfg)
     print("seglab runtime: " + ", ".join(f"{k} {v}" for k, v in runtime.items()), flush=True)
+    # Subnormal floats (weights and Adam's moments decaying towards 0 long after convergence) make CPU
+    # arithmetic several times slower: a from-scratch MobileNetV3 had 43,640 of them after 1,250 steps, and
+    # its steps went from 143 to 195 ms. Flushed to zero, they stay at 0 and the steps at 140 ms.
+    torch.set_flush_denormal(True)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
