@@ -105,15 +105,24 @@ class Inodes(pl.Callback):
         self.record(trainer)
 
 
+def scripted_fit(tmp_path, model, io: AtomicCheckpointIO, callback: pl.Callback, train_batches: int):
+    """Four epochs of `model` checkpointed as conf/callbacks/default.yaml does (best by val/loss, and last)."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="best-epoch{epoch:03d}",
+                                 auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=1,
+                                 save_last=True)
+    trainer = pl.Trainer(max_epochs=4, limit_train_batches=train_batches, limit_val_batches=1,
+                         num_sanity_val_steps=0, callbacks=[checkpoint, callback], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, plugins=[io],
+                         default_root_dir=tmp_path)
+    trainer.fit(model)
+    return checkpoint
+
+
 def test_best_and_last_are_one_file_when_the_epoch_is_the_best(tmp_path):
     dirpath = tmp_path / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=dirpath, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                                 monitor="val/loss", mode="min", save_top_k=1, save_last=True)
     inodes = Inodes()
-    trainer = pl.Trainer(max_epochs=4, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
-                         callbacks=[checkpoint, inodes], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
-    trainer.fit(ScriptedLoss([3.0, 1.0, 2.0, 1.5]))
+    checkpoint = scripted_fit(tmp_path, ScriptedLoss([3.0, 1.0, 2.0, 1.5]), AtomicCheckpointIO(), inodes,
+                              train_batches=2)
 
     # Epochs 0 and 1 improve (one file, two names); 2 and 3 do not (last.ckpt written on its own).
     assert inodes.linked == [True, True, False, False]
@@ -154,14 +163,10 @@ class SlowScriptedLoss(ScriptedLoss):
 
 def test_background_writes_save_the_state_of_their_epoch_in_order(tmp_path):
     dirpath = tmp_path / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=dirpath, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                                 monitor="val/loss", mode="min", save_top_k=1, save_last=True)
     weights = WeightsAtValidation()
-    trainer = pl.Trainer(max_epochs=4, limit_train_batches=4, limit_val_batches=1, num_sanity_val_steps=0,
-                         callbacks=[checkpoint, weights], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, plugins=[AtomicCheckpointIO(background=True)],
-                         default_root_dir=tmp_path)
-    trainer.fit(SlowScriptedLoss([3.0, 1.0, 2.0, 1.5]))  # each write takes longer than an epoch's steps
+    # Each write takes longer than an epoch's steps.
+    scripted_fit(tmp_path, SlowScriptedLoss([3.0, 1.0, 2.0, 1.5]), AtomicCheckpointIO(background=True), weights,
+                 train_batches=4)
 
     # Epoch 0's best was removed only after its write (and the link to it) finished: no file left behind.
     assert sorted(p.name for p in dirpath.iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]
