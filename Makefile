@@ -29,7 +29,7 @@ demo-data: install  ## write the synthetic dataset to data/demo; rewrites one an
 	$(PY) -m seglab.data.synthetic --out $(DEMO_DATA) --num-images 120 --size 256 --seed 0 --refresh
 
 hard-data: install  ## write the hard synthetic data (photos up to 2048 px, small and rare objects) to data/hard
-	$(PY) -m seglab.data.synthetic --out $(HARD_DATA) --hard --num-images 140 --size 2048 --splits 0.7 0.15 0.15 \
+	$(PY) -m seglab.data.synthetic --out $(HARD_DATA) --mode hard --num-images 140 --size 2048 --splits 0.7 0.15 0.15 \
 		--seed 2 --refresh
 
 compare: install  ## evaluate every job of a sweep per inference mode: make compare SWEEP=multirun/<date>/<time>

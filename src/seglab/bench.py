@@ -642,7 +642,7 @@ def bench_fit(args, work: Path, device: torch.device) -> dict:
     from pytorch_lightning.profilers import SimpleProfiler
 
     # The generator's hard mode: JPEG photos of varied sizes and aspect ratios, the long side up to --fit-data-size.
-    root = generate_dataset(work / "fit_data", num_images=args.fit_images, size=args.fit_data_size, seed=0, hard=True)
+    root = generate_dataset(work / "fit_data", num_images=args.fit_images, size=args.fit_data_size, seed=0, mode="hard")
     sizes = [Image.open(p).size for p in sorted((root / "train").glob("*.jpg"))]
     cfg = compose_config(root, work / "fit", args.size, [
         f"model={args.model}", f"max_epochs={args.fit_epochs}", f"batch_size={args.batch_size}",

@@ -19,6 +19,7 @@ from seglab.data.synthetic import (
     split_sizes,
 )
 from seglab.data.synthetic import main as synthetic_main
+from seglab.data.synthetic.copies import clip_polygon
 
 NUM_IMAGES, SIZE = 20, 64
 
@@ -208,7 +209,7 @@ def test_too_few_images_for_the_fixed_train_cases(tmp_path):
 
 @pytest.fixture(scope="module")
 def hard_dataset(tmp_path_factory) -> Path:
-    return generate_dataset(tmp_path_factory.mktemp("hard"), num_images=30, size=320, seed=3, hard=True)
+    return generate_dataset(tmp_path_factory.mktemp("hard"), num_images=30, size=320, seed=3, mode="hard")
 
 
 def test_hard_mode_varies_image_size_and_keeps_annotations_inside(hard_dataset):
@@ -279,3 +280,86 @@ def test_refresh_keeps_an_up_to_date_dataset_and_replaces_a_stale_one(tmp_path, 
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == fresh
     (stale,) = tmp_path.glob("demo.stale-*")
     assert (stale / first.relative_to(out)).read_bytes() == fresh[first.relative_to(out)][:-10]
+
+
+@pytest.fixture(scope="module")
+def dense_copies(tmp_path_factory) -> Path:
+    """Dense mode, 3 files per training photo, extra.name recorded, one photo shared with valid/ and test/."""
+    return generate_dataset(tmp_path_factory.mktemp("dense"), num_images=10, size=256, seed=5, mode="dense",
+                            copies=3, extra_name=True, shared=1)
+
+
+def test_copies_are_named_as_roboflow_names_them(dense_copies):
+    train = load_coco(dense_copies, "train")
+    names = [i["file_name"] for i in train["images"]]
+    assert len(names) == 8 * 3 and len(set(names)) == 24
+    for image in train["images"]:
+        stem, hash_ = re.fullmatch(r"(img_\d{4})_jpg\.rf\.([0-9a-f]{8})\.jpg", image["file_name"]).groups()
+        assert image["extra"] == {"name": f"{stem}.jpg"}
+    photos = {i["file_name"].split("_jpg.rf.")[0] for i in train["images"]}
+    assert len(photos) == 8
+    # RoboFlow augments the training split only; the shared photo adds one copy of img_0000 to each other split.
+    for split in ("valid", "test"):
+        stems = [i["extra"]["name"] for i in load_coco(dense_copies, split)["images"]]
+        assert len(stems) == 2 and stems.count("img_0000.jpg") == 1
+
+
+def test_copies_differ_and_their_annotations_follow_the_pixels(dense_copies):
+    train = load_coco(dense_copies, "train")
+    by_image = annotations_by_image(train)
+    pixels_of = {}
+    for image in train["images"]:
+        pixels = read_image(dense_copies, "train", image).mean(axis=2)
+        objects = np.zeros(pixels.shape, np.uint8)
+        for ann in by_image[image["id"]]:
+            objects |= decode_segmentation(ann["segmentation"], image["height"], image["width"])
+        assert objects.any()
+        # Objects are bright (value >= 0.45 before texture and copy photometry), the field dark: away from the
+        # edges (blur, JPEG) every annotated pixel is brighter than every unannotated one, on every copy.
+        inside = cv2.erode(objects, np.ones((5, 5), np.uint8)).astype(bool)
+        outside = cv2.erode(1 - objects, np.ones((5, 5), np.uint8)).astype(bool)
+        assert np.median(pixels[inside]) > 2 * np.percentile(pixels[outside], 99) + 10
+        pixels_of[image["file_name"]] = pixels
+    first = sorted(n for n in pixels_of if n.startswith("img_0001_"))
+    shapes_ = {pixels_of[n].shape for n in first}
+    assert len(first) == 3 and (len(shapes_) > 1 or not np.array_equal(pixels_of[first[0]], pixels_of[first[1]]))
+
+
+def test_dense_mode_looks_like_the_microscope_export(dense_copies):
+    area, pixels = {1: 0.0, 2: 0.0}, 0
+    for split in ("train", "valid", "test"):
+        coco = load_coco(dense_copies, split)
+        pixels += sum(i["width"] * i["height"] for i in coco["images"])
+        for ann in coco["annotations"]:
+            area[ann["category_id"]] += ann["area"]
+        for image in coco["images"]:
+            assert 0.9 * 256 <= max(image["width"], image["height"]) <= 256
+    share = {k: v / pixels for k, v in area.items()}
+    assert 0.002 < share[1] < 0.04 and 0.08 < share[2] < 0.3  # a rare and a large class on a dark field
+
+
+def test_clip_polygon_keeps_the_part_inside_the_frame():
+    square = np.array([[-2.0, -2.0], [4.0, -2.0], [4.0, 4.0], [-2.0, 4.0]])
+    clipped = clip_polygon(square, 3.0, 10.0)
+    assert polygon_area(clipped) == pytest.approx(3.0 * 4.0)
+    assert clipped[:, 0].min() == 0 and clipped[:, 0].max() == 3 and clipped[:, 1].min() == 0
+    assert len(clip_polygon(square + 20, 3.0, 10.0)) == 0
+
+
+def test_mask_format_matches_the_coco_export_and_a_split_without_photos_gets_no_folder(tmp_path):
+    from seglab.data.masks import build_mask_cache, read_mask
+    from seglab.data.sources import discover
+
+    settings = {"num_images": 12, "size": 64, "seed": 4, "splits": (0.75, 0.25, 0.0), "copies": 2}
+    coco_root = generate_dataset(tmp_path / "coco", **settings)
+    mask_root = generate_dataset(tmp_path / "masks", fmt="masks", **settings)
+    assert not (coco_root / "test").exists() and not (mask_root / "test").exists()
+    coco_source, mask_source = discover(coco_root), discover(mask_root)
+    assert mask_source.layout == "roboflow_masks" and mask_source.class_names == coco_source.class_names
+    rasterised = build_mask_cache(coco_source, tmp_path / "cache", "last_on_top", 255)
+    for split in ("train", "val"):
+        coco_samples = {s.name: s for s in coco_source.samples[split]}
+        mask_samples = {s.name: s for s in mask_source.samples[split]}
+        assert coco_samples.keys() == mask_samples.keys() and len(coco_samples) > 2
+        for name, sample in coco_samples.items():
+            np.testing.assert_array_equal(read_mask(rasterised[sample.image]), read_mask(mask_samples[name].mask))

@@ -1,0 +1,3 @@
+from seglab.data.synthetic.generate import main
+
+main()

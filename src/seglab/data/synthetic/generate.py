@@ -1,0 +1,217 @@
+"""Deterministic synthetic datasets laid out like a RoboFlow export, for the demo, the tests and the bench.
+
+    python -m seglab.data.synthetic --out data/demo --num-images 120 --size 256 --seed 0
+    python -m seglab.data.synthetic --out data/hard --mode hard --num-images 140 --size 2048 --splits 0.7 0.15 0.15
+    python -m seglab.data.synthetic --out data/dense --mode dense --num-images 80 --size 2048 --splits 0.8 0.1 0.1 \\
+        --copies 3
+
+Modes: `shapes` (discs and triangles, seglab.data.synthetic.shapes), `hard` (large photos, small and rare
+objects, clutter) and `dense` (a dark field with large touching objects told apart by texture,
+seglab.data.synthetic.dense). `--copies N` writes every training photo N times as RoboFlow's augmentation step
+does (the photo and N-1 augmented copies, seglab.data.synthetic.copies), `--extra-name` records the uploaded
+file's name in `images[].extra.name` as newer RoboFlow exports do, `--shared K` puts a copy of the first K
+training photos into valid/ and test/ as well (RoboFlow's own split sharing a photo), `--format masks` writes
+a Semantic Segmentation Masks export instead of COCO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from seglab.data.splits import split_sizes
+from seglab.data.synthetic import dense, export, shapes
+from seglab.data.synthetic.copies import make_copy
+
+MODES = ("shapes", "hard", "dense")
+
+
+def categories_of(mode: str) -> list[dict]:
+    return dense.CATEGORIES if mode == "dense" else shapes.CATEGORIES
+
+
+def render(mode: str, rng: np.random.Generator, size: int, object_scale: float, fixed_case: int | None
+           ) -> shapes.Photo:
+    if mode == "dense":
+        return dense.render_dense(rng, size)
+    return shapes.render_shapes(rng, size, object_scale, mode == "hard", fixed_case)
+
+
+def generate_dataset(
+    out: Path | str,
+    num_images: int = 120,
+    size: int = 256,
+    seed: int = 0,
+    object_scale: float = shapes.DEFAULT_OBJECT_SCALE,
+    splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    mode: str = "shapes",
+    copies: int = 1,
+    extra_name: bool = False,
+    shared: int = 0,
+    fmt: str = "coco",
+) -> Path:
+    """An export of num_images photos (size: the image size, or the largest long side in hard and dense mode;
+    object_scale is used by the shapes mode only). A split with no photos gets no folder."""
+    if mode not in MODES or fmt not in export.FORMATS:
+        raise ValueError(f"mode={mode!r} must be one of {MODES} and fmt={fmt!r} one of {export.FORMATS}")
+    out = Path(out)
+    sizes = split_sizes(num_images, splits)
+    fixed_cases = len(shapes.TRAIN_FIXED_LAYOUTS) if mode != "dense" else 0
+    if sizes[0] < max(fixed_cases, shared, 1) or min(sizes) < 0 or copies < 1:
+        raise ValueError(f"split sizes {sizes} from {num_images} images leave no room for the fixed train cases "
+                         f"or the {shared} shared photos (copies={copies})")
+    categories = categories_of(mode)
+    kept: list[tuple[int, shapes.Photo]] = []  # the first `shared` training photos, copied into valid/test
+    image_index = 0
+    for split_number, (split, split_size) in enumerate(zip(export.SPLIT_NAMES, sizes, strict=True)):
+        if split_size == 0:
+            continue
+        folder = out / split
+        folder.mkdir(parents=True, exist_ok=True)
+        files: list[tuple[str, shapes.Photo, int]] = []  # (file name, photo, index of its source photo)
+        for position in range(split_size):
+            # One generator per photo: photo i is the same whatever num_images or the split sizes are.
+            rng = np.random.default_rng([seed, image_index])
+            name = f"img_{image_index:04d}_jpg.rf.{rng.bytes(4).hex()}.jpg"
+            fixed = position if split == "train" and position < fixed_cases else None
+            photo = render(mode, rng, size, object_scale, fixed)
+            files.append((name, photo, image_index))
+            # RoboFlow augments the training split only: the photo, then copies-1 augmented copies of it.
+            for k in range(1, copies if split == "train" else 1):
+                copy_rng = np.random.default_rng([seed, image_index, k])
+                files.append((f"img_{image_index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg",
+                              make_copy(photo, copy_rng), image_index))
+            if split == "train" and position < shared:
+                kept.append((image_index, photo))
+            image_index += 1
+        if split != "train":
+            for index, photo in kept:
+                copy_rng = np.random.default_rng([seed, index, 1000 + split_number])
+                files.append((f"img_{index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg",
+                              make_copy(photo, copy_rng), index))
+        write_split(folder, files, categories, fmt, extra_name)
+    return out
+
+
+def write_split(folder: Path, files: list[tuple[str, shapes.Photo, int]], categories: list[dict], fmt: str,
+                extra_name: bool) -> None:
+    images, annotations = [], []
+    for image_id, (name, photo, source) in enumerate(files):
+        Image.fromarray(photo.pixels).save(folder / name, quality=95)
+        if fmt == "masks":
+            export.write_mask_files(folder, name, photo)
+            continue
+        image, anns = export.coco_entries(photo, image_id, name, len(annotations),
+                                          f"img_{source:04d}.jpg" if extra_name else None)
+        images.append(image)
+        annotations += anns
+    if fmt == "masks":
+        export.write_classes_csv(folder, categories)
+    else:
+        export.write_coco_file(folder, categories, images, annotations)
+
+
+FINGERPRINT_FILE = ".seglab_synthetic.json"
+
+
+def fingerprint(**settings) -> dict:
+    """What a dataset was written by: the settings and a hash of this generator's source files."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return {"generator_sha256": digest.hexdigest(),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+
+
+def dataset_files(root: Path) -> dict[str, bytes]:
+    """Relative path -> content of a generated dataset (seglab's caches and the fingerprint left out)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".seglab_cache" not in p.relative_to(root).parts and p.name != FINGERPRINT_FILE}
+
+
+def refresh_dataset(out: Path, **settings) -> str:
+    """Write the dataset to `out` unless it already holds exactly what this generator writes for these
+    settings. Fast when the fingerprint matches; otherwise the dataset is generated again beside it and
+    compared byte for byte. One that differs (an older generator, other settings) is moved aside to
+    <out>.stale-<time>, never deleted."""
+    wanted = fingerprint(**settings)
+    stamp = out / FINGERPRINT_FILE
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return f"{out} is up to date"
+    fresh = out.with_name(f".{out.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    generate_dataset(fresh, **settings)
+    (fresh / FINGERPRINT_FILE).write_text(json.dumps(wanted, indent=2) + "\n")
+    if not out.exists():
+        fresh.rename(out)
+        return f"wrote {out}"
+    if dataset_files(fresh) == dataset_files(out):
+        stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+        shutil.rmtree(fresh)
+        return f"{out} is up to date"
+    stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(stale)
+    fresh.rename(out)
+    return (f"{out} was not what this generator writes for these settings (an older generator or other "
+            f"settings): rewrote it; the old one is in {stale}")
+
+
+def describe(out: Path) -> list[str]:
+    """A line per split: files, photos and the share of the pixels each class covers."""
+    lines = []
+    for split in export.SPLIT_NAMES:
+        coco_file = out / split / export.ANNOTATION_FILE
+        if not coco_file.is_file():
+            if (out / split).is_dir():
+                images = [p for p in (out / split).glob("*.jpg")]
+                photos = len({p.name.split(".rf.")[0] for p in images})
+                lines.append(f"  {split}: {len(images)} images ({photos} photos) with masks")
+            continue
+        coco = json.loads(coco_file.read_text())
+        pixels = sum(i["width"] * i["height"] for i in coco["images"])
+        photos = len({i["file_name"].split(".rf.")[0] for i in coco["images"]})
+        share = {c["name"]: sum(a["area"] for a in coco["annotations"] if a["category_id"] == c["id"]) / pixels
+                 for c in coco["categories"] if c["id"] > 0}
+        lines.append(f"  {split}: {len(coco['images'])} images ({photos} photos), {len(coco['annotations'])} "
+                     "annotations, " + ", ".join(f"{k} {100 * v:.2f} % of pixels" for k, v in share.items()))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--num-images", type=int, default=120, help="distinct photos (before --copies)")
+    parser.add_argument("--size", type=int, default=256, help="image size (hard, dense: the largest long side)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--object-scale", type=float, default=shapes.DEFAULT_OBJECT_SCALE,
+                        help="shapes mode: typical fraction of the image covered by one object (~0.01: small)")
+    parser.add_argument("--mode", choices=MODES, default="shapes")
+    parser.add_argument("--hard", action="store_const", const="hard", dest="mode", help="the same as --mode hard")
+    parser.add_argument("--splits", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                        help="shares of the photos; a split with none gets no folder (e.g. 0.9 0.1 0: no test/)")
+    parser.add_argument("--copies", type=int, default=1, help="files per training photo, as RoboFlow augments")
+    parser.add_argument("--extra-name", action="store_true", help="record images[].extra.name (COCO)")
+    parser.add_argument("--shared", type=int, default=0, help="training photos with a copy in valid/ and test/")
+    parser.add_argument("--format", choices=export.FORMATS, default="coco", dest="fmt")
+    parser.add_argument("--refresh", action="store_true",
+                        help="rewrite --out only if it differs from what this generator writes (old one kept)")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    kwargs = {"num_images": args.num_images, "size": args.size, "seed": args.seed,
+              "object_scale": args.object_scale, "splits": tuple(args.splits), "mode": args.mode,
+              "copies": args.copies, "extra_name": args.extra_name, "shared": args.shared, "fmt": args.fmt}
+    if args.refresh:
+        print(refresh_dataset(args.out, **kwargs))
+        out = args.out
+    else:
+        out = generate_dataset(args.out, **kwargs)
+    print(f"{out}: {time.perf_counter() - start:.1f}s")
+    print("\n".join(describe(out)))
