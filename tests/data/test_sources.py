@@ -126,8 +126,9 @@ def test_mask_values_follow_selected_classes(tmp_path):
     mask = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
     for folder in ("train", "valid", "test"):
         write_mask_split(tmp_path / folder, {"x.png": (np.zeros((2, 3, 3), np.uint8), mask)})
+    # One photo (identical files) in all three splits: kept there, as the test is about the masks' values.
     dm = SegmentationDataModule(root=str(tmp_path), classes=["triangle"], image_size=4, num_workers=0,
-                                batch_size=1)
+                                batch_size=1, shared_photos="warn")
     dm.setup()
     assert dm.class_names == ["background", "triangle"]
     np.testing.assert_array_equal(dm.datasets["train"].load(0)[1], [[0, 0, 1], [1, 0, 0]])
@@ -137,8 +138,8 @@ def test_mask_value_missing_from_classes_csv_names_the_mask(tmp_path):
     bad = flat_mask(1)
     bad[2, 3] = 7
     write_mask_split(tmp_path / "train", {"bad.png": (image_of(0), bad)})
-    write_mask_split(tmp_path / "valid", {"v.png": (image_of(0), flat_mask(0))})
-    write_mask_split(tmp_path / "test", {"t.png": (image_of(0), flat_mask(0))})
+    write_mask_split(tmp_path / "valid", {"v.png": (image_of(1), flat_mask(0))})
+    write_mask_split(tmp_path / "test", {"t.png": (image_of(2), flat_mask(0))})
     dm = SegmentationDataModule(root=str(tmp_path), image_size=4, num_workers=0, batch_size=1)
     dm.setup()
     with pytest.raises(SeglabError, match=r"bad_mask\.png has pixel values \[7\]"):

@@ -104,7 +104,9 @@ def write_split(root: Path, split: str, images: list[list[tuple[int, list[float]
     for image_id, objects in enumerate(images):
         name = f"{split}_{image_id}.png"
         (root / split).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((10, 10, 3), 128, np.uint8)).save(root / split / name)
+        # A grey level of its own: identical files would be one photo, kept in one split.
+        grey = 100 + 10 * image_id + 40 * ("train", "valid", "test").index(split)
+        Image.fromarray(np.full((10, 10, 3), grey, np.uint8)).save(root / split / name)
         records.append({"id": image_id, "file_name": name, "height": 10, "width": 10})
         annotations += [annotation(len(annotations), image_id, cat, [poly]) for cat, poly in objects]
     write_coco(root / split / ANNOTATION_FILE, records, annotations, CATEGORIES)

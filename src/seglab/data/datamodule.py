@@ -14,10 +14,20 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from seglab.data.dataset import SegmentationDataset, value_lut
+from seglab.data.groups import Groups, group_samples
 from seglab.data.image_cache import ImageCache
 from seglab.data.masks import OVERLAP_POLICIES, build_mask_cache
 from seglab.data.sources import Sample, Source, discover, make_palette
-from seglab.data.splits import check_not_empty, check_ratios, shuffled, split_items, write_splits
+from seglab.data.splits import (
+    SPLITS,
+    carve,
+    check_not_empty,
+    check_ratios,
+    leak_counts,
+    resolve_shared,
+    split_items,
+    write_splits,
+)
 from seglab.data.transforms import GEOMETRIES, base_scale_size, build_transforms
 from seglab.errors import SeglabError
 
@@ -97,6 +107,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         resplit: bool = False,
         split_ratios: Sequence[float] = (0.8, 0.1, 0.1),
         split_seed: int = 42,
+        groups: Mapping | None = None,
+        shared_photos: str = "move",
         overlap: str = "smaller_on_top",
         ignore_index: int = 255,
         image_size: int = 513,
@@ -131,6 +143,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.resplit = resplit
         self.split_ratios = check_ratios(split_ratios)
         self.split_seed = split_seed
+        self.group_settings = dict(groups or {})
+        self.shared_photos = shared_photos
         self.overlap = overlap
         self.ignore_index = ignore_index
         self.image_size = int(image_size)
@@ -148,6 +162,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.prefetch_factor = int(prefetch_factor) if prefetch_factor is not None else None
         self.splits_file = Path(splits_file) if splits_file else None
         self.source: Source | None = None
+        self.groups: Groups | None = None
+        # Groups of the export's own splits found in several of them: group -> split -> files (as exported).
+        self.shared_in_export: dict[str, dict[str, list[str]]] = {}
         self.splits: dict[str, list[Sample]] = {}
         self.datasets: dict[str, SegmentationDataset] = {}
 
@@ -169,21 +186,50 @@ class SegmentationDataModule(pl.LightningDataModule):
             self.source = discover(self.root, self.layout, self.annotation_file, self.image_dir, self.classes)
         return self.source
 
-    def _make_splits(self, source: Source) -> dict[str, list[Sample]]:
-        own = source.samples
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def _groups(self) -> Groups:
+        """Which samples are copies of one photo (seglab.data.groups); fingerprints cached in cache_dir."""
+        if self.groups is None:
+            source = self._source()
+            samples = [s for split in source.samples.values() for s in split]
+            self.groups = group_samples(samples, self.cache_dir / "groups", root=self.root,
+                                        workers=self.num_workers, **self.group_settings)
+        return self.groups
+
+    def group_of(self, sample: Sample) -> str:
+        return self._groups().of[sample.image]
+
+    def make_splits(self, group_of=None) -> tuple[dict[str, list[Sample]], dict[str, dict[str, list[str]]]]:
+        """The train/val/test samples and the export's photos found in several of its own splits. Every split
+        seglab makes is by group (group_of: the copy groups; the report passes one group per file to show what
+        a split by file would have leaked): the copies of one photo never end up on two sides."""
+        source, key = self._source(), (lambda s: str(s.image))
+        own, quiet = source.samples, group_of is not None
+        group_of = group_of or self.group_of
         if "all" in own or self.resplit:
             pooled = [s for split in own.values() for s in split]
-            return split_items(pooled, self.split_ratios, self.split_seed, key=lambda s: str(s.image))
-        splits = {s: list(own.get(s, [])) for s in ("train", "val", "test")}
+            return split_items(pooled, self.split_ratios, self.split_seed, key=key, group_of=group_of), {}
+        splits = {s: list(own.get(s, [])) for s in SPLITS}
+        splits, shared = resolve_shared(splits, group_of, self.shared_photos, str(source.root),
+                                        name=lambda s: self.relative(s.image))
         for missing in ("val", "test"):
             if not splits[missing]:
                 total = sum(len(v) for v in own.values())
                 n = max(1, round(total * self.split_ratios[1 if missing == "val" else 2]))
-                pool = shuffled(splits["train"], self.split_seed, key=lambda s: str(s.image))
-                splits[missing], splits["train"] = pool[:n], pool[n:]
-                log.warning("%s has no %s folder: using %d image(s) split off the training data (seed %d) "
-                            "as the %s split.", source.root, missing, n, self.split_seed, missing)
-        return splits
+                splits[missing], splits["train"] = carve(splits["train"], n, self.split_seed, key=key,
+                                                         group_of=group_of)
+                if not quiet:
+                    log.warning("%s has no %s folder: using %d image(s) (%d photo(s)) split off the training "
+                                "data (seed %d) as the %s split.", source.root, missing, len(splits[missing]),
+                                len({group_of(s) for s in splits[missing]}), self.split_seed, missing)
+        return splits, shared
+
+    def leak_counts(self) -> dict[str, int]:
+        """Images of the splits in use that share a photo with an earlier split (0 unless shared_photos=warn),
+        and how many photos the export's own splits shared."""
+        return {**leak_counts(self.splits, self.group_of), "photos_shared_by_export_splits": len(self.shared_in_export)}
 
     def transform(self, train: bool):
         return build_transforms(self.image_size, self.mean, self.std, self.augmentations, train=train,
@@ -205,17 +251,23 @@ class SegmentationDataModule(pl.LightningDataModule):
         source = self._source()
         if source.coco_files:
             build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index, self.num_workers)
+        self._groups()  # fingerprints for copy detection, cached once for every process
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return  # idempotent: Lightning calls setup for fit and again for test
         source = self._source()
         check_images(source)
-        self.splits = self._make_splits(source)
-        check_not_empty(self.splits, str(self.root))
+        self.splits, self.shared_in_export = self.make_splits()
+        moved = (f" ({len(self.shared_in_export)} photo(s) found in several of the export's own splits were moved "
+                 "into the first of them; data.shared_photos=warn keeps them where they are)"
+                 if self.shared_in_export and self.shared_photos == "move" else "")
+        check_not_empty(self.splits, str(self.root) + moved)
         if self.splits_file is not None and rank_zero_only.rank == 0:  # every DDP process makes the same splits
-            write_splits(self.splits, self.splits_file, name=lambda s: str(s.image.relative_to(self.root))
-                         if s.image.is_relative_to(self.root) else str(s.image))
+            copies = {g: [self.relative(p) for p in paths] for g, paths in self._groups().members().items()
+                      if len(paths) > 1}
+            write_splits(self.splits, self.splits_file, name=lambda s: self.relative(s.image),
+                         groups=copies, shared_in_export=self.shared_in_export)
         if source.coco_files:
             masks = build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index, self.num_workers)
             items = {k: [(s.image, masks[s.image]) for s in v] for k, v in self.splits.items()}

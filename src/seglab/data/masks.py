@@ -28,25 +28,27 @@ log = logging.getLogger(__name__)
 OVERLAP_POLICIES = ("smaller_on_top", "last_on_top", "ignore")
 
 
-def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | None:
-    """One annotation's `segmentation` (polygons, compressed or uncompressed RLE) as a 0/1 array.
-
-    Returns None for a segmentation with nothing to draw (no polygon of 3 or more points).
-    """
+def annotation_rle(segmentation, height: int, width: int) -> dict | None:
+    """One annotation's `segmentation` (polygons, compressed or uncompressed RLE) as one compressed RLE, or
+    None for a segmentation with nothing to draw (no polygon of 3 or more points)."""
     if isinstance(segmentation, list):
         # pycocotools reads a 4-number list as a box, not a polygon: drop degenerate ones first.
         polygons = [p for p in segmentation if len(p) >= 6]
         if not polygons:
             return None
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    if isinstance(segmentation, dict) and "counts" in segmentation:
         counts = segmentation["counts"]
-        rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
-    else:
-        return None
-    return mask_utils.decode(rle)
+        return {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    return None
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | None:
+    """One annotation's `segmentation` as a 0/1 array; None for a segmentation with nothing to draw."""
+    rle = annotation_rle(segmentation, height, width)
+    return None if rle is None else mask_utils.decode(rle)
 
 
 def rasterize_annotations(

@@ -42,6 +42,7 @@ class Sample:
     image_id: int | None = None
     mask: Path | None = None  # PNG-mask exports
     size: tuple[int, int] | None = None  # (height, width) as the annotation file states it
+    original_name: str | None = None  # RoboFlow's images[].extra.name: the file that was uploaded
 
     @property
     def name(self) -> str:
@@ -160,9 +161,16 @@ def _split_folders(root: Path) -> dict[str, Path]:
 
 def _coco_samples(coco: CocoFile, image_dir: Path) -> list[Sample]:
     return [
-        Sample(image_dir / im["file_name"], coco.path, image_id, size=(int(im["height"]), int(im["width"])))
+        Sample(image_dir / im["file_name"], coco.path, image_id, size=(int(im["height"]), int(im["width"])),
+               original_name=uploaded_name(im))
         for image_id, im in sorted(coco.images.items())
     ]
+
+
+def uploaded_name(image: dict) -> str | None:
+    """The name of the file uploaded to RoboFlow, which newer COCO exports keep in images[].extra.name."""
+    extra = image.get("extra")
+    return str(extra["name"]) if isinstance(extra, dict) and extra.get("name") else None
 
 
 def _coco_source(layout: str, root: Path, files: dict[str, tuple[Path, Path]], classes: list[str] | None):

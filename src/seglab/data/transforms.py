@@ -83,7 +83,8 @@ class ClassAwareCrop(BaseCrop):
             x0 = int(np.clip(x - self.py_random.randint(0, self.width - 1), 0, mask_hw[1] - self.width))
         else:
             y0, x0 = self._random_corner(mask_hw)
-            for _ in range(self.max_tries - 1):
+            # cat_max_ratio 1 switches the redraw off, as in MMSegmentation: a plain random crop.
+            for _ in range(self.max_tries - 1 if self.cat_max_ratio < 1 else 0):
                 if self._acceptable(mask[y0 : y0 + self.height, x0 : x0 + self.width]):
                     break
                 y0, x0 = self._random_corner(mask_hw)

@@ -99,10 +99,10 @@ def clip_polygon(polygon: np.ndarray, width: float, height: float) -> np.ndarray
     return np.round(np.array(points, np.float64).reshape(-1, 2), 2)
 
 
-def make_copy(photo: Photo, rng: np.random.Generator) -> Photo:
-    """One augmented copy: pixels warped and adjusted, polygons mapped and clipped, objects that left the
-    frame dropped."""
-    settings = draw_settings(rng, photo.pixels.shape[:2])
+def make_copy(photo: Photo, rng: np.random.Generator, settings: CopySettings | None = None) -> Photo:
+    """One augmented copy (with drawn settings, or the given ones): pixels warped and adjusted, polygons mapped
+    and clipped, objects that left the frame dropped."""
+    settings = settings or draw_settings(rng, photo.pixels.shape[:2])
     height, width = settings.shape_hw
     pixels = cv2.warpAffine(photo.pixels, settings.matrix, (width, height), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0)).astype(np.float32)
