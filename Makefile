@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 DEMO_DATA ?= data/demo
 HARD_DATA ?= data/hard
 SWEEP ?=
+DATA ?= $(DEMO_DATA)
 ARGS ?=
 CKPT ?=
 LOGDIR ?= outputs
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-fast lint bench \
-	export serve loadtest
+	export serve loadtest data-report plain-loop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -73,3 +74,9 @@ lint: install  ## ruff
 
 bench: install  ## benchmark data pipeline, training loop, model and a fit (time-to-result); writes bench.json
 	$(PY) -m seglab.bench $(ARGS)
+
+data-report: install  ## the dataset report (files vs photos, copies, leaks, classes, picture sheet): make data-report DATA=<export>
+	$(PY) -m seglab.data.report data.root=$(DATA) $(ARGS)
+
+plain-loop: install  ## a recipe against the plain-loop baseline at equal budget: make plain-loop DATA=<export> ARGS="max_epochs=30"
+	$(PY) -m seglab.plain_loop data.root=$(DATA) $(ARGS)

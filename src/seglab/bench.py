@@ -44,19 +44,17 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from seglab.config import compose_config
 from seglab.data.masks import decode_segmentation, load_image, rasterize_annotations
 from seglab.data.synthetic import generate_dataset, mask_to_compressed_rle, mask_to_uncompressed_rle
-from seglab.errors import SeglabError
 from seglab.models.checkpoint import MIXED_PRECISION
 from seglab.train import build_module, resolve_runtime, train
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SECTIONS = ("data", "masks", "loop", "model", "evaluate", "fit")
 
 # The targets; `measured` values are filled in from the results.
@@ -108,26 +106,22 @@ def timed(fn, device: torch.device | None = None) -> float:
     return time.perf_counter() - start
 
 
-def compose_config(root: Path, work: Path, image_size: int, overrides: list[str]) -> DictConfig:
-    if not CONF_DIR.is_dir():
-        raise SeglabError(f"seglab.bench reads the project's configs from {CONF_DIR}, which does not exist: "
-                          "run it from a source checkout installed with `pip install -e .`.")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"data.root={root}",
-            f"data.cache_dir={work / 'cache'}",
-            f"data.image_size={image_size}",
-            # The default's ratio of base scale to crop (1024 / 513 ~ 2) at every --data-size.
-            f"data.base_size={2 * image_size}",
-            "data.num_workers=0",  # every section measures one process
-            f"paths.output_dir={work / 'run'}",
-            "model.weights=null",
-            "model.weights_backbone=null",
-            "scheduler=none",
-            *overrides,
-        ])
-        resolve_runtime(cfg)  # trainer.precision / model.channels_last `auto` -> this machine's values
-        return cfg
+def bench_config(root: Path, work: Path, image_size: int, overrides: list[str]) -> DictConfig:
+    cfg = compose_config("train", overrides=[
+        f"data.root={root}",
+        f"data.cache_dir={work / 'cache'}",
+        f"data.image_size={image_size}",
+        # The default's ratio of base scale to crop (1024 / 513 ~ 2) at every --data-size.
+        f"data.base_size={2 * image_size}",
+        "data.num_workers=0",  # every section measures one process
+        f"paths.output_dir={work / 'run'}",
+        "model.weights=null",
+        "model.weights_backbone=null",
+        "scheduler=none",
+        *overrides,
+    ])
+    resolve_runtime(cfg)  # trainer.precision / model.channels_last `auto` -> this machine's values
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -519,12 +513,11 @@ def bench_evaluate(checkpoint: Path, model: str, root: Path, work: Path, device,
 
     runs = {}
     for split in ("test", "train"):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("evaluate", overrides=[
-                f"ckpt_path={checkpoint}", f"data.root={root}", f"data.cache_dir={work / 'cache'}",
-                "data.num_workers=0", f"split={split}", "num_overlays=0", "worst_k=0",
-                f"device={device}", f"paths.output_dir={work / 'evaluate' / split}",
-            ])
+        cfg = compose_config("evaluate", overrides=[
+            f"ckpt_path={checkpoint}", f"data.root={root}", f"data.cache_dir={work / 'cache'}",
+            "data.num_workers=0", f"split={split}", "num_overlays=0", "worst_k=0",
+            f"device={device}", f"paths.output_dir={work / 'evaluate' / split}",
+        ])
         result = {}
 
         def run(cfg=cfg, result=result):
@@ -644,7 +637,7 @@ def bench_fit(args, work: Path, device: torch.device) -> dict:
     # The generator's hard mode: JPEG photos of varied sizes and aspect ratios, the long side up to --fit-data-size.
     root = generate_dataset(work / "fit_data", num_images=args.fit_images, size=args.fit_data_size, seed=0, mode="hard")
     sizes = [Image.open(p).size for p in sorted((root / "train").glob("*.jpg"))]
-    cfg = compose_config(root, work / "fit", args.size, [
+    cfg = bench_config(root, work / "fit", args.size, [
         f"model={args.model}", f"max_epochs={args.fit_epochs}", f"batch_size={args.batch_size}",
         "callbacks.progress_bar.refresh_rate=0", *args.overrides])
     cfg.data.num_workers = None  # the default: one worker per core, as a user's run has
@@ -938,7 +931,7 @@ def main(argv: list[str] | None = None) -> dict:
             root = generate_dataset(work / "data", num_images=args.images, size=args.data_size, seed=0)
             common = [f"model={args.model}", *args.overrides]
 
-            data_cfg = compose_config(root, work, args.data_size, common)
+            data_cfg = bench_config(root, work, args.data_size, common)
             if "data" in only:
                 print(f"[bench] data pipeline at {args.data_size} px ...", file=sys.stderr, flush=True)
                 results["data"] = bench_data(data_cfg, args.repeats)
@@ -949,7 +942,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                args.repeats)
 
             def cfg_for(overrides: list[str]) -> DictConfig:
-                return compose_config(root, work, args.size, [*common, *overrides])
+                return bench_config(root, work, args.size, [*common, *overrides])
 
             model_cfg = cfg_for(["trainer.precision=bf16-mixed"] if device.type == "cuda" else [])
             model_data = instantiate(model_cfg.data)

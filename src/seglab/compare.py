@@ -13,9 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from seglab.bench import CONF_DIR
+from seglab.config import compose_config
 from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
 from seglab.inference import MODES
@@ -45,10 +43,9 @@ def evaluate_job(job: Path, checkpoint: str, mode: str, flip: bool, device: str)
     out = job / f"evaluate-{mode}{'-flip' if flip else ''}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())  # evaluated before: keep, never overwrite
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"ckpt_path={quoted(checkpoint)}", f"inference.mode={mode}",
-                                             f"inference.flip={flip}", f"device={device}",
-                                             f"paths.output_dir={quoted(out)}", "num_overlays=2", "worst_k=2"])
+    cfg = compose_config("evaluate", overrides=[f"ckpt_path={quoted(checkpoint)}", f"inference.mode={mode}",
+                                                f"inference.flip={flip}", f"device={device}",
+                                                f"paths.output_dir={quoted(out)}", "num_overlays=2", "worst_k=2"])
     started = time.perf_counter()
     result = evaluate(cfg)
     result["seconds_per_image"] = (time.perf_counter() - started) / max(result["images"], 1)

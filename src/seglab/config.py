@@ -1,0 +1,33 @@
+"""The project's Hydra configs, for the modules that compose them outside a @hydra.main script (the bench,
+the sweep comparison, the dataset report)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from seglab.errors import SeglabError
+
+# seglab is installed editable from src/: the configs sit beside it in the checkout.
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/<name>.yaml with Hydra overrides, as the scripts would compose it."""
+    if not CONF_DIR.is_dir():
+        raise SeglabError(f"seglab reads the project's configs from {CONF_DIR}, which does not exist: run it from "
+                          "a source checkout installed with `pip install -e .`.")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def output_argument(argv: Sequence[str], default_root: str) -> tuple[Path, list[str]]:
+    """`out=<folder>` from a module's command line (default <default_root>/<date>/<time>, as Hydra names run
+    folders), and the other arguments (Hydra overrides)."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("out=")]
+    out = Path(given[-1]) if given else Path(default_root) / time.strftime("%Y-%m-%d/%H-%M-%S")
+    return out, [a for a in argv if not a.startswith("out=")]
