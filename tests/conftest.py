@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import CONF_DIR
 
 from seglab.data.synthetic import generate_dataset
@@ -41,4 +42,7 @@ def trained_run(demo_root, tmp_path_factory) -> dict:
                  "trainer.limit_test_batches=null"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    return {**train(cfg), "run_dir": run_dir}
+    metrics = train(cfg)
+    # Read now: a later test's ONNX Runtime session resets this thread's flush-to-zero flags.
+    flushed = (torch.tensor([torch.finfo(torch.float32).tiny]) * 0.5).item() == 0.0
+    return {**metrics, "run_dir": run_dir, "subnormals_flushed": flushed}

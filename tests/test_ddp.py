@@ -38,7 +38,7 @@ def test_ddp_on_two_processes_validates_like_one_and_writes_one_set_of_outputs(d
 
     # One set of outputs, all from the first process (its pid is in every TensorBoard file name).
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-    assert [f for f in files if f.endswith(".json")] == ["metrics.json", "splits.json"]
+    assert [f for f in files if f.endswith(".json")] == ["metrics.json", "report.json", "splits.json"]
     assert sorted(f for f in files if f.startswith("checkpoints/")) == ["checkpoints/best-epoch000.ckpt",
                                                                         "checkpoints/last.ckpt"]
     events = [f for f in files if f.startswith("events.out.tfevents")]
@@ -84,7 +84,7 @@ def test_torchrun_processes_build_the_mask_cache_once_and_write_once(demo_root, 
     assert "Starting with 2 processes" in output
     # One process built the whole cache; the other waited, and its setup found every mask there.
     assert "Rasterised 20 mask(s)" in output and output.count("Rasterised ") == 1
-    assert sorted(p.name for p in run_dir.glob("*.json")) == ["metrics.json", "splits.json"]
+    assert sorted(p.name for p in run_dir.glob("*.json")) == ["metrics.json", "report.json", "splits.json"]
     assert len(list(run_dir.glob("checkpoints/best-*.ckpt"))) == 1
     assert len({p.name.split(".")[-2] for p in run_dir.glob("events.out.tfevents.*")}) == 1
 

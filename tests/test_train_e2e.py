@@ -53,6 +53,11 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
 
     splits = json.loads((run_dir / "splits.json").read_text())
     assert [len(splits[s]) for s in ("train", "val", "test")] == [16, 2, 2]
+    # The dataset report and the leak counts; the trivial model's score beside the test mIoU.
+    assert "seglab data: 20 files of 20 photos; val/test images sharing a photo with train: 0/0" in proc.stdout
+    assert json.loads((run_dir / "report.json").read_text())["leaks"]["used"] == metrics["leaks"]
+    trivial = metrics["diagnosis"]["trivial"]
+    assert f"(predicting {trivial['class']} everywhere: {trivial['mIoU']:.4f})" in proc.stdout
 
     values = scalars(run_dir)
     assert len(values["train/loss"]) == 2  # debug=fast: 2 steps, logged every step

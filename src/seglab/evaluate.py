@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
 from seglab.data.datamodule import SegmentationDataModule
@@ -21,6 +20,7 @@ from seglab.errors import SeglabError
 from seglab.inference import Predictor, TorchModel, module_meta
 from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
 from seglab.models.module import SegmentationModule, segmentation_metrics
+from seglab.models.trivial import describe, diagnose
 from seglab.viz import confusion_matrix_figure, panel_figure
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,11 @@ def format_table(result: dict) -> str:
         f"  mIoU {result['mIoU']:.4f} (without background {result['mIoU_no_background']:.4f})   "
         f"mean acc {result['mAcc']:.4f}   pixel acc {result['pixel_acc']:.4f}",
     ]
+    trivial = result["diagnosis"]["trivial"]
+    if trivial:
+        lines.append(f"  predicting {trivial['class']} everywhere: mIoU {trivial['mIoU']:.4f}   mean acc "
+                     f"{trivial['mAcc']:.4f}   pixel acc {trivial['pixel_acc']:.4f}")
+    lines += [f"  {line}" for line in describe(result["diagnosis"])]
     return "\n".join(lines)
 
 
@@ -153,7 +158,6 @@ def evaluate(cfg: DictConfig) -> dict:
     predictor = Predictor(TorchModel(module, device), module_meta(module), **cfg.inference)
 
     metrics = segmentation_metrics(n, ignore)
-    confmat = MulticlassConfusionMatrix(n, ignore_index=ignore, validate_args=False)
     image_iou, modes = [], {}
     log.info("Evaluating %s on the %s split (%d images) at %s", cfg.ckpt_path, cfg.split, len(dataset),
              RESOLUTIONS[cfg.resolution])
@@ -162,12 +166,11 @@ def evaluate(cfg: DictConfig) -> dict:
                  else original_resolution_pairs(predictor, dataset, modes))
         for pred, target in pairs:
             metrics.update(pred[None], target[None])
-            confmat.update(pred[None], target[None])
             image_iou.append(float(multiclass_jaccard_index(
                 pred, target, n, average="macro", ignore_index=ignore, validate_args=False)))
 
     values = metrics.compute()
-    counts = confmat.compute().numpy()
+    counts = values["confmat"].numpy()
     per_class = per_class_report(counts, names)
     result = {
         "checkpoint": str(cfg.ckpt_path),
@@ -185,6 +188,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "pixel_acc": float(values["pixel_acc"]),
         "per_class": per_class,
         "class_names": names,
+        # What predicting the split's most frequent class everywhere scores, and flags (seglab.models.trivial).
+        "diagnosis": diagnose(counts, names, float(values["mIoU"])),
     }
 
     write_confusion_csv(counts, names, out / "confusion_matrix.csv")

@@ -16,8 +16,8 @@ from seglab.errors import SeglabError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "status", "best epoch", "val loss", "val mIoU", "test mIoU", "test mAcc", "test pixel acc",
-           "train images/s", "epochs", "wall s"]
+COLUMNS = ["job", "status", "best epoch", "val loss", "val mIoU", "test mIoU", "trivial mIoU", "flag", "test mAcc",
+           "test pixel acc", "train images/s", "epochs", "wall s"]
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -42,6 +42,9 @@ def job_row(job_dir: Path) -> dict[str, str]:
         "val loss": fmt(m["best_val"].get("val/loss")),
         "val mIoU": fmt(m["best_val"].get("val/mIoU")),
         "test mIoU": fmt(m["test"].get("test/mIoU")),
+        # What predicting the test split's most frequent class everywhere scores; "trivial": no better than it.
+        "trivial mIoU": fmt(m["test"].get("test/trivial_mIoU")),
+        "flag": "" if m.get("diagnosis", {}).get("verdict", "ok") == "ok" else m["diagnosis"]["verdict"],
         **per_class,
         "test mAcc": fmt(m["test"].get("test/mAcc")),
         "test pixel acc": fmt(m["test"].get("test/pixel_acc")),
@@ -58,7 +61,7 @@ def write_leaderboard(sweep_dir: Path, job_dirs: list[Path]) -> str:
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -float(r["val mIoU"] or "-inf"))
     rows = ok + [r for r in rows if r["status"] != "ok"]
     class_columns = list(dict.fromkeys(k for r in rows for k in r if k.startswith("test IoU ")))
-    at = COLUMNS.index("test mIoU") + 1
+    at = COLUMNS.index("flag") + 1
     columns = COLUMNS[:at] + class_columns + COLUMNS[at:]
     return write_table(sweep_dir / "leaderboard", rows, columns)
 

@@ -18,9 +18,11 @@ from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from seglab.callbacks import TrainSpeed, ValHistory
+from seglab.data.report import build_report, write_summary
 from seglab.errors import SeglabError
 from seglab.models.losses import build_criterion
 from seglab.models.module import SegmentationModule
+from seglab.models.trivial import describe, diagnose
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,15 @@ def resolve_runtime(cfg: DictConfig) -> dict:
         "channels_last": bool(cfg.model.get("channels_last", False)),
         "compile": bool(cfg.model.get("compile", False)),
     }
+
+
+def loss_check_line(check: dict) -> str:
+    if not check:
+        return "-"
+    line = f"{check['loss']:.4f} in the last epoch; predicting the class frequencies: {check['trivial_loss']:.4f}"
+    if check["below_trivial_from_epoch"] is not None:
+        return line + f" (below it since epoch {check['below_trivial_from_epoch']})"
+    return line + (" (NOT below it: the model learned nothing from the images)" if not check["ok"] else "")
 
 
 def summary_table(rows: list[tuple[str, str]]) -> str:
@@ -214,6 +225,16 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
                                       **({"profiler": profiler} if profiler is not None else {}))
     prepare_data_once(trainer, datamodule)
     datamodule.setup("fit")
+    data_line = ""
+    if trainer.is_global_zero:
+        # The dataset report (python -m seglab.data.report) in the run folder: files vs photos, copies, leaks.
+        report = build_report(datamodule)
+        write_summary(report, out)
+        leaks = report["leaks"]["used"]
+        data_line = (f"{report['files']} files of {report['photos']} photos; val/test images sharing a photo with "
+                     f"train: {leaks['val_with_copy_in_train']}/{leaks['test_with_copy_in_train']} "
+                     f"(report.md in the run folder)")
+        print(f"seglab data: {data_line}", flush=True)
     module = build_module(cfg, datamodule)
 
     # weights_only: seglab checkpoints hold tensors and plain values only, so never unpickle code.
@@ -232,6 +253,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     history = next((c for c in callbacks if isinstance(c, ValHistory)), None)
     best = history.best(cfg.monitor.metric, cfg.monitor.mode) if history else {}
     speed = next((c for c in callbacks if isinstance(c, TrainSpeed)), None)
+    test_miou = float(test.get("test/mIoU", math.nan))
+    diagnosis = diagnose(module.confusion["test"].numpy(), datamodule.class_names, test_miou) \
+        if "test" in module.confusion else {}
     metrics = {
         "status": "ok",
         "best_epoch": best.get("epoch"),
@@ -242,6 +266,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         "runtime": runtime,
         "best_val": {k: v for k, v in best.items() if k != "epoch"},
         "test": {k: float(v) for k, v in test.items()},
+        # What predicting the test split's most frequent class everywhere scores, and flags (seglab.models.trivial).
+        "diagnosis": diagnosis,
+        "training_loss_check": module.loss_check,
+        "leaks": datamodule.leak_counts(),
         "checkpoint": best_path,
         "last_checkpoint": str(Path(best_path).with_name("last.ckpt")) if best_path else "",
         "class_names": datamodule.class_names,
@@ -259,13 +287,17 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         ("best epoch", f"{metrics['best_epoch']} (by {cfg.monitor.metric}, {cfg.monitor.mode})"),
         ("val loss", f"{best.get('val/loss', math.nan):.4f}"),
         ("val mIoU", f"{best.get('val/mIoU', math.nan):.4f}"),
-        ("test mIoU", f"{metrics['test'].get('test/mIoU', math.nan):.4f}"),
+        ("test mIoU", f"{test_miou:.4f} (predicting {diagnosis.get('trivial', {}).get('class', '?')} everywhere: "
+                      f"{diagnosis.get('trivial', {}).get('mIoU', math.nan):.4f})"),
         ("test mean acc", f"{metrics['test'].get('test/mAcc', math.nan):.4f}"),
         ("test pixel acc", f"{metrics['test'].get('test/pixel_acc', math.nan):.4f}"),
         ("train images/s", f"{metrics['train_images_per_s'] or math.nan:.1f}"),
+        ("training loss", loss_check_line(module.loss_check)),
+        ("data", data_line),
         ("checkpoint", best_path),
         ("run folder", str(out)),
         ("TensorBoard", f"tensorboard --logdir {out}"),
     ]
-    print("\nseglab training summary\n" + summary_table(rows), flush=True)
+    verdict = describe(diagnosis) if diagnosis else []
+    print("\nseglab training summary\n" + summary_table(rows) + "".join(f"\n  {line}" for line in verdict), flush=True)
     return metrics

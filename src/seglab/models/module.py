@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -7,15 +8,25 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from seglab.errors import SeglabError
+from seglab.models.trivial import trivial_scores
+
+log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
+# After this many epochs a training loss that has not fallen below the trivial loss (the loss of predicting the
+# class frequencies of the training batches everywhere) is reported: the model has learned nothing the prior
+# does not give.
+LOSS_CHECK_EPOCHS = 3
+# Where a class has no pixel yet its prior is this, not 0 (log 0 would be -inf).
+MIN_PRIOR = 1e-6
 
 
 def segmentation_metrics(num_classes: int, ignore_index: int) -> MetricCollection:
-    """mIoU, mean accuracy, pixel accuracy and per-class IoU.
+    """mIoU, mean accuracy, pixel accuracy, per-class IoU and the confusion matrix (rows ground truth), which
+    shares the IoU metrics' state (one torchmetrics compute group: no extra work per step).
 
     Policy for absent classes (torchmetrics' macro averaging): a class with no pixel in the target and
     none in the prediction is left out of mIoU and mean accuracy instead of counting as 0.
@@ -27,14 +38,21 @@ def segmentation_metrics(num_classes: int, ignore_index: int) -> MetricCollectio
         "mAcc": MulticlassAccuracy(average="macro", **common),
         "pixel_acc": MulticlassAccuracy(average="micro", **common),
         "IoU": MulticlassJaccardIndex(average="none", **common),
+        "confmat": MulticlassConfusionMatrix(**common),
     })
 
 
 def scalar_metrics(values: dict[str, torch.Tensor], class_names: Sequence[str], prefix: str) -> dict[str, float]:
-    """Flatten computed metrics into `<stage>/<name>` floats; per-class IoU becomes `<stage>/IoU_<class>`."""
+    """Flatten computed metrics into `<stage>/<name>` floats; per-class IoU becomes `<stage>/IoU_<class>`. The
+    confusion matrix becomes `<stage>/trivial_mIoU`: what predicting the split's most frequent class everywhere
+    scores (seglab.models.trivial), the line a model must rise above."""
     out = {}
     for name, value in values.items():
-        if value.ndim == 0:
+        if value.ndim == 2:
+            trivial = trivial_scores(value.cpu().numpy(), class_names)
+            if trivial:
+                out[f"{prefix}/trivial_mIoU"] = float(trivial["mIoU"])
+        elif value.ndim == 0:
             out[f"{prefix}/{name}"] = float(value)
         else:
             out.update({f"{prefix}/{name}_{c}": float(v) for c, v in zip(class_names, value, strict=True)})
@@ -82,7 +100,15 @@ class SegmentationModule(pl.LightningModule):
         self.meta = dict(meta or {})
         n = len(self.class_names)
         self.metrics = nn.ModuleDict({s: segmentation_metrics(n, ignore_index) for s in ("val", "test")})
+        # Each stage's last confusion matrix (rows ground truth), read by train's diagnosis of the test result.
+        self.confusion: dict[str, torch.Tensor] = {}
         self._nonfinite: torch.Tensor | None = None
+        # Training-loss check, all on the device until the epoch ends: class pixels of every training batch so
+        # far (their frequencies are the prior), and the epoch's sums of the loss and of the prior's loss.
+        self._class_pixels: torch.Tensor | None = None
+        self._epoch_sums: torch.Tensor | None = None
+        self._epoch_batches = 0
+        self.loss_check: dict = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)["out"]
@@ -93,6 +119,43 @@ class SegmentationModule(pl.LightningModule):
         if train and outputs.get("aux") is not None and self.aux_weight:
             loss = loss + self.aux_weight * self.criterion(outputs["aux"], masks)
         return loss
+
+    @torch.no_grad()
+    def trivial_loss(self, outputs: dict[str, torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+        """The loss (with its aux term) of a model that predicts the training pixels' class frequencies so far
+        everywhere: what a model that learned nothing from the images reaches. Any criterion; no host sync."""
+        logits = outputs["out"]
+        pixels = torch.zeros(256, device=masks.device).index_add_(
+            0, masks.flatten(), torch.ones(masks.numel(), device=masks.device))[: logits.shape[1]]
+        self._class_pixels = pixels if self._class_pixels is None else self._class_pixels + pixels
+        prior = (self._class_pixels / self._class_pixels.sum().clamp(min=1)).clamp(min=MIN_PRIOR).log()
+        constant = {k: prior.to(v.dtype)[None, :, None, None].expand_as(v) for k, v in outputs.items()
+                    if v is not None}
+        return self.loss(constant, masks, train=True)
+
+    def on_train_epoch_end(self) -> None:
+        """train/trivial_loss beside train/loss in TensorBoard; after LOSS_CHECK_EPOCHS epochs a run whose
+        training loss is not below it says so (log, metrics.json, the summary)."""
+        if self._epoch_sums is None:
+            return
+        loss, trivial = (self._epoch_sums / self._epoch_batches).tolist()  # one host sync per epoch
+        self._epoch_sums, self._epoch_batches = None, 0
+        self.log("train/trivial_loss", trivial, sync_dist=True)
+        epoch = self.current_epoch
+        below_from = self.loss_check.get("below_trivial_from_epoch")
+        if loss < trivial and below_from is None:
+            below_from = epoch
+        elif loss >= trivial:
+            below_from = None
+        due = epoch + 1 >= LOSS_CHECK_EPOCHS and below_from is None
+        warned = self.loss_check.get("warned", False)
+        self.loss_check = {"epoch": epoch, "loss": loss, "trivial_loss": trivial,
+                           "below_trivial_from_epoch": below_from, "ok": not due, "warned": warned or due}
+        if due and not warned:
+            log.warning("After %d epochs the training loss (%.4f) is not below the loss of predicting the class "
+                        "frequencies everywhere (%.4f): the model has learned nothing from the images yet. Try a "
+                        "higher optimizer.lr, pretrained weights (model.weights), or check the masks "
+                        "(python -m seglab.data.report).", epoch + 1, loss, trivial)
 
     def shared_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The loss, and in validation and test the predicted classes."""
@@ -105,6 +168,9 @@ class SegmentationModule(pl.LightningModule):
             # Flag on the device; looked at only every log_every_n_steps (no host sync per step).
             bad = ~torch.isfinite(loss.detach())
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            sums = torch.stack([loss.detach(), self.trivial_loss(outputs, masks)])
+            self._epoch_sums = sums if self._epoch_sums is None else self._epoch_sums + sums
+            self._epoch_batches += 1
             preds = None
         else:
             preds = logits.argmax(dim=1)
@@ -139,7 +205,9 @@ class SegmentationModule(pl.LightningModule):
         self.shared_step(batch, "test")
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        values = scalar_metrics(self.metrics[stage].compute(), self.class_names, stage)
+        computed = self.metrics[stage].compute()
+        self.confusion[stage] = computed["confmat"].cpu()
+        values = scalar_metrics(computed, self.class_names, stage)
         miou = values.pop(f"{stage}/mIoU")
         self.log(f"{stage}/mIoU", miou, prog_bar=True)
         self.log_dict(values)
