@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from seglab.errors import SeglabError
-from seglab.inference import Predictor, load_predictor, tile_starts
+from seglab.inference import Predictor, load_predictor
+from seglab.models.sliding import tile_starts
 from seglab.models.networks import build_network
 
 META = {"class_names": ["background", "a", "b"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],

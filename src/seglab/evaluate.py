@@ -124,10 +124,11 @@ def save_panel(predictor: Predictor, dataset, index, title, path, opacity) -> No
 
 
 def model_resolution_pairs(module, datamodule, split: str, device):
-    """(prediction, target) per image at the model's input resolution, batched as train.py's test step."""
+    """(prediction, target) per image at the model's input resolution, batched and predicted as train.py's test
+    step (module.evaluation_logits)."""
     for images, masks in datamodule.loader(split):
         with inference_autocast(module, device):
-            logits = module(images.to(device))
+            logits = module.evaluation_logits(images.to(device))
         yield from zip(logits.argmax(dim=1).cpu(), masks.long(), strict=True)
 
 
@@ -161,6 +162,7 @@ def evaluate(cfg: DictConfig) -> dict:
     image_iou, modes = [], {}
     log.info("Evaluating %s on the %s split (%d images) at %s", cfg.ckpt_path, cfg.split, len(dataset),
              RESOLUTIONS[cfg.resolution])
+    module.inference = {**module.inference, **OmegaConf.to_container(cfg.inference)}  # as the Predictor
     with torch.no_grad():
         pairs = (model_resolution_pairs(module, datamodule, cfg.split, device) if cfg.resolution == "model"
                  else original_resolution_pairs(predictor, dataset, modes))

@@ -11,7 +11,6 @@ of its mirror. Logits are resized back to the image's own size before the argmax
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from seglab.data.transforms import base_scale_size, build_transforms
 from seglab.errors import SeglabError, first_line
 from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
+from seglab.models.sliding import slide_logits
 
 MODES = ("auto", "whole", "slide")
 
@@ -34,14 +34,6 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # Resize the logits, then take the argmax (as MMSegmentation does): smoother class borders than
     # resizing the model-resolution argmax with nearest neighbour.
     return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Offsets of tiles of `tile` pixels every `stride` pixels; the last one ends at the border."""
-    if length <= tile:
-        return [0]
-    count = math.ceil((length - tile) / stride) + 1
-    return sorted({min(i * stride, length - tile) for i in range(count)})
 
 
 class TorchModel:
@@ -102,21 +94,7 @@ class Predictor:
         return self.resolve_mode(*self.scaled_size(*image.shape[:2]))
 
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, height, width = x.shape
-        tile = self.image_size
-        stride = max(1, round(tile * (1 - self.overlap)))
-        boxes = [(y, xx) for y in tile_starts(height, tile, stride) for xx in tile_starts(width, tile, stride)]
-        total = count = None
-        for i in range(0, len(boxes), self.tile_batch):
-            chunk = boxes[i : i + self.tile_batch]
-            out = self.model(torch.cat([x[:, :, y : y + tile, xx : xx + tile] for y, xx in chunk]))
-            if total is None:
-                total = out.new_zeros((1, out.shape[1], height, width))
-                count = out.new_zeros((1, 1, height, width))
-            for logits, (y, xx) in zip(out, chunk, strict=True):
-                total[0, :, y : y + tile, xx : xx + tile] += logits
-                count[0, :, y : y + tile, xx : xx + tile] += 1
-        return total / count
+        return slide_logits(self.model, x, self.image_size, self.overlap, self.tile_batch)
 
     def scaled_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (1, C, h, w) of a transformed image (1, 3, h, w), at that resolution."""

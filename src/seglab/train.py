@@ -61,6 +61,7 @@ def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         meta=meta,
+        inference=OmegaConf.to_container(cfg.inference) if cfg.get("inference") else None,
     )
 
 

@@ -166,6 +166,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ignore_index=int(seglab["ignore_index"]),
         palette=seglab.get("palette") or make_palette(len(class_names)),
         meta={k: v for k, v in seglab.items() if k not in ("class_names", "palette", "ignore_index")},
+        inference=config.get("inference"),  # validated and tested this way (absent before it was configurable)
     )
     return module.to(map_location).eval()
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from seglab.errors import SeglabError
+from seglab.models.sliding import slide_logits
 from seglab.models.trivial import trivial_scores
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class SegmentationModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         meta: dict | None = None,
+        inference: Mapping | None = None,
     ):
         super().__init__()
         self.net = net
@@ -98,6 +100,9 @@ class SegmentationModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         # What evaluation and prediction need besides the weights: image size, normalisation, config.
         self.meta = dict(meta or {})
+        # How validation and test see an image (conf/inference, as evaluate.py and predict.py): whole, or
+        # image_size tiles when it is larger than one (auto, slide); optional flip.
+        self.inference = {"mode": "whole", "overlap": 1 / 3, "flip": False, **(inference or {})}
         n = len(self.class_names)
         self.metrics = nn.ModuleDict({s: segmentation_metrics(n, ignore_index) for s in ("val", "test")})
         # Each stage's last confusion matrix (rows ground truth), read by train's diagnosis of the test result.
@@ -157,14 +162,31 @@ class SegmentationModule(pl.LightningModule):
                         "higher optimizer.lr, pretrained weights (model.weights), or check the masks "
                         "(python -m seglab.data.report).", epoch + 1, loss, trivial)
 
+    def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits as evaluate.py and predict.py make them (seglab.inference): a batch whose images are larger than
+        the training crops goes through as overlapping crops in `auto` and `slide` mode, so the network (its
+        BatchNorm statistics, DeepLabV3's image-level pooling) sees what it was trained on."""
+        tile = int(self.meta.get("image_size") or 0)
+        mode = self.inference["mode"]
+        slide = tile and (mode == "slide" or mode == "auto" and max(images.shape[-2:]) > tile)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if slide:
+                return slide_logits(lambda t: self.net(t)["out"], x, tile, float(self.inference["overlap"]))
+            return self.net(x)["out"]
+
+        logits = run(images)
+        if self.inference["flip"]:
+            logits = (logits + run(images.flip(-1)).flip(-1)) / 2
+        return logits
+
     def shared_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The loss, and in validation and test the predicted classes."""
         images, masks = batch
         masks = masks.long()
-        outputs = self.net(images)
-        logits = outputs["out"]
-        loss = self.loss(outputs, masks, train=stage == "train")
         if stage == "train":
+            outputs = self.net(images)
+            loss = self.loss(outputs, masks, train=True)
             # Flag on the device; looked at only every log_every_n_steps (no host sync per step).
             bad = ~torch.isfinite(loss.detach())
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
@@ -173,6 +195,8 @@ class SegmentationModule(pl.LightningModule):
             self._epoch_batches += 1
             preds = None
         else:
+            logits = self.evaluation_logits(images)
+            loss = self.criterion(logits, masks)
             preds = logits.argmax(dim=1)
             self.metrics[stage].update(preds, masks)
         # Training loss per step, evaluation loss per epoch: both on the global-step axis in TensorBoard.
