@@ -8,11 +8,18 @@ seglab.data.synthetic.copies), is grouped three ways: by names (RoboFlow's file 
 ignored: the perceptual hash and local features, as for renamed files) and by the hash alone. Printed per way:
 pair recall (pairs of copies of one photo that share a group), files whose every copy was found, false pairs
 (files of different photos in one group) and the seconds taken, fingerprinting included (cold cache).
+With --leaks, exports shaped like three real RoboFlow exports (train/ with copies, a small valid/, no test/)
+are split as seglab splits them, by file (before grouping) and by photo, carving the test split off train/ and
+with data.resplit=true: printed, the val/test images that have a copy in train.
+With --report, the dataset report (python -m seglab.data.report, picture sheet included) of the first mode's
+export is timed twice: with an empty cache (masks rasterised, files fingerprinted) and with a warm one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -59,16 +66,75 @@ def check(mode: str, photos: int, copies: int, work: Path) -> dict[str, dict]:
     return out
 
 
+def time_report(root: Path, work: Path) -> dict[str, float]:
+    from seglab.data.report import main as report
+
+    seconds = {}
+    for run in ("cold", "warm"):
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            report([f"data.root={root}", f"data.cache_dir={work / 'report-cache'}", f"out={work / 'report'}"])
+        seconds[run] = round(time.perf_counter() - started, 1)
+    print(f"dataset report of {root.name} (data.root, {len(discover(root).samples['train'])} files): cold cache "
+          f"{seconds['cold']} s, warm cache {seconds['warm']} s", flush=True)
+    return seconds
+
+
+# (name, photos in train/, files per training photo, photos in valid/, format): the issue's three exports.
+LEAK_EXPORTS = (("192 files = 64 photos x 3, COCO", 64, 3, 8, "coco"),
+                ("1440 files = 480 photos x 3, PNG masks", 480, 3, 40, "masks"),
+                ("276 files = 92 photos x 3, COCO", 92, 3, 10, "coco"))
+
+
+def leak_table(work: Path) -> list[dict]:
+    from seglab.data.datamodule import SegmentationDataModule
+    from seglab.data.splits import leak_counts
+
+    rows = []
+    for name, train, copies, valid, fmt in LEAK_EXPORTS:
+        total = train + valid
+        root = generate_dataset(work / f"leaks-{train}", num_images=total, size=32, seed=5, copies=copies, fmt=fmt,
+                                splits=(train / total, valid / total, 0.0))
+        row = {"export": name}
+        for resplit in (False, True):
+            dm = SegmentationDataModule(root=str(root), image_size=32, num_workers=0, batch_size=2, resplit=resplit,
+                                        cache_dir=str(work / f"leaks-cache-{train}"))
+            with contextlib.redirect_stderr(io.StringIO()):
+                dm.setup()
+            file_splits = dm.make_splits(group_of=lambda s: str(s.image))[0]
+            row["resplit" if resplit else "carved"] = {
+                "by_file": leak_counts(file_splits, dm.group_of), "by_photo": leak_counts(dm.splits, dm.group_of),
+                "file_sizes": {s: len(file_splits[s]) for s in ("val", "test")},
+                "photo_sizes": {s: len(dm.splits[s]) for s in ("val", "test")}}
+        rows.append(row)
+        carved, resplit = row["carved"], row["resplit"]
+        print(f"{name}: test carved off train/: by file {carved['by_file']['test_with_copy_in_train']} of "
+              f"{carved['file_sizes']['test']} test images have a copy in train, by photo "
+              f"{carved['by_photo']['test_with_copy_in_train']} of {carved['photo_sizes']['test']}; resplit=true: "
+              f"by file test {resplit['by_file']['test_with_copy_in_train']} of {resplit['file_sizes']['test']}, val "
+              f"{resplit['by_file']['val_with_copy_in_train']} of {resplit['file_sizes']['val']}; by photo test "
+              f"{resplit['by_photo']['test_with_copy_in_train']} of {resplit['photo_sizes']['test']}, val "
+              f"{resplit['by_photo']['val_with_copy_in_train']} of {resplit['photo_sizes']['val']}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m seglab.data.grouping_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=500)
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--out", type=Path, help="keep the exports and caches here (default: a temporary folder)")
+    parser.add_argument("--report", action="store_true", help="also time the dataset report, cold and warm")
+    parser.add_argument("--leaks", action="store_true", help="only the leakage table of three export shapes")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.out or Path(tmp)
-        return {mode: check(mode, args.photos, args.copies, work) for mode in args.modes}
+        if args.leaks:
+            return {"leaks": leak_table(work)}
+        results = {mode: check(mode, args.photos, args.copies, work) for mode in args.modes}
+        if args.report:
+            results["report_seconds"] = time_report(work / args.modes[0], work)
+        return results
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ FEATURE_MODES = ("auto", True, False)
 DIHEDRAL = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
             Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
             Image.Transpose.TRANSVERSE)
-HASH_INPUT = 128        # the grayscale thumbnail's long side (the hash itself sees 32x32)
+HASH_INPUT = 128        # the grayscale image is read at about this long side, then area-averaged to 32 x 32 (what
+HASH_SIDE = 32          # the DCT hash reads): area averaging onto a square commutes with flips and quarter turns
 FEATURE_SIDE = 384      # SIFT on the image with this long side: copies' shared detail survives, ~30 ms a photo
 FEATURES_PER_IMAGE = 150
 CANDIDATES = 6          # images per image whose features are checked pair by pair, by votes of nearest descriptors
@@ -52,6 +53,8 @@ RATIO = 0.8             # Lowe's ratio test
 # Copies are near-similar maps of each other: an affine fit that stretches by more than this is a false match.
 MAX_STRETCH = 2.0
 PARALLEL_FROM = 32
+# Part of every cache key: fingerprints computed another way are computed again.
+FINGERPRINT_KEY = f"v2-{HASH_INPUT}-{HASH_SIDE}-{FEATURE_SIDE}-{FEATURES_PER_IMAGE}"
 # An image this flat (grey-level standard deviation of its thumbnail) has no structure to hash: every uniform
 # image gets the same hash. Only its bytes can tell its copies.
 FLAT_STD = 2.0
@@ -139,13 +142,18 @@ def fingerprint(path: Path, features: bool, cache: Path) -> dict:
     except OSError as e:
         raise SeglabError(f"Image file {path} is unreadable ({e}). Re-export or remove it.") from None
     flat = float(gray.std()) < FLAT_STD
-    out = {"sha1": sha, "phash": None if flat else [f"{h:016x}" for h in phash_variants(Image.fromarray(gray))]}
-    feature_file = cache / "features" / f"{sha}.npz"
+    square = cv2.resize(gray, (HASH_SIDE, HASH_SIDE), interpolation=cv2.INTER_AREA)
+    out = {"sha1": sha, "phash": None if flat else [f"{h:016x}" for h in phash_variants(Image.fromarray(square))]}
+    feature_file = feature_path(cache, sha)
     if features and not feature_file.is_file():
         feature_file.parent.mkdir(parents=True, exist_ok=True)
         with replacing(feature_file) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **sift_features(read_gray(path, FEATURE_SIDE)))
     return out
+
+
+def feature_path(cache: Path, sha: str) -> Path:
+    return cache / "features" / f"{sha}-{FINGERPRINT_KEY}.npz"
 
 
 def _fingerprint_job(job: tuple[Path, bool, Path]) -> dict:
@@ -157,9 +165,9 @@ def fingerprints(paths: Sequence[Path], features: bool, cache: Path, workers: in
     index_file = cache / "index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     stats = [p.stat() for p in paths]
-    keys = [f"{p}|{s.st_size}|{s.st_mtime_ns}" for p, s in zip(paths, stats, strict=True)]
+    keys = [f"{p}|{s.st_size}|{s.st_mtime_ns}|{FINGERPRINT_KEY}" for p, s in zip(paths, stats, strict=True)]
     missing = [i for i, k in enumerate(keys) if k not in index
-               or features and not (cache / "features" / f"{index[k]['sha1']}.npz").is_file()]
+               or features and not feature_path(cache, index[k]["sha1"]).is_file()]
     jobs = [(paths[i], features, cache) for i in missing]
     workers = min(workers, len(jobs))
     if workers > 1 and len(jobs) >= PARALLEL_FROM and "fork" in multiprocessing.get_all_start_methods():
@@ -249,7 +257,7 @@ def cached_feature_links(shas: list[str], cache: Path, min_inliers: int) -> list
     """feature_links for this set of files, cached by their contents: a later run over the same files reads
     the pairs instead of matching again (seconds for a few thousand images)."""
     order = sorted(range(len(shas)), key=lambda i: shas[i])
-    key = hashlib.sha256(json.dumps([[shas[i] for i in order], min_inliers, FEATURES_PER_IMAGE]).encode()
+    key = hashlib.sha256(json.dumps([[shas[i] for i in order], min_inliers, FINGERPRINT_KEY]).encode()
                          ).hexdigest()[:20]
     links_file = cache / f"feature-links-{key}.json"
     if links_file.is_file():
@@ -257,7 +265,7 @@ def cached_feature_links(shas: list[str], cache: Path, min_inliers: int) -> list
     else:
         features = []
         for i in order:
-            with np.load(cache / "features" / f"{shas[i]}.npz") as f:
+            with np.load(feature_path(cache, shas[i])) as f:
                 features.append(dict(f))
         by_sha = [[shas[order[a]], shas[order[b]]] for a, b in feature_links(features, min_inliers)]
         with replacing(links_file) as tmp:
@@ -269,7 +277,7 @@ def cached_feature_links(shas: list[str], cache: Path, min_inliers: int) -> list
 
 
 def group_samples(samples: Sequence[Sample], cache: Path, root: Path | None = None, names: bool = True,
-                  hash_distance: int | None = 8, features: str | bool = "auto", min_inliers: int = 15,
+                  hash_distance: int | None = 4, features: str | bool = "auto", min_inliers: int = 20,
                   workers: int = 1) -> Groups:
     """Groups of `samples`; a group without a RoboFlow name is named after its first file (relative to root)."""
     if features not in FEATURE_MODES:

@@ -42,8 +42,10 @@ class CopySettings:
 
 def draw_settings(rng: np.random.Generator, shape_hw: tuple[int, int]) -> CopySettings:
     height, width = shape_hw
-    # Build the map in homogeneous coordinates about the photo's centre, then move to the copy's frame.
-    centre = np.array([[1, 0, -width / 2], [0, 1, -height / 2], [0, 0, 1]], np.float64)
+    # Build the map in homogeneous coordinates about the photo's centre, then move to the copy's frame. Pixel
+    # centres sit at integers: the centre is ((w - 1) / 2, (h - 1) / 2), so flips and quarter turns move whole
+    # pixels, as RoboFlow's do.
+    centre = np.array([[1, 0, -(width - 1) / 2], [0, 1, -(height - 1) / 2], [0, 0, 1]], np.float64)
     m = np.eye(3)
     if rng.random() < FLIP_PROB:
         m = np.diag([-1.0, 1.0, 1.0]) @ m
@@ -65,7 +67,7 @@ def draw_settings(rng: np.random.Generator, shape_hw: tuple[int, int]) -> CopySe
         slack = (1.0 - 1.0 / zoom) / 2 * np.array([out_hw[1], out_hw[0]])
         shift = rng.uniform(-slack, slack)
         m = np.array([[zoom, 0, shift[0] * zoom], [0, zoom, shift[1] * zoom], [0, 0, 1]]) @ m
-    back = np.array([[1, 0, out_hw[1] / 2], [0, 1, out_hw[0] / 2], [0, 0, 1]], np.float64)
+    back = np.array([[1, 0, (out_hw[1] - 1) / 2], [0, 1, (out_hw[0] - 1) / 2], [0, 0, 1]], np.float64)
     matrix = (back @ m @ centre)[:2]
     scale = max(shape_hw) / 1024
     return CopySettings(
