@@ -4,8 +4,8 @@ import torch
 
 from seglab.errors import SeglabError
 from seglab.inference import Predictor, load_predictor
-from seglab.models.sliding import tile_starts
 from seglab.models.networks import build_network
+from seglab.models.sliding import tile_starts
 
 META = {"class_names": ["background", "a", "b"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
         "ignore_index": 255, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}

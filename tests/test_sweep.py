@@ -1,6 +1,8 @@
 import csv
 import json
 
+from omegaconf import OmegaConf
+
 from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.sweep import write_leaderboard
 
@@ -35,6 +37,19 @@ def test_leaderboard_ranks_by_val_miou_with_per_class_iou(tmp_path):
     assert rows[2]["status"] == "failed: boom" and rows[2]["test mIoU"] == ""
     header = table.splitlines()[0]
     assert header.index("test mIoU") < header.index("test IoU background") < header.index("test mAcc")
+
+
+def test_leaderboard_shows_each_jobs_overrides_in_full(tmp_path):
+    # The folder name holds the overrides shortened (conf/train.yaml); Hydra keeps them in .hydra/overrides.yaml.
+    job = write_job(tmp_path, "3_loss=dice_ce,lr=0.0001235,weight_decay=1.235e-05", 0.5, 0.3, [0.9, 0.4, 0.2], 8.0)
+    (job / ".hydra").mkdir()
+    OmegaConf.save(["optimizer.lr=0.00012345678901234567", "loss=dice_ce", "data.root=/data/export",
+                    "++optimizer.weight_decay=1.2345678901234568e-05"], job / ".hydra" / "overrides.yaml")
+    write_leaderboard(tmp_path, [job], exclude_keys=["data.root"])  # conf/train.yaml's override_dirname.exclude_keys
+    with (tmp_path / "leaderboard.csv").open() as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["job"] == ("++optimizer.weight_decay=1.2345678901234568e-05,loss=dice_ce,"
+                          "optimizer.lr=0.00012345678901234567")
 
 
 def test_best_epoch_follows_the_monitor_mode():

@@ -3,9 +3,11 @@ are recorded instead of stopping the sweep."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -24,8 +26,48 @@ log = logging.getLogger("seglab")
 OmegaConf.register_new_resolver("if_resume", lambda resume, then, otherwise: then if resume else otherwise,
                                 replace=True)
 
+# Sweep job folders are named <job number>_<short_dirname of Hydra's override_dirname> (conf/train.yaml). The
+# overrides in full can pass the 255-byte limit of a file name (an Optuna trial: ten keys, 17-digit floats); the
+# job number keeps names unique, and the full overrides are in <job>/.hydra/overrides.yaml and the leaderboard.
+OVERRIDE_SEPARATOR = re.compile(r",(?=~|\+*[\w./@-]+=)")  # a comma before the next key=, not one in a value
+FLOAT = re.compile(r"(?<![\w.])[-+]?(?:(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+)(?![\w.])")
+
+
+def short_dirname(override_dirname: str, max_bytes: int = 120) -> str:
+    """`++optimizer.weight_decay=1.2345678e-06,optimizer.lr=0.000123456789` -> `lr=0.0001235,weight_decay=1.235e-06`:
+    each key's last part, floats to 4 significant digits, no "/" (it would nest folders), sorted again, at most
+    max_bytes (well within a file name's 255, with room for the job number)."""
+    items = []
+    for item in OVERRIDE_SEPARATOR.split(override_dirname) if override_dirname else []:
+        key, sep, value = item.partition("=")
+        name = re.split(r"[./]", key.lstrip("+~"))[-1]  # ++optimizer.lr -> lr; ~key (a deletion) keeps its ~
+        value = FLOAT.sub(lambda m: f"{float(m[0]):.4g}", value).replace("/", "-")
+        items.append(("~" if key.startswith("~") else "") + name + sep + value)
+    return ",".join(sorted(items)).encode()[:max_bytes].decode(errors="ignore")
+
+
+OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)
+
+# The file system refusing a file (no space, no access, a name too long) is the user's to fix, not a bug: one
+# line naming the file and what to do, as for SeglabError.
+ELSEWHERE = "or write the run elsewhere: hydra.run.dir=... (hydra.sweep.dir=... with -m)"
+FILE_SYSTEM_HINTS = {
+    errno.ENAMETOOLONG: "Shorten the path: a file or folder name holds at most 255 bytes",
+    errno.ENOSPC: f"Free space {ELSEWHERE}",
+    errno.EDQUOT: f"Free space within your quota {ELSEWHERE}",
+    errno.EACCES: f"Give yourself access {ELSEWHERE}",
+    errno.EPERM: f"Give yourself access {ELSEWHERE}",
+    errno.EROFS: f"Remount the file system writable {ELSEWHERE}",
+}
+
+
+def file_system_refusal(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.filename is not None and error.errno in FILE_SYSTEM_HINTS
+
 
 def user_message(error: BaseException) -> str:
+    if file_system_refusal(error):
+        return f"{error.filename}: {error.strerror}. {FILE_SYSTEM_HINTS[error.errno]}."
     # A SeglabError raised in a DataLoader worker comes back carrying the worker's traceback text.
     text = str(error)
     marker = "SeglabError: "
@@ -57,7 +99,7 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig, metric: str | 
     except SIGTERMException:
         sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process; last.ckpt is saved
     except (SeglabError, Exception) as e:
-        known = isinstance(e, SeglabError)
+        known = isinstance(e, SeglabError) or file_system_refusal(e)
         if not multirun:
             if not known:
                 raise

@@ -17,7 +17,7 @@ from seglab.config import compose_config
 from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
 from seglab.inference import MODES
-from seglab.sweep import fmt, write_table
+from seglab.sweep import fmt, job_label, write_table
 
 
 def finished_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:
@@ -60,7 +60,7 @@ def compare(sweep_dir: Path, modes: list[str], flip: bool = False, device: str =
             result = evaluate_job(job, metrics["checkpoint"], mode, flip, device)
             per_class = {f"IoU {name}": fmt(r["IoU"]) for name, r in result["per_class"].items()}
             rows.append({
-                "job": job.name.split("_", 1)[-1],
+                "job": job_label(job),
                 "inference": mode + (" + flip" if flip else ""),
                 "test mIoU": fmt(result["mIoU"]),
                 **per_class,

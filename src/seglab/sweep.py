@@ -6,10 +6,12 @@ import csv
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from seglab.cli import check_multirun_launch
 from seglab.errors import SeglabError
@@ -24,10 +26,26 @@ def fmt(value, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def job_row(job_dir: Path) -> dict[str, str]:
+def job_label(job_dir: Path, exclude_keys: Iterable[str] | None = None) -> str:
+    """The job's overrides in full, as Hydra's override_dirname joins them (sorted, without exclude_keys: by default
+    the job's own, from .hydra/hydra.yaml), from its .hydra/overrides.yaml: its folder name holds them shortened
+    (conf/train.yaml)."""
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return job_dir.name.split("_", 1)[-1] or job_dir.name
+    if exclude_keys is None:
+        hydra_file = job_dir / ".hydra" / "hydra.yaml"
+        exclude_keys = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.config.override_dirname.exclude_keys",
+                                        default=[]) if hydra_file.is_file() else []
+    overrides = OverridesParser.create().parse_overrides(OmegaConf.to_container(OmegaConf.load(overrides_file)))
+    excluded = set(exclude_keys)
+    return ",".join(sorted(o.input_line for o in overrides if o.key_or_group not in excluded)) or job_dir.name
+
+
+def job_row(job_dir: Path, exclude_keys: Iterable[str] = ()) -> dict[str, str]:
     """One job's leaderboard row from its metrics.json: values at the best epoch (by the run's monitor) and
     the test split's metrics, per-class IoU as `test IoU <class>` columns."""
-    row = {"job": job_dir.name.split("_", 1)[-1] or job_dir.name}
+    row = {"job": job_label(job_dir, exclude_keys)}
     metrics_file = job_dir / "metrics.json"
     if not metrics_file.is_file():
         return {**row, "status": "failed (no metrics.json)"}
@@ -54,10 +72,10 @@ def job_row(job_dir: Path) -> dict[str, str]:
     }
 
 
-def write_leaderboard(sweep_dir: Path, job_dirs: list[Path]) -> str:
+def write_leaderboard(sweep_dir: Path, job_dirs: list[Path], exclude_keys: Iterable[str] = ()) -> str:
     """leaderboard.csv and .md, best validation mIoU first (comparable across losses, unlike val loss);
     failed jobs last with their error."""
-    rows = [job_row(d) for d in job_dirs]
+    rows = [job_row(d, exclude_keys) for d in job_dirs]
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -float(r["val mIoU"] or "-inf"))
     rows = ok + [r for r in rows if r["status"] != "ok"]
     class_columns = list(dict.fromkeys(k for r in rows for k in r if k.startswith("test IoU ")))
@@ -94,6 +112,6 @@ class LeaderboardCallback(Callback):
                           key=lambda d: int(d.name.split("_")[0]))
         if not job_dirs:
             return
-        table = write_leaderboard(sweep_dir, job_dirs)
+        table = write_leaderboard(sweep_dir, job_dirs, config.hydra.job.config.override_dirname.exclude_keys)
         print(f"\nLeaderboard ({sweep_dir / 'leaderboard.md'}; best val mIoU first)\n{table}"
               f"TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)

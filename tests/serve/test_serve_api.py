@@ -3,7 +3,10 @@ import io
 import struct
 import threading
 import zlib
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
+from xml.etree import ElementTree
 
 import httpx
 import numpy as np
@@ -121,6 +124,35 @@ def test_model_health_ready(client, predictor):
     assert client.get("/ready").json() == {"ready": True, "queued": 0, "queue_size": 4}
     assert "/v1/segment" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 404  # it would load Swagger UI from a CDN
+
+
+class PageResources(HTMLParser):
+    """The URLs a page makes the browser load: its declared icons, and its stylesheets, scripts and images."""
+
+    def __init__(self):
+        super().__init__()
+        self.icons, self.urls = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "link" and attrs.get("rel") == "icon":
+            self.icons.append(attrs["href"])
+        elif url := attrs.get("href") or attrs.get("src"):
+            self.urls.append(url)
+
+
+def test_page_loads_nothing_that_answers_404(client):
+    page = client.get("/")
+    resources = PageResources()
+    resources.feed(page.text)
+    # Without an icon of its own the browser asks for /favicon.ico, which this server does not have (a 404).
+    (icon,) = resources.icons
+    assert icon.startswith("data:image/svg+xml,")  # inline: no request at all
+    assert ElementTree.fromstring(unquote(icon.split(",", 1)[1])).tag == "{http://www.w3.org/2000/svg}svg"
+    policy = dict(d.strip().split(" ", 1) for d in page.headers["content-security-policy"].split(";"))
+    assert "data:" in policy["img-src"].split()  # the policy lets the browser show it
+    assert resources.urls == ["/static/style.css", "/static/app.js"]
+    assert all(client.get(url).status_code == 200 for url in resources.urls)
 
 
 def test_serve_settings_errors(trained_run):
