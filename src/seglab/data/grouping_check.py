@@ -11,6 +11,8 @@ pair recall (pairs of copies of one photo that share a group), files whose every
 With --leaks, exports shaped like three real RoboFlow exports (train/ with copies, a small valid/, no test/)
 are split as seglab splits them, by file (before grouping) and by photo, carving the test split off train/ and
 with data.resplit=true: printed, the val/test images that have a copy in train.
+With --hash-table, the hash distance (bits of 64, best flip/quarter turn) between a photo and its copy under one
+augmentation at a time, at a typical strength, over --photos photos per mode (median / 90th percentile / max).
 With --report, the dataset report (python -m seglab.data.report, picture sheet included) of the first mode's
 export is timed twice: with an empty cache (masks rasterised, files fingerprinted) and with a warm one.
 """
@@ -118,6 +120,55 @@ def leak_table(work: Path) -> list[dict]:
     return rows
 
 
+def one_augmentation(name: str, shape_hw: tuple[int, int]):
+    """CopySettings with only `name` applied, at a typical strength of RoboFlow's ranges."""
+    from seglab.data.synthetic.copies import CopySettings
+
+    h, w = shape_hw
+    centre = np.array([(w - 1) / 2, (h - 1) / 2])
+    linear = {"flip": [[-1, 0], [0, 1]], "quarter turn": [[0, -1], [1, 0]], "crop 15 %": np.eye(2) / 0.85,
+              "rotation 10 deg": [[np.cos(0.1745), -np.sin(0.1745)], [np.sin(0.1745), np.cos(0.1745)]],
+              "shear 8 deg": [[1, np.tan(0.1396)], [0, 1]]}.get(name, np.eye(2))
+    linear = np.asarray(linear, np.float64)
+    out_hw = (w, h) if name == "quarter turn" else (h, w)
+    target = np.array([(out_hw[1] - 1) / 2, (out_hw[0] - 1) / 2])
+    matrix = np.hstack([linear, (target - linear @ centre)[:, None]])
+    return CopySettings(matrix, out_hw, brightness=1.25 if name == "brightness +25 %" else 1.0,
+                        gamma=1.15 if name == "exposure (gamma 1.15)" else 1.0,
+                        blur_sigma=1.0 if name == "blur (sigma 1 px)" else 0.0,
+                        noise=0.02 if name == "noise (2 % of pixels)" else 0.0, gray=name == "grayscale")
+
+
+AUGMENTATIONS = ("flip", "quarter turn", "brightness +25 %", "exposure (gamma 1.15)", "blur (sigma 1 px)",
+                 "noise (2 % of pixels)", "grayscale", "crop 15 %", "rotation 10 deg", "shear 8 deg")
+
+
+def hash_table(photos: int, modes: list[str], work: Path) -> dict[str, dict[str, list[float]]]:
+    from PIL import Image
+
+    from seglab.data.groups import fingerprint
+    from seglab.data.synthetic.copies import make_copy
+    from seglab.data.synthetic.generate import render
+
+    def hashes(pixels: np.ndarray) -> np.ndarray:
+        path = work / "hash.jpg"
+        Image.fromarray(pixels).save(path, quality=95)
+        return np.array([int(h, 16) for h in fingerprint(path, False, work)["phash"]], np.uint64)
+
+    table = {}
+    for name in AUGMENTATIONS:
+        distances = []
+        for mode in modes:
+            for i in range(photos):
+                photo = render(mode, np.random.default_rng([7, i]), SIZES[mode], 0.07, None)
+                copy = make_copy(photo, np.random.default_rng(i), one_augmentation(name, photo.pixels.shape[:2]))
+                distances.append(int(np.bitwise_count(hashes(photo.pixels)[0] ^ hashes(copy.pixels)).min()))
+        table[name] = [float(np.median(distances)), float(np.percentile(distances, 90)), float(max(distances))]
+        print(f"  {name:24s} hash distance median {table[name][0]:.0f}, 90th percentile {table[name][1]:.0f}, "
+              f"max {table[name][2]:.0f}", flush=True)
+    return table
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m seglab.data.grouping_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=500)
@@ -126,11 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="keep the exports and caches here (default: a temporary folder)")
     parser.add_argument("--report", action="store_true", help="also time the dataset report, cold and warm")
     parser.add_argument("--leaks", action="store_true", help="only the leakage table of three export shapes")
+    parser.add_argument("--hash-table", action="store_true", help="only the hash distances per augmentation")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.out or Path(tmp)
         if args.leaks:
             return {"leaks": leak_table(work)}
+        if args.hash_table:
+            print(f"{args.photos} photos per mode ({', '.join(args.modes)}), each against its copy:")
+            return {"hash_table": hash_table(args.photos, args.modes, work)}
         results = {mode: check(mode, args.photos, args.copies, work) for mode in args.modes}
         if args.report:
             results["report_seconds"] = time_report(work / args.modes[0], work)
