@@ -25,6 +25,8 @@ def test_every_job_is_evaluated_in_every_mode_and_tabulated(trained_run, tmp_pat
     for row in rows:
         written = json.loads((job / f"evaluate-{row['inference']}" / "metrics.json").read_text())
         assert row["test mIoU"] == f"{written['mIoU']:.4f}"
+        assert row["trivial mIoU"] == f"{written['diagnosis']['trivial']['mIoU']:.4f}"
+        assert row["flag"] == ("" if written["diagnosis"]["verdict"] == "ok" else written["diagnosis"]["verdict"])
         assert written["inference"]["mode"] == row["inference"]
         assert written["inference"]["images_per_mode"] == {row["inference"]: written["images"]}
     # The debug run stretches images to 64 x 64: one tile, so sliding windows give the whole-image result.

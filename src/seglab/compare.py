@@ -63,6 +63,9 @@ def compare(sweep_dir: Path, modes: list[str], flip: bool = False, device: str =
                 "job": job_label(job),
                 "inference": mode + (" + flip" if flip else ""),
                 "test mIoU": fmt(result["mIoU"]),
+                # Predicting the test split's most frequent class everywhere (seglab.models.trivial); its flag.
+                "trivial mIoU": fmt(result["diagnosis"]["trivial"].get("mIoU")),
+                "flag": "" if result["diagnosis"]["verdict"] == "ok" else result["diagnosis"]["verdict"],
                 **per_class,
                 "mean acc": fmt(result["mAcc"]),
                 "pixel acc": fmt(result["pixel_acc"]),

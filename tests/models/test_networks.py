@@ -174,3 +174,19 @@ def test_unknown_arch_and_segformer_whole_model_weights_are_refused():
     assert {"segformer_mit_b0", "segformer_mit_b2", "deeplabv3_resnet101"} <= set(ARCHS)
     with pytest.raises(SeglabError, match="model.weights='COCO_WITH_VOC_LABELS_V1': segformer_mit_b0 has no"):
         build_network("segformer_mit_b0", num_classes=3, weights=COCO_VOC)
+
+
+def batchnorm_momenta(model) -> set:
+    return {m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+
+def test_bn_momentum_auto_follows_the_weights_from_scratch_only(tmp_path):
+    scratch = build_network(MOBILENET, 3, weights=None, weights_backbone=None, bn_momentum="auto")
+    assert batchnorm_momenta(scratch) == {0.1}
+    path = tmp_path / "voc.pth"
+    torch.save(random_voc_mobilenet(), path)
+    fine_tuned = build_network(MOBILENET, 3, weights=None, weights_path=str(path), bn_momentum="auto")
+    # MobileNetV3's own (0.01 in the backbone, 0.1 in the heads), with the statistics that came with the weights
+    assert batchnorm_momenta(fine_tuned) == {0.01, 0.1}
+    assert batchnorm_momenta(build_network(MOBILENET, 3, weights=None, bn_momentum=None)) == {0.01, 0.1}
+    assert batchnorm_momenta(build_network("deeplabv3_resnet50", 3, weights=None, bn_momentum="auto")) == {0.1}

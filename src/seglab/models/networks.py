@@ -133,7 +133,7 @@ def build_network(
     freeze_backbone: bool = False,
     channels_last: bool | str = False,
     compile: bool = False,
-    bn_momentum: float | None = None,
+    bn_momentum: float | str | None = None,
 ) -> nn.Module:
     if arch not in ARCHS:
         raise SeglabError(f"model.arch={arch!r} is not one of {ARCHS}.")
@@ -152,10 +152,13 @@ def build_network(
             model.freeze_encoder()  # also keeps the encoder's norm layers in eval mode
         else:
             model.backbone.requires_grad_(False)
+    if bn_momentum == "auto":
+        # MobileNetV3 ships momentum 0.01, tuned for long ImageNet runs. Trained from scratch, its weights change
+        # fast and its running statistics, averaged over the last ~100 steps, describe a network of several epochs
+        # ago: eval-mode predictions collapse to one class (README, "Training recipe"). PyTorch's 0.1 follows
+        # them; pretrained weights come with statistics that fit, and keep the architecture's own momentum.
+        bn_momentum = 0.1 if not (weights or weights_backbone or weights_path) else None
     if bn_momentum is not None:
-        # MobileNetV3 ships momentum 0.01, tuned for long ImageNet runs: trained from scratch for a few
-        # hundred steps its running statistics stay near their initial values and eval-mode predictions
-        # collapse to background. The demo sets 0.1 (PyTorch's default).
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = bn_momentum
