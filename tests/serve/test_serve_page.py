@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from seglab.data.masks import load_image
+from seglab.inference import confidence_image
 from seglab.serve.app import create_app
 from seglab.viz import overlay
 
@@ -79,6 +80,16 @@ def test_page_segments_an_uploaded_image(browser, live_server, predictor, photo)
         expected = overlay(image, mask, predictor.palette, 1.0)
         wait.until(lambda b: np.array_equal(overlay_pixels(b), expected))
         assert browser.find_element(By.ID, "opacity-value").text == "1.00"
+
+        # The confidence view shows the server's confidence PNG (grey = round(255 x top probability)) ...
+        browser.find_element(By.ID, "confidence").click()
+        grey = confidence_image(predictor.predict_with_probabilities(image)[1])
+        wait.until(lambda b: b.find_element(By.ID, "overlay").get_attribute("data-view") == "confidence")
+        wait.until(lambda b: np.array_equal(overlay_pixels(b), np.repeat(grey[..., None], 3, axis=2)))
+        # ... and switching back shows the overlay again, at the slider's opacity.
+        browser.find_element(By.ID, "confidence").click()
+        wait.until(lambda b: b.find_element(By.ID, "overlay").get_attribute("data-view") == "overlay")
+        wait.until(lambda b: np.array_equal(overlay_pixels(b), expected))
 
         # The page asked for nothing outside this server.
         hosts = browser.execute_script(

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seconds", type=float, default=20.0, help=f"duration per model (at most {MAX_SECONDS})")
     parser.add_argument("--image", type=Path, help="the image every request sends (default: synthetic)")
     parser.add_argument("--size", type=int, default=256, help="side of the synthetic image")
-    parser.add_argument("--format", choices=("json", "mask", "overlay"), default="mask")
+    parser.add_argument("--format", choices=("json", "mask", "overlay", "confidence", "probabilities"), default="mask")
     parser.add_argument("--queue-size", type=int, default=None,
                         help="the server's limits.queue_size (default: --clients, so no request gets 503)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")

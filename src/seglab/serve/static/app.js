@@ -1,9 +1,10 @@
 // The page: upload an image to /v1/segment?format=mask, then draw the class colours over the image here, so
 // the opacity slider needs no second request. Blending matches seglab.viz.overlay: background (class 0) stays
-// untinted, other pixels become (1 - opacity) x image + opacity x class colour.
+// untinted, other pixels become (1 - opacity) x image + opacity x class colour. The confidence view shows the
+// server's format=confidence PNG (top class probability per pixel, black 0 to white 1), asked for once per image.
 "use strict";
 
-const state = { model: null, photo: null, colours: null, counts: null };
+const state = { model: null, file: null, photo: null, colours: null, counts: null, confidence: null };
 const $ = (id) => document.getElementById(id);
 
 function setStatus(text, isError = false) {
@@ -66,6 +67,13 @@ async function colourLayer(maskBlob) {
   return { layer: canvas, counts };
 }
 
+function display(blob, view) {
+  const old = $("overlay").src;
+  $("overlay").src = URL.createObjectURL(blob);
+  $("overlay").dataset.view = view;
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+}
+
 async function compose() {
   if (!state.photo || !state.colours) return;
   const opacity = Number($("opacity").value);
@@ -74,33 +82,50 @@ async function compose() {
   context.drawImage(state.photo, 0, 0);
   context.globalAlpha = opacity;
   context.drawImage(state.colours, 0, 0);
-  const blob = await canvas.convertToBlob({ type: "image/png" });
-  const old = $("overlay").src;
-  $("overlay").src = URL.createObjectURL(blob);
-  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+  display(await canvas.convertToBlob({ type: "image/png" }), "overlay");
+}
+
+// The answer to POST /v1/segment?format=..., or null once the error is shown.
+async function post(format, file) {
+  const form = new FormData();
+  form.append("image", file);
+  const response = await fetch(`/v1/segment?format=${format}`, { method: "POST", body: form });
+  if (response.ok) return response;
+  let detail = response.statusText;
+  try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
+  setStatus(`${response.status}: ${detail}`, true);
+  return null;
+}
+
+// The chosen view of the current image; false if the server refused it (the error is shown).
+async function render() {
+  if (!$("confidence").checked) return compose().then(() => true);
+  const file = state.file;
+  if (!file) return true;
+  if (!state.confidence) {
+    const response = await post("confidence", file);
+    if (!response) return false;
+    const blob = await response.blob();
+    if (state.file !== file) return true;  // another image was chosen meanwhile
+    state.confidence = blob;
+    if (!$("confidence").checked) return true;  // switched back meanwhile
+  }
+  display(state.confidence, "confidence");
+  return true;
 }
 
 async function segment(file) {
   setStatus(`segmenting ${file.name} ...`);
   $("overlay").removeAttribute("data-ready");
-  const form = new FormData();
-  form.append("image", file);
   const started = performance.now();
-  const response = await fetch("/v1/segment?format=mask", { method: "POST", body: form });
-  if (!response.ok) {
-    let detail = response.statusText;
-    try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
-    setStatus(`${response.status}: ${detail}`, true);
-    return;
-  }
+  const response = await post("mask", file);
+  if (!response) return;
   const timing = response.headers.get("Server-Timing") || "";
   const [photo, result] = await Promise.all([
     createImageBitmap(file, { imageOrientation: "from-image" }), colourLayer(await response.blob()),
   ]);
-  state.photo = photo;
-  state.colours = result.layer;
-  state.counts = result.counts;
-  await compose();
+  Object.assign(state, { file, photo, colours: result.layer, counts: result.counts, confidence: null });
+  if (!(await render())) return;
   renderLegend();
   $("caption").textContent = `${file.name}: ${photo.width} x ${photo.height} px`;
   $("overlay").dataset.ready = "true";
@@ -114,8 +139,9 @@ function start() {
   });
   $("opacity").addEventListener("input", () => {
     $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
-    compose();
+    if (!$("confidence").checked) compose();
   });
+  $("confidence").addEventListener("change", () => render().catch((e) => setStatus(String(e), true)));
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
