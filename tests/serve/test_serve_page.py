@@ -95,3 +95,35 @@ def test_page_segments_an_uploaded_image(browser, live_server, predictor, photo)
         hosts = browser.execute_script(
             "return performance.getEntriesByType('resource').map(e => new URL(e.name).host);")
         assert set(hosts) <= {url.removeprefix("http://")}
+
+
+def test_page_asks_for_the_token_when_the_api_answers_401(browser, live_server, predictor, photo):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    token = "page-token-0123456789abcdef"
+    with live_server(create_app(predictor, token=token)) as url:
+        browser.get(url + "/")  # the page itself is open
+        wait = WebDriverWait(browser, 60)
+        form = browser.find_element(By.ID, "token-form")
+        wait.until(lambda b: form.is_displayed())
+        assert browser.find_element(By.ID, "status").text.startswith("401: This server requires a token")
+
+        def submit(value):
+            browser.find_element(By.ID, "token").send_keys(value)
+            browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+
+        submit("wrong-token-0123456789")
+        wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("401: The token is wrong"))
+        assert form.is_displayed()
+        submit(token)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#legend tbody tr")) == 3)
+        assert not form.is_displayed()
+        assert browser.execute_script("return sessionStorage.getItem('seglab-token')") == token
+
+        # Uploads carry it too.
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda b: b.find_element(By.ID, "overlay").get_attribute("data-ready") == "true")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#legend tbody tr")
+        counts = [int(r.find_elements(By.TAG_NAME, "td")[1].text.replace(",", "")) for r in rows]
+        assert counts == np.bincount(predictor.predict(load_image(photo)).ravel(), minlength=3).tolist()

@@ -4,7 +4,8 @@ build their own app around a real Predictor (checkpoint or ONNX).
 Bad input never reaches the model: the body is capped before it is read (413), the image header is checked
 against a pixel limit before any pixel is decoded (413), then decoded (415 not an image, 400 corrupt or
 truncated). Requests reach the model through one worker thread and a queue of fixed length; when it is full
-the answer is 503 with Retry-After.
+the answer is 503 with Retry-After. With a token (seglab.serve.auth) every path but the page and the probes
+needs `Authorization: Bearer <token>`, checked before anything else.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from seglab.inference import Predictor, confidence_image
+from seglab.serve.auth import BearerToken
 from seglab.serve.formats import SegmentResult, npy_bytes, png_bytes, segment_result
 from seglab.viz import overlay
 
@@ -183,7 +185,7 @@ async def read_upload(request: Request) -> bytes:
                              "with a file field 'image', or application/json {\"image\": \"<base64>\"}.")
 
 
-def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(predictor: Predictor, settings: ServeSettings | None = None, token: str | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     queue = ModelQueue(settings.queue_size)
     meta = predictor.meta
@@ -204,6 +206,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     app = FastAPI(title="seglab", description="Semantic segmentation with a seglab model", version="1",
                   docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * MIB))
+    if token is not None:  # added last, so outermost: a request without the token is refused before its body is read
+        app.add_middleware(BearerToken, token=token)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.state.queue = queue  # tests and the load test read the queue depth
 

@@ -6,14 +6,31 @@
 
 const state = { model: null, file: null, photo: null, colours: null, counts: null, confidence: null };
 const $ = (id) => document.getElementById(id);
+// A server that requires a token answers 401 without `Authorization: Bearer <token>`: the page then asks for it
+// and keeps it in sessionStorage (this tab only; gone when the tab closes).
+const TOKEN_KEY = "seglab-token";
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
 }
 
+async function api(path, options = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const response = await fetch(path, { ...options, headers: token ? { Authorization: `Bearer ${token}` } : {} });
+  if (response.status === 401) $("token-form").hidden = false;
+  return response;
+}
+
+async function showError(response) {
+  let detail = response.statusText;
+  try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
+  setStatus(`${response.status}: ${detail}`, true);
+}
+
 async function loadModel() {
-  const response = await fetch("/v1/model");
+  const response = await api("/v1/model");
+  if (!response.ok) return showError(response);
   state.model = await response.json();
   const m = state.model;
   $("model-info").textContent =
@@ -89,11 +106,9 @@ async function compose() {
 async function post(format, file) {
   const form = new FormData();
   form.append("image", file);
-  const response = await fetch(`/v1/segment?format=${format}`, { method: "POST", body: form });
+  const response = await api(`/v1/segment?format=${format}`, { method: "POST", body: form });
   if (response.ok) return response;
-  let detail = response.statusText;
-  try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
-  setStatus(`${response.status}: ${detail}`, true);
+  await showError(response);
   return null;
 }
 
@@ -142,6 +157,14 @@ function start() {
     if (!$("confidence").checked) compose();
   });
   $("confidence").addEventListener("change", () => render().catch((e) => setStatus(String(e), true)));
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+    $("token").value = "";
+    $("token-form").hidden = true;
+    setStatus("");
+    loadModel().catch((e) => setStatus(`cannot read /v1/model: ${e}`, true));
+  });
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
