@@ -115,3 +115,18 @@ def test_inference_options_compose_into_a_predictor(config_name, option):
             "image_size": 32, "base_size": 64, "mean": [0, 0, 0], "std": [1, 1, 1]}
     predictor = Predictor(lambda x: x[:, :2], meta, **cfg.inference)
     assert predictor.settings()["mode"] == cfg.inference.mode
+
+
+@pytest.mark.parametrize(("config_name", "overrides", "expected"), [
+    ("predict", ["confidence=true", "probabilities=true"], {"confidence": True, "probabilities": True}),
+    ("predict", [], {"confidence": False, "probabilities": False}),
+    ("serve", ["auth=required", "token_file=/run/secrets/seglab"],
+     {"auth": "required", "token_file": "/run/secrets/seglab", "paths": {"output_dir": "x"}}),
+    ("serve", [], {"auth": "auto", "token_file": None, "host": "127.0.0.1"}),
+])
+def test_deployment_options_compose(config_name, overrides, expected):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=["ckpt_path=x", "paths.output_dir=x", *overrides]
+                      + (["input=x"] if config_name == "predict" else []))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert {k: resolved[k] for k in expected} == expected

@@ -42,18 +42,37 @@ def read_confusion_csv(path: Path) -> tuple[list[str], np.ndarray]:
     return rows[0][1:], np.array([[int(v) for v in r[1:]] for r in rows[1:]])
 
 
-def test_metrics_equal_the_training_runs_test_step_and_all_artefacts_are_written(trained_run, tmp_path):
+def assert_matches_confusion(result: dict, counts: np.ndarray) -> None:
+    """Per-class values and means as the confusion matrix (rows ground truth) gives them by hand."""
+    tp, in_target, in_pred = np.diag(counts), counts.sum(axis=1), counts.sum(axis=0)
+    present = in_target + in_pred > 0  # absent from both: left out of the means
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 -> nan where a class has nothing to measure
+        dice, precision, recall = 2 * tp / (in_target + in_pred), tp / in_pred, tp / in_target
+    for i, row in enumerate(result["per_class"].values()):
+        assert row["Dice"] == (pytest.approx(dice[i]) if present[i] else None)
+        assert row["precision"] == (pytest.approx(precision[i]) if in_pred[i] else None)
+        assert row["recall"] == row["acc"] == (pytest.approx(recall[i]) if in_target[i] else None)
+    # Undefined precision or recall of a class present in only one of target and prediction counts as 0.
+    assert result["mDice"] == pytest.approx(np.mean(dice[present]), abs=1e-6)
+    assert result["mPrecision"] == pytest.approx(np.mean(np.nan_to_num(precision[present])), abs=1e-6)
+    assert result["mRecall"] == pytest.approx(np.mean(np.nan_to_num(recall[present])), abs=1e-6)
+    assert result["mDice_no_background"] == pytest.approx(np.mean(dice[1:][present[1:]]), abs=1e-6)
+
+
+def test_metrics_equal_the_training_runs_test_step_and_all_artefacts_are_written(trained_run, tmp_path, capsys):
     cfg = compose_evaluate(tmp_path, f"ckpt_path={trained_run['checkpoint']}", "resolution=model")
     result = evaluate(cfg)
     out = tmp_path / "eval"
 
     test = trained_run["test"]  # what SegmentationModule.test_step reported during train()
-    for key in ("mIoU", "mAcc", "pixel_acc"):
-        assert result[key] == pytest.approx(test[f"test/{key}"], abs=1e-6)
+    for key in ("mIoU", "mAcc", "pixel_acc", "mDice", "mPrecision", "mRecall"):
+        assert result[key] == pytest.approx(test[f"test/{key}"], abs=1e-6), key
     for name, row in result["per_class"].items():
-        assert (row["IoU"] or 0.0) == pytest.approx(test[f"test/IoU_{name}"], abs=1e-6)
+        for key in ("IoU", "Dice", "precision", "recall"):  # None here (nothing to measure) is 0 in torchmetrics
+            assert (row[key] or 0.0) == pytest.approx(test[f"test/{key}_{name}"], abs=1e-6), (name, key)
     written = json.loads((out / "metrics.json").read_text())
     assert written["mIoU"] == result["mIoU"] and written["per_class"] == result["per_class"]
+    assert written["mDice"] == result["mDice"] and written["mPrecision"] == result["mPrecision"]
     assert written["split"] == "test" and written["images"] == 2
     assert "model's input resolution" in written["computed_at"]
 
@@ -65,6 +84,13 @@ def test_metrics_equal_the_training_runs_test_step_and_all_artefacts_are_written
     assert np.trace(counts) / counts.sum() == pytest.approx(result["pixel_acc"], abs=1e-6)
     for i, name in enumerate(names):
         assert result["per_class"][name]["pixel_share"] == pytest.approx(truth[i] / truth.sum())
+    assert_matches_confusion(result, counts)
+    table = capsys.readouterr().out
+    for name, row in result["per_class"].items():  # the printed table's row of each class
+        cells = [" -" if row[k] is None else f"{row[k]:.4f}" for k in ("IoU", "Dice", "precision", "recall")]
+        assert f"  {name:<10}  " + "  ".join(f"{c:>9}" for c in cells) in table
+    assert f"mDice {result['mDice']:.4f} (without background {result['mDice_no_background']:.4f})" in table
+    assert f"mean precision {result['mPrecision']:.4f}   mean recall {result['mRecall']:.4f}" in table
 
     with (out / "per_image.csv").open() as fh:
         per_image = list(csv.DictReader(fh))
@@ -98,6 +124,7 @@ def test_original_resolution_scores_every_pixel_of_each_image(trained_run, tmp_p
     assert result["mIoU"] == pytest.approx(np.mean(tp[union > 0] / union[union > 0]), abs=1e-6)
     ious = [tp[c] / union[c] for c in (1, 2) if union[c] > 0]
     assert result["mIoU_no_background"] == pytest.approx(np.mean(ious), abs=1e-6)
+    assert_matches_confusion(result, counts)
     overlays = sorted(p.name for p in (tmp_path / "eval" / "overlays").iterdir())
     assert overlays == [f"000_{Path(images[0]).stem}.png"]
     with Image.open(next((tmp_path / "eval" / "overlays").iterdir())) as im:

@@ -1,9 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from seglab.errors import SeglabError
-from seglab.inference import Predictor, load_predictor
+from seglab.inference import Predictor, confidence_image, load_predictor
 from seglab.models.networks import build_network
 from seglab.models.sliding import tile_starts
 
@@ -98,6 +100,27 @@ def test_flip_averages_the_image_and_its_mirror(tiny_net):
     flipped = Predictor(run(tiny_net), meta, flip=True).scaled_logits(x)
     torch.testing.assert_close(flipped, expected)
     assert not torch.allclose(flipped, run(tiny_net)(x))  # the network is not mirror-symmetric
+
+
+def two_halves(x: torch.Tensor) -> torch.Tensor:
+    """Logits (0, ln 3, 0) on the left half, (ln 4, 0, 0) on the right: softmax (1, 3, 1) / 5 and (4, 1, 1) / 6."""
+    logits = torch.zeros(x.shape[0], 3, *x.shape[-2:])
+    half = x.shape[-1] // 2
+    logits[:, 1, :, :half] = math.log(3)
+    logits[:, 0, :, half:] = math.log(4)
+    return logits
+
+
+def test_probabilities_are_the_softmax_of_the_logits_and_confidence_its_top_value():
+    predictor = Predictor(two_halves, {**META, "image_size": 8, "base_size": None})
+    image = np.zeros((8, 8, 3), np.uint8)  # 8 x 8 stretched to 8 x 8: no resizing
+    mask, probabilities = predictor.predict_with_probabilities(image)
+    expected = torch.tensor([[1 / 5, 3 / 5, 1 / 5], [4 / 6, 1 / 6, 1 / 6]])[[0] * 4 + [1] * 4].T[:, None, :]
+    torch.testing.assert_close(probabilities, expected.expand(3, 8, 8), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(mask, np.array([[1] * 4 + [0] * 4] * 8, np.uint8))
+    np.testing.assert_array_equal(mask, predictor.predict(image))
+    # round(255 x 3/5) = 153, round(255 x 4/6) = 170
+    np.testing.assert_array_equal(confidence_image(probabilities), np.array([[153] * 4 + [170] * 4] * 8, np.uint8))
 
 
 def test_bad_settings_name_the_setting():

@@ -12,6 +12,7 @@ from PIL import Image
 
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
+from seglab.inference import load_predictor
 from seglab.models.checkpoint import load_checkpoint
 from seglab.predict import predict
 
@@ -43,6 +44,7 @@ def inputs(tmp_path_factory, demo_root) -> Path:
     shutil.copy(test_image, folder / "sub" / "demo.jpg")
     (folder / "notes.txt").write_text("not an image")
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(folder / "old_mask.png")  # a mask, not an input
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(folder / "old_confidence.png")  # an output, not an input
     return folder
 
 
@@ -57,8 +59,9 @@ def test_masks_have_each_images_size_and_overlays_its_colours(trained_run, input
     result = predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs}",
                                      f"output={out}", "opacity=1.0"))
     assert result["images"] == len(EXPECTED)
-    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
-    assert written == sorted(f"{name}{kind}" for name in EXPECTED for kind in ("_mask.png", "_overlay.png"))
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(["classes.csv", *(f"{name}{kind}" for name in EXPECTED
+                                               for kind in ("_mask.png", "_overlay.png"))])  # by default no more
 
     sources = {"odd": "odd.jpg", "gray": "gray.png", "sub/rgba": "sub/rgba.png", "photo_png": "photo.png",
                "photo_jpg": "photo.jpg", "sub/demo": "sub/demo.jpg"}
@@ -79,6 +82,30 @@ def test_masks_have_each_images_size_and_overlays_its_colours(trained_run, input
         assert list(csv.reader(fh)) == [["index", "class", "r", "g", "b"], ["0", "background", "0", "0", "0"],
                                         ["1", "disc", "230", "25", "75"],
                                         ["2", "triangle", "60", "180", "75"]]
+
+
+def test_confidence_and_probabilities_are_the_predictors_softmax(trained_run, inputs, tmp_path, capsys):
+    out = tmp_path / "pred"
+    predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs}", f"output={out}",
+                            "confidence=true", "probabilities=true"))
+    assert "<name>_confidence.png (top class probability, 0-255 = 0-1)" in capsys.readouterr().out
+    predictor = load_predictor(trained_run["checkpoint"], device="cpu")
+    sources = {"odd": "odd.jpg", "sub/rgba": "sub/rgba.png", "photo_jpg": "photo.jpg", "sub/demo": "sub/demo.jpg"}
+    for name, source in sources.items():
+        image = load_image(inputs / source)
+        softmax = torch.softmax(predictor.logits(image), dim=0)
+        with Image.open(out / f"{name}_confidence.png") as im:
+            assert im.mode == "L"
+            confidence = np.asarray(im)
+        np.testing.assert_array_equal(confidence, np.rint(255 * softmax.max(dim=0).values.numpy()).astype(np.uint8))
+        probabilities = np.load(out / f"{name}_probabilities.npy")
+        assert probabilities.dtype == np.float16 and probabilities.shape == (3, *EXPECTED[name])
+        np.testing.assert_array_equal(probabilities, softmax.numpy().astype(np.float16))
+        # Each float16 value is within 2^-11 of its float32 value relative to itself: the sum within 1e-3 of 1.
+        assert np.abs(probabilities.astype(np.float64).sum(axis=0) - 1).max() <= 1e-3
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_mask.png")), predictor.predict(image))
+    assert sorted(p.name for p in out.glob("*.npy")) == ["gray_probabilities.npy", "odd_probabilities.npy",
+                                                         "photo_jpg_probabilities.npy", "photo_png_probabilities.npy"]
 
 
 def test_mask_at_model_size_is_the_models_argmax(trained_run, inputs, tmp_path):

@@ -7,10 +7,12 @@ from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.sweep import write_leaderboard
 
 
-def write_job(sweep, name, val_miou, val_loss, test_iou, speed):
+def write_job(sweep, name, val_miou, val_loss, test_iou, speed, test_dice=None):
     job = sweep / name
     job.mkdir()
     test = {"test/mIoU": sum(test_iou) / 3, "test/mAcc": 0.5, "test/pixel_acc": 0.9}
+    if test_dice is not None:  # jobs trained before Dice was logged have none
+        test["test/mDice"] = test_dice
     test |= {f"test/IoU_{c}": v for c, v in zip(["background", "disc", "triangle"], test_iou, strict=True)}
     metrics = {"status": "ok", "best_epoch": 4, "epochs_run": 5, "wall_time_s": 12.5,
                "best_val": {"val/loss": val_loss, "val/mIoU": val_miou}, "test": test,
@@ -22,7 +24,7 @@ def write_job(sweep, name, val_miou, val_loss, test_iou, speed):
 def test_leaderboard_ranks_by_val_miou_with_per_class_iou(tmp_path):
     # dice_ce has the larger val loss (its loss adds a Dice term) but the better mIoU: it must come first.
     jobs = [write_job(tmp_path, "0_loss=ce", 0.33, 0.07, [0.98, 0.0, 0.0], 9.25),
-            write_job(tmp_path, "1_loss=dice_ce", 0.61, 0.45, [0.97, 0.5, 0.36], 8.0)]
+            write_job(tmp_path, "1_loss=dice_ce", 0.61, 0.45, [0.97, 0.5, 0.36], 8.0, test_dice=0.71234)]
     failed = tmp_path / "2_loss=focal"
     failed.mkdir()
     (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
@@ -34,9 +36,11 @@ def test_leaderboard_ranks_by_val_miou_with_per_class_iou(tmp_path):
     assert rows[0]["test IoU disc"] == "0.5000" and rows[0]["test IoU triangle"] == "0.3600"
     assert rows[1]["test IoU background"] == "0.9800" and rows[1]["train images/s"] == "9.2"
     assert rows[0]["test mIoU"] == "0.6100" and rows[0]["val loss"] == "0.4500"
+    assert rows[0]["test mDice"] == "0.7123" and rows[1]["test mDice"] == ""
     assert rows[2]["status"] == "failed: boom" and rows[2]["test mIoU"] == ""
     header = table.splitlines()[0]
-    assert header.index("test mIoU") < header.index("test IoU background") < header.index("test mAcc")
+    assert header.index("test mIoU") < header.index("test mDice") < header.index("test IoU background") \
+        < header.index("test mAcc")
 
 
 def test_leaderboard_shows_each_jobs_overrides_in_full(tmp_path):

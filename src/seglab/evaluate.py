@@ -63,25 +63,33 @@ def build_datamodule(cfg: DictConfig, module: SegmentationModule, ckpt_path: str
 
 
 def per_class_report(counts: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float | None]]:
-    """IoU, accuracy (recall) and ground-truth pixel share per class; None where a class has no pixels
-    to measure (IoU: none in target or prediction; accuracy: none in the target)."""
+    """IoU, Dice (F1), precision, recall and ground-truth pixel share per class; None where a class has no pixels
+    to measure (IoU, Dice: none in target or prediction; precision: none predicted; recall: none in the target).
+    `acc` is the recall under the name mean accuracy averages, as earlier metrics.json files have it."""
     tp = np.diag(counts).astype(np.float64)
     in_target, in_pred = counts.sum(axis=1), counts.sum(axis=0)
     union = in_target + in_pred - tp
     total = max(int(in_target.sum()), 1)
+
+    def ratio(num: float, den: float) -> float | None:
+        return float(num / den) if den else None
+
     return {
         name: {
-            "IoU": float(tp[i] / union[i]) if union[i] else None,
-            "acc": float(tp[i] / in_target[i]) if in_target[i] else None,
+            "IoU": ratio(tp[i], union[i]),
+            "Dice": ratio(2 * tp[i], in_target[i] + in_pred[i]),
+            "precision": ratio(tp[i], in_pred[i]),
+            "recall": ratio(tp[i], in_target[i]),
+            "acc": ratio(tp[i], in_target[i]),
             "pixel_share": float(in_target[i] / total),
         }
         for i, name in enumerate(class_names)
     }
 
 
-def mean_iou_without_background(report: dict[str, dict]) -> float:
-    # Same policy as the headline mIoU: classes absent from both target and prediction are left out.
-    values = [r["IoU"] for r in list(report.values())[1:] if r["IoU"] is not None]
+def mean_without_background(report: dict[str, dict], key: str = "IoU") -> float:
+    # Same policy as the headline means: classes absent from both target and prediction are left out.
+    values = [r[key] for r in list(report.values())[1:] if r[key] is not None]
     return float(np.mean(values)) if values else math.nan
 
 
@@ -100,13 +108,17 @@ def format_table(result: dict) -> str:
     def fmt(value):
         return "     -" if value is None else f"{value:6.4f}"
 
-    lines = [f"  {'class':<{width}}  {'IoU':>6}  {'acc':>6}  {'pixels':>7}"]
+    columns = ("IoU", "Dice", "precision", "recall")
+    lines = [f"  {'class':<{width}}  " + "  ".join(f"{c:>9}" for c in columns) + f"  {'pixels':>7}"]
     for name, r in result["per_class"].items():
-        lines.append(f"  {name:<{width}}  {fmt(r['IoU'])}  {fmt(r['acc'])}  {100 * r['pixel_share']:6.2f}%")
+        lines.append(f"  {name:<{width}}  " + "  ".join(f"   {fmt(r[c])}" for c in columns)
+                     + f"  {100 * r['pixel_share']:6.2f}%")
     lines += [
         "",
         f"  mIoU {result['mIoU']:.4f} (without background {result['mIoU_no_background']:.4f})   "
         f"mean acc {result['mAcc']:.4f}   pixel acc {result['pixel_acc']:.4f}",
+        f"  mDice {result['mDice']:.4f} (without background {result['mDice_no_background']:.4f})   "
+        f"mean precision {result['mPrecision']:.4f}   mean recall {result['mRecall']:.4f} (= mean acc)",
     ]
     trivial = result["diagnosis"]["trivial"]
     if trivial:
@@ -185,9 +197,13 @@ def evaluate(cfg: DictConfig) -> dict:
         "images": len(dataset),
         "pixels": int(counts.sum()),
         "mIoU": float(values["mIoU"]),
-        "mIoU_no_background": mean_iou_without_background(per_class),
+        "mIoU_no_background": mean_without_background(per_class, "IoU"),
         "mAcc": float(values["mAcc"]),
         "pixel_acc": float(values["pixel_acc"]),
+        "mDice": float(values["mDice"]),
+        "mDice_no_background": mean_without_background(per_class, "Dice"),
+        "mPrecision": float(values["mPrecision"]),
+        "mRecall": float(values["mRecall"]),
         "per_class": per_class,
         "class_names": names,
         # What predicting the split's most frequent class everywhere scores, and flags (seglab.models.trivial).

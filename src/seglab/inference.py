@@ -5,7 +5,8 @@ or stretched to image_size x image_size for the original recipe, then normalised
 either the whole image or image_size x image_size tiles that overlap, their logits averaged where they meet
 (MMSegmentation's slide inference): tiles are the size the network was trained on, so a 2048 px photo is
 not shrunk to fit one. Optional horizontal-flip test-time augmentation averages the logits of the image and
-of its mirror. Logits are resized back to the image's own size before the argmax.
+of its mirror. Logits are resized back to the image's own size before the argmax, or the softmax for class
+probabilities and the confidence image (the top class's probability per pixel).
 """
 
 from __future__ import annotations
@@ -111,7 +112,24 @@ class Predictor:
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class-index mask (H, W) uint8 of an RGB uint8 image (H, W, 3)."""
-        return self.logits(image).argmax(dim=0).to(torch.uint8).numpy()
+        return class_mask(self.logits(image))
+
+    def predict_with_probabilities(self, image: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """predict()'s mask and the class probabilities (C, H, W) float32: the softmax of the same logits, one
+        forward pass. The mask is the logits' argmax, not the probabilities': near-equal logits can round to
+        equal probabilities, and the mask must never differ from predict()'s. The probabilities are the network's
+        uncalibrated softmax: a confidence of 0.9 does not mean right 9 times in 10."""
+        logits = self.logits(image)
+        return class_mask(logits), logits.softmax(dim=0)
+
+
+def class_mask(logits: torch.Tensor) -> np.ndarray:
+    return logits.argmax(dim=0).to(torch.uint8).numpy()
+
+
+def confidence_image(probabilities: torch.Tensor) -> np.ndarray:
+    """The top class's probability per pixel as 8-bit grey (H, W): 0-255 stands for 0-1, round(255 x p)."""
+    return (probabilities.max(dim=0).values * 255).round().to(torch.uint8).numpy()
 
 
 class OnnxModel:

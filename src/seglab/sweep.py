@@ -18,8 +18,8 @@ from seglab.errors import SeglabError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "status", "best epoch", "val loss", "val mIoU", "test mIoU", "trivial mIoU", "flag", "test mAcc",
-           "test pixel acc", "train images/s", "epochs", "wall s"]
+COLUMNS = ["job", "status", "best epoch", "val loss", "val mIoU", "test mIoU", "test mDice", "trivial mIoU", "flag",
+           "test mAcc", "test pixel acc", "train images/s", "epochs", "wall s"]
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -60,6 +60,7 @@ def job_row(job_dir: Path, exclude_keys: Iterable[str] = ()) -> dict[str, str]:
         "val loss": fmt(m["best_val"].get("val/loss")),
         "val mIoU": fmt(m["best_val"].get("val/mIoU")),
         "test mIoU": fmt(m["test"].get("test/mIoU")),
+        "test mDice": fmt(m["test"].get("test/mDice")),  # empty for jobs trained before Dice was logged
         # What predicting the test split's most frequent class everywhere scores; "trivial": no better than it.
         "trivial mIoU": fmt(m["test"].get("test/trivial_mIoU")),
         "flag": "" if m.get("diagnosis", {}).get("verdict", "ok") == "ok" else m["diagnosis"]["verdict"],

@@ -280,7 +280,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
 
     for logger in trainer.loggers:
         hp_metrics = {f"hp/{k}": v for k, v in {**metrics["best_val"], **metrics["test"]}.items()
-                      if k.endswith(("loss", "mIoU", "mAcc", "pixel_acc"))}
+                      if k.endswith(("loss", "mIoU", "mDice", "mAcc", "pixel_acc"))}
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)), metrics=hp_metrics)
         logger.finalize("success")
 
@@ -290,6 +290,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         ("val mIoU", f"{best.get('val/mIoU', math.nan):.4f}"),
         ("test mIoU", f"{test_miou:.4f} (predicting {diagnosis.get('trivial', {}).get('class', '?')} everywhere: "
                       f"{diagnosis.get('trivial', {}).get('mIoU', math.nan):.4f})"),
+        ("test mean Dice", f"{metrics['test'].get('test/mDice', math.nan):.4f}"),
         ("test mean acc", f"{metrics['test'].get('test/mAcc', math.nan):.4f}"),
         ("test pixel acc", f"{metrics['test'].get('test/pixel_acc', math.nan):.4f}"),
         ("train images/s", f"{metrics['train_images_per_s'] or math.nan:.1f}"),

@@ -11,6 +11,7 @@ from xml.etree import ElementTree
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -37,11 +38,14 @@ def expected(predictor, trained_run, photo, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("predicted")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("predict", overrides=["device=cpu", f"ckpt_path={trained_run['checkpoint']}",
-                                            f"input={photo}", f"output={out}"])
+                                            f"input={photo}", f"output={out}", "confidence=true",
+                                            "probabilities=true"])
     predict(cfg)
     image = load_image(photo)
     return {"image": image, "mask": predictor.predict(image),
-            "predict_py_mask": np.asarray(Image.open(out / "photo_mask.png"))}
+            "predict_py_mask": np.asarray(Image.open(out / "photo_mask.png")),
+            "predict_py_confidence": np.asarray(Image.open(out / "photo_confidence.png")),
+            "predict_py_probabilities": np.load(out / "photo_probabilities.npy")}
 
 
 def upload(client, data: bytes, name="photo.png", content_type="image/png", **params):
@@ -67,6 +71,26 @@ def test_overlay_is_the_viz_overlay(client, predictor, photo, expected):
     assert response.status_code == 200
     np.testing.assert_array_equal(decode_png(response.content),
                                   overlay(expected["image"], expected["mask"], predictor.palette, 0.3))
+
+
+def test_confidence_and_probabilities_are_predict_py_output(client, predictor, photo, expected):
+    softmax = torch.softmax(predictor.logits(expected["image"]), dim=0)
+    response = upload(client, photo.read_bytes(), format="confidence")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["server-timing"].startswith("decode;dur=")
+    confidence = decode_png(response.content)
+    assert confidence.dtype == np.uint8 and confidence.shape == (64, 96)
+    np.testing.assert_array_equal(confidence, np.rint(255 * softmax.max(dim=0).values.numpy()).astype(np.uint8))
+    np.testing.assert_array_equal(confidence, expected["predict_py_confidence"])
+
+    response = upload(client, photo.read_bytes(), format="probabilities")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/octet-stream"
+    assert response.headers["content-disposition"] == 'attachment; filename="probabilities.npy"'
+    probabilities = np.load(io.BytesIO(response.content))  # allow_pickle=False: plain numbers only
+    assert probabilities.dtype == np.float16 and probabilities.shape == (3, 64, 96)
+    np.testing.assert_array_equal(probabilities, softmax.numpy().astype(np.float16))
+    np.testing.assert_array_equal(probabilities, expected["predict_py_probabilities"])
+    assert np.abs(probabilities.astype(np.float64).sum(axis=0) - 1).max() <= 1e-3
 
 
 def test_json_counts_rle_and_polygons(client, predictor, photo, expected):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from seglab.data.masks import load_image
+from seglab.inference import confidence_image
 from seglab.serve.app import create_app
 from seglab.viz import overlay
 
@@ -80,7 +81,49 @@ def test_page_segments_an_uploaded_image(browser, live_server, predictor, photo)
         wait.until(lambda b: np.array_equal(overlay_pixels(b), expected))
         assert browser.find_element(By.ID, "opacity-value").text == "1.00"
 
+        # The confidence view shows the server's confidence PNG (grey = round(255 x top probability)) ...
+        browser.find_element(By.ID, "confidence").click()
+        grey = confidence_image(predictor.predict_with_probabilities(image)[1])
+        wait.until(lambda b: b.find_element(By.ID, "overlay").get_attribute("data-view") == "confidence")
+        wait.until(lambda b: np.array_equal(overlay_pixels(b), np.repeat(grey[..., None], 3, axis=2)))
+        # ... and switching back shows the overlay again, at the slider's opacity.
+        browser.find_element(By.ID, "confidence").click()
+        wait.until(lambda b: b.find_element(By.ID, "overlay").get_attribute("data-view") == "overlay")
+        wait.until(lambda b: np.array_equal(overlay_pixels(b), expected))
+
         # The page asked for nothing outside this server.
         hosts = browser.execute_script(
             "return performance.getEntriesByType('resource').map(e => new URL(e.name).host);")
         assert set(hosts) <= {url.removeprefix("http://")}
+
+
+def test_page_asks_for_the_token_when_the_api_answers_401(browser, live_server, predictor, photo):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    token = "page-token-0123456789abcdef"
+    with live_server(create_app(predictor, token=token)) as url:
+        browser.get(url + "/")  # the page itself is open
+        wait = WebDriverWait(browser, 60)
+        form = browser.find_element(By.ID, "token-form")
+        wait.until(lambda b: form.is_displayed())
+        assert browser.find_element(By.ID, "status").text.startswith("401: This server requires a token")
+
+        def submit(value):
+            browser.find_element(By.ID, "token").send_keys(value)
+            browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+
+        submit("wrong-token-0123456789")
+        wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("401: The token is wrong"))
+        assert form.is_displayed()
+        submit(token)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#legend tbody tr")) == 3)
+        assert not form.is_displayed()
+        assert browser.execute_script("return sessionStorage.getItem('seglab-token')") == token
+
+        # Uploads carry it too.
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait.until(lambda b: b.find_element(By.ID, "overlay").get_attribute("data-ready") == "true")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#legend tbody tr")
+        counts = [int(r.find_elements(By.TAG_NAME, "td")[1].text.replace(",", "")) for r in rows]
+        assert counts == np.bincount(predictor.predict(load_image(photo)).ravel(), minlength=3).tolist()

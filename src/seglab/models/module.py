@@ -8,7 +8,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 
 from seglab.errors import SeglabError
 from seglab.models.sliding import slide_logits
@@ -26,27 +33,37 @@ MIN_PRIOR = 1e-6
 
 
 def segmentation_metrics(num_classes: int, ignore_index: int) -> MetricCollection:
-    """mIoU, mean accuracy, pixel accuracy, per-class IoU and the confusion matrix (rows ground truth), which
-    shares the IoU metrics' state (one torchmetrics compute group: no extra work per step).
+    """mIoU, mean accuracy, pixel accuracy, mean Dice (F1), precision and recall, their per-class values and the
+    confusion matrix (rows ground truth). Metrics with equal states form one torchmetrics compute group, updated
+    once per step: the confusion matrix shares the IoU metrics' state, Dice, precision and recall share mean
+    accuracy's per-class counts (tp, fp, tn, fn), so they add no work per step.
 
     Policy for absent classes (torchmetrics' macro averaging): a class with no pixel in the target and
-    none in the prediction is left out of mIoU and mean accuracy instead of counting as 0.
-    validate_args=False keeps `update` free of host syncs.
+    none in the prediction is left out of the means instead of counting as 0; a class in only one of them counts
+    with its undefined precision or recall as 0. Mean recall equals mean accuracy (both the mean per-class
+    recall); it is kept under both names. validate_args=False keeps `update` free of host syncs.
     """
     common = {"num_classes": num_classes, "ignore_index": ignore_index, "validate_args": False}
     return MetricCollection({
         "mIoU": MulticlassJaccardIndex(average="macro", **common),
         "mAcc": MulticlassAccuracy(average="macro", **common),
         "pixel_acc": MulticlassAccuracy(average="micro", **common),
+        "mDice": MulticlassF1Score(average="macro", **common),
+        "mPrecision": MulticlassPrecision(average="macro", **common),
+        "mRecall": MulticlassRecall(average="macro", **common),
         "IoU": MulticlassJaccardIndex(average="none", **common),
+        "Dice": MulticlassF1Score(average="none", **common),
+        "precision": MulticlassPrecision(average="none", **common),
+        "recall": MulticlassRecall(average="none", **common),
         "confmat": MulticlassConfusionMatrix(**common),
     })
 
 
 def scalar_metrics(values: dict[str, torch.Tensor], class_names: Sequence[str], prefix: str) -> dict[str, float]:
-    """Flatten computed metrics into `<stage>/<name>` floats; per-class IoU becomes `<stage>/IoU_<class>`. The
-    confusion matrix becomes `<stage>/trivial_mIoU`: what predicting the split's most frequent class everywhere
-    scores (seglab.models.trivial), the line a model must rise above."""
+    """Flatten computed metrics into `<stage>/<name>` floats; per-class values become `<stage>/<name>_<class>`
+    (`test/IoU_disc`, `test/Dice_disc`, `test/precision_disc`, `test/recall_disc`). The confusion matrix becomes
+    `<stage>/trivial_mIoU`: what predicting the split's most frequent class everywhere scores
+    (seglab.models.trivial), the line a model must rise above."""
     out = {}
     for name, value in values.items():
         if value.ndim == 2:
@@ -56,7 +73,7 @@ def scalar_metrics(values: dict[str, torch.Tensor], class_names: Sequence[str], 
         elif value.ndim == 0:
             out[f"{prefix}/{name}"] = float(value)
         else:
-            out.update({f"{prefix}/{name}_{c}": float(v) for c, v in zip(class_names, value, strict=True)})
+            out.update({f"{prefix}/{name}_{c}": v for c, v in zip(class_names, value.tolist(), strict=True)})
     return out
 
 

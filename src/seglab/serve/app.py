@@ -4,7 +4,8 @@ build their own app around a real Predictor (checkpoint or ONNX).
 Bad input never reaches the model: the body is capped before it is read (413), the image header is checked
 against a pixel limit before any pixel is decoded (413), then decoded (415 not an image, 400 corrupt or
 truncated). Requests reach the model through one worker thread and a queue of fixed length; when it is full
-the answer is 503 with Retry-After.
+the answer is 503 with Retry-After. With a token (seglab.serve.auth) every path but the page and the probes
+needs `Authorization: Bearer <token>`, checked before anything else.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -27,8 +29,9 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from seglab.inference import Predictor
-from seglab.serve.formats import SegmentResult, png_bytes, segment_result
+from seglab.inference import Predictor, confidence_image
+from seglab.serve.auth import BearerToken
+from seglab.serve.formats import SegmentResult, npy_bytes, png_bytes, segment_result
 from seglab.viz import overlay
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -182,7 +185,7 @@ async def read_upload(request: Request) -> bytes:
                              "with a file field 'image', or application/json {\"image\": \"<base64>\"}.")
 
 
-def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(predictor: Predictor, settings: ServeSettings | None = None, token: str | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     queue = ModelQueue(settings.queue_size)
     meta = predictor.meta
@@ -203,6 +206,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     app = FastAPI(title="seglab", description="Semantic segmentation with a seglab model", version="1",
                   docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * MIB))
+    if token is not None:  # added last, so outermost: a request without the token is refused before its body is read
+        app.add_middleware(BearerToken, token=token)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.state.queue = queue  # tests and the load test read the queue depth
 
@@ -228,7 +233,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
         return info
 
     @app.post("/v1/segment", response_model=SegmentResult, responses={
-        200: {"content": {"image/png": {}}, "description": "JSON (format=json) or a PNG (mask, overlay)"},
+        200: {"content": {"image/png": {}, "application/octet-stream": {}},
+              "description": "JSON (format=json), a PNG (mask, overlay, confidence) or .npy bytes (probabilities)"},
         400: {"description": "corrupt or truncated image, bad base64 or form"},
         413: {"description": "body or pixel count above the limits"},
         415: {"description": "not an image, or another Content-Type"},
@@ -236,22 +242,28 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     })
     async def segment(
         request: Request,
-        format: Literal["json", "mask", "overlay"] = Query(
+        format: Literal["json", "mask", "overlay", "confidence", "probabilities"] = Query(
             "json", description="json: sizes, per-class pixel counts and area share, COCO RLE and polygons; "
-                                "mask: 8-bit PNG of class indices; overlay: PNG of class colours over the image"),
+                                "mask: 8-bit PNG of class indices; overlay: PNG of class colours over the image; "
+                                "confidence: 8-bit PNG of the top class's probability (0-255 = 0-1); "
+                                "probabilities: .npy float16 (classes, height, width). Probabilities are the "
+                                "network's softmax, uncalibrated"),
         opacity: float = Query(settings.opacity, ge=0, le=1, description="class colours over the image (overlay)"),
     ):
         start = time.perf_counter()
         data = await read_upload(request)
         image = await run_in_threadpool(decode_image, data, settings.max_pixels)
         decoded = time.perf_counter()
+        with_probabilities = format in ("confidence", "probabilities")
 
-        def infer() -> tuple[np.ndarray, float, float]:
+        def infer() -> tuple[np.ndarray, torch.Tensor | None, float, float]:
             began = time.perf_counter()
-            return predictor.predict(image), began, time.perf_counter()
+            mask, probabilities = (predictor.predict_with_probabilities(image) if with_probabilities
+                                   else (predictor.predict(image), None))
+            return mask, probabilities, began, time.perf_counter()
 
         try:
-            mask, began, done = await queue.run(infer)
+            mask, probabilities, began, done = await queue.run(infer)
         except QueueFull:
             raise HTTPException(503, f"The model is busy: {queue.size} requests are already running on or waiting "
                                      f"for it (limits.queue_size). Retry after {settings.retry_after_s} s.",
@@ -262,10 +274,20 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
             result = await run_in_threadpool(segment_result, mask, predictor.class_names, predictor.palette, timing)
             result.timing.total_ms = 1e3 * (time.perf_counter() - start)
             return result
-        array = mask if format == "mask" else overlay(image, mask, predictor.palette, opacity)
-        body = await run_in_threadpool(png_bytes, array)
+
+        def encode() -> bytes:
+            if format == "probabilities":
+                return npy_bytes(probabilities.to(torch.float16).numpy())
+            if format == "confidence":
+                return png_bytes(confidence_image(probabilities))
+            return png_bytes(mask if format == "mask" else overlay(image, mask, predictor.palette, opacity))
+
+        body = await run_in_threadpool(encode)
         timing["encode_ms"] = 1e3 * (time.perf_counter() - done)
-        server_timing = ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timing.items())
-        return Response(body, media_type="image/png", headers={"Server-Timing": server_timing})
+        headers = {"Server-Timing": ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timing.items())}
+        if format == "probabilities":
+            headers["Content-Disposition"] = 'attachment; filename="probabilities.npy"'
+            return Response(body, media_type="application/octet-stream", headers=headers)
+        return Response(body, media_type="image/png", headers=headers)
 
     return app

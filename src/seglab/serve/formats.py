@@ -1,4 +1,5 @@
-"""What /v1/segment answers: PNG bytes of a mask or overlay, or per-class counts, COCO RLE and polygons."""
+"""What /v1/segment answers: PNG bytes of a mask, overlay or confidence image, the class probabilities as .npy
+bytes, or per-class counts, COCO RLE and polygons."""
 
 from __future__ import annotations
 
@@ -49,6 +50,13 @@ class SegmentResult(BaseModel):
 def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The array as a .npy file (numpy.load(io.BytesIO(body)) reads it; no pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
 
 

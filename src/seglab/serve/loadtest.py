@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from PIL import Image
 
 from seglab.data.masks import load_image
 from seglab.data.synthetic import render_background
+from seglab.serve.auth import TOKEN_ENV
 
 ROOT = Path(__file__).resolve().parents[3]  # serve.py lives at the top of the repository
 HOST = "127.0.0.1"  # never anything else: this tool must not load someone else's server
@@ -98,7 +100,9 @@ def load_model(model: str, image: bytes, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = [sys.executable, "serve.py", f"ckpt_path={Path(model).resolve()}", f"host={HOST}", f"port={port}",
                "device=cpu", "log_level=warning", f"limits.queue_size={args.queue_size}", f"hydra.run.dir={run_dir}"]
-        server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+        # Its own loopback server needs no token: one in the user's environment is not passed on.
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+        server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
         try:
             wait_ready(url, server, timeout=180)
             run_clients(url, image, 1, 1.0, args.format)  # warm-up, not counted
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seconds", type=float, default=20.0, help=f"duration per model (at most {MAX_SECONDS})")
     parser.add_argument("--image", type=Path, help="the image every request sends (default: synthetic)")
     parser.add_argument("--size", type=int, default=256, help="side of the synthetic image")
-    parser.add_argument("--format", choices=("json", "mask", "overlay"), default="mask")
+    parser.add_argument("--format", choices=("json", "mask", "overlay", "confidence", "probabilities"), default="mask")
     parser.add_argument("--queue-size", type=int, default=None,
                         help="the server's limits.queue_size (default: --clients, so no request gets 503)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")

@@ -1,18 +1,36 @@
 // The page: upload an image to /v1/segment?format=mask, then draw the class colours over the image here, so
 // the opacity slider needs no second request. Blending matches seglab.viz.overlay: background (class 0) stays
-// untinted, other pixels become (1 - opacity) x image + opacity x class colour.
+// untinted, other pixels become (1 - opacity) x image + opacity x class colour. The confidence view shows the
+// server's format=confidence PNG (top class probability per pixel, black 0 to white 1), asked for once per image.
 "use strict";
 
-const state = { model: null, photo: null, colours: null, counts: null };
+const state = { model: null, file: null, photo: null, colours: null, counts: null, confidence: null };
 const $ = (id) => document.getElementById(id);
+// A server that requires a token answers 401 without `Authorization: Bearer <token>`: the page then asks for it
+// and keeps it in sessionStorage (this tab only; gone when the tab closes).
+const TOKEN_KEY = "seglab-token";
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
 }
 
+async function api(path, options = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const response = await fetch(path, { ...options, headers: token ? { Authorization: `Bearer ${token}` } : {} });
+  if (response.status === 401) $("token-form").hidden = false;
+  return response;
+}
+
+async function showError(response) {
+  let detail = response.statusText;
+  try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
+  setStatus(`${response.status}: ${detail}`, true);
+}
+
 async function loadModel() {
-  const response = await fetch("/v1/model");
+  const response = await api("/v1/model");
+  if (!response.ok) return showError(response);
   state.model = await response.json();
   const m = state.model;
   $("model-info").textContent =
@@ -66,6 +84,13 @@ async function colourLayer(maskBlob) {
   return { layer: canvas, counts };
 }
 
+function display(blob, view) {
+  const old = $("overlay").src;
+  $("overlay").src = URL.createObjectURL(blob);
+  $("overlay").dataset.view = view;
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+}
+
 async function compose() {
   if (!state.photo || !state.colours) return;
   const opacity = Number($("opacity").value);
@@ -74,33 +99,48 @@ async function compose() {
   context.drawImage(state.photo, 0, 0);
   context.globalAlpha = opacity;
   context.drawImage(state.colours, 0, 0);
-  const blob = await canvas.convertToBlob({ type: "image/png" });
-  const old = $("overlay").src;
-  $("overlay").src = URL.createObjectURL(blob);
-  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+  display(await canvas.convertToBlob({ type: "image/png" }), "overlay");
+}
+
+// The answer to POST /v1/segment?format=..., or null once the error is shown.
+async function post(format, file) {
+  const form = new FormData();
+  form.append("image", file);
+  const response = await api(`/v1/segment?format=${format}`, { method: "POST", body: form });
+  if (response.ok) return response;
+  await showError(response);
+  return null;
+}
+
+// The chosen view of the current image; false if the server refused it (the error is shown).
+async function render() {
+  if (!$("confidence").checked) return compose().then(() => true);
+  const file = state.file;
+  if (!file) return true;
+  if (!state.confidence) {
+    const response = await post("confidence", file);
+    if (!response) return false;
+    const blob = await response.blob();
+    if (state.file !== file) return true;  // another image was chosen meanwhile
+    state.confidence = blob;
+    if (!$("confidence").checked) return true;  // switched back meanwhile
+  }
+  display(state.confidence, "confidence");
+  return true;
 }
 
 async function segment(file) {
   setStatus(`segmenting ${file.name} ...`);
   $("overlay").removeAttribute("data-ready");
-  const form = new FormData();
-  form.append("image", file);
   const started = performance.now();
-  const response = await fetch("/v1/segment?format=mask", { method: "POST", body: form });
-  if (!response.ok) {
-    let detail = response.statusText;
-    try { detail = (await response.json()).detail; } catch (e) { /* not JSON */ }
-    setStatus(`${response.status}: ${detail}`, true);
-    return;
-  }
+  const response = await post("mask", file);
+  if (!response) return;
   const timing = response.headers.get("Server-Timing") || "";
   const [photo, result] = await Promise.all([
     createImageBitmap(file, { imageOrientation: "from-image" }), colourLayer(await response.blob()),
   ]);
-  state.photo = photo;
-  state.colours = result.layer;
-  state.counts = result.counts;
-  await compose();
+  Object.assign(state, { file, photo, colours: result.layer, counts: result.counts, confidence: null });
+  if (!(await render())) return;
   renderLegend();
   $("caption").textContent = `${file.name}: ${photo.width} x ${photo.height} px`;
   $("overlay").dataset.ready = "true";
@@ -114,7 +154,16 @@ function start() {
   });
   $("opacity").addEventListener("input", () => {
     $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
-    compose();
+    if (!$("confidence").checked) compose();
+  });
+  $("confidence").addEventListener("change", () => render().catch((e) => setStatus(String(e), true)));
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+    $("token").value = "";
+    $("token-form").hidden = true;
+    setStatus("");
+    loadModel().catch((e) => setStatus(`cannot read /v1/model: ${e}`, true));
   });
   const drop = $("drop");
   drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
