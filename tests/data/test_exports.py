@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import masks_by_name
+from helpers import masks_by_name, zip_folder
 from omegaconf import OmegaConf
 
 from seglab.data.datamodule import SegmentationDataModule
@@ -16,16 +16,6 @@ from seglab.data.exports import DIGEST_CHARS, file_digest, unpack_export
 from seglab.data.synthetic import generate_dataset
 from seglab.errors import SeglabError
 from seglab.evaluate import build_datamodule
-
-
-def zip_folder(folder: Path, archive: Path, prefix: str = "", extra: dict[str, bytes] | None = None) -> Path:
-    """`folder`'s files into `archive` as RoboFlow zips an export (paths from the export's top), under `prefix`."""
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            zf.write(path, prefix + path.relative_to(folder).as_posix())
-        for name, data in (extra or {}).items():
-            zf.writestr(name, data)
-    return archive
 
 
 @pytest.fixture(scope="module")

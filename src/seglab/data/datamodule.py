@@ -125,6 +125,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         image_cache: bool = True,
         prefetch_factor: int | None = None,
         exports_dir: str | None = None,
+        roboflow: str | None = None,
+        roboflow_format: str = "coco-segmentation",
     ):
         super().__init__()
         if overlap not in OVERLAP_POLICIES:
@@ -139,8 +141,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         for name, value in [*sizes, *([("data.base_size", base_size)] if scale_crop else [])]:
             if value is None or int(value) <= 0:
                 raise SeglabError(f"{name}={value} must be a positive integer.")
-        # A .zip is unpacked once (seglab.data.exports); from here on it is the folder it holds.
-        self.root = resolve_root(root, exports_dir)
+        # A .zip is unpacked once, a RoboFlow version downloaded once (seglab.data.exports); from here on the root
+        # is the export folder.
+        self.root = resolve_root(root, exports_dir, roboflow, roboflow_format)
         self.layout, self.annotation_file, self.image_dir = layout, annotation_file, image_dir
         self.classes = list(classes) if classes else None
         self.resplit = resplit
