@@ -4,6 +4,7 @@ sys.path (pytest's default rootdir-conftest import mode)."""
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +36,13 @@ def masks_by_name(datamodule) -> dict[str, np.ndarray]:
         for i, (image, _) in enumerate(dataset.items):
             out[image.name] = dataset.load(i)[1]
     return out
+
+
+def zip_folder(folder: Path, archive: Path, prefix: str = "", extra: dict[str, bytes] | None = None) -> Path:
+    """`folder`'s files into `archive` as RoboFlow zips an export (paths from the export's top), under `prefix`."""
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            zf.write(path, prefix + path.relative_to(folder).as_posix())
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return archive

@@ -3,6 +3,7 @@
 import pytest
 from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from seglab.cli import run_task, short_dirname
@@ -50,3 +51,18 @@ def test_run_task_reports_a_file_system_refusal_in_one_line(tmp_path, capsys):
     # A missing file is not the file system refusing one: it may be a bug, so its traceback stays.
     with pytest.raises(FileNotFoundError):
         run_task(lambda cfg: (tmp_path / "missing.json").read_text(), cfg)
+
+
+def test_run_task_reports_a_config_classs_error_in_one_line(tmp_path, capsys):
+    """The datamodule checks its settings when Hydra instantiates it, and Hydra wraps what it raises."""
+    damaged = tmp_path / "export.zip"
+    damaged.write_bytes(b"not a zip")
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}, "data": {
+        "_target_": "seglab.data.datamodule.SegmentationDataModule", "root": str(damaged),
+        "exports_dir": str(tmp_path / "exports")}})
+    with pytest.raises(SystemExit) as exit_info:
+        run_task(lambda cfg: instantiate(cfg.data), cfg)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (f"seglab: error: {damaged} is not a zip archive that can be read (File is not "
+                                       "a zip file). Download the export from RoboFlow again, or point data.root at "
+                                       "the unpacked folder.\n")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -99,6 +100,8 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig, metric: str | 
     except SIGTERMException:
         sys.exit(143)  # 128 + SIGTERM, as if the signal had ended the process; last.ckpt is saved
     except (SeglabError, Exception) as e:
+        if isinstance(e, InstantiationException) and isinstance(e.__cause__, SeglabError):
+            e = e.__cause__  # raised by a config's class (the datamodule checking its settings), wrapped by Hydra
         known = isinstance(e, SeglabError) or file_system_refusal(e)
         if not multirun:
             if not known:

@@ -37,6 +37,8 @@ def build_datamodule(cfg: DictConfig, module: SegmentationModule, ckpt_path: str
     (image size, normalisation, ignore index) always comes from the checkpoint."""
     meta = module.meta
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
+    if "root" in overrides and "roboflow" not in overrides:
+        overrides["roboflow"] = None  # data.root=... names the data to evaluate on, not the run's RoboFlow version
     data = {
         **meta["config"]["data"],
         **overrides,
@@ -54,7 +56,7 @@ def build_datamodule(cfg: DictConfig, module: SegmentationModule, ckpt_path: str
         given = ",".join(data["classes"]) if data.get("classes") else None
         raise SeglabError(
             f"The checkpoint {ckpt_path} predicts the classes {module.class_names}, but the data in "
-            f"{data['root']} (data.classes={f'[{given}]' if given else 'null'}) gives "
+            f"{datamodule.root} (data.classes={f'[{given}]' if given else 'null'}) gives "
             f"{datamodule.class_names}. "
             f"Evaluate on the classes the model knows with data.classes=[{wanted}], or use a checkpoint "
             "trained on these classes."

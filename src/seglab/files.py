@@ -1,4 +1,5 @@
-"""Files written whole or not at all, for the mask cache, the image cache and checkpoints."""
+"""Files and folders written whole or not at all, for the mask cache, the image cache, checkpoints and unpacked
+exports."""
 
 from __future__ import annotations
 
@@ -45,3 +46,37 @@ def link_or_copy(source: str | Path, target: str | Path) -> None:
     except OSError:
         with replacing(target) as tmp:
             shutil.copyfile(source, tmp)
+
+
+@contextmanager
+def building_folder(target: str | Path) -> Iterator[Path]:
+    """A temporary path beside `target` for the block to create and fill as a folder; when the block ends without
+    an error, one rename makes it `target` (which must not exist yet), and on an error it is removed. A process
+    killed half-way leaves a hidden `.<name>.*.tmp` folder, never a partial `target`. Call it holding
+    `locked(target)`: it first removes what such a killed builder left."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def locked(target: str | Path) -> Iterator[None]:
+    """Holds an exclusive lock on `<target>.lock` for the block: processes building the same `target` (the DDP
+    processes of one run, two runs started together) take turns, so one builds it and the others find it."""
+    import fcntl  # POSIX only; imported here so that the rest of this module works everywhere
+
+    lock = Path(f"{target}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from seglab.data.dataset import SegmentationDataset, value_lut
+from seglab.data.exports import resolve_root
 from seglab.data.groups import Groups, group_samples
 from seglab.data.image_cache import ImageCache
 from seglab.data.masks import OVERLAP_POLICIES, build_mask_cache
@@ -123,6 +124,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         splits_file: str | None = None,
         image_cache: bool = True,
         prefetch_factor: int | None = None,
+        exports_dir: str | None = None,
+        roboflow: str | None = None,
+        roboflow_format: str = "coco-segmentation",
     ):
         super().__init__()
         if overlap not in OVERLAP_POLICIES:
@@ -137,7 +141,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         for name, value in [*sizes, *([("data.base_size", base_size)] if scale_crop else [])]:
             if value is None or int(value) <= 0:
                 raise SeglabError(f"{name}={value} must be a positive integer.")
-        self.root = Path(root)
+        # A .zip is unpacked once, a RoboFlow version downloaded once (seglab.data.exports); from here on the root
+        # is the export folder.
+        self.root = resolve_root(root, exports_dir, roboflow, roboflow_format)
         self.layout, self.annotation_file, self.image_dir = layout, annotation_file, image_dir
         self.classes = list(classes) if classes else None
         self.resplit = resplit

@@ -159,6 +159,19 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return found
 
 
+def find_export(folder: Path) -> Path | None:
+    """`folder` if it holds an export (split folders or an annotation file), else its one subfolder that does
+    (an export folder zipped with its name), else None."""
+    def holds_export(f: Path) -> bool:
+        return bool(_split_folders(f)) or _find_annotation_file(f) is not None
+
+    if holds_export(folder):
+        return folder
+    # Hidden folders (.seglab_cache) and the __MACOSX folder that macOS's zip adds are not the export.
+    subfolders = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))]
+    return subfolders[0] if len(subfolders) == 1 and holds_export(subfolders[0]) else None
+
+
 def _coco_samples(coco: CocoFile, image_dir: Path) -> list[Sample]:
     return [
         Sample(image_dir / im["file_name"], coco.path, image_id, size=(int(im["height"]), int(im["width"])),
