@@ -12,7 +12,7 @@ LOGDIR ?= outputs
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-fast lint bench \
-	export serve loadtest data-report plain-loop
+	export serve loadtest data-report plain-loop notebook
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ test: install  ## the whole test suite (CPU, offline)
 
 test-fast: install  ## the tests without the end-to-end script runs
 	$(PY) -m pytest -q -m "not slow"
+
+notebook: install  ## run notebooks/quickstart.ipynb top to bottom (the CPU demo); the executed copy: outputs/notebooks/
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute notebooks/quickstart.ipynb --output-dir outputs/notebooks
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check src tests train.py evaluate.py predict.py export.py serve.py

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from seglab.config import compose_config
+from seglab.config import compose_config, quoted
 from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
 from seglab.inference import MODES
@@ -32,11 +32,6 @@ def finished_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:
         raise SeglabError(f"{sweep_dir} has no finished jobs (folders with a metrics.json whose status is ok). "
                           "Give the folder train.py -m printed as the sweep folder.")
     return jobs
-
-
-def quoted(path) -> str:
-    """A path as a Hydra override value: job folders are named by their overrides (`0_loss=ce,model=x`)."""
-    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def evaluate_job(job: Path, checkpoint: str, mode: str, flip: bool, device: str) -> dict:

@@ -281,6 +281,13 @@ def exact_test_metrics(cfg: DictConfig, trainer: pl.Trainer, module: Segmentatio
     return tester.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
 
 
+def refuse_existing_run(out: Path) -> None:
+    """A new run never writes into another run's folder (seglab.api checks before it writes the config there)."""
+    if (out / "metrics.json").exists() or (out / "checkpoints").exists():
+        raise SeglabError(f"{out} already holds a run; it is left as it is. Choose another folder "
+                          f"(hydra.run.dir=...), or continue that run with resume={out}.")
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler=None) -> dict:
     """The run: fit, test the best checkpoint, write metrics.json. `extra_callbacks` and `profiler` are for
     seglab.bench, which times a real run from the inside."""
@@ -291,9 +298,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         resume_from = str(Path(cfg.resume) / "checkpoints" / "last.ckpt")
     check_config(cfg)
     out = Path(cfg.paths.output_dir)
-    if resume_from is None and ((out / "metrics.json").exists() or (out / "checkpoints").exists()):
-        raise SeglabError(f"{out} already holds a run; it is left as it is. Choose another folder "
-                          f"(hydra.run.dir=...), or continue that run with resume={out}.")
+    if resume_from is None:
+        refuse_existing_run(out)
     out.mkdir(parents=True, exist_ok=True)
     runtime = resolve_runtime(cfg)
     print("seglab runtime: " + ", ".join(f"{k} {v}" for k, v in runtime.items()), flush=True)

@@ -1,4 +1,4 @@
-"""Masks in the dataset's palette, overlays, evaluation panels and the confusion-matrix figure.
+"""Masks in the dataset's palette, overlays, evaluation panels, the confusion-matrix figure and training curves.
 
 Figures are plain `matplotlib.figure.Figure` objects (Agg canvas, no pyplot state), so they render the
 same in scripts, tests, DataLoader workers and TensorBoard's `add_figure`.
@@ -11,6 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from seglab.errors import SeglabError
 
 IGNORE_COLOR = (255, 255, 255)
 ERROR_COLOR = (255, 0, 0)
@@ -125,4 +128,23 @@ def confusion_matrix_figure(counts: np.ndarray, class_names: Sequence[str], titl
             ax.text(col, row, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
                     color="white" if value > 0.5 else "black")
     ax.set_title(title or "confusion matrix (% of each true class)")
+    return fig
+
+
+def curves_figure(curves, panels: Sequence[Sequence[str]]) -> Figure:
+    """Logged scalars against the step (`curves`: a table with the step as index and a column per tag, as
+    seglab.api.read_curves reads a run), one axes per panel of column names; columns the run lacks are left out."""
+    panels = [[c for c in panel if c in curves] for panel in panels]
+    panels = [panel for panel in panels if panel]
+    if not panels:
+        raise SeglabError(f"None of the columns asked for were logged; the run has {', '.join(curves.columns)}.")
+    fig = Figure(figsize=(5 * len(panels), 3.5), dpi=100, layout="constrained")
+    for ax, panel in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
+        for column in panel:
+            values = curves[column].dropna()  # validation: one value per epoch, at its last training step
+            ax.plot(values.index, values.to_numpy(), marker="o" if len(values) <= 30 else None, label=column)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
     return fig

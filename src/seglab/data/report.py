@@ -388,27 +388,37 @@ def write_summary(report: dict, folder: Path) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> dict:
+def write_report(overrides: list[str], out: Path) -> tuple[dict, str]:
+    """The report of the data train.py would read with these overrides, written to `out`: report.md, report.json,
+    sheet.png, report.html. Returns report.json's content and the text."""
     from hydra.utils import instantiate
 
-    from seglab.config import compose_config, output_argument
+    from seglab.config import compose_config, quoted
+
+    # splits_file=null: the splits are shown, not written (a run writes its own into its folder).
+    cfg = compose_config("train", [*overrides, f"paths.output_dir={quoted(out)}", "data.splits_file=null"])
+    datamodule = instantiate(cfg.data)
+    report = build_report(datamodule)
+    text = write_summary(report, out)
+    sheet, tiles = picture_sheet(report, datamodule)
+    sheet.save(out / "sheet.png")
+    write_html(out / "report.html", text, tiles, report)
+    return public(report), text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from seglab.config import output_argument
 
     out, overrides = output_argument(list(sys.argv[1:] if argv is None else argv), "outputs/data-report")
+    started = time.perf_counter()
     try:
-        cfg = compose_config("train", [*overrides, f"paths.output_dir={out}", "data.splits_file=null"])
-        started = time.perf_counter()
-        datamodule = instantiate(cfg.data)
-        report = build_report(datamodule)
-        text = write_summary(report, out)
-        sheet, tiles = picture_sheet(report, datamodule)
-        sheet.save(out / "sheet.png")
-        write_html(out / "report.html", text, tiles, report)
+        report, text = write_report(overrides, out)
     except SeglabError as e:
         print(f"seglab: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(text + f"\nWritten to {out}: report.md, report.json, sheet.png, report.html "
           f"({time.perf_counter() - started:.1f} s)", flush=True)
-    return public(report)
+    return report
 
 
 if __name__ == "__main__":
