@@ -20,10 +20,8 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import re
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from seglab.data.masks import forked_map
 from seglab.data.sources import Sample
 from seglab.errors import SeglabError
 from seglab.files import replacing
@@ -168,13 +167,7 @@ def fingerprints(paths: Sequence[Path], features: bool, cache: Path, workers: in
     keys = [f"{p}|{s.st_size}|{s.st_mtime_ns}|{FINGERPRINT_KEY}" for p, s in zip(paths, stats, strict=True)]
     missing = [i for i, k in enumerate(keys) if k not in index
                or features and not feature_path(cache, index[k]["sha1"]).is_file()]
-    jobs = [(paths[i], features, cache) for i in missing]
-    workers = min(workers, len(jobs))
-    if workers > 1 and len(jobs) >= PARALLEL_FROM and "fork" in multiprocessing.get_all_start_methods():
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(_fingerprint_job, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
-    else:
-        results = [_fingerprint_job(job) for job in jobs]
+    results = forked_map(_fingerprint_job, [(paths[i], features, cache) for i in missing], workers, PARALLEL_FROM)
     for i, result in zip(missing, results, strict=True):
         index[keys[i]] = result
     if missing:

@@ -107,6 +107,16 @@ def _rasterize_to_png(job: tuple, overlap: str, ignore_index: int) -> int:
     return skipped
 
 
+def forked_map(fn, jobs: list, workers: int, parallel_from: int = PARALLEL_FROM) -> list:
+    """[fn(job) for job in jobs], in `workers` forked processes (nothing is imported again) when there are at
+    least `parallel_from` jobs; below that a pool costs more than it saves."""
+    workers = min(workers, len(jobs))
+    if workers > 1 and len(jobs) >= parallel_from and "fork" in multiprocessing.get_all_start_methods():
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(fn, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    return [fn(job) for job in jobs]
+
+
 def build_mask_cache(source, cache_dir: Path, overlap: str, ignore_index: int, workers: int = 1) -> dict[Path, Path]:
     """Rasterise every COCO sample of `source` once into PNGs; returns image path -> mask path.
 
@@ -125,13 +135,7 @@ def build_mask_cache(source, cache_dir: Path, overlap: str, ignore_index: int, w
                 jobs.append((path, coco.annotations[image_id], int(info["height"]), int(info["width"]),
                              source.category_index[ann_path]))
             mask_paths[image_dir[image_id] / info["file_name"]] = path
-    rasterize = partial(_rasterize_to_png, overlap=overlap, ignore_index=ignore_index)
-    workers = min(workers, len(jobs))
-    if workers > 1 and len(jobs) >= PARALLEL_FROM and "fork" in multiprocessing.get_all_start_methods():
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            skipped = list(pool.map(rasterize, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
-    else:
-        skipped = [rasterize(job) for job in jobs]
+    skipped = forked_map(partial(_rasterize_to_png, overlap=overlap, ignore_index=ignore_index), jobs, workers)
     if sum(skipped):
         log.warning("Skipped %d annotation(s) with no drawable area (polygons of fewer than 3 points, "
                     "empty or zero-area shapes).", sum(skipped))
