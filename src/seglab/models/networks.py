@@ -155,7 +155,7 @@ def build_network(
     if bn_momentum == "auto":
         # MobileNetV3 ships momentum 0.01, tuned for long ImageNet runs. Trained from scratch, its weights change
         # fast and its running statistics, averaged over the last ~100 steps, describe a network of several epochs
-        # ago: eval-mode predictions collapse to one class (README, "Training recipe"). PyTorch's 0.1 follows
+        # ago: eval-mode predictions collapse to one class (docs/training.md, "Training recipe"). PyTorch's 0.1 follows
         # them; pretrained weights come with statistics that fit, and keep the architecture's own momentum.
         bn_momentum = 0.1 if not (weights or weights_backbone or weights_path) else None
     if bn_momentum is not None:
