@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from seglab.inference import Predictor
-from seglab.train import resolve_runtime
+from seglab.runtime import resolve_runtime
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The groups conf/train.yaml selects from; conf/inference belongs to evaluate.yaml and predict.yaml.

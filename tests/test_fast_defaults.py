@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from seglab.callbacks import TrainSpeed
 from seglab.models.checkpoint import load_checkpoint
 from seglab.models.module import use_fused
-from seglab.train import fast_defaults, resolve_runtime
+from seglab.runtime import fast_defaults, resolve_runtime
 
 
 @pytest.mark.parametrize(("accelerator", "cuda", "bf16", "expected"), [

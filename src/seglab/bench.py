@@ -52,8 +52,8 @@ from torch.utils.data import DataLoader
 from seglab.config import compose_config
 from seglab.data.masks import decode_segmentation, load_image, rasterize_annotations
 from seglab.data.synthetic import generate_dataset, mask_to_compressed_rle, mask_to_uncompressed_rle
-from seglab.models.checkpoint import MIXED_PRECISION
-from seglab.train import build_module, resolve_runtime, train
+from seglab.runtime import MIXED_PRECISION, resolve_runtime
+from seglab.train import build_module, train
 
 SECTIONS = ("data", "masks", "loop", "model", "evaluate", "fit")
 

@@ -18,9 +18,10 @@ from torchmetrics.functional.classification import multiclass_jaccard_index
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.errors import SeglabError
 from seglab.inference import Predictor, TorchModel, module_meta
-from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
+from seglab.models.checkpoint import load_checkpoint
 from seglab.models.module import SegmentationModule, segmentation_metrics
 from seglab.models.trivial import describe, diagnose
+from seglab.runtime import inference_autocast, resolve_device
 from seglab.viz import confusion_matrix_figure, panel_figure
 
 log = logging.getLogger(__name__)

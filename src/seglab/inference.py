@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from seglab.data.transforms import base_scale_size, build_transforms
 from seglab.errors import SeglabError, first_line
-from seglab.models.checkpoint import inference_autocast, load_checkpoint, resolve_device
+from seglab.models.checkpoint import load_checkpoint
 from seglab.models.sliding import slide_logits
+from seglab.runtime import inference_autocast, resolve_device
 
 MODES = ("auto", "whole", "slide")
 

@@ -21,7 +21,6 @@ from seglab.files import link_or_copy, replacing
 from seglab.models.module import SegmentationModule
 
 # Mixed-precision settings of conf/trainer -> autocast dtype, so evaluation runs as train.py's test did.
-MIXED_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -169,16 +168,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         inference=config.get("inference"),  # validated and tested this way (absent before it was configurable)
     )
     return module.to(map_location).eval()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def inference_autocast(module: SegmentationModule, device: torch.device) -> torch.autocast:
-    """Autocast as the run trained and tested (trainer.precision) on GPUs; full precision on CPUs."""
-    precision = str(module.meta.get("config", {}).get("trainer", {}).get("precision"))
-    dtype = MIXED_PRECISION.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")

@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models import segmentation
 
 from seglab.errors import SeglabError
+from seglab.runtime import fast_defaults
 
 # Architecture -> (torchvision builder, backbone name for `weights_backbone`).
 TORCHVISION_DEEPLABS = {
@@ -163,8 +164,6 @@ def build_network(
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = bn_momentum
     if channels_last == "auto":  # a run resolves it first (seglab.train.resolve_runtime); a direct build here
-        from seglab.train import fast_defaults
-
         cuda = torch.cuda.is_available()
         channels_last = fast_defaults("auto", cuda, cuda and torch.cuda.is_bf16_supported())[1]
     if channels_last:

@@ -1,0 +1,42 @@
+"""Imports only point down the layers (ARCHITECTURE: entry points -> api/train/evaluate -> inference/models ->
+data -> runtime/viz/files): nothing in data/ imports models, nothing in models/ imports train, bench or serve."""
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+LAYERS = [  # lowest first; a module may import its own layer and the ones below
+    ("seglab.errors", "seglab.files", "seglab.runtime", "seglab.viz", "seglab.config"),
+    ("seglab.data",),
+    ("seglab.models",),
+    ("seglab.inference", "seglab.callbacks"),
+    ("seglab.train", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.sweep", "seglab.compare",
+     "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
+]
+
+
+def layer(module: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("seglab"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("seglab")}
+    return found
+
+
+def test_no_import_runs_up_the_layers():
+    upward = []
+    for path in sorted((SRC / "seglab").rglob("*.py")):
+        module = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        if module == "seglab":
+            continue
+        upward += [f"{module} -> {name}" for name in imports(path) if name != "seglab" and layer(name) > layer(module)]
+    assert upward == []
