@@ -28,7 +28,7 @@ def run_train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two DDP processes (Lightning's launcher or torchrun) in subprocesses
 def test_ddp_on_two_processes_validates_like_one_and_writes_one_set_of_outputs(demo_root, tmp_path, compose_train):
     run_dir = tmp_path / "ddp"
     data = ["debug=fast", f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}"]
@@ -71,7 +71,7 @@ def test_ddp_on_two_processes_validates_like_one_and_writes_one_set_of_outputs(d
     assert metrics["test"]["test/loss"] == pytest.approx(test["test/loss"], rel=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two DDP processes (Lightning's launcher or torchrun) in subprocesses
 def test_torchrun_processes_build_the_mask_cache_once_and_write_once(demo_root, tmp_path):
     # torchrun starts both processes at once (as SLURM does); the run folder is given, so both use the same one.
     run_dir = tmp_path / "torchrun"
@@ -89,7 +89,7 @@ def test_torchrun_processes_build_the_mask_cache_once_and_write_once(demo_root, 
     assert len({p.name.split(".")[-2] for p in run_dir.glob("events.out.tfevents.*")}) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two DDP processes (Lightning's launcher or torchrun) in subprocesses
 def test_a_local_sweep_with_ddp_is_refused_before_any_job(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_train("-m", *DDP_CPU, "optimizer=adam,sgd", "debug=fast", f"data.root={demo_root}",

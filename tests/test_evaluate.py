@@ -177,7 +177,7 @@ def test_script_reports_a_missing_checkpoint_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # evaluate.py in a subprocess importing torch and Lightning
 def test_evaluate_script_as_a_user_runs_it(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={trained_run['checkpoint']}",

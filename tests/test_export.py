@@ -128,7 +128,7 @@ def test_export_needs_a_checkpoint(tmp_path):
         export(compose_export(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output={tmp_path / 'model.onnx'}"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ONNX export and ONNX Runtime parity of full-size networks
 @pytest.mark.parametrize("model", ["deeplabv3_resnet50", "deeplabv3_resnet101", "segformer", "segformer_b2"])
 def test_export_parity_for_every_architecture(compose_train, tmp_path, demo_root, model):
     from seglab.train import train
@@ -143,7 +143,7 @@ def test_export_parity_for_every_architecture(compose_train, tmp_path, demo_root
     np.testing.assert_array_equal(from_onnx.predict(image), from_ckpt.predict(image))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ONNX export and ONNX Runtime parity of full-size networks
 def test_export_script(trained_run, tmp_path):
     output = tmp_path / "exported" / "model.onnx"
     cmd = [sys.executable, "export.py", f"ckpt_path={trained_run['checkpoint']}", f"output={output}",

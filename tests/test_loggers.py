@@ -175,7 +175,7 @@ class CrashInSecondEpoch(pl.Callback):
             raise RuntimeError("simulated crash")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two or three training runs with four trackers (MLflow's store, W&B's offline process)
 def test_a_resumed_run_continues_each_tracker(compose_train, tmp_path):
     overrides = [ALL, "max_epochs=2", "callbacks.early_stopping.patience=100"]
     cfg = compose_train(*overrides)
@@ -208,7 +208,7 @@ def test_a_resumed_run_continues_each_tracker(compose_train, tmp_path):
     assert [s for s, _ in wandb_scalars(resumed)["train/loss"]] == [2, 3] and wandb_exit_code(resumed) == 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two or three training runs with four trackers (MLflow's store, W&B's offline process)
 def test_each_sweep_job_is_its_own_run_in_each_tracker(demo_root, tmp_path):
     sweep = tmp_path / "sweep"
     shared_store = f"sqlite:///{tmp_path}/mlflow.db"  # one MLflow store for the sweep: its jobs side by side

@@ -151,7 +151,7 @@ def test_required_settings_are_named():
         predict(compose_predict())
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # predict.py in a subprocess importing torch and Lightning
 def test_predict_script_as_a_user_runs_it(trained_run, inputs, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "predict.py", f"ckpt_path={trained_run['checkpoint']}",

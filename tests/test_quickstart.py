@@ -13,9 +13,8 @@ def test_committed_notebook_has_no_outputs():
     assert [(c.outputs, c.execution_count) for c in code] == [([], None)] * len(code)
 
 
-# Slow: a real Jupyter kernel imports seglab and runs the report, two tiny epochs, the evaluation and the ONNX
-# export (torch.export tracing alone takes ~30 s of CPU).
-@pytest.mark.slow
+@pytest.mark.slow  # a real Jupyter kernel runs the report, two tiny epochs, the evaluation and the ONNX
+# export (torch.export tracing alone takes ~30 s of CPU)
 def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("SEGLAB_QUICKSTART_FAST", "1")  # the 20-image, 64 px export and 2 debug epochs
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's temporary working folder, removed with tmp_path

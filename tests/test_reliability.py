@@ -131,7 +131,7 @@ def run_train(*args, expect_rc=0, **kwargs):
     return proc
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # train.py in subprocesses (errors, interrupts and resumes as a user meets them)
 def test_script_error_is_one_clear_line(tmp_path):
     proc = run_train(f"data.root={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run'}", expect_rc=1)
     assert proc.stderr.strip().splitlines()[-1].startswith("seglab: error: data.root=")
@@ -142,7 +142,7 @@ def smoke(demo_root, tmp_path, *extra):
     return ["debug=fast", f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}", *extra]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # train.py in subprocesses (errors, interrupts and resumes as a user meets them)
 def test_new_run_never_overwrites_an_earlier_one(demo_root, tmp_path):
     run_dir = tmp_path / "run"
     run_train(*smoke(demo_root, tmp_path), f"hydra.run.dir={run_dir}")
@@ -153,7 +153,7 @@ def test_new_run_never_overwrites_an_earlier_one(demo_root, tmp_path):
     assert after == before
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # train.py in subprocesses (errors, interrupts and resumes as a user meets them)
 def test_multirun_failed_job_is_marked_and_others_finish(demo_root, tmp_path):
     sweep = tmp_path / "sweep"
     run_train("-m", *smoke(demo_root, tmp_path), "optimizer.lr=1e-3,-1", f"hydra.sweep.dir={sweep}")
@@ -164,7 +164,7 @@ def test_multirun_failed_job_is_marked_and_others_finish(demo_root, tmp_path):
     assert ",ok," in ok and "failed: optimizer.lr=-1 must be a positive number" in failed
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # train.py in subprocesses (errors, interrupts and resumes as a user meets them)
 def test_non_finite_loss_stops_with_a_clear_message(demo_root, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(*smoke(demo_root, tmp_path, "optimizer=sgd", "optimizer.lr=1e12", "max_epochs=3",
@@ -173,7 +173,7 @@ def test_non_finite_loss_stops_with_a_clear_message(demo_root, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # train.py in subprocesses (errors, interrupts and resumes as a user meets them)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_run_resumes_in_the_same_folder(sig, demo_root, tmp_path):
     run_dir = tmp_path / "run"
@@ -204,7 +204,7 @@ def test_interrupted_run_resumes_in_the_same_folder(sig, demo_root, tmp_path):
     assert any(p.name.startswith(".hydra-resumed-") for p in run_dir.iterdir())
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # train.py in subprocesses (errors, interrupts and resumes as a user meets them)
 def test_a_resume_from_an_older_checkpoint_logs_each_epoch_once(demo_root, tmp_path):
     """A kill -9 after an epoch's validation was logged but before its checkpoint reached the disk (they are
     written in the background): the resume repeats that epoch, and TensorBoard shows it once."""
@@ -224,7 +224,7 @@ def test_a_resume_from_an_older_checkpoint_logs_each_epoch_once(demo_root, tmp_p
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_run"] == 3
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # train.py in subprocesses (errors, interrupts and resumes as a user meets them)
 def test_same_seed_gives_same_split_and_first_epoch_loss(compose_train, tmp_path):
     runs = []
     for name in ("a", "b"):

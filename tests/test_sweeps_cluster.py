@@ -27,7 +27,7 @@ def leaderboard(sweep_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a Hydra multirun of train.py in subprocesses (launcher or Optuna sweeper)
 def test_submitit_local_launcher_runs_the_optimizer_sweep_with_a_leaderboard(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_train("-m", "hydra/launcher=submitit_local", "optimizer=adam,sgd", *TINY, f"data.root={demo_root}",
@@ -41,7 +41,7 @@ def test_submitit_local_launcher_runs_the_optimizer_sweep_with_a_leaderboard(dem
     assert all(r["status"] == "ok" and 0 <= float(r["test mIoU"]) <= 1 for r in rows)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a Hydra multirun of train.py in subprocesses (launcher or Optuna sweeper)
 def test_slurm_launcher_writes_an_sbatch_file_with_one_task_per_gpu(demo_root, tmp_path):
     # No SLURM here: stand-in sbatch/srun commands let submitit write its real submission file, which the
     # sbatch stand-in keeps, then refuses (so nothing waits for a job).
@@ -75,7 +75,7 @@ def test_slurm_launcher_config_ties_tasks_to_gpus_and_nodes_to_the_trainer():
     assert launcher.timeout_min == 240 and launcher.partition is None
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a Hydra multirun of train.py in subprocesses (launcher or Optuna sweeper)
 def test_optuna_search_runs_two_trials_and_reports_the_best(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -101,7 +101,7 @@ def test_optuna_search_runs_two_trials_and_reports_the_best(demo_root, tmp_path)
     assert sorted(float(r["val mIoU"]) for r in rows) == pytest.approx(sorted(values), abs=5e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a Hydra multirun of train.py in subprocesses (launcher or Optuna sweeper)
 def test_optuna_search_records_a_failed_job_as_a_failed_trial_and_goes_on(demo_root, tmp_path):
     # max_epochs=0 is refused by train.py, so that trial's job fails; with sampler seed 0 the first trial draws
     # max_epochs=1 and the second 0 (seeded TPE, checked against this Optuna release).

@@ -30,7 +30,7 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # train.py in a subprocess, as a user runs it
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_root, tmp_path):
     run_dir = tmp_path / "run"
@@ -68,7 +68,7 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
         metrics["train_images_per_s"] > 0  # one epoch: its own rate
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # train.py in a subprocess, as a user runs it
 def test_multirun_optimizer_sweep_gives_named_runs_and_leaderboard(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_script("train.py", "-m", "optimizer=adam,sgd", *smoke_args(demo_root, tmp_path),

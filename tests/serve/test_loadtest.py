@@ -12,7 +12,7 @@ def test_summary_counts_and_percentiles():
     assert row["errors"] == {"0": 1, "503": 3}
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a real uvicorn process per model and timed client load
 def test_load_test_against_a_real_server(trained_run, capsys):
     rows = main([trained_run["checkpoint"], "--clients", "2", "--seconds", "2", "--size", "64"])
     assert len(rows) == 1 and rows[0]["ok"] > 0 and rows[0]["errors"] == {}
