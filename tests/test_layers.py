@@ -10,7 +10,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("seglab.data",),
     ("seglab.models",),
     ("seglab.inference", "seglab.callbacks"),
-    ("seglab.train", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.sweep", "seglab.compare",
+    ("seglab.train", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.leaderboard", "seglab.compare",
      "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
 ]
 

@@ -17,7 +17,7 @@ from seglab.config import compose_config, quoted
 from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
 from seglab.inference import MODES
-from seglab.sweep import fmt, job_label, write_table
+from seglab.leaderboard import fmt, job_label, write_table
 
 
 def finished_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:

@@ -4,7 +4,7 @@ import json
 from omegaconf import OmegaConf
 
 from seglab.callbacks import TrainSpeed, ValHistory
-from seglab.sweep import write_leaderboard
+from seglab.leaderboard import write_leaderboard
 
 
 def write_job(sweep, name, val_miou, val_loss, test_iou, speed, test_dice=None):
