@@ -29,7 +29,6 @@ import copy
 import io
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -53,6 +52,8 @@ from seglab.config import compose_config
 from seglab.data.masks import decode_segmentation, load_image, rasterize_annotations
 from seglab.data.synthetic import generate_dataset, mask_to_compressed_rle, mask_to_uncompressed_rle
 from seglab.runtime import MIXED_PRECISION, resolve_runtime
+from seglab.tables import fmt
+from seglab.tables import text_table as table
 from seglab.train import build_module, train
 
 SECTIONS = ("data", "masks", "loop", "model", "evaluate", "fit")
@@ -733,17 +734,9 @@ def check_targets(results: dict) -> dict:
     return out
 
 
-def fmt(value, spec: str = ".1f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
-def table(rows: list[list[str]], indent: str = "  ") -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(indent + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                        for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
-                     for r in rows)
+def number(value, spec: str = ".1f") -> str:
+    """The bench's numbers: one decimal unless said otherwise, "-" where nothing was measured."""
+    return fmt(value, spec, missing="-")
 
 
 def report_machine(m: dict) -> list[str]:
@@ -752,8 +745,8 @@ def report_machine(m: dict) -> list[str]:
         f"seglab bench  {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable, torch threads "
         f"{m['torch_threads']}), GPU: {m['gpu'] or 'none'}",
         f"torch {m['torch']}, torchvision {m['torchvision']}, Lightning {m['pytorch_lightning']}, "
-        f"albumentations {m['albumentations']}; load average {fmt(m['load_average_start'], '.2f')} -> "
-        f"{fmt(m['load_average_end'], '.2f')}",
+        f"albumentations {m['albumentations']}; load average {number(m['load_average_start'], '.2f')} -> "
+        f"{number(m['load_average_end'], '.2f')}",
         *([f"BUSY MACHINE: load above {m['usable_cores']} cores, so wall-clock figures are inflated; the "
            "CPU-time columns are closer to what a core of its own gives."] if busy else []),
     ]
@@ -766,24 +759,24 @@ def report_data(data: dict) -> list[str]:
         f"{data['images']} images",
         table([
             ["", "images/s", "images per CPU-s"],
-            ["masks rasterised from COCO every item", fmt(data["decode_images_per_s"]),
-             fmt(data["decode_images_per_cpu_s"])],
-            ["masks from the cache", fmt(data["cached_images_per_s"]), fmt(data["cached_images_per_cpu_s"])],
+            ["masks rasterised from COCO every item", number(data["decode_images_per_s"]),
+             number(data["decode_images_per_cpu_s"])],
+            ["masks from the cache", number(data["cached_images_per_s"]), number(data["cached_images_per_cpu_s"])],
         ]),
         f"  mask cache: first setup rasterised {cache['first_setup_rasterised']} masks in "
         f"{cache['first_setup_s']:.2f} s; second setup rasterised {cache['second_setup_rasterised']} in "
         f"{cache['second_setup_s']:.2f} s",
         table([["step (each forced to apply)", "p", "ms applied", "ms/image", "CPU ms/image"]] + [
-            [s["step"], fmt(s["p"], ".2f"), fmt(s["ms_applied"], ".2f"), fmt(s["ms_per_image"], ".2f"),
-             fmt(s["cpu_ms_per_image"], ".2f")] for s in data["steps"]]),
+            [s["step"], number(s["p"], ".2f"), number(s["ms_applied"], ".2f"), number(s["ms_per_image"], ".2f"),
+             number(s["cpu_ms_per_image"], ".2f")] for s in data["steps"]]),
     ]
 
 
 def report_masks(masks: dict) -> list[str]:
     return [
         f"2. Mask rasterisation: {masks['images']} images, {masks['annotations']} annotations",
-        table([[name, f"{fmt(masks[name]['masks_per_s'], '.0f')} masks/s",
-                f"{fmt(masks[name]['annotations_per_s'], '.0f')} annotations/s"]
+        table([[name, f"{number(masks[name]['masks_per_s'], '.0f')} masks/s",
+                f"{number(masks[name]['annotations_per_s'], '.0f')} annotations/s"]
                for name in ("polygon", "compressed_rle", "uncompressed_rle")]),
     ]
 
@@ -796,12 +789,12 @@ def report_loop(loop: dict) -> list[str]:
         f"{loop['steps_per_run']} steps x {loop['runs']} runs, interleaved step by step",
         table([
             ["", "s/step", "CPU s/step"],
-            ["Lightning", fmt(loop["lightning_s_per_step"], ".4f"), fmt(loop["lightning_cpu_s_per_step"], ".4f")],
-            ["plain PyTorch", fmt(loop["plain_s_per_step"], ".4f"), fmt(loop["plain_cpu_s_per_step"], ".4f")],
-            ["ratio", fmt(loop["ratio"], ".3f"), fmt(loop["cpu_ratio"], ".3f")],
+            ["Lightning", number(loop["lightning_s_per_step"], ".4f"), number(loop["lightning_cpu_s_per_step"], ".4f")],
+            ["plain PyTorch", number(loop["plain_s_per_step"], ".4f"), number(loop["plain_cpu_s_per_step"], ".4f")],
+            ["ratio", number(loop["ratio"], ".3f"), number(loop["cpu_ratio"], ".3f")],
         ]),
-        f"  median of the step-by-step ratios {fmt(loop['paired_ratio'], '.3f')}; ratio per run: "
-        + " ".join(fmt(r, ".3f") for r in loop["ratio_per_run"]),
+        f"  median of the step-by-step ratios {number(loop['paired_ratio'], '.3f')}; ratio per run: "
+        + " ".join(number(r, ".3f") for r in loop["ratio_per_run"]),
         f"  host syncs that Lightning + SegmentationModule add, step by step: "
         f"{' '.join(str(n) for n in syncs['extra_per_step'])} (the plain loop's own, Adam's CPU step "
         f"counters: {' '.join(str(n) for n in syncs['plain_per_step'])})",
@@ -812,17 +805,17 @@ def report_model(rows: list[dict], settings: dict) -> list[str]:
     return [
         f"4. Model: {settings['model']}, {settings['size']}x{settings['size']}, batch {settings['batch_size']}",
         table([["variant", "train img/s", "infer img/s", "peak MB train", "peak MB infer", "warm-up s", ""]]
-              + [[r["variant"], fmt(r.get("train_images_per_s")), fmt(r.get("inference_images_per_s")),
-                  fmt(r.get("train_peak_memory_mb"), ".0f"), fmt(r.get("inference_peak_memory_mb"), ".0f"),
-                  fmt(r.get("warmup_s"), ".1f"), r.get("error", "")] for r in rows]),
+              + [[r["variant"], number(r.get("train_images_per_s")), number(r.get("inference_images_per_s")),
+                  number(r.get("train_peak_memory_mb"), ".0f"), number(r.get("inference_peak_memory_mb"), ".0f"),
+                  number(r.get("warmup_s"), ".1f"), r.get("error", "")] for r in rows]),
     ]
 
 
 def report_evaluate(evaluation: dict) -> list[str]:
     return [
         f"5. Evaluation (seglab.evaluate, resolution=original): {evaluation['model']}",
-        table([["per image", f"{fmt(evaluation['s_per_image'], '.4f')} s"],
-               ["fixed per run", f"{fmt(evaluation['fixed_s'], '.2f')} s"]]),
+        table([["per image", f"{number(evaluation['s_per_image'], '.4f')} s"],
+               ["fixed per run", f"{number(evaluation['fixed_s'], '.2f')} s"]]),
     ]
 
 
@@ -839,17 +832,17 @@ def report_fit(fit: dict) -> list[str]:
             ["  of which setup (data, masks, model)", f"{fit['setup_s']:.1f} s"],
             ["  inside training steps", f"{fit['steps_s']:.1f} s (share {fit['steps_share']:.3f})"],
             ["test pass and report after the fit", f"{fit['test_and_report_s']:.1f} s"],
-            ["train images/s end to end", fmt(fit["images_per_s_end_to_end"])],
-            ["train images/s steady (epochs 2+, TrainSpeed)", fmt(fit["steady_images_per_s"])],
-            ["train images/s inside steps", fmt(fit["steps_images_per_s"])],
-            ["bare-model ceiling (data on the device)", fmt(fit["ceiling_images_per_s"])],
-            ["seglab steady / ceiling", fmt(fit["ceiling_ratio"], ".3f")],
-            ["warm-up (first epoch beyond steady rate)", f"{fmt(fit['warmup_s'])} s"],
+            ["train images/s end to end", number(fit["images_per_s_end_to_end"])],
+            ["train images/s steady (epochs 2+, TrainSpeed)", number(fit["steady_images_per_s"])],
+            ["train images/s inside steps", number(fit["steps_images_per_s"])],
+            ["bare-model ceiling (data on the device)", number(fit["ceiling_images_per_s"])],
+            ["seglab steady / ceiling", number(fit["ceiling_ratio"], ".3f")],
+            ["warm-up (first epoch beyond steady rate)", f"{number(fit['warmup_s'])} s"],
         ]),
         "  per epoch, waiting for data: " + " ".join(f"{w:.2f}" for w in fit["data_wait_s_per_epoch"])
         + " s; inside steps: " + " ".join(f"{w:.2f}" for w in fit["steps_s_per_epoch"]) + " s",
         f"  per epoch ({fit['validations']} validations in {fit['epochs']} epochs), s: "
-        + ", ".join(f"{k.replace('_', ' ')} {fmt(v, '.3f')}" for k, v in costs.items()),
+        + ", ".join(f"{k.replace('_', ' ')} {number(v, '.3f')}" for k, v in costs.items()),
         f"  feeding one epoch ({feed['images']} images, one process): cache empty {feed['epoch1_s']:.2f} s, "
         f"cache full {feed['epoch2_s']:.2f} s ({feed['speedup']:.1f}x), no cache {feed['no_cache_s']:.2f} s",
     ]
@@ -864,7 +857,7 @@ def report(results: dict) -> str:
         if key == "loop" and "model" in results:
             parts.append(report_model(results["model"], results["settings"]))
     parts.append(["Targets", table([["", "target", "measured", "CPU time", ""]] + [
-        [k, t["target"], fmt(t["measured"], ".3f"), fmt(t["measured_cpu_time"], ".3f"),
+        [k, t["target"], number(t["measured"], ".3f"), number(t["measured_cpu_time"], ".3f"),
          {True: "met", False: "NOT met", None: "not measured here"}[t["met"]]]
         for k, t in results["targets"].items()])])
     return "\n\n".join("\n".join(lines) for lines in parts)

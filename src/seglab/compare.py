@@ -17,7 +17,8 @@ from seglab.config import compose_config, quoted
 from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
 from seglab.inference import MODES
-from seglab.leaderboard import fmt, job_label, write_table
+from seglab.leaderboard import job_label
+from seglab.tables import fmt, write_table
 
 
 def finished_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:
@@ -66,7 +67,7 @@ def compare(sweep_dir: Path, modes: list[str], flip: bool = False, device: str =
                 "pixel acc": fmt(result["pixel_acc"]),
                 "val mIoU (training)": fmt(metrics["best_val"].get("val/mIoU")),
                 "best epoch": str(metrics.get("best_epoch", "")),
-                "s / image": fmt(result.get("seconds_per_image"), 2),
+                "s / image": fmt(result.get("seconds_per_image"), ".2f"),
             })
     rows.sort(key=lambda r: -float(r["test mIoU"] or "-inf"))
     columns = list(dict.fromkeys(k for r in rows for k in r))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sys
@@ -15,15 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from seglab.cli import check_multirun_launch
 from seglab.errors import SeglabError
+from seglab.tables import fmt, write_table
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "status", "best epoch", "val loss", "val mIoU", "test mIoU", "test mDice", "trivial mIoU", "flag",
            "test mAcc", "test pixel acc", "train images/s", "epochs", "wall s"]
-
-
-def fmt(value, digits: int = 4) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
 
 
 def job_label(job_dir: Path, exclude_keys: Iterable[str] | None = None) -> str:
@@ -67,7 +63,7 @@ def job_row(job_dir: Path, exclude_keys: Iterable[str] = ()) -> dict[str, str]:
         **per_class,
         "test mAcc": fmt(m["test"].get("test/mAcc")),
         "test pixel acc": fmt(m["test"].get("test/pixel_acc")),
-        "train images/s": fmt(m.get("train_images_per_s"), 1),
+        "train images/s": fmt(m.get("train_images_per_s"), ".1f"),
         "epochs": str(m.get("epochs_run", "")),
         "wall s": str(m.get("wall_time_s", "")),
     }
@@ -83,19 +79,6 @@ def write_leaderboard(sweep_dir: Path, job_dirs: list[Path], exclude_keys: Itera
     at = COLUMNS.index("flag") + 1
     columns = COLUMNS[:at] + class_columns + COLUMNS[at:]
     return write_table(sweep_dir / "leaderboard", rows, columns)
-
-
-def write_table(stem: Path, rows: list[dict[str, str]], columns: list[str]) -> str:
-    """<stem>.csv and <stem>.md (a Markdown table, returned)."""
-    with stem.with_suffix(".csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(r.get(c, "") for c in columns) + " |" for r in rows]
-    table = "\n".join(lines) + "\n"
-    stem.with_suffix(".md").write_text(table)
-    return table
 
 
 class LeaderboardCallback(Callback):

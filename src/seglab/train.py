@@ -28,6 +28,7 @@ from seglab.models.losses import build_criterion
 from seglab.models.module import SegmentationModule
 from seglab.models.trivial import describe, diagnose
 from seglab.runtime import resolve_runtime
+from seglab.tables import text_table
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,6 @@ def loss_check_line(check: dict) -> str:
     if check["below_trivial_from_epoch"] is not None:
         return line + f" (below it since epoch {check['below_trivial_from_epoch']})"
     return line + (" (NOT below it: the model learned nothing from the images)" if not check["ok"] else "")
-
-
-def summary_table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -372,5 +368,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         *trackers,
     ]
     verdict = describe(diagnosis) if diagnosis else []
-    print("\nseglab training summary\n" + summary_table(rows) + "".join(f"\n  {line}" for line in verdict), flush=True)
+    print("\nseglab training summary\n" + text_table(rows, right=False) + "".join(f"\n  {line}" for line in verdict),
+          flush=True)
     return metrics
