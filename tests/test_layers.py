@@ -6,7 +6,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [  # lowest first; a module may import its own layer and the ones below
-    ("seglab.errors", "seglab.files", "seglab.runtime", "seglab.viz", "seglab.config", "seglab.tables"),
+    ("seglab.errors", "seglab.atomic", "seglab.runtime", "seglab.viz", "seglab.config", "seglab.tables"),
     ("seglab.data",),
     ("seglab.models",),
     ("seglab.inference", "seglab.callbacks"),

@@ -1,18 +1,17 @@
 from __future__ import annotations
 
 import time
-from weakref import proxy
 
 import numpy as np
 import pytorch_lightning as pl
-from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
-from pytorch_lightning import callbacks
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from seglab.errors import SeglabError
-from seglab.models.checkpoint import AtomicCheckpointIO
+
+# Checkpoint writing lives in seglab.models.checkpoint; run configs written before it moved name these two here.
+from seglab.models.checkpoint import ModelCheckpoint, SaveOnInterrupt  # noqa: F401
 from seglab.viz import colorize, confusion_matrix_figure
 
 
@@ -193,64 +192,3 @@ def val_confusion_matrix(pl_module: pl.LightningModule) -> np.ndarray | None:
             with metric.sync_context():
                 return metric.confmat.detach().cpu().numpy()
     return None
-
-
-class ModelCheckpoint(callbacks.ModelCheckpoint):
-    """Lightning's ModelCheckpoint, with last.ckpt written after every validation and each state written once.
-
-    - Lightning 2.6 writes last.ckpt only in a step that also wrote a top-k checkpoint: after an epoch that
-      did not improve, last.ckpt is still the best epoch's state, and a resumed run would repeat epochs.
-      Here every validation updates last.ckpt, as before 2.6.
-    - When an epoch is the new best, best-epochNNN.ckpt is written and last.ckpt becomes a hard link to it
-      instead of a second serialisation of the same weights and optimizer state. Both names stay whole
-      checkpoints: the next last.ckpt is a new file (seglab.models.checkpoint.AtomicCheckpointIO writes beside
-      and renames), so the best keeps its content. Where hard links are impossible (a file system without
-      them) last.ckpt is a copy of the file; on remote storage, or with another checkpoint writer than
-      AtomicCheckpointIO, both are serialised, as Lightning does.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._written: tuple[int, str] | None = None  # (global step, file) of the last state serialised
-
-    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
-        if self.save_last is True:
-            # Lightning's hooks write last.ckpt right after this when a checkpoint was saved in this step.
-            self._last_global_step_saved = trainer.global_step
-
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        step = trainer.global_step
-        same_state = self._written is not None and self._written[0] == step and self._written[1] != filepath
-        io = trainer.strategy.checkpoint_io
-        # The same on every rank, so no rank waits in a collective save that the others skip.
-        if same_state and isinstance(io, AtomicCheckpointIO) and _is_local_file_protocol(filepath):
-            if trainer.is_global_zero:
-                io.link_checkpoint(self._written[1], filepath)  # after the write of the source, in order
-            # As Lightning's own save: bookkeeping, then the loggers hear of the new file.
-            self._last_global_step_saved, self._last_checkpoint_saved = step, filepath
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.after_save_checkpoint(proxy(self))
-        else:
-            super()._save_checkpoint(trainer, filepath)
-        self._written = (step, filepath)
-
-
-class SaveOnInterrupt(pl.Callback):
-    """Ctrl-C or SIGTERM: save `last.ckpt` before stopping, so `train.py resume=<run folder>` continues.
-
-    Other exceptions (a crash, a non-finite loss) leave the last good `last.ckpt` as it was.
-    """
-
-    def __init__(self, dirpath: str):
-        self.dirpath = dirpath
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
-        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.state.fn == "fit":
-            path = f"{self.dirpath}/last.ckpt"
-            trainer.save_checkpoint(path)
-            run_dir = trainer.default_root_dir
-            print(f"\nInterrupted: saved {path}. Continue with: python train.py resume={run_dir}", flush=True)

@@ -22,9 +22,9 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from seglab.atomic import building_folder, locked
 from seglab.data.sources import ANNOTATION_NAMES, find_export
 from seglab.errors import SeglabError, first_line
-from seglab.files import building_folder, locked
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from seglab.atomic import replacing
 from seglab.data.masks import forked_map
 from seglab.data.sources import Sample
 from seglab.errors import SeglabError
-from seglab.files import replacing
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from seglab.files import replacing
+from seglab.atomic import replacing
 
 CHUNK = 64 * 1024  # bytes hashed at each end of the file
 

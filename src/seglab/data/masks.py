@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
+from seglab.atomic import replacing
 from seglab.errors import SeglabError
-from seglab.files import replacing
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from seglab.atomic import replacing
 from seglab.data.masks import annotation_rle
 from seglab.data.splits import SPLITS, leak_counts
 from seglab.data.transforms import class_counts
 from seglab.errors import SeglabError
-from seglab.files import replacing
 from seglab.viz import overlay
 
 log = logging.getLogger(__name__)

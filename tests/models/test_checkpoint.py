@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from pytorch_lightning.demos.boring_classes import BoringModel
 
-from seglab.callbacks import ModelCheckpoint
+from seglab.atomic import link_atomically
 from seglab.errors import SeglabError
-from seglab.files import link_atomically
-from seglab.models.checkpoint import AtomicCheckpointIO, load_checkpoint
+from seglab.models.checkpoint import AtomicCheckpointIO, ModelCheckpoint, load_checkpoint
 
 
 def test_loads_the_trained_weights_and_metadata(trained_run):
@@ -224,3 +224,13 @@ def test_link_atomically_replaces_the_target_and_is_idempotent(tmp_path):
     link_atomically(source, target)  # already one file: nothing to do, nothing left behind
     assert target.read_text() == "new" and os.path.samefile(source, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_run_configs_written_before_the_move_still_name_the_checkpoint_callbacks():
+    import seglab.callbacks
+    import seglab.models.checkpoint
+
+    cfg = {"_target_": "seglab.callbacks.ModelCheckpoint", "dirpath": "ckpts", "save_last": True}
+    callback = instantiate(cfg)
+    assert type(callback) is seglab.models.checkpoint.ModelCheckpoint and callback.save_last is True
+    assert seglab.callbacks.SaveOnInterrupt is seglab.models.checkpoint.SaveOnInterrupt
