@@ -1,5 +1,5 @@
 """Imports only point down the layers (ARCHITECTURE: entry points -> api/train/evaluate -> inference/models ->
-data -> runtime/viz/files): nothing in data/ imports models, nothing in models/ imports train, bench or serve."""
+data -> runtime/viz/atomic): nothing in data/ imports models, nothing in models/ imports train, bench or serve."""
 
 import ast
 from pathlib import Path
@@ -40,3 +40,8 @@ def test_no_import_runs_up_the_layers():
             continue
         upward += [f"{module} -> {name}" for name in imports(path) if name != "seglab" and layer(name) > layer(module)]
     assert upward == []
+
+
+def test_no_module_is_longer_than_a_reader_can_hold():
+    longest = max((len(p.read_text().splitlines()), str(p.relative_to(SRC))) for p in (SRC / "seglab").rglob("*.py"))
+    assert longest[0] <= 450, f"{longest[1]} has {longest[0]} lines: split it by what its parts do"
