@@ -10,8 +10,9 @@ from seglab.plain_loop import main
 @pytest.mark.slow  # ~40 s: a plain-loop fit, a train.py run and two evaluations
 def test_plain_loop_and_a_recipe_are_scored_alike_at_equal_budget(demo_root, tmp_path, capsys):
     out = tmp_path / "cmp"
+    # data.image_size is a training setting evaluate.py takes from the checkpoint: it must reach train.py only.
     results = main([f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}", "debug=fast", "max_epochs=2",
-                    f"out={out}"])
+                    "data.image_size=48", f"out={out}"])
     printed = capsys.readouterr().out
     assert "plain loop epoch 1: training loss" in printed
     assert set(results) == {"plain loop", "recipe"}
@@ -21,7 +22,7 @@ def test_plain_loop_and_a_recipe_are_scored_alike_at_equal_budget(demo_root, tmp
     # The plain loop's weights are a seglab checkpoint of a stretched (original-recipe) geometry.
     module = load_checkpoint(out / "plain_loop" / "plain_loop.ckpt")
     assert module.meta["base_size"] is None and module.meta["config"]["data"]["geometry"] == {"kind": "stretch"}
-    assert module.class_names == ["background", "disc", "triangle"]
+    assert module.class_names == ["background", "disc", "triangle"] and module.meta["image_size"] == 48
     assert module.meta["config"]["optimizer"]["_target_"] == "torch.optim.SGD"
     # Same data, same splits: both runs read the same test images.
     plain = json.loads((out / "plain_loop" / "splits.json").read_text())

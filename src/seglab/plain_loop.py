@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
     out, argv = output_argument(argv, "outputs/plain-loop")
     only = [a.split("=", 1)[1] for a in argv if a.startswith("only=")]
     overrides = [a for a in argv if not a.startswith("only=")]
-    # The data settings that evaluate.py must see too (root, cache, classes, splits).
-    data_overrides = [a for a in overrides if a.startswith("data.")]
+    # The data settings that evaluate.py must see too (root, cache, classes, splits); the others (image size,
+    # base size, batch) are the checkpoint's, and conf/evaluate.yaml has no key for them.
+    evaluate_keys = set(compose_config("evaluate", ["ckpt_path=none"]).data)
+    data_overrides = [a for a in overrides
+                      if a.startswith("data.") and a.split("=", 1)[0].removeprefix("data.") in evaluate_keys]
     results = {}
     try:
         if not only or only[-1] == "plain":
