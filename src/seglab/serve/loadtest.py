@@ -3,6 +3,7 @@ N concurrent clients' POST /v1/segment for T seconds, and print throughput, late
 answers by status code.
 
     python -m seglab.serve.loadtest outputs/.../best.ckpt outputs/export/.../model.onnx --clients 4 --seconds 20
+    python -m seglab.serve.loadtest model.onnx --clients 8 --set limits.batch_size=1   # without batching
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def load_model(model: str, image: bytes, args: argparse.Namespace) -> dict:
     url = f"http://{HOST}:{port}"
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = [sys.executable, "serve.py", f"ckpt_path={Path(model).resolve()}", f"host={HOST}", f"port={port}",
-               "device=cpu", "log_level=warning", f"limits.queue_size={args.queue_size}", f"hydra.run.dir={run_dir}"]
+               "device=cpu", "log_level=warning", f"limits.queue_size={args.queue_size}", f"hydra.run.dir={run_dir}",
+               *args.set]
         # Its own loopback server needs no token: one in the user's environment is not passed on.
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--format", choices=("json", "mask", "overlay", "confidence", "probabilities"), default="mask")
     parser.add_argument("--queue-size", type=int, default=None,
                         help="the server's limits.queue_size (default: --clients, so no request gets 503)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a serve.py override, e.g. limits.batch_size=1 (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
@@ -138,8 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     Image.fromarray(array).save(buffer, format="PNG")
 
     print(f"seglab load test: {args.clients} clients x {args.seconds:g} s per model, POST /v1/segment?format="
-          f"{args.format}, {array.shape[1]}x{array.shape[0]} PNG, server on {HOST} (queue {args.queue_size})",
-          flush=True)
+          f"{args.format}, {array.shape[1]}x{array.shape[0]} PNG, server on {HOST} (queue {args.queue_size}"
+          + "".join(f", {override}" for override in args.set) + ")", flush=True)
     rows = []
     for model in args.models:
         row = load_model(model, buffer.getvalue(), args)
