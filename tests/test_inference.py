@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seglab.errors import SeglabError
-from seglab.inference import Predictor, confidence_image, execution_providers, load_predictor
+from seglab.inference import Predictor, confidence_image, execution_providers, load_predictor, sample_image
 from seglab.models.networks import build_network
 from seglab.models.sliding import tile_starts
 
@@ -195,3 +195,11 @@ def test_execution_providers_prefer_tensorrt_then_cuda_on_a_gpu():
     assert execution_providers(gpu, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
         ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
     assert execution_providers(gpu, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]  # onnxruntime (CPU)
+
+
+def test_sample_image_is_seeded_textured_rgb():
+    image = sample_image(30, 50, seed=3)
+    assert image.shape == (30, 50, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, sample_image(30, 50, seed=3))  # the same pixels for a seed
+    assert not np.array_equal(image, sample_image(30, 50, seed=4))
+    assert image.std() > 10  # texture, not a flat colour a model might predict anything on

@@ -166,6 +166,21 @@ def class_mask(logits: torch.Tensor) -> np.ndarray:
     return logits.argmax(dim=0).to(torch.uint8).numpy()
 
 
+def sample_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A seeded textured RGB uint8 image (two colours in stripes at an angle, a gradient, pixel noise), for when
+    no real image is at hand: export's fallback parity image, the load test's default request. Deploy code reads
+    no data generator; a real photo gives the numbers that matter."""
+    rng = np.random.default_rng(seed)
+    colour_a, colour_b = rng.uniform(30, 225, (2, 3))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width, 1)
+    angle = rng.uniform(0, np.pi)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    stripes = np.floor(u / rng.uniform(0.05, 0.2)) % 2
+    weight = (0.6 * stripes + 0.4 * (u - u.min()) / max(float(np.ptp(u)), 1e-6))[..., None]
+    image = colour_a * (1 - weight) + colour_b * weight + rng.normal(0, 12, (height, width, 3))
+    return np.clip(image, 0, 255).round().astype(np.uint8)
+
+
 def confidence_image(probabilities: torch.Tensor) -> np.ndarray:
     """The top class's probability per pixel as 8-bit grey (H, W): 0-255 stands for 0-1, round(255 x p)."""
     return (probabilities.max(dim=0).values * 255).round().to(torch.uint8).numpy()
