@@ -332,10 +332,12 @@ def test_concurrent_requests_are_batched_and_get_the_sequential_masks(predictor,
             body = response.json()
             counts = np.bincount(expected[i].ravel(), minlength=3)
             assert [c["pixels"] for c in body["classes"]] == counts.tolist()
-            rle = body["classes"][0]["rle"]
-            np.testing.assert_array_equal(
-                mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}),
-                (expected[i] == 0).astype(np.uint8))
+            for index, result in enumerate(body["classes"]):  # rle is null for a class absent from the mask
+                assert (result["rle"] is None) == (counts[index] == 0)
+                if result["rle"] is not None:
+                    np.testing.assert_array_equal(
+                        mask_utils.decode({"size": result["rle"]["size"], "counts": result["rle"]["counts"].encode()}),
+                        (expected[i] == index).astype(np.uint8))
         else:
             np.testing.assert_array_equal(decode_png(response.content), expected[i])
             assert 'batch;desc="' in response.headers["server-timing"]
