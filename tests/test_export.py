@@ -11,15 +11,17 @@ import onnxruntime as ort
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
 from seglab.evaluate import build_datamodule
-from seglab.export import PredictorCalibration, check_parity, export, parity_image
+from seglab.export import PredictorCalibration, check_parity, export, parity_image, quantize_int8
 from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+OP_TYPES = ["Conv", "Add", "Relu", "Concat"]  # conf/export.yaml quantization.op_types
 
 
 def compose_export(*overrides: str):
@@ -261,12 +263,14 @@ def test_int8_and_fp16_exports_load_and_carry_their_mask_check(reduced_exports, 
         weights = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer if t.dims}
         ops = {n.op_type for n in model.graph.node}
         if precision == "int8":
-            assert {"QuantizeLinear", "DequantizeLinear"} <= ops and np.int8 in weights
+            assert {"QuantizeLinear", "DequantizeLinear"} <= ops and np.dtype(np.int8) in weights
             assert sidecar["conversion"]["format"] == "QDQ" and sidecar["conversion"]["per_channel"] is True
+            conversion = sidecar["conversion"]
+            assert (conversion["op_types"], conversion["calibrate_method"]) == (OP_TYPES, "Entropy")
             assert sidecar["conversion"]["calibration_images"] == 16  # the whole (16-image) train split: < 32
             assert output.stat().st_size < fp32_size / 3
         else:
-            assert np.float16 in weights and sidecar["conversion"]["keep_io_types"] is True
+            assert np.dtype(np.float16) in weights and sidecar["conversion"]["keep_io_types"] is True
             assert output.stat().st_size < fp32_size * 0.6
 
 
@@ -285,10 +289,10 @@ def test_calibration_feeds_the_network_what_the_predictor_feeds_it(trained_run, 
         Predictor(network, meta).logits(image)
     reader = PredictorCalibration(Predictor(reference.model, meta), iter(images), "image")
     fed = list(iter(reader.get_next, None))
-    assert reader.batches == len(fed) == len(seen) == 4
-    assert [batch["image"].shape for batch in fed] == [(8, 3, 64, 64), (1, 3, 64, 64)] * 2
-    for batch, expected in zip(fed, seen, strict=True):
-        np.testing.assert_array_equal(batch["image"], expected)
+    assert [batch.shape for batch in seen] == [(8, 3, 64, 64), (1, 3, 64, 64)] * 2
+    # One tile at a time, in the order the Predictor ran them.
+    assert reader.fed == len(fed) == 18 and {batch["image"].shape for batch in fed} == {(1, 3, 64, 64)}
+    np.testing.assert_array_equal(np.concatenate([batch["image"] for batch in fed]), np.concatenate(seen))
 
 
 def test_a_tolerance_that_cannot_be_met_fails_with_the_numbers_and_writes_nothing(trained_run, tmp_path):
@@ -309,3 +313,16 @@ def test_reduced_precision_needs_the_labelled_data(trained_run, tmp_path):
                                           r"not there\. Give its folder with data_root="):
         export(cfg)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_histogram_calibration_over_inputs_of_several_shapes_says_what_to_use(mobilenet_export, trained_run, tmp_path):
+    reference = load_predictor(trained_run["checkpoint"], device="cpu")
+    rng = np.random.default_rng(0)
+    # Predicted whole at the model's scale: 64x64 and 40x64 inputs, which Entropy's histograms cannot stack.
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (40, 64, 3))]
+    reader = PredictorCalibration(reference, iter(images), "image")
+    settings = OmegaConf.create({"per_channel": True, "op_types": ["Conv"], "calibrate_method": "Entropy"})
+    with pytest.raises(SeglabError, match=r"quantization.calibrate_method=Entropy needs calibration inputs of one "
+                                          r"shape, but the training images give several \(3x40x64, 3x64x64, "
+                                          r"\.\.\.: .*Use quantization.calibrate_method=MinMax\."):
+        quantize_int8(Path(mobilenet_export["output"]), tmp_path / "int8.onnx", reader, settings)

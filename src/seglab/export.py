@@ -25,10 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
-from seglab.data.synthetic import render_background
 from seglab.errors import SeglabError, first_line
 from seglab.evaluate import build_datamodule
-from seglab.inference import OnnxModel, Predictor, load_predictor
+from seglab.inference import OnnxModel, Predictor, load_predictor, sample_image
 from seglab.models.module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -90,8 +89,7 @@ def parity_image(cfg: DictConfig, module: SegmentationModule) -> tuple[np.ndarra
                 return load_image(path), str(path)
     size = 2 * int(module.meta["image_size"])
     # Non-square, so the pre-processing's resize and the resize back both change the aspect ratio.
-    image = render_background(np.random.default_rng(cfg.parity.seed), size * 3 // 4, size)
-    return np.clip(image, 0, 255).astype(np.uint8), "synthetic"
+    return sample_image(size * 3 // 4, size, seed=cfg.parity.seed), "synthetic"
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
@@ -145,13 +143,14 @@ class InputRecorder:
 class PredictorCalibration:
     """ONNX Runtime's calibration data reader (CalibrationDataReader's get_next) over images: the inputs the
     Predictor gives its network for them, so the same scaling, normalisation and, for large images, the same
-    tiles as at prediction time. One network call at a time; images are read as they are needed."""
+    tiles as at prediction time. One input (1, 3, h, w) at a time: the histogram calibrators (Entropy, Percentile)
+    stack every batch's outputs, so batches of 8 and 1 tiles would not fit together. Images are read as needed."""
 
     def __init__(self, reference: Predictor, images: Iterator[np.ndarray], input_name: str):
         self.recorder = InputRecorder(len(reference.class_names))
         self.predictor = Predictor(self.recorder, reference.meta, mode=reference.mode, flip=reference.flip,
                                    overlap=reference.overlap, tile_batch=reference.tile_batch)
-        self.images, self.input_name, self.batches = images, input_name, 0
+        self.images, self.input_name, self.fed, self.shapes = images, input_name, 0, set()
 
     def get_next(self) -> dict | None:
         while not self.recorder.inputs:
@@ -159,28 +158,41 @@ class PredictorCalibration:
             if image is None:
                 return None
             self.predictor.logits(image)
-        self.batches += 1
-        return {self.input_name: self.recorder.inputs.pop(0)}
+        batch = self.recorder.inputs.pop(0)
+        self.recorder.inputs[:0] = list(batch[1:, None])  # the rest of this call's batch comes next
+        self.fed += 1
+        self.shapes.add(batch.shape[1:])
+        return {self.input_name: batch[:1]}
 
 
 def quantize_int8(fp32_path: Path, output: Path, reader: PredictorCalibration, settings: DictConfig) -> dict:
     """Static int8 quantisation with ONNX Runtime's own recipe for CNNs on CPUs (quantize_static's guidance):
-    quant_pre_process first (symbolic shape inference, graph optimisation, ONNX shape inference: a tensor of unknown
-    shape cannot be quantised), then QuantizeLinear/DequantizeLinear pairs (QDQ, which ONNX Runtime's CPU kernels
-    are optimised for) with uint8 activations and int8 weights, full 8-bit range (reduce_range only helps CPUs
-    without VNNI), activation ranges from MinMax calibration."""
+    quant_pre_process first (graph optimisation and ONNX shape inference: a tensor of unknown shape cannot be
+    quantised), then QuantizeLinear/DequantizeLinear pairs (QDQ, which ONNX Runtime fuses into integer kernels)
+    with uint8 activations and int8 weights, full 8-bit range (reduce_range only helps CPUs without VNNI).
+    Which ops and how activation ranges are calibrated: conf/export.yaml's quantization node."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     prepared = output.with_name("prepared.onnx")
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(output), reader, quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False,
-                    per_channel=bool(settings.per_channel),
-                    calibrate_method=CalibrationMethod[settings.calibrate_method])
+    op_types = list(settings.op_types) if settings.op_types else None
+    try:
+        quantize_static(str(prepared), str(output), reader, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False,
+                        per_channel=bool(settings.per_channel), op_types_to_quantize=op_types,
+                        calibrate_method=CalibrationMethod[settings.calibrate_method])
+    except ValueError:
+        if len(reader.shapes) < 2:
+            raise
+        # The histogram calibrators stack every input's activations into one array.
+        shapes = ", ".join("x".join(map(str, shape)) for shape in sorted(reader.shapes)[:3])
+        raise SeglabError(f"quantization.calibrate_method={settings.calibrate_method} needs calibration inputs of "
+                          f"one shape, but the training images give several ({shapes}, ...: images of different "
+                          "aspect ratios predicted whole). Use quantization.calibrate_method=MinMax.") from None
     prepared.unlink()
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8",
             "weights": "int8", "per_channel": bool(settings.per_channel), "reduce_range": False,
-            "calibrate_method": settings.calibrate_method}
+            "op_types": op_types or "all ONNX Runtime quantises", "calibrate_method": settings.calibrate_method}
 
 
 def convert_fp16(fp32_path: Path, output: Path) -> dict:
@@ -236,8 +248,8 @@ def check_masks(reference: Predictor, candidate: Predictor, dataset, split: str,
             f"({len(dataset)} images): mIoU {result['mIoU_export']:.4f} vs {result['mIoU_pytorch']:.4f} (drop "
             f"{result['mIoU_drop']:.4f}, allowed {max_miou_drop}), {100 * result['agreement']:.2f}% of pixels agree "
             f"(required {100 * min_agreement:.2f}%). The export was removed. "
-            + ("Try more calibration images (quantization.calibration_images=...), quantization.calibrate_method="
-               "Percentile, or precision=fp16."
+            + ("Try another quantization.calibrate_method (MinMax, Entropy, Percentile), fewer quantization.op_types "
+               "(Conv only), more quantization.calibration_images, or precision=fp16."
                if precision == "int8" else "Export in fp32, or report the model and these numbers."))
     return result
 
@@ -323,7 +335,7 @@ def export(cfg: DictConfig) -> dict:
             model_path = work / "int8.onnx"
             log.info("calibrating int8 on %d training images", count)
             conversion = quantize_int8(fp32_path, model_path, reader, cfg.quantization)
-            conversion.update(calibration_split="train", calibration_images=count, calibration_batches=reader.batches)
+            conversion.update(calibration_split="train", calibration_images=count, calibration_inputs=reader.fed)
         elif precision == "fp16":
             model_path = work / "fp16.onnx"
             conversion = convert_fp16(fp32_path, model_path)
