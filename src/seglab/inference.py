@@ -118,11 +118,12 @@ class Predictor:
             logits = (logits + run(x.flip(-1)).flip(-1)) / 2
         return logits
 
-    def batch_logits(self, inputs: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    def batch_logits(self, inputs: list[torch.Tensor], sizes: list[tuple[int, int]] | None) -> list[torch.Tensor]:
         """Logits (C, H, W), float32 on the CPU, of pre-processed images (self.preprocess) at their original sizes
         (H, W). Inputs of one shape go through the network together (in slide mode their tiles do, in passes of
         about tile_batch crops); each image's logits are resized back on their own, so an image's result is the
-        same whichever batch it came in."""
+        same whichever batch it came in. sizes=None: at the scale they were predicted at, for the caller to
+        resize (resize_logits(logits[None], size)[0] gives the same), e.g. in another process."""
         out: list[torch.Tensor | None] = [None] * len(inputs)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(inputs):
@@ -130,7 +131,7 @@ class Predictor:
         for indices in by_shape.values():
             logits = self.scaled_logits(torch.stack([inputs[i] for i in indices]))
             for k, i in enumerate(indices):
-                out[i] = resize_logits(logits[k : k + 1], sizes[i])[0].cpu()
+                out[i] = (logits[k].float() if sizes is None else resize_logits(logits[k : k + 1], sizes[i])[0]).cpu()
         return out
 
     def logits_batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:

@@ -2,16 +2,18 @@
 confidence image and the class probabilities. predict.py calls it.
 
 A folder is read by DataLoader worker processes (decoding and the Predictor's pre-processing) in batches of images
-of one size (read from the file headers), which go through the network together (Predictor.batch_logits); a
-thread writes each batch's files while the next one is predicted. Masks are the same as one image at a time.
+of one size (read from the file headers), which go through the network together (Predictor.batch_logits); as
+many writer processes resize each image's logits back and write its files while the next batch is predicted.
+Masks are the same as one image at a time.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import multiprocessing
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from seglab.data.datamodule import default_num_workers
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError
-from seglab.inference import Preprocess, class_mask, confidence_image, load_predictor
+from seglab.inference import Preprocess, class_mask, confidence_image, load_predictor, resize_logits
 from seglab.viz import overlay
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,8 @@ class ImageFiles(Dataset):
             image = load_image(self.paths[index])
         except SeglabError as e:
             return e
-        return index, torch.from_numpy(image), self.preprocess(image)
+        # A writable copy: torch shares a tensor with the main process through shared memory (no pickling).
+        return index, torch.from_numpy(image.copy()), self.preprocess(image)
 
 
 def as_list(batch: list) -> list:
@@ -103,6 +106,29 @@ def resolve_workers(num_workers, batches: int) -> int:
         raise SeglabError(f"num_workers={num_workers!r} must be auto or a whole number >= 0 (0: read images in "
                           "this process).")
     return num_workers
+
+
+def one_thread() -> None:
+    torch.set_num_threads(1)  # each writer process is one of several on the cores
+
+
+def write_outputs(target: Path, name: str, image: np.ndarray, logits: torch.Tensor, options: dict) -> np.ndarray:
+    """One image's files from its logits at the network's scale; its pixel count per class. As
+    Predictor.predict / predict_with_probabilities: logits resized to the image, the mask their argmax, the
+    probabilities their softmax."""
+    logits = resize_logits(logits[None], image.shape[:2])[0]
+    target.mkdir(parents=True, exist_ok=True)
+    mask = class_mask(logits)
+    if options["confidence"] or options["probabilities"]:
+        probabilities = logits.softmax(dim=0)
+        if options["confidence"]:
+            Image.fromarray(confidence_image(probabilities)).save(target / f"{name}{CONFIDENCE_SUFFIX}")
+        if options["probabilities"]:
+            np.save(target / f"{name}{PROBABILITIES_SUFFIX}", probabilities.to(torch.float16).numpy())
+    Image.fromarray(mask).save(target / f"{name}{MASK_SUFFIX}")
+    blended = overlay(image, mask, options["palette"], options["opacity"])
+    Image.fromarray(blended).save(target / f"{name}{OVERLAY_SUFFIX}")
+    return np.bincount(mask.ravel(), minlength=logits.shape[0])
 
 
 def predict(cfg: DictConfig) -> dict:
@@ -132,46 +158,37 @@ def predict(cfg: DictConfig) -> dict:
 
     stems = Counter((p.parent, p.stem) for p in images)
 
-    def write(index: int, image: np.ndarray, logits: torch.Tensor) -> np.ndarray:
-        """One image's files; its pixel count per class."""
-        path = images[index]
-        # photo.jpg and photo.png side by side: keep both, named photo_jpg_mask.png and photo_png_mask.png.
-        name = path.stem if stems[(path.parent, path.stem)] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
+    def destination(path: Path) -> tuple[Path, str]:
         # Sub-folders of the input are kept, so equal file names in different folders never collide.
         target = out / (path.relative_to(source).parent if source.is_dir() else Path())
-        target.mkdir(parents=True, exist_ok=True)
-        # As Predictor.predict / predict_with_probabilities: the mask is the logits' argmax, the probabilities
-        # their softmax.
-        mask = class_mask(logits)
-        if cfg.confidence or cfg.probabilities:
-            probabilities = logits.softmax(dim=0)
-            if cfg.confidence:
-                Image.fromarray(confidence_image(probabilities)).save(target / f"{name}{CONFIDENCE_SUFFIX}")
-            if cfg.probabilities:
-                np.save(target / f"{name}{PROBABILITIES_SUFFIX}", probabilities.to(torch.float16).numpy())
-        Image.fromarray(mask).save(target / f"{name}{MASK_SUFFIX}")
-        blended = overlay(image, mask, predictor.palette, cfg.opacity)
-        Image.fromarray(blended).save(target / f"{name}{OVERLAY_SUFFIX}")
-        log.info("%s: %dx%d", path, image.shape[1], image.shape[0])
-        return np.bincount(mask.ravel(), minlength=len(predictor.class_names))
+        # photo.jpg and photo.png side by side: keep both, named photo_jpg_mask.png and photo_png_mask.png.
+        name = path.stem if stems[(path.parent, path.stem)] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
+        return target, name
 
+    options = {"palette": predictor.palette, "opacity": cfg.opacity, "confidence": cfg.confidence,
+               "probabilities": cfg.probabilities}
     pixels = np.zeros(len(predictor.class_names), np.int64)
     loader = DataLoader(ImageFiles(images, predictor.preprocess), batch_sampler=batches, num_workers=workers,
                         collate_fn=as_list)
-    # One thread writes the files (PNG encoding releases the GIL) while the next batch is predicted; at most two
-    # batches wait for it, which bounds the logits held in memory.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="seglab-write") as files:
+    # Resizing the logits back, the argmax, the overlay and PNG encoding take ~40x the network's time on a 2048 px
+    # photo (docs/deployment.md): with workers they run in as many writer processes, fed the logits at the
+    # network's scale; without, in one thread beside the network. At most workers + 1 batches wait for them.
+    files = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=one_thread)
+             if workers else ThreadPoolExecutor(1, thread_name_prefix="seglab-write"))
+    with files:
         pending: list[list[Future]] = []
         for batch in loader:
             failed = next((item for item in batch if isinstance(item, SeglabError)), None)
             if failed is not None:
                 raise failed
             indices, decoded, inputs = zip(*batch, strict=True)
-            logits = predictor.batch_logits(list(inputs), [tuple(image.shape[:2]) for image in decoded])
-            if len(pending) == 2:
+            logits = predictor.batch_logits(list(inputs), None)
+            if len(pending) > workers:
                 pixels += sum(f.result() for f in pending.pop(0))
-            pending.append([files.submit(write, i, image.numpy(), one)
+            pending.append([files.submit(write_outputs, *destination(images[i]), image.numpy(), one, options)
                             for i, image, one in zip(indices, decoded, logits, strict=True)])
+            for i, image in zip(indices, decoded, strict=True):
+                log.info("%s: %dx%d", images[i], image.shape[1], image.shape[0])
         for batch_files in pending:
             pixels += sum(f.result() for f in batch_files)
 
