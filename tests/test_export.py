@@ -326,3 +326,15 @@ def test_histogram_calibration_over_inputs_of_several_shapes_says_what_to_use(mo
                                           r"shape, but the training images give several \(3x40x64, 3x64x64, "
                                           r"\.\.\.: .*Use quantization.calibrate_method=MinMax\."):
         quantize_int8(Path(mobilenet_export["output"]), tmp_path / "int8.onnx", reader, settings)
+
+
+def test_deploy_bench_scores_an_export_as_its_own_mask_check_did(mobilenet_export, demo_root):
+    from seglab.deploy_bench import bench_exports
+
+    model = Path(mobilenet_export["output"])
+    rows = bench_exports([model, model], demo_root, "val", repeats=1)
+    masks = json.loads(model.with_suffix(".json").read_text())["parity"]["masks"]
+    assert [r["images"] for r in rows] == [masks["images"]] * 2
+    assert rows[0]["mIoU"] == pytest.approx(masks["mIoU_export"], abs=1e-12)  # same split, model and confusion
+    assert rows[1]["agreement_with_first"] == 1.0 and rows[1]["mIoU_drop"] == 0.0
+    assert rows[0]["size_mb"] == model.stat().st_size / 2**20 and rows[0]["images_per_s"] > 0
