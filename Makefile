@@ -11,7 +11,7 @@ CKPT ?=
 LOGDIR ?= outputs
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-fast lint bench \
+.PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-fast lint bench bench-deploy \
 	export serve loadtest data-report plain-loop notebook
 
 help:  ## list the targets
@@ -77,6 +77,9 @@ lint: install  ## ruff
 
 bench: install  ## benchmark data pipeline, training loop, model and a fit (time-to-result); writes bench.json
 	$(PY) -m seglab.bench $(ARGS)
+
+bench-deploy: install  ## make bench-deploy ARGS="exports fp32.onnx int8.onnx --data data/demo" (or ARGS="predict ...")
+	$(PY) -m seglab.deploy_bench $(ARGS)
 
 data-report: install  ## the dataset report (files vs photos, copies, leaks, classes, picture sheet): make data-report DATA=<export>
 	$(PY) -m seglab.data.report data.root=$(DATA) $(ARGS)

@@ -11,14 +11,17 @@ import onnxruntime as ort
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
-from seglab.export import check_parity, export, parity_image
+from seglab.evaluate import build_datamodule
+from seglab.export import PredictorCalibration, check_parity, export, parity_image, quantize_int8
 from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+OP_TYPES = ["Conv", "Add", "Relu", "Concat"]  # conf/export.yaml quantization.op_types
 
 
 def compose_export(*overrides: str):
@@ -48,8 +51,12 @@ def test_export_writes_a_dynamic_onnx_model_and_its_sidecar(mobilenet_export, de
     assert sidecar["architecture"] == "deeplabv3_mobilenet_v3_large"
     assert sidecar["source_checkpoint"] == str(ckpt.resolve())
     assert sidecar["source_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    assert sidecar["opset"] == 18 and sidecar["format"] == "onnx"
+    assert sidecar["opset"] == 18 and sidecar["format"] == "onnx" and sidecar["precision"] == "fp32"
+    assert sidecar["size_bytes"] == output.stat().st_size
     parity = sidecar["parity"]
+    masks = parity["masks"]  # fp32 too: the export's masks on the val split against the truth and PyTorch
+    assert (masks["split"], masks["images"], masks["pixels"], masks["passed"]) == ("val", 2, 2 * 64 * 64, True)
+    assert masks["agreement"] >= 0.999 and abs(masks["mIoU_drop"]) <= 0.01
     assert parity["passed"] and [c["input"].split(" ")[:2] for c in parity["checks"]] == [
         ["random", "1x3x64x64"], ["random", "2x3x49x99"], ["image", str(sorted(demo_root.rglob("*.jpg"))[0])]]
     assert all(c["max_abs_diff"] <= 1e-3 * max(1, c["max_abs_logit"]) and c["class_agreement"] >= 0.999
@@ -113,11 +120,14 @@ def test_export_never_overwrites(mobilenet_export):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("format=tensorrt", r"format='tensorrt' is not supported; choose one of \['onnx'\]"),
+    ("precision=int4", r"precision='int4' is not supported; choose one of \['fp32', 'fp16', 'int8'\]"),
+    ("precision=int8 quantization.calibrate_method=Median",
+     r"quantization.calibrate_method='Median' is not one of \['MinMax', 'Entropy', 'Percentile'\]"),
     ("opset=13", r"opset=13 is too old: use 17 or later"),
     ("output=model.pt", r"output='model.pt' must be a file name ending in \.onnx"),
 ])
 def test_export_rejects_bad_settings(trained_run, tmp_path, override, message):
-    overrides = [f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}", override]
+    overrides = [f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}", *override.split()]
     with pytest.raises(SeglabError, match=message):
         export(compose_export(*overrides))
     assert list(tmp_path.iterdir()) == []
@@ -196,3 +206,135 @@ def test_loading_a_broken_export_says_what_to_fix(mobilenet_export, tmp_path):
     garbage.with_suffix(".json").write_text(Path(mobilenet_export["sidecar"]).read_text())
     with pytest.raises(SeglabError, match=r"garbage\.onnx is not an ONNX model ONNX Runtime can load"):
         load_predictor(garbage, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reduced_exports(trained_run, tmp_path_factory) -> dict:
+    """int8 and fp16 exports of the tiny trained model, with their default checks and settings."""
+    folder = tmp_path_factory.mktemp("reduced")
+    return {precision: export(compose_export(f"ckpt_path={trained_run['checkpoint']}",
+                                             f"output={folder / precision}.onnx", f"precision={precision}"))
+            for precision in ("int8", "fp16")}
+
+
+def val_split(ckpt: str):
+    datamodule = build_datamodule(load_checkpoint(ckpt), ckpt)
+    datamodule.setup("test")
+    return datamodule.datasets["val"]
+
+
+def test_int8_and_fp16_exports_load_and_carry_their_mask_check(reduced_exports, trained_run, mobilenet_export):
+    from torchmetrics.functional.classification import multiclass_jaccard_index
+
+    ckpt = trained_run["checkpoint"]
+    reference = load_predictor(ckpt, device="cpu")
+    val = val_split(ckpt)
+    images, targets = zip(*(val.load(i) for i in range(len(val))), strict=True)
+    expected = np.stack([reference.predict(image) for image in images])
+    fp32_size = Path(mobilenet_export["output"]).stat().st_size
+    for precision, result in reduced_exports.items():
+        output = Path(result["output"])
+        sidecar = json.loads(output.with_suffix(".json").read_text())
+        assert sidecar["precision"] == result["precision"] == precision and sidecar["format"] == "onnx"
+        assert sidecar["size_bytes"] == output.stat().st_size
+        masks = sidecar["parity"]["masks"]
+        assert (masks["split"], masks["images"], masks["passed"]) == ("val", 2, True)
+        assert (masks["max_mIoU_drop"], masks["min_agreement"]) == (0.01, 0.99)
+        # The fp32 graph is checked at the logit level as before: a wrong export is caught before conversion.
+        assert len(sidecar["parity"]["checks"]) == 3 and sidecar["parity"]["passed"]
+
+        predictor = load_predictor(output, device="cpu")
+        assert predictor.meta["precision"] == precision and predictor.class_names == reference.class_names
+        got = np.stack([predictor.predict(image) for image in images])
+        # The sidecar's numbers, recomputed: agreement as the share of equal pixels, mIoU with torchmetrics.
+        assert masks["agreement"] == pytest.approx(float((got == expected).mean()), abs=1e-12)
+        target = torch.from_numpy(np.stack(targets).astype(np.int64))
+        miou = {name: float(multiclass_jaccard_index(torch.from_numpy(m.astype(np.int64)), target, 3, average="macro",
+                                                     ignore_index=255))
+                for name, m in (("export", got), ("pytorch", expected))}
+        assert masks["mIoU_export"] == pytest.approx(miou["export"], abs=1e-6)
+        assert masks["mIoU_pytorch"] == pytest.approx(miou["pytorch"], abs=1e-6)
+        assert masks["mIoU_drop"] == pytest.approx(miou["pytorch"] - miou["export"], abs=1e-6)
+
+        model = onnx.load(str(output))
+        # float32 in and out whatever is inside: callers feed and read what an fp32 export takes.
+        assert [i.type.tensor_type.elem_type for i in (*model.graph.input, *model.graph.output)] == [
+            onnx.TensorProto.FLOAT] * 2
+        weights = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer if t.dims}
+        ops = {n.op_type for n in model.graph.node}
+        if precision == "int8":
+            assert {"QuantizeLinear", "DequantizeLinear"} <= ops and np.dtype(np.int8) in weights
+            assert sidecar["conversion"]["format"] == "QDQ" and sidecar["conversion"]["per_channel"] is True
+            conversion = sidecar["conversion"]
+            assert (conversion["op_types"], conversion["calibrate_method"]) == (OP_TYPES, "Entropy")
+            assert sidecar["conversion"]["calibration_images"] == 16  # the whole (16-image) train split: < 32
+            assert output.stat().st_size < fp32_size / 3
+        else:
+            assert np.dtype(np.float16) in weights and sidecar["conversion"]["keep_io_types"] is True
+            assert output.stat().st_size < fp32_size * 0.6
+
+
+def test_calibration_feeds_the_network_what_the_predictor_feeds_it(trained_run, demo_root):
+    reference = load_predictor(trained_run["checkpoint"], device="cpu")
+    # At base_size 128 the 64 px demo images are predicted over 64 px tiles, 3 x 3 of them in two passes.
+    meta = {**reference.meta, "base_size": 128}
+    seen = []
+
+    def network(x):
+        seen.append(x.numpy().copy())
+        return reference.model(x)
+
+    images = [first_test_image(demo_root), load_image(sorted((demo_root / "test").glob("*.jpg"))[1])]
+    for image in images:
+        Predictor(network, meta).logits(image)
+    reader = PredictorCalibration(Predictor(reference.model, meta), iter(images), "image")
+    fed = list(iter(reader.get_next, None))
+    assert [batch.shape for batch in seen] == [(8, 3, 64, 64), (1, 3, 64, 64)] * 2
+    # One tile at a time, in the order the Predictor ran them.
+    assert reader.fed == len(fed) == 18 and {batch["image"].shape for batch in fed} == {(1, 3, 64, 64)}
+    np.testing.assert_array_equal(np.concatenate([batch["image"] for batch in fed]), np.concatenate(seen))
+
+
+def test_a_tolerance_that_cannot_be_met_fails_with_the_numbers_and_writes_nothing(trained_run, tmp_path):
+    cfg = compose_export(f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}",
+                         "precision=fp16", "parity.masks.max_miou_drop=-1")  # the export must beat PyTorch by 1
+    with pytest.raises(SeglabError, match=r"The fp16 export's masks are too far from the fp32 PyTorch model's on the "
+                                          r"val split \(2 images\): mIoU \d\.\d{4} vs \d\.\d{4} \(drop -?\d\.\d{4}, "
+                                          r"allowed -1\), \d+\.\d\d% of pixels agree \(required 99\.00%\)\. "
+                                          r"The export was removed\."):
+        export(cfg)
+    assert list(tmp_path.iterdir()) == []  # neither the model, its sidecar nor the work folder
+
+
+def test_reduced_precision_needs_the_labelled_data(trained_run, tmp_path):
+    cfg = compose_export(f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}",
+                         "precision=int8", f"data_root={tmp_path / 'moved'}")
+    with pytest.raises(SeglabError, match=r"precision=int8 needs the checkpoint's labelled data .* but .*moved is "
+                                          r"not there\. Give its folder with data_root="):
+        export(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_histogram_calibration_over_inputs_of_several_shapes_says_what_to_use(mobilenet_export, trained_run, tmp_path):
+    reference = load_predictor(trained_run["checkpoint"], device="cpu")
+    rng = np.random.default_rng(0)
+    # Predicted whole at the model's scale: 64x64 and 40x64 inputs, which Entropy's histograms cannot stack.
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (40, 64, 3))]
+    reader = PredictorCalibration(reference, iter(images), "image")
+    settings = OmegaConf.create({"per_channel": True, "op_types": ["Conv"], "calibrate_method": "Entropy"})
+    with pytest.raises(SeglabError, match=r"quantization.calibrate_method=Entropy needs calibration inputs of one "
+                                          r"shape, but the training images give several \(3x40x64, 3x64x64, "
+                                          r"\.\.\.: .*Use quantization.calibrate_method=MinMax\."):
+        quantize_int8(Path(mobilenet_export["output"]), tmp_path / "int8.onnx", reader, settings)
+
+
+def test_deploy_bench_scores_an_export_as_its_own_mask_check_did(mobilenet_export, demo_root):
+    from seglab.deploy_bench import bench_exports
+
+    model = Path(mobilenet_export["output"])
+    rows = bench_exports([model, model], demo_root, "val", repeats=1)
+    masks = json.loads(model.with_suffix(".json").read_text())["parity"]["masks"]
+    assert [r["images"] for r in rows] == [masks["images"]] * 2
+    assert rows[0]["mIoU"] == pytest.approx(masks["mIoU_export"], abs=1e-12)  # same split, model and confusion
+    assert rows[1]["agreement_with_first"] == 1.0 and rows[1]["mIoU_drop"] == 0.0
+    assert rows[0]["size_mb"] == model.stat().st_size / 2**20 and rows[0]["images_per_s"] > 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seglab.errors import SeglabError
-from seglab.inference import Predictor, confidence_image, load_predictor
+from seglab.inference import Predictor, confidence_image, execution_providers, load_predictor, sample_image
 from seglab.models.networks import build_network
 from seglab.models.sliding import tile_starts
 
@@ -137,3 +137,69 @@ def test_load_predictor_reads_everything_from_the_checkpoint(trained_run):
     assert predictor.settings()["mode"] == "auto"
     image = np.random.default_rng(4).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     assert predictor.predict(image).shape == (37, 53)
+
+
+class CallLog:
+    """A Model that records the input shape of every call it gets."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __call__(self, x):
+        self.shapes.append(tuple(x.shape))
+        return self.model(x)
+
+
+def test_a_batch_runs_images_of_one_size_together_and_gives_each_ones_own_logits(tiny_net):
+    meta = {**META, "image_size": 64, "base_size": 128}
+    rng = np.random.default_rng(5)
+    sizes = [(40, 64), (300, 400), (40, 64), (30, 50), (300, 400), (40, 64)]  # whole, slide, whole, whole, ...
+    images = [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for size in sizes]
+    single = Predictor(run(tiny_net), meta)
+    log = CallLog(run(tiny_net))
+    batched = Predictor(log, meta, tile_batch=8)
+    logits = batched.logits_batch(images)
+    # At base_size 128: 40x64 -> 80x128, 300x400 -> 96x128, 30x50 -> 77x128, each 2 x 3 = 6 tiles of 64. Images
+    # of one size share every pass of about tile_batch crops: the three 40x64 ones 8 // 3 = 2 tiles each per pass
+    # (3 passes of 6 crops), the two 300x400 ones 4 tiles each (8 crops, then 4), the 30x50 one alone (6).
+    assert log.shapes == [(6, 3, 64, 64)] * 3 + [(8, 3, 64, 64), (4, 3, 64, 64), (6, 3, 64, 64)]
+    for image, got in zip(images, logits, strict=True):
+        expected = single.logits(image)
+        assert got.shape == expected.shape == (3, *image.shape[:2])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # batched kernels may sum in another order
+        np.testing.assert_array_equal(got.argmax(0).numpy(), expected.argmax(0).numpy())
+
+    exact = Predictor(channels_as_logits, meta)  # per-pixel network: no summation order to differ, bit for bit
+    for image, got in zip(images, exact.logits_batch(images), strict=True):
+        assert torch.equal(got, exact.logits(image))
+
+
+def test_predict_batch_gives_masks_and_probabilities_where_asked():
+    predictor = Predictor(two_halves, {**META, "image_size": 8, "base_size": None})
+    images = [np.zeros((8, 8, 3), np.uint8), np.zeros((8, 12, 3), np.uint8)]
+    (mask0, probs0), (mask1, probs1) = predictor.predict_batch(images, [True, False])
+    expected_mask, expected_probs = predictor.predict_with_probabilities(images[0])
+    np.testing.assert_array_equal(mask0, expected_mask)
+    assert torch.equal(probs0, expected_probs) and probs1 is None
+    np.testing.assert_array_equal(mask1, predictor.predict(images[1]))
+
+
+def test_execution_providers_prefer_tensorrt_then_cuda_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 1)
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert execution_providers(cpu, everything) == ["CPUExecutionProvider"]
+    providers = execution_providers(gpu, everything)
+    assert [p if isinstance(p, str) else p[0] for p in providers] == everything
+    assert providers[0][1]["device_id"] == providers[1][1]["device_id"] == 1
+    assert providers[0][1]["trt_engine_cache_enable"] is True
+    assert execution_providers(gpu, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert execution_providers(gpu, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]  # onnxruntime (CPU)
+
+
+def test_sample_image_is_seeded_textured_rgb():
+    image = sample_image(30, 50, seed=3)
+    assert image.shape == (30, 50, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, sample_image(30, 50, seed=3))  # the same pixels for a seed
+    assert not np.array_equal(image, sample_image(30, 50, seed=4))
+    assert image.std() > 10  # texture, not a flat colour a model might predict anything on

@@ -11,7 +11,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("seglab.models",),
     ("seglab.inference", "seglab.callbacks"),
     ("seglab.train", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.leaderboard", "seglab.compare",
-     "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
+     "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.deploy_bench", "seglab.serve", "seglab.api"),
 ]
 
 

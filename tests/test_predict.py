@@ -138,12 +138,54 @@ def test_overlay_opacity_blends_towards_the_class_colour(trained_run, inputs, tm
     (lambda p: p / "nothing", None, r"input='.*nothing' does not exist"),
     (lambda p: (p / "empty").mkdir() or p / "empty", None, "No images"),
     (lambda p: p, "opacity=1.5", "opacity=1.5 must be between 0 and 1"),
+    (lambda p: p, "batch_size=0", r"batch_size=0 must be a whole number >= 1"),
+    (lambda p: random_png(p), "num_workers=-1", r"num_workers=-1 must be auto or a whole number >= 0"),
 ])
 def test_clear_errors(trained_run, tmp_path, make_input, override, message):
     overrides = [f"ckpt_path={trained_run['checkpoint']}", f"input={make_input(tmp_path)}",
                  f"output={tmp_path / 'out'}", *([override] if override else [])]
     with pytest.raises(SeglabError, match=message):
         predict(compose_predict(*overrides))
+
+
+def random_png(folder: Path) -> Path:
+    Image.fromarray(random_image((8, 8, 3))).save(folder / "one.png")
+    return folder
+
+
+def test_batches_and_worker_processes_write_the_one_at_a_time_files(trained_run, tmp_path):
+    # Three images of one size (one batch of 3 with batch_size=3), a fourth of that size in a sub-folder (the next
+    # batch), and one of another size (alone). The demo model slides 64 px tiles over the 150 px ones.
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    names = ["a", "b", "c", "sub/d"]
+    for seed, name in enumerate(names):
+        Image.fromarray(random_image((150, 90, 3), seed=seed)).save(folder / f"{name}.png")
+    Image.fromarray(random_image((41, 67, 3), seed=9)).save(folder / "e.jpg", quality=95)
+    names.append("e")
+    common = [f"ckpt_path={trained_run['checkpoint']}", f"input={folder}", "confidence=true"]
+    single = predict(compose_predict(*common, f"output={tmp_path / 'single'}", "batch_size=1", "num_workers=0"))
+    batched = predict(compose_predict(*common, f"output={tmp_path / 'batched'}", "batch_size=3", "num_workers=2"))
+    assert (single["batches"], single["num_workers"]) == (5, 0)
+    assert (batched["batches"], batched["num_workers"]) == (3, 2)  # [a, b, c], [sub/d], [e]
+    for name in names:
+        for suffix in ("_mask.png", "_overlay.png", "_confidence.png"):
+            expected = np.asarray(Image.open(tmp_path / "single" / f"{name}{suffix}"))
+            got = np.asarray(Image.open(tmp_path / "batched" / f"{name}{suffix}"))
+            if suffix == "_confidence.png":  # batched kernels may sum in another order: 1e-6 can round over
+                assert np.abs(got.astype(int) - expected).max() <= 1, name
+            else:
+                np.testing.assert_array_equal(got, expected, err_msg=name)
+    assert batched["pixel_share"] == single["pixel_share"]
+
+
+def test_an_unreadable_image_read_by_a_worker_is_named(trained_run, tmp_path):
+    (tmp_path / "in").mkdir()
+    folder = random_png(tmp_path / "in")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(SeglabError, match=r"Image file .*broken\.jpg is unreadable or truncated"):
+        predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={folder}",
+                                f"output={tmp_path / 'out'}", "num_workers=1"))
 
 
 def test_required_settings_are_named():

@@ -33,11 +33,12 @@ RESOLUTIONS = {
 }
 
 
-def build_datamodule(cfg: DictConfig, module: SegmentationModule, ckpt_path: str) -> SegmentationDataModule:
-    """The run's own data config, with the user's data.* overrides; what the model was trained with
-    (image size, normalisation, ignore index) always comes from the checkpoint."""
+def build_datamodule(module: SegmentationModule, ckpt_path: str, overrides: dict | None = None,
+                     splits_file: Path | None = None) -> SegmentationDataModule:
+    """The run's own data config, with the user's data.* overrides (None values keep the run's); what the model
+    was trained with (image size, normalisation, ignore index) always comes from the checkpoint."""
     meta = module.meta
-    overrides = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "root" in overrides and "roboflow" not in overrides:
         overrides["roboflow"] = None  # data.root=... names the data to evaluate on, not the run's RoboFlow version
     data = {
@@ -49,7 +50,7 @@ def build_datamodule(cfg: DictConfig, module: SegmentationModule, ckpt_path: str
         "std": meta["std"],
         "ignore_index": module.ignore_index,
         "augmentations": [],  # evaluation never augments, whichever split it reads
-        "splits_file": str(Path(cfg.paths.output_dir) / "splits.json"),
+        "splits_file": str(splits_file) if splits_file else None,
     }
     datamodule = instantiate(data)
     if datamodule.class_names != module.class_names:
@@ -167,7 +168,8 @@ def evaluate(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     module = load_checkpoint(cfg.ckpt_path, map_location=device)
-    datamodule = build_datamodule(cfg, module, cfg.ckpt_path)
+    datamodule = build_datamodule(module, cfg.ckpt_path, OmegaConf.to_container(cfg.data, resolve=True),
+                                  splits_file=out / "splits.json")
     datamodule.setup("test")
     dataset = datamodule.datasets[cfg.split]
     names, n, ignore = module.class_names, len(module.class_names), module.ignore_index

@@ -1,27 +1,40 @@
-"""export(cfg): a checkpoint -> an ONNX model plus its sidecar JSON, checked against PyTorch before it counts.
-export.py calls it; seglab.inference.load_predictor reads what it writes."""
+"""export(cfg): a checkpoint -> an ONNX model (fp32, fp16 or int8) plus its sidecar JSON, checked against
+PyTorch before it counts. export.py calls it; seglab.inference.load_predictor reads what it writes.
+
+Every export is first traced to an fp32 ONNX graph, whose logits must match PyTorch's (a wrong export is caught
+here, whatever the precision). fp16 converts that graph's weights and arithmetic to half precision; int8 quantises
+it statically with ONNX Runtime, calibrated on training images. Then the model that will be written predicts the
+validation split through the Predictor, and its masks are compared with the ground truth and with the fp32
+PyTorch model's masks. Only when both checks pass are the model and its sidecar moved into place.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
-from seglab.data.synthetic import render_background
 from seglab.errors import SeglabError, first_line
-from seglab.inference import OnnxModel, Predictor, load_predictor
+from seglab.evaluate import build_datamodule
+from seglab.inference import OnnxModel, Predictor, load_predictor, sample_image
 from seglab.models.module import SegmentationModule
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantization.CalibrationMethod
 # torch.export specialises a dimension whose example size is 1 (or equal to another one) to a constant:
 # the example batch of 2 and a non-square example image keep batch, height and width dynamic.
 EXAMPLE_BATCH = 2
@@ -76,8 +89,7 @@ def parity_image(cfg: DictConfig, module: SegmentationModule) -> tuple[np.ndarra
                 return load_image(path), str(path)
     size = 2 * int(module.meta["image_size"])
     # Non-square, so the pre-processing's resize and the resize back both change the aspect ratio.
-    image = render_background(np.random.default_rng(cfg.parity.seed), size * 3 // 4, size)
-    return np.clip(image, 0, 255).astype(np.uint8), "synthetic"
+    return sample_image(size * 3 // 4, size, seed=cfg.parity.seed), "synthetic"
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
@@ -117,6 +129,131 @@ def check_parity(reference: Predictor, candidate: Predictor, image: np.ndarray, 
     return result
 
 
+class InputRecorder:
+    """A Model that keeps the batches a Predictor hands it and answers zero logits: what the network would see."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes, self.inputs = num_classes, []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().float().cpu().numpy())
+        return torch.zeros(x.shape[0], self.num_classes, *x.shape[2:])
+
+
+class PredictorCalibration:
+    """ONNX Runtime's calibration data reader (CalibrationDataReader's get_next) over images: the inputs the
+    Predictor gives its network for them, so the same scaling, normalisation and, for large images, the same
+    tiles as at prediction time. One input (1, 3, h, w) at a time: the histogram calibrators (Entropy, Percentile)
+    stack every batch's outputs, so batches of 8 and 1 tiles would not fit together. Images are read as needed."""
+
+    def __init__(self, reference: Predictor, images: Iterator[np.ndarray], input_name: str):
+        self.recorder = InputRecorder(len(reference.class_names))
+        self.predictor = Predictor(self.recorder, reference.meta, mode=reference.mode, flip=reference.flip,
+                                   overlap=reference.overlap, tile_batch=reference.tile_batch)
+        self.images, self.input_name, self.fed, self.shapes = images, input_name, 0, set()
+
+    def get_next(self) -> dict | None:
+        while not self.recorder.inputs:
+            image = next(self.images, None)
+            if image is None:
+                return None
+            self.predictor.logits(image)
+        batch = self.recorder.inputs.pop(0)
+        self.recorder.inputs[:0] = list(batch[1:, None])  # the rest of this call's batch comes next
+        self.fed += 1
+        self.shapes.add(batch.shape[1:])
+        return {self.input_name: batch[:1]}
+
+
+def quantize_int8(fp32_path: Path, output: Path, reader: PredictorCalibration, settings: DictConfig) -> dict:
+    """Static int8 quantisation with ONNX Runtime's own recipe for CNNs on CPUs (quantize_static's guidance):
+    quant_pre_process first (graph optimisation and ONNX shape inference: a tensor of unknown shape cannot be
+    quantised), then QuantizeLinear/DequantizeLinear pairs (QDQ, which ONNX Runtime fuses into integer kernels)
+    with uint8 activations and int8 weights, full 8-bit range (reduce_range only helps CPUs without VNNI).
+    Which ops and how activation ranges are calibrated: conf/export.yaml's quantization node."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    prepared = output.with_name("prepared.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    op_types = list(settings.op_types) if settings.op_types else None
+    try:
+        quantize_static(str(prepared), str(output), reader, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False,
+                        per_channel=bool(settings.per_channel), op_types_to_quantize=op_types,
+                        calibrate_method=CalibrationMethod[settings.calibrate_method])
+    except ValueError:
+        if len(reader.shapes) < 2:
+            raise
+        # The histogram calibrators stack every input's activations into one array.
+        shapes = ", ".join("x".join(map(str, shape)) for shape in sorted(reader.shapes)[:3])
+        raise SeglabError(f"quantization.calibrate_method={settings.calibrate_method} needs calibration inputs of "
+                          f"one shape, but the training images give several ({shapes}, ...: images of different "
+                          "aspect ratios predicted whole). Use quantization.calibrate_method=MinMax.") from None
+    prepared.unlink()
+    return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8",
+            "weights": "int8", "per_channel": bool(settings.per_channel), "reduce_range": False,
+            "op_types": op_types or "all ONNX Runtime quantises", "calibrate_method": settings.calibrate_method}
+
+
+def convert_fp16(fp32_path: Path, output: Path) -> dict:
+    """Weights and arithmetic in float16, inputs and outputs kept float32 (keep_io_types, the documented way for
+    mixed-precision deployment: callers feed and read float32 as before). ONNX Runtime's own copy of
+    onnxconverter-common's converter, so no extra package; ops it knows to lose accuracy in fp16 stay fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), str(output))
+    return {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
+
+
+def mean_iou(counts: np.ndarray) -> float:
+    """Mean IoU of a confusion matrix (rows truth, columns prediction); classes absent from both are left out,
+    as in seglab.evaluate (torchmetrics' macro average)."""
+    tp = np.diag(counts).astype(np.float64)
+    union = counts.sum(axis=0) + counts.sum(axis=1) - tp
+    return float((tp[union > 0] / union[union > 0]).mean()) if (union > 0).any() else float("nan")
+
+
+def confusion(target: np.ndarray, prediction: np.ndarray, num_classes: int, ignore_index: int | None) -> np.ndarray:
+    keep = target != ignore_index if ignore_index is not None else np.ones(target.shape, bool)
+    index = target[keep].astype(np.int64) * num_classes + prediction[keep].astype(np.int64)
+    return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def check_masks(reference: Predictor, candidate: Predictor, dataset, split: str, precision: str,
+                max_miou_drop: float, min_agreement: float) -> dict:
+    """The exported model against the ground truth and against the fp32 PyTorch model, mask by mask, on a split's
+    real images at their own resolution (the Predictor's whole path, as evaluate.py and predict.py run it).
+    agreement: the share of pixels where both models predict the same class. Raises SeglabError beyond tolerance."""
+    n, ignore = len(reference.class_names), reference.ignore_index
+    vs_truth = {"pytorch": np.zeros((n, n), np.int64), "export": np.zeros((n, n), np.int64)}
+    vs_pytorch = np.zeros((n, n), np.int64)
+    for i in range(len(dataset)):
+        image, target = dataset.load(i)
+        expected, got = reference.predict(image), candidate.predict(image)
+        vs_truth["pytorch"] += confusion(target, expected, n, ignore)
+        vs_truth["export"] += confusion(target, got, n, ignore)
+        vs_pytorch += confusion(expected, got, n, None)
+    result = {
+        "split": split, "images": len(dataset), "pixels": int(vs_pytorch.sum()),
+        "mIoU_pytorch": mean_iou(vs_truth["pytorch"]), "mIoU_export": mean_iou(vs_truth["export"]),
+        "agreement": float(np.trace(vs_pytorch) / max(vs_pytorch.sum(), 1)),
+        "mIoU_vs_pytorch": mean_iou(vs_pytorch),  # PyTorch's masks taken as the truth
+        "max_mIoU_drop": max_miou_drop, "min_agreement": min_agreement,
+    }
+    result["mIoU_drop"] = result["mIoU_pytorch"] - result["mIoU_export"]
+    result["passed"] = bool(result["mIoU_drop"] <= max_miou_drop and result["agreement"] >= min_agreement)
+    if not result["passed"]:
+        raise SeglabError(
+            f"The {precision} export's masks are too far from the fp32 PyTorch model's on the {split} split "
+            f"({len(dataset)} images): mIoU {result['mIoU_export']:.4f} vs {result['mIoU_pytorch']:.4f} (drop "
+            f"{result['mIoU_drop']:.4f}, allowed {max_miou_drop}), {100 * result['agreement']:.2f}% of pixels agree "
+            f"(required {100 * min_agreement:.2f}%). The export was removed. "
+            + ("Try another quantization.calibrate_method (MinMax, Entropy, Percentile), fewer quantization.op_types "
+               "(Conv only), more quantization.calibration_images, or precision=fp16."
+               if precision == "int8" else "Export in fp32, or report the model and these numbers."))
+    return result
+
+
 def resolve_output(cfg: DictConfig) -> Path:
     output = Path(cfg.output)
     if output.suffix != ".onnx":
@@ -129,51 +266,122 @@ def resolve_output(cfg: DictConfig) -> Path:
     return output
 
 
-def export(cfg: DictConfig) -> dict:
+def labelled_data(cfg: DictConfig, module: SegmentationModule, ckpt: Path):
+    """The checkpoint's own data and splits (as its run made them), at data_root= if given; None when the folder
+    is not there."""
+    root = cfg.data_root or module.meta.get("config", {}).get("data", {}).get("root")
+    if not root or not Path(root).is_dir():
+        return None
+    datamodule = build_datamodule(module, str(ckpt), {"root": str(root)})
+    datamodule.setup("test")
+    return datamodule
+
+
+def validate(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise SeglabError("ckpt_path is required: python export.py ckpt_path=<run folder>/checkpoints/<name>.ckpt "
-                          "[output=<file>.onnx]")
+                          "[output=<file>.onnx] [precision=fp32|fp16|int8]")
     if cfg.format not in FORMATS:
         raise SeglabError(f"format={cfg.format!r} is not supported; choose one of {list(FORMATS)}.")
+    if cfg.precision not in PRECISIONS:
+        raise SeglabError(f"precision={cfg.precision!r} is not supported; choose one of {list(PRECISIONS)}.")
     if cfg.opset < 17:
         # Opset 17 added LayerNormalization (SegFormer's norm as one op); bilinear Resize with half_pixel
         # coordinates (PyTorch's align_corners=False) is older.
         raise SeglabError(f"opset={cfg.opset} is too old: use 17 or later (default 18).")
+    if cfg.precision == "int8":
+        if cfg.quantization.calibration_images < 1:
+            raise SeglabError(f"quantization.calibration_images={cfg.quantization.calibration_images} must be at "
+                              "least 1.")
+        if cfg.quantization.calibrate_method not in CALIBRATE_METHODS:
+            raise SeglabError(f"quantization.calibrate_method={cfg.quantization.calibrate_method!r} is not one of "
+                              f"{list(CALIBRATE_METHODS)}.")
+
+
+def export(cfg: DictConfig) -> dict:
+    validate(cfg)
     ckpt = Path(cfg.ckpt_path)
     output = resolve_output(cfg)
+    precision = cfg.precision
     # The reference: the checkpoint's own Predictor on the CPU, where the export traces it too.
     reference = load_predictor(ckpt, device="cpu")
     module = reference.model.module
+    data = labelled_data(cfg, module, ckpt)
+    if data is None and precision != "fp32":
+        root = cfg.data_root or module.meta.get("config", {}).get("data", {}).get("root")
+        raise SeglabError(f"precision={precision} needs the checkpoint's labelled data (calibration and the mask "
+                          f"check), but {root} is not there. Give its folder with data_root=<export folder>.")
     output.parent.mkdir(parents=True, exist_ok=True)
-    log.info("exporting %s -> %s (opset %d)", ckpt, output, cfg.opset)
-    export_onnx(module, output, cfg.opset)
+    log.info("exporting %s -> %s (opset %d, %s)", ckpt, output, cfg.opset, precision)
+    # Everything is written in a hidden folder beside the output and moved into place only when every check has
+    # passed: a failed or interrupted export leaves nothing behind.
+    with tempfile.TemporaryDirectory(prefix=f".{output.stem}-export-", dir=output.parent) as work:
+        work = Path(work)
+        fp32_path = work / "fp32.onnx"
+        export_onnx(module, fp32_path, cfg.opset)
 
-    image, image_name = parity_image(cfg, module)
-    candidate = Predictor(OnnxModel(output), reference.meta, mode=reference.mode, flip=reference.flip,
-                          overlap=reference.overlap)
-    try:
-        parity = check_parity(reference, candidate, image, image_name, cfg.parity.rtol, cfg.parity.min_agreement,
+        image, image_name = parity_image(cfg, module)
+        traced = Predictor(OnnxModel(fp32_path), reference.meta, mode=reference.mode, flip=reference.flip,
+                           overlap=reference.overlap)
+        parity = check_parity(reference, traced, image, image_name, cfg.parity.rtol, cfg.parity.min_agreement,
                               cfg.parity.seed)
-    except SeglabError:
-        output.unlink()
-        raise
-    sidecar = {
-        **{k: v for k, v in reference.meta.items() if k != "source"},
-        "palette": [list(c) for c in reference.palette],
-        "format": "onnx",
-        "opset": cfg.opset,
-        "input": {"name": "image", "layout": "NCHW float32, normalised with mean/std; N, H, W dynamic"},
-        "output": {"name": "logits", "layout": "NCHW float32 at the input's H, W (main head only)"},
-        "source_checkpoint": str(ckpt.resolve()),
-        "source_sha256": sha256(ckpt),
-        "torch_version": torch.__version__,
-        "parity": parity,
-    }
-    output.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        conversion = None
+        model_path = fp32_path
+        if precision == "int8":
+            train = data.datasets["train"]
+            count = min(cfg.quantization.calibration_images, len(train))
+            reader = PredictorCalibration(reference, (train.load(i)[0] for i in range(count)),
+                                          traced.model.input)
+            model_path = work / "int8.onnx"
+            log.info("calibrating int8 on %d training images", count)
+            conversion = quantize_int8(fp32_path, model_path, reader, cfg.quantization)
+            conversion.update(calibration_split="train", calibration_images=count, calibration_inputs=reader.fed)
+        elif precision == "fp16":
+            model_path = work / "fp16.onnx"
+            conversion = convert_fp16(fp32_path, model_path)
+
+        masks_cfg = cfg.parity.masks
+        if data is None:
+            parity["masks"] = {"skipped": "the checkpoint's data is not there (data_root=<folder> gives it)"}
+            log.warning("mask check skipped: no labelled data (give data_root=<folder>)")
+        else:
+            candidate = traced if model_path == fp32_path else Predictor(
+                OnnxModel(model_path), reference.meta, mode=reference.mode, flip=reference.flip,
+                overlap=reference.overlap)
+            parity["masks"] = check_masks(reference, candidate, data.datasets[masks_cfg.split], masks_cfg.split,
+                                          precision, masks_cfg.max_miou_drop, masks_cfg.min_agreement)
+        sidecar = {
+            **{k: v for k, v in reference.meta.items() if k != "source"},
+            "palette": [list(c) for c in reference.palette],
+            "format": "onnx",
+            "precision": precision,
+            "opset": cfg.opset,
+            "input": {"name": "image", "layout": "NCHW float32, normalised with mean/std; N, H, W dynamic"},
+            "output": {"name": "logits", "layout": "NCHW float32 at the input's H, W (main head only)"},
+            **({"conversion": conversion} if conversion else {}),
+            "size_bytes": model_path.stat().st_size,
+            "source_checkpoint": str(ckpt.resolve()),
+            "source_sha256": sha256(ckpt),
+            "torch_version": torch.__version__,
+            "parity": parity,
+        }
+        sidecar_tmp = work / "sidecar.json"
+        sidecar_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+        os.replace(model_path, output)
+        os.replace(sidecar_tmp, output.with_suffix(".json"))
+
     worst = max(c["max_abs_diff"] for c in parity["checks"])
     agree = min(c["class_agreement"] for c in parity["checks"])
-    print(f"\nseglab export: {output} (+ {output.with_suffix('.json').name})\n"
+    masks = parity["masks"]
+    masks_line = (f"  masks ({precision}) on the {masks['split']} split ({masks['images']} images): mIoU "
+                  f"{masks['mIoU_export']:.4f} (fp32 PyTorch {masks['mIoU_pytorch']:.4f}, drop "
+                  f"{masks['mIoU_drop']:.4f}), {100 * masks['agreement']:.2f}% of pixels agree with PyTorch\n"
+                  if "skipped" not in masks else f"  masks: not checked ({masks['skipped']})\n")
+    print(f"\nseglab export: {output} (+ {output.with_suffix('.json').name}), {precision}, "
+          f"{sidecar['size_bytes'] / 2**20:.1f} MiB\n"
           f"  parity PyTorch vs ONNX Runtime on {len(parity['checks'])} inputs: max |logit diff| {worst:.2e}, "
-          f"classes agree on {100 * agree:.3f}% of pixels\n"
-          f"  use it: python predict.py ckpt_path={output} input=...   |   make serve CKPT={output}", flush=True)
-    return {"output": str(output), "sidecar": str(output.with_suffix(".json")), "parity": parity}
+          f"classes agree on {100 * agree:.3f}% of pixels" + (" (the fp32 graph)" if precision != "fp32" else "")
+          + "\n" + masks_line
+          + f"  use it: python predict.py ckpt_path={output} input=...   |   make serve CKPT={output}", flush=True)
+    return {"output": str(output), "sidecar": str(output.with_suffix(".json")), "precision": precision,
+            "parity": parity}

@@ -55,6 +55,17 @@ def module_meta(module) -> dict:
             "ignore_index": module.ignore_index}
 
 
+class Preprocess:
+    """An RGB uint8 image (H, W, 3) -> the normalised (3, h, w) input at the scale it is predicted at. Holds no
+    model, so it pickles: predict.py runs it in DataLoader worker processes."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.transform(image=image)["image"]
+
+
 class Predictor:
     """Built once from a model and its metadata (classes, palette, normalisation, sizes)."""
 
@@ -74,6 +85,7 @@ class Predictor:
         geometry = {"kind": "scale_crop" if self.base_size else "stretch"}
         self.transform = build_transforms(self.image_size, meta["mean"], meta["std"], base_size=self.base_size,
                                           geometry=geometry)
+        self.preprocess = Preprocess(self.transform)
 
     def settings(self) -> dict:
         """How predictions were made; stored with evaluation results."""
@@ -106,14 +118,41 @@ class Predictor:
             logits = (logits + run(x.flip(-1)).flip(-1)) / 2
         return logits
 
+    def batch_logits(self, inputs: list[torch.Tensor], sizes: list[tuple[int, int]] | None) -> list[torch.Tensor]:
+        """Logits (C, H, W), float32 on the CPU, of pre-processed images (self.preprocess) at their original sizes
+        (H, W). Inputs of one shape go through the network together (in slide mode their tiles do, in passes of
+        about tile_batch crops); each image's logits are resized back on their own, so an image's result is the
+        same whichever batch it came in. sizes=None: at the scale they were predicted at, for the caller to
+        resize (resize_logits(logits[None], size)[0] gives the same), e.g. in another process."""
+        out: list[torch.Tensor | None] = [None] * len(inputs)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(inputs):
+            by_shape.setdefault(tuple(x.shape), []).append(i)
+        for indices in by_shape.values():
+            logits = self.scaled_logits(torch.stack([inputs[i] for i in indices]))
+            for k, i in enumerate(indices):
+                out[i] = (logits[k].float() if sizes is None else resize_logits(logits[k : k + 1], sizes[i])[0]).cpu()
+        return out
+
+    def logits_batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """logits() of several RGB uint8 images, those of one size batched together."""
+        return self.batch_logits([self.preprocess(image) for image in images], [image.shape[:2] for image in images])
+
     def logits(self, image: np.ndarray) -> torch.Tensor:
         """Logits (C, H, W), float32 on the CPU, of an RGB uint8 image (H, W, 3), at the image's size."""
-        x = self.transform(image=image)["image"][None]
-        return resize_logits(self.scaled_logits(x), image.shape[:2])[0].cpu()
+        return self.logits_batch([image])[0]
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class-index mask (H, W) uint8 of an RGB uint8 image (H, W, 3)."""
         return class_mask(self.logits(image))
+
+    def predict_batch(self, images: list[np.ndarray], probabilities: bool | list[bool] = False
+                      ) -> list[tuple[np.ndarray, torch.Tensor | None]]:
+        """(mask, class probabilities or None) per image, as predict() and predict_with_probabilities() give them,
+        from one batched pass (logits_batch). `probabilities`: for all images, or one flag per image."""
+        wanted = probabilities if isinstance(probabilities, list) else [probabilities] * len(images)
+        return [(class_mask(logits), logits.softmax(dim=0) if want else None)
+                for logits, want in zip(self.logits_batch(images), wanted, strict=True)]
 
     def predict_with_probabilities(self, image: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """predict()'s mask and the class probabilities (C, H, W) float32: the softmax of the same logits, one
@@ -128,19 +167,53 @@ def class_mask(logits: torch.Tensor) -> np.ndarray:
     return logits.argmax(dim=0).to(torch.uint8).numpy()
 
 
+def sample_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A seeded textured RGB uint8 image (two colours in stripes at an angle, a gradient, pixel noise), for when
+    no real image is at hand: export's fallback parity image, the load test's default request. Deploy code reads
+    no data generator; a real photo gives the numbers that matter."""
+    rng = np.random.default_rng(seed)
+    colour_a, colour_b = rng.uniform(30, 225, (2, 3))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width, 1)
+    angle = rng.uniform(0, np.pi)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    stripes = np.floor(u / rng.uniform(0.05, 0.2)) % 2
+    weight = (0.6 * stripes + 0.4 * (u - u.min()) / max(float(np.ptp(u)), 1e-6))[..., None]
+    image = colour_a * (1 - weight) + colour_b * weight + rng.normal(0, 12, (height, width, 3))
+    return np.clip(image, 0, 255).round().astype(np.uint8)
+
+
 def confidence_image(probabilities: torch.Tensor) -> np.ndarray:
     """The top class's probability per pixel as 8-bit grey (H, W): 0-255 stands for 0-1, round(255 x p)."""
     return (probabilities.max(dim=0).values * 255).round().to(torch.uint8).numpy()
 
 
+TENSORRT_CACHE = Path.home() / ".cache" / "seglab" / "tensorrt"
+
+
+def execution_providers(device: torch.device, available: list[str]) -> list:
+    """ONNX Runtime's execution providers for a device, best first; each runs the nodes the ones before it cannot.
+    On CUDA: TensorRT, then CUDA, when onnxruntime has them (onnxruntime-gpu); the CPU always last. TensorRT builds
+    an engine per input shape the first time it sees one (minutes); engines are cached in TENSORRT_CACHE. An int8
+    export's QuantizeLinear/DequantizeLinear pairs are TensorRT's explicit quantization: no calibration table."""
+    providers: list = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        index = device.index or 0
+        if "CUDAExecutionProvider" in available:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+        if "TensorrtExecutionProvider" in available:
+            providers.insert(0, ("TensorrtExecutionProvider", {
+                "device_id": index, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(TENSORRT_CACHE),
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(TENSORRT_CACHE)}))
+    return providers
+
+
 class OnnxModel:
-    """An exported model (export.py) as a Model, run by ONNX Runtime: on the GPU when the device is CUDA and
-    onnxruntime has its CUDA provider (onnxruntime-gpu), else on the CPU."""
+    """An exported model (export.py, fp32, fp16 or int8; inputs and outputs float32 in all three) as a Model, run
+    by ONNX Runtime: on the GPU when the device is CUDA and onnxruntime has a GPU provider (execution_providers),
+    else on the CPU."""
 
     def __init__(self, path: str | Path, device: torch.device = CPU):
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        providers = execution_providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
         # As many threads as PyTorch uses, and none spinning while idle: spinning threads take the cores the
         # pre-processing, the web server and the rest of the machine need (3x slower under load here).

@@ -1,22 +1,32 @@
 """predict(cfg): masks and overlays for unlabelled images, at each image's own size, and on request the
-confidence image and the class probabilities. predict.py calls it."""
+confidence image and the class probabilities. predict.py calls it.
+
+A folder is read by DataLoader worker processes (decoding and the Predictor's pre-processing) in batches of images
+of one size (read from the file headers), which go through the network together (Predictor.batch_logits); as
+many writer processes resize each image's logits back and write its files while the next batch is predicted.
+Masks are the same as one image at a time.
+"""
 
 from __future__ import annotations
 
 import csv
 import logging
+import multiprocessing
 from collections import Counter
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
+from seglab.data.datamodule import default_num_workers
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError
-from seglab.inference import confidence_image, load_predictor
+from seglab.inference import Preprocess, class_mask, confidence_image, load_predictor, resize_logits
 from seglab.viz import overlay
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,82 @@ def list_images(source: Path, skip: Path | None = None) -> list[Path]:
     return found
 
 
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) of an image as load_image returns it (EXIF rotation applied), from its header only; None
+    if the header cannot be read (load_image then says why)."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except OSError:
+        return None
+    return (width, height) if rotated else (height, width)
+
+
+def size_batches(paths: list[Path], batch_size: int) -> list[list[int]]:
+    """Indices of the images in batches of at most batch_size images of one size, in file order within a size.
+    Images whose header cannot be read go alone."""
+    groups: dict[object, list[int]] = {}
+    for i, path in enumerate(paths):
+        groups.setdefault(header_size(path) or ("unread", i), []).append(i)
+    return [indices[k : k + batch_size] for indices in groups.values() for k in range(0, len(indices), batch_size)]
+
+
+class ImageFiles(Dataset):
+    """(index, RGB image, network input) per file, decoded and pre-processed where the DataLoader runs it (its
+    worker processes). A SeglabError (unreadable image) is handed back as the item, to be raised as it is."""
+
+    def __init__(self, paths: list[Path], preprocess: Preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_image(self.paths[index])
+        except SeglabError as e:
+            return e
+        # A writable copy: torch shares a tensor with the main process through shared memory (no pickling).
+        return index, torch.from_numpy(image.copy()), self.preprocess(image)
+
+
+def as_list(batch: list) -> list:
+    return batch
+
+
+def resolve_workers(num_workers, batches: int) -> int:
+    if num_workers == "auto":
+        return min(default_num_workers(), batches)
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise SeglabError(f"num_workers={num_workers!r} must be auto or a whole number >= 0 (0: read images in "
+                          "this process).")
+    return num_workers
+
+
+def one_thread() -> None:
+    torch.set_num_threads(1)  # each writer process is one of several on the cores
+
+
+def write_outputs(target: Path, name: str, image: np.ndarray, logits: torch.Tensor, options: dict) -> np.ndarray:
+    """One image's files from its logits at the network's scale; its pixel count per class. As
+    Predictor.predict / predict_with_probabilities: logits resized to the image, the mask their argmax, the
+    probabilities their softmax."""
+    logits = resize_logits(logits[None], image.shape[:2])[0]
+    target.mkdir(parents=True, exist_ok=True)
+    mask = class_mask(logits)
+    if options["confidence"] or options["probabilities"]:
+        probabilities = logits.softmax(dim=0)
+        if options["confidence"]:
+            Image.fromarray(confidence_image(probabilities)).save(target / f"{name}{CONFIDENCE_SUFFIX}")
+        if options["probabilities"]:
+            np.save(target / f"{name}{PROBABILITIES_SUFFIX}", probabilities.to(torch.float16).numpy())
+    Image.fromarray(mask).save(target / f"{name}{MASK_SUFFIX}")
+    blended = overlay(image, mask, options["palette"], options["opacity"])
+    Image.fromarray(blended).save(target / f"{name}{OVERLAY_SUFFIX}")
+    return np.bincount(mask.ravel(), minlength=logits.shape[0])
+
+
 def predict(cfg: DictConfig) -> dict:
     missing = [k for k in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, k)]  # `???` in predict.yaml
     if missing:
@@ -54,9 +140,13 @@ def predict(cfg: DictConfig) -> dict:
                           "[output=<folder>]")
     if not 0.0 <= cfg.opacity <= 1.0:
         raise SeglabError(f"opacity={cfg.opacity} must be between 0 and 1.")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise SeglabError(f"batch_size={cfg.batch_size} must be a whole number >= 1 (1: one image at a time).")
     predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
     source, out = Path(cfg.input), Path(cfg.output)
     images = list_images(source, skip=out)
+    batches = size_batches(images, cfg.batch_size)
+    workers = resolve_workers(cfg.num_workers, len(batches))
     out.mkdir(parents=True, exist_ok=True)
 
     # What the mask values mean, next to the masks.
@@ -66,28 +156,41 @@ def predict(cfg: DictConfig) -> dict:
         for i, (class_name, color) in enumerate(zip(predictor.class_names, predictor.palette, strict=True)):
             writer.writerow([i, class_name, *color])
 
-    pixels = np.zeros(len(predictor.class_names), np.int64)
     stems = Counter((p.parent, p.stem) for p in images)
-    for path in images:
-        # photo.jpg and photo.png side by side: keep both, named photo_jpg_mask.png and photo_png_mask.png.
-        name = path.stem if stems[(path.parent, path.stem)] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
-        image = load_image(path)
+
+    def destination(path: Path) -> tuple[Path, str]:
         # Sub-folders of the input are kept, so equal file names in different folders never collide.
         target = out / (path.relative_to(source).parent if source.is_dir() else Path())
-        target.mkdir(parents=True, exist_ok=True)
-        if cfg.confidence or cfg.probabilities:
-            mask, probabilities = predictor.predict_with_probabilities(image)
-            if cfg.confidence:
-                Image.fromarray(confidence_image(probabilities)).save(target / f"{name}{CONFIDENCE_SUFFIX}")
-            if cfg.probabilities:
-                np.save(target / f"{name}{PROBABILITIES_SUFFIX}", probabilities.to(torch.float16).numpy())
-        else:
-            mask = predictor.predict(image)
-        Image.fromarray(mask).save(target / f"{name}{MASK_SUFFIX}")
-        blended = overlay(image, mask, predictor.palette, cfg.opacity)
-        Image.fromarray(blended).save(target / f"{name}{OVERLAY_SUFFIX}")
-        pixels += np.bincount(mask.ravel(), minlength=len(pixels))
-        log.info("%s: %dx%d", path, image.shape[1], image.shape[0])
+        # photo.jpg and photo.png side by side: keep both, named photo_jpg_mask.png and photo_png_mask.png.
+        name = path.stem if stems[(path.parent, path.stem)] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
+        return target, name
+
+    options = {"palette": predictor.palette, "opacity": cfg.opacity, "confidence": cfg.confidence,
+               "probabilities": cfg.probabilities}
+    pixels = np.zeros(len(predictor.class_names), np.int64)
+    loader = DataLoader(ImageFiles(images, predictor.preprocess), batch_sampler=batches, num_workers=workers,
+                        collate_fn=as_list)
+    # Resizing the logits back, the argmax, the overlay and PNG encoding take ~40x the network's time on a 2048 px
+    # photo (docs/deployment.md): with workers they run in as many writer processes, fed the logits at the
+    # network's scale; without, in one thread beside the network. At most workers + 1 batches wait for them.
+    files = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=one_thread)
+             if workers else ThreadPoolExecutor(1, thread_name_prefix="seglab-write"))
+    with files:
+        pending: list[list[Future]] = []
+        for batch in loader:
+            failed = next((item for item in batch if isinstance(item, SeglabError)), None)
+            if failed is not None:
+                raise failed
+            indices, decoded, inputs = zip(*batch, strict=True)
+            logits = predictor.batch_logits(list(inputs), None)
+            if len(pending) > workers:
+                pixels += sum(f.result() for f in pending.pop(0))
+            pending.append([files.submit(write_outputs, *destination(images[i]), image.numpy(), one, options)
+                            for i, image, one in zip(indices, decoded, logits, strict=True)])
+            for i, image in zip(indices, decoded, strict=True):
+                log.info("%s: %dx%d", images[i], image.shape[1], image.shape[0])
+        for batch_files in pending:
+            pixels += sum(f.result() for f in batch_files)
 
     share = {c: float(p / max(pixels.sum(), 1)) for c, p in zip(predictor.class_names, pixels, strict=True)}
     written = [f"masks: <name>{MASK_SUFFIX} (class indices, see classes.csv); overlays: <name>{OVERLAY_SUFFIX}"]
@@ -97,4 +200,5 @@ def predict(cfg: DictConfig) -> dict:
         written.append(f"probabilities: <name>{PROBABILITIES_SUFFIX} (float16, classes x height x width)")
     print(f"\nseglab prediction: {len(images)} image(s) -> {out}\n" + "".join(f"  {w}\n" for w in written)
           + "  predicted pixel share: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items()), flush=True)
-    return {"images": len(images), "output": str(out), "pixel_share": share, "inference": predictor.settings()}
+    return {"images": len(images), "output": str(out), "pixel_share": share, "inference": predictor.settings(),
+            "batches": len(batches), "num_workers": workers}

@@ -186,7 +186,7 @@ def test_evaluate_reads_a_zip_named_in_the_checkpoints_config(exports, compose_t
         class_names=["background", "disc", "triangle"], ignore_index=255)
     evaluate_cfg = OmegaConf.create({"data": {"root": None, "exports_dir": None},
                                      "paths": {"output_dir": str(tmp_path)}})
-    dm = build_datamodule(evaluate_cfg, checkpoint, "run/checkpoints/best.ckpt")
+    dm = build_datamodule(checkpoint, "run/checkpoints/best.ckpt", dict(evaluate_cfg.data))
     dm.setup("test")
     assert dm.root == tmp_path / "cache" / "exports" / file_digest(archive)[:DIGEST_CHARS]
     test_images = sorted(p.name for p in (exports["coco"] / "test").glob("*.jpg"))

@@ -266,9 +266,9 @@ def test_evaluate_on_another_root_does_not_read_the_runs_roboflow_version(export
         meta={"config": {"data": data}, "image_size": 32, "base_size": 64, "mean": data["mean"], "std": data["std"]},
         class_names=["background", "disc", "triangle"], ignore_index=255)
     evaluate_cfg = OmegaConf.create({"data": {"root": str(folder)}, "paths": {"output_dir": str(tmp_path)}})
-    assert build_datamodule(evaluate_cfg, checkpoint, "best.ckpt").root == folder
+    assert build_datamodule(checkpoint, "best.ckpt", dict(evaluate_cfg.data)).root == folder
     evaluate_cfg.data.root = None  # the run's own data: its RoboFlow version, which is not in the cache
     with pytest.raises(InstantiationException) as e:  # Hydra's wrapper; the scripts print the SeglabError inside
-        build_datamodule(evaluate_cfg, checkpoint, "best.ckpt")
+        build_datamodule(checkpoint, "best.ckpt", dict(evaluate_cfg.data))
     assert isinstance(e.value.__cause__, SeglabError)
     assert str(e.value.__cause__).startswith("data.roboflow=acme/shapes/1: no RoboFlow API key")

@@ -14,8 +14,11 @@ def test_summary_counts_and_percentiles():
 
 @pytest.mark.slow  # a real uvicorn process per model and timed client load
 def test_load_test_against_a_real_server(trained_run, capsys):
-    rows = main([trained_run["checkpoint"], "--clients", "2", "--seconds", "2", "--size", "64"])
-    assert len(rows) == 1 and rows[0]["ok"] > 0 and rows[0]["errors"] == {}
-    assert rows[0]["p50_ms"] <= rows[0]["p95_ms"] <= rows[0]["p99_ms"]
+    rows = main([trained_run["checkpoint"], "--clients", "1", "2", "--seconds", "2", "--size", "64",
+                 "--batching", "both"])
+    assert [(r["batching"], r["clients"]) for r in rows] == [("on", 1), ("on", 2), ("off", 1), ("off", 2)]
+    assert all(r["ok"] > 0 and r["errors"] == {} and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in rows)
     out = capsys.readouterr().out
-    assert "seglab load test: 2 clients x 2 s per model" in out and "errors: none" in out
+    assert "seglab load test: 1/2 clients x 2 s per model" in out and "errors: none" in out
+    ratios = [rows[i]["throughput_per_s"] / rows[i + 2]["throughput_per_s"] for i in (0, 1)]
+    assert f"requests/s batched / unbatched: 1 clients {ratios[0]:.2f}x, 2 clients {ratios[1]:.2f}x" in out

@@ -2,6 +2,7 @@ import base64
 import io
 import struct
 import threading
+import time
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -241,11 +242,12 @@ def test_bad_inputs_get_their_status_and_message(client, photo):
 
 
 class HeldPredictor:
-    """The real predictor, but each prediction waits until the test releases it."""
+    """The real predictor, but each prediction (the app's batches of them) waits until the test releases it."""
 
     def __init__(self, predictor):
         self.predictor = predictor
         self.entered, self.release = threading.Event(), threading.Event()
+        self.batches = []
 
     def __getattr__(self, name):
         return getattr(self.predictor, name)
@@ -254,6 +256,12 @@ class HeldPredictor:
         self.entered.set()
         assert self.release.wait(60)
         return self.predictor.predict(image)
+
+    def predict_batch(self, images, probabilities=False):
+        self.batches.append(len(images))
+        self.entered.set()
+        assert self.release.wait(60)
+        return self.predictor.predict_batch(images, probabilities)
 
 
 def test_full_queue_answers_503_with_retry_after(predictor, photo, expected, live_server):
@@ -275,3 +283,91 @@ def test_full_queue_answers_503_with_retry_after(predictor, photo, expected, liv
         assert first["response"].status_code == 200
         np.testing.assert_array_equal(decode_png(first["response"].content), expected["mask"])
         assert httpx.get(f"{url}/ready").json() == {"ready": True, "queued": 0, "queue_size": 1}
+
+
+def wait_until(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_concurrent_requests_are_batched_and_get_the_sequential_masks(predictor, demo_root, live_server):
+    # Eight images in three sizes; the first request holds the model until the other seven wait in the queue,
+    # which then runs them as batches of at most batch_size = 4.
+    demo = [load_image(p) for p in sorted(demo_root.rglob("*.jpg"))[:4]]
+    images = demo + [np.concatenate([d, d[:, :32]], axis=1) for d in demo[:2]] + [d[:48, :40].copy()
+                                                                                   for d in demo[2:4]]
+    expected = [predictor.predict(image) for image in images]
+    held = HeldPredictor(predictor)
+    app = create_app(held, ServeSettings(queue_size=8, batch_size=4, batch_wait_ms=50))
+    responses: dict[int, httpx.Response] = {}
+
+    def send(i: int, fmt: str) -> None:
+        responses[i] = httpx.post(f"{url}/v1/segment", params={"format": fmt},
+                                  files={"image": (f"{i}.png", png(images[i]), "image/png")}, timeout=120)
+
+    with live_server(app) as url:
+        first = threading.Thread(target=send, args=(0, "mask"))
+        first.start()
+        assert held.entered.wait(60)
+        others = [threading.Thread(target=send, args=(i, "json" if i % 2 else "mask")) for i in range(1, 8)]
+        for thread in others:
+            thread.start()
+        wait_until(lambda: app.state.queue.pending == 8)
+        held.release.set()
+        for thread in (first, *others):
+            thread.join(120)
+    assert held.batches == [1, 4, 3]
+    assert {r.json()["timing"]["batch"] for i, r in responses.items() if i % 2} <= {3, 4}
+    for i, response in responses.items():
+        assert response.status_code == 200, (i, response.text)
+        if i % 2:
+            body = response.json()
+            counts = np.bincount(expected[i].ravel(), minlength=3)
+            assert [c["pixels"] for c in body["classes"]] == counts.tolist()
+            for index, result in enumerate(body["classes"]):  # rle is null for a class absent from the mask
+                assert (result["rle"] is None) == (counts[index] == 0)
+                if result["rle"] is not None:
+                    np.testing.assert_array_equal(
+                        mask_utils.decode({"size": result["rle"]["size"], "counts": result["rle"]["counts"].encode()}),
+                        (expected[i] == index).astype(np.uint8))
+        else:
+            np.testing.assert_array_equal(decode_png(response.content), expected[i])
+            assert 'batch;desc="' in response.headers["server-timing"]
+
+
+def test_a_full_queue_still_answers_503_while_a_batch_runs(predictor, photo, expected, live_server):
+    held = HeldPredictor(predictor)
+    app = create_app(held, ServeSettings(queue_size=3, batch_size=2, batch_wait_ms=20, retry_after_s=1))
+    responses = []
+
+    def send() -> None:
+        responses.append(httpx.post(f"{url}/v1/segment?format=mask",
+                                    files={"image": ("photo.png", photo.read_bytes())}, timeout=60))
+
+    with live_server(app) as url:
+        threads = [threading.Thread(target=send)]
+        threads[0].start()
+        assert held.entered.wait(60)
+        threads += [threading.Thread(target=send) for _ in range(2)]
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: app.state.queue.pending == 3)
+        busy = httpx.post(f"{url}/v1/segment", files={"image": ("photo.png", photo.read_bytes())}, timeout=60)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert "The model is busy: 3 requests are already running on or waiting for it" in busy.json()["detail"]
+        assert httpx.get(f"{url}/ready").json() == {"ready": False, "queued": 3, "queue_size": 3}
+        held.release.set()
+        for thread in threads:
+            thread.join(60)
+    assert held.batches == [1, 2]
+    assert [r.status_code for r in responses] == [200] * 3
+    for response in responses:
+        np.testing.assert_array_equal(decode_png(response.content), expected["mask"])

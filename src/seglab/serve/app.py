@@ -4,8 +4,10 @@ build their own app around a real Predictor (checkpoint or ONNX).
 Bad input never reaches the model: the body is capped before it is read (413), the image header is checked
 against a pixel limit before any pixel is decoded (413), then decoded (415 not an image, 400 corrupt or
 truncated). Requests reach the model through one worker thread and a queue of fixed length; when it is full
-the answer is 503 with Retry-After. With a token (seglab.serve.auth) every path but the page and the probes
-needs `Authorization: Bearer <token>`, checked before anything else.
+the answer is 503 with Retry-After. The thread runs up to `batch_size` waiting requests as one batch
+(Predictor.predict_batch: images of one size through the network together), waiting a few milliseconds for
+requests still being received when there are any. With a token (seglab.serve.auth) every path but the page
+and the probes needs `Authorization: Bearer <token>`, checked before anything else.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import base64
 import binascii
 import io
 import json
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +49,10 @@ class ServeSettings(BaseModel):
     max_body_mb: float = Field(20.0, gt=0, description="largest request body; larger -> 413")
     max_pixels: int = Field(40_000_000, gt=0, description="largest width x height; larger -> 413")
     queue_size: int = Field(4, ge=1, description="requests running on or waiting for the model; more -> 503")
+    batch_size: int = Field(4, ge=1, description="requests the model runs as one batch (at most queue_size "
+                                                 "can be waiting); 1: one at a time")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch that is not full waits for "
+                                                                 "requests still being received")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503")
     opacity: float = Field(0.5, ge=0, le=1, description="default overlay opacity")
 
@@ -77,21 +86,76 @@ class QueueFull(Exception):
 
 class ModelQueue:
     """One worker thread runs the model (a second one would only compete for the same cores and memory);
-    at most `size` requests are on it or waiting for it. Only the event loop touches `pending`."""
+    at most `size` requests are on it or waiting for it. The thread takes up to `batch_size` waiting requests
+    and runs them as one call of run_batch (a list of items -> a list of results, in order). While a batch is not
+    full and other requests are still being received (`arriving`: their body read or image decoded), it waits
+    for them up to `max_wait_s`; a lone client never waits. Only the event loop changes `pending` and `arriving`;
+    the thread only reads `arriving`."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, run_batch: Callable[[list], list], batch_size: int = 1, max_wait_s: float = 0.0):
+        self.size, self.batch_size, self.max_wait_s = size, batch_size, max_wait_s
+        self.run_batch = run_batch
         self.pending = 0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seglab-model")
+        self.arriving = 0
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.work, name="seglab-model", daemon=True)
+        self.thread.start()
 
-    async def run(self, fn, *args):
+    async def run(self, item):
         if self.pending >= self.size:
             raise QueueFull
         self.pending += 1
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.jobs.put((item, future, loop))
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            return await future
         finally:
             self.pending -= 1
+
+    def close(self) -> None:
+        self.jobs.put(None)
+
+    def gather(self, first) -> list:
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.batch_size:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.arriving:
+                    break
+                try:
+                    job = self.jobs.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if job is None:  # closing: finish this batch first
+                self.jobs.put(None)
+                break
+            batch.append(job)
+        return batch
+
+    def work(self) -> None:
+        while (first := self.jobs.get()) is not None:
+            batch = self.gather(first)
+            try:
+                results = self.run_batch([item for item, _, _ in batch])
+            except Exception as e:  # noqa: BLE001 - the requests' own handlers answer it (500)
+                for _, future, loop in batch:
+                    loop.call_soon_threadsafe(settle, future, None, e)
+                continue
+            for (_, future, loop), result in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(settle, future, result, None)
+
+
+def settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.cancelled():  # the client went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class BodyLimit:
@@ -187,7 +251,14 @@ async def read_upload(request: Request) -> bytes:
 
 def create_app(predictor: Predictor, settings: ServeSettings | None = None, token: str | None = None) -> FastAPI:
     settings = settings or ServeSettings()
-    queue = ModelQueue(settings.queue_size)
+
+    def infer(batch: list[tuple[np.ndarray, bool]]) -> list[tuple[np.ndarray, torch.Tensor | None, float, float, int]]:
+        began = time.perf_counter()
+        results = predictor.predict_batch([image for image, _ in batch], [wanted for _, wanted in batch])
+        done = time.perf_counter()
+        return [(mask, probabilities, began, done, len(batch)) for mask, probabilities in results]
+
+    model_queue = ModelQueue(settings.queue_size, infer, settings.batch_size, settings.batch_wait_ms / 1e3)
     meta = predictor.meta
     info = ModelInfo(
         architecture=meta.get("architecture"),
@@ -203,13 +274,18 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
     )
 
     # FastAPI's /docs and /redoc pages load their scripts from a CDN: only the schema is served.
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        model_queue.close()
+
     app = FastAPI(title="seglab", description="Semantic segmentation with a seglab model", version="1",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * MIB))
     if token is not None:  # added last, so outermost: a request without the token is refused before its body is read
         app.add_middleware(BearerToken, token=token)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.state.queue = queue  # tests and the load test read the queue depth
+    app.state.queue = model_queue  # tests and the load test read the queue depth
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -223,7 +299,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
 
     @app.get("/ready", responses={503: {"model": Ready, "description": "the model's queue is full"}})
     def ready(response: Response) -> Ready:
-        state = Ready(ready=queue.pending < queue.size, queued=queue.pending, queue_size=queue.size)
+        state = Ready(ready=model_queue.pending < model_queue.size, queued=model_queue.pending,
+                      queue_size=model_queue.size)
         if not state.ready:
             response.status_code = 503
         return state
@@ -251,27 +328,26 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
         opacity: float = Query(settings.opacity, ge=0, le=1, description="class colours over the image (overlay)"),
     ):
         start = time.perf_counter()
-        data = await read_upload(request)
-        image = await run_in_threadpool(decode_image, data, settings.max_pixels)
+        model_queue.arriving += 1  # a batch waits for this request (batch_wait_ms) while it is read and decoded
+        try:
+            data = await read_upload(request)
+            image = await run_in_threadpool(decode_image, data, settings.max_pixels)
+        finally:
+            model_queue.arriving -= 1
         decoded = time.perf_counter()
         with_probabilities = format in ("confidence", "probabilities")
 
-        def infer() -> tuple[np.ndarray, torch.Tensor | None, float, float]:
-            began = time.perf_counter()
-            mask, probabilities = (predictor.predict_with_probabilities(image) if with_probabilities
-                                   else (predictor.predict(image), None))
-            return mask, probabilities, began, time.perf_counter()
-
         try:
-            mask, probabilities, began, done = await queue.run(infer)
+            mask, probabilities, began, done, batch = await model_queue.run((image, with_probabilities))
         except QueueFull:
-            raise HTTPException(503, f"The model is busy: {queue.size} requests are already running on or waiting "
-                                     f"for it (limits.queue_size). Retry after {settings.retry_after_s} s.",
+            raise HTTPException(503, f"The model is busy: {model_queue.size} requests are already running on or "
+                                     f"waiting for it (limits.queue_size). Retry after {settings.retry_after_s} s.",
                                 headers={"Retry-After": str(settings.retry_after_s)}) from None
         timing = {"decode_ms": 1e3 * (decoded - start), "queue_ms": 1e3 * (began - decoded),
                   "inference_ms": 1e3 * (done - began)}
         if format == "json":
-            result = await run_in_threadpool(segment_result, mask, predictor.class_names, predictor.palette, timing)
+            result = await run_in_threadpool(segment_result, mask, predictor.class_names, predictor.palette,
+                                             {**timing, "batch": batch})
             result.timing.total_ms = 1e3 * (time.perf_counter() - start)
             return result
 
@@ -284,7 +360,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
 
         body = await run_in_threadpool(encode)
         timing["encode_ms"] = 1e3 * (time.perf_counter() - done)
-        headers = {"Server-Timing": ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timing.items())}
+        headers = {"Server-Timing": ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timing.items())
+                   + f', batch;desc="{batch} request(s)"'}
         if format == "probabilities":
             headers["Content-Disposition"] = 'attachment; filename="probabilities.npy"'
             return Response(body, media_type="application/octet-stream", headers=headers)

@@ -36,8 +36,9 @@ class ClassResult(BaseModel):
 class Timing(BaseModel):
     decode_ms: float
     queue_ms: float
-    inference_ms: float
+    inference_ms: float = Field(description="the model's time for the whole batch this request was in")
     total_ms: float = 0.0
+    batch: int = Field(1, description="requests the model ran together, this one included")
 
 
 class SegmentResult(BaseModel):

@@ -3,6 +3,7 @@ N concurrent clients' POST /v1/segment for T seconds, and print throughput, late
 answers by status code.
 
     python -m seglab.serve.loadtest outputs/.../best.ckpt outputs/export/.../model.onnx --clients 4 --seconds 20
+    python -m seglab.serve.loadtest model.onnx --clients 1 4 8 --batching both   # batched vs one at a time
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from seglab.data.masks import load_image
-from seglab.data.synthetic import render_background
+from seglab.inference import sample_image
 from seglab.serve.auth import TOKEN_ENV
 
 ROOT = Path(__file__).resolve().parents[3]  # serve.py lives at the top of the repository
@@ -94,60 +95,79 @@ def summarise(model: str, results: list[tuple[float, int]], seconds: float) -> d
     }
 
 
-def load_model(model: str, image: bytes, args: argparse.Namespace) -> dict:
+BATCHING = {"on": [], "off": ["limits.batch_size=1"]}  # on: serve.yaml's batching; off: one request at a time
+
+
+def load_model(model: str, image: bytes, args: argparse.Namespace, overrides: list[str]) -> list[dict]:
+    """One server for the model; each --clients count in turn against it, after a warm-up."""
     port = free_port()
     url = f"http://{HOST}:{port}"
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = [sys.executable, "serve.py", f"ckpt_path={Path(model).resolve()}", f"host={HOST}", f"port={port}",
-               "device=cpu", "log_level=warning", f"limits.queue_size={args.queue_size}", f"hydra.run.dir={run_dir}"]
+               "device=cpu", "log_level=warning", f"limits.queue_size={args.queue_size}", f"hydra.run.dir={run_dir}",
+               *overrides, *args.set]
         # Its own loopback server needs no token: one in the user's environment is not passed on.
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
         try:
             wait_ready(url, server, timeout=180)
             run_clients(url, image, 1, 1.0, args.format)  # warm-up, not counted
-            summary = summarise(model, run_clients(url, image, args.clients, args.seconds, args.format),
-                                args.seconds)
+            rows = [{**summarise(model, run_clients(url, image, clients, args.seconds, args.format), args.seconds),
+                     "clients": clients} for clients in args.clients]
         finally:
             server.terminate()
             server.wait(timeout=60)
-    return summary
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help=".ckpt or .onnx files, each served and loaded in turn")
-    parser.add_argument("--clients", type=int, default=4, help=f"concurrent clients (1-{MAX_CLIENTS})")
-    parser.add_argument("--seconds", type=float, default=20.0, help=f"duration per model (at most {MAX_SECONDS})")
+    parser.add_argument("--clients", type=int, nargs="+", default=[4],
+                        help=f"concurrent clients (1-{MAX_CLIENTS}); several: each in turn, e.g. --clients 1 4 8")
+    parser.add_argument("--seconds", type=float, default=20.0, help=f"duration per run (at most {MAX_SECONDS})")
     parser.add_argument("--image", type=Path, help="the image every request sends (default: synthetic)")
     parser.add_argument("--size", type=int, default=256, help="side of the synthetic image")
     parser.add_argument("--format", choices=("json", "mask", "overlay", "confidence", "probabilities"), default="mask")
     parser.add_argument("--queue-size", type=int, default=None,
-                        help="the server's limits.queue_size (default: --clients, so no request gets 503)")
+                        help="the server's limits.queue_size (default: the most --clients, so no request gets 503)")
+    parser.add_argument("--batching", choices=("on", "off", "both"), default="on",
+                        help="on: serve.yaml's limits.batch_size; off: limits.batch_size=1; both: each, and the "
+                             "ratio of their requests/s per client count")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a serve.py override, e.g. limits.batch_wait_ms=10 (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
-    if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
+    if not all(1 <= c <= MAX_CLIENTS for c in args.clients) or not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--clients must be 1-{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
-    args.queue_size = args.queue_size or args.clients
+    args.queue_size = args.queue_size or max(args.clients)
 
     if args.image:
         array = load_image(args.image)
     else:
-        array = np.clip(render_background(np.random.default_rng(0), args.size, args.size), 0, 255).astype(np.uint8)
+        array = sample_image(args.size, args.size)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
 
-    print(f"seglab load test: {args.clients} clients x {args.seconds:g} s per model, POST /v1/segment?format="
-          f"{args.format}, {array.shape[1]}x{array.shape[0]} PNG, server on {HOST} (queue {args.queue_size})",
-          flush=True)
+    clients = "/".join(str(c) for c in args.clients)
+    print(f"seglab load test: {clients} clients x {args.seconds:g} s per model, POST /v1/segment?format="
+          f"{args.format}, {array.shape[1]}x{array.shape[0]} PNG, server on {HOST} (queue {args.queue_size}"
+          + "".join(f", {override}" for override in args.set) + ")", flush=True)
     rows = []
+    variants = ("on", "off") if args.batching == "both" else (args.batching,)
     for model in args.models:
-        row = load_model(model, buffer.getvalue(), args)
-        rows.append(row)
-        errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "none"
-        print(f"  {Path(model).name:<24} {row['ok']:>5} ok in {args.seconds:g} s = {row['throughput_per_s']:6.2f}/s   "
-              f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms   "
-              f"errors: {errors}", flush=True)
+        for batching in variants:
+            for row in load_model(model, buffer.getvalue(), args, BATCHING[batching]):
+                rows.append({**row, "batching": batching})
+                errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "none"
+                print(f"  {Path(model).name:<24} batching {batching:<3} {row['clients']:>2} clients {row['ok']:>5} ok "
+                      f"in {args.seconds:g} s = {row['throughput_per_s']:6.2f}/s   p50 {row['p50_ms']:7.1f} ms  "
+                      f"p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms   errors: {errors}", flush=True)
+        if args.batching == "both":
+            rate = {(r["batching"], r["clients"]): r["throughput_per_s"] for r in rows if r["model"] == model}
+            print(f"  {Path(model).name}: requests/s batched / unbatched: " + ", ".join(
+                f"{c} clients {rate[('on', c)] / rate[('off', c)]:.2f}x" if rate[("off", c)] else f"{c} clients -"
+                for c in args.clients), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
