@@ -79,7 +79,7 @@ bench: install  ## benchmark data pipeline, training loop, model and a fit (time
 	$(PY) -m seglab.bench $(ARGS)
 
 bench-deploy: install  ## make bench-deploy ARGS="exports fp32.onnx int8.onnx --data data/demo" (or ARGS="predict ...")
-	$(PY) -m seglab.deploy_bench $(ARGS)
+	$(PY) -m seglab.bench.deploy $(ARGS)
 
 data-report: install  ## the dataset report (files vs photos, copies, leaks, classes, picture sheet): make data-report DATA=<export>
 	$(PY) -m seglab.data.report data.root=$(DATA) $(ARGS)

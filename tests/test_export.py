@@ -329,7 +329,7 @@ def test_histogram_calibration_over_inputs_of_several_shapes_says_what_to_use(mo
 
 
 def test_deploy_bench_scores_an_export_as_its_own_mask_check_did(mobilenet_export, demo_root):
-    from seglab.deploy_bench import bench_exports
+    from seglab.bench.deploy import bench_exports
 
     model = Path(mobilenet_export["output"])
     rows = bench_exports([model, model], demo_root, "val", repeats=1)

@@ -11,7 +11,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("seglab.models",),
     ("seglab.inference", "seglab.callbacks"),
     ("seglab.train", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.leaderboard", "seglab.compare",
-     "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.deploy_bench", "seglab.serve", "seglab.api"),
+     "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
 ]
 
 
@@ -45,3 +45,9 @@ def test_no_import_runs_up_the_layers():
 def test_no_module_is_longer_than_a_reader_can_hold():
     longest = max((len(p.read_text().splitlines()), str(p.relative_to(SRC))) for p in (SRC / "seglab").rglob("*.py"))
     assert longest[0] <= 450, f"{longest[1]} has {longest[0]} lines: split it by what its parts do"
+
+
+def test_deploy_code_does_not_depend_on_the_demo_data_generator():
+    deploy = [SRC / "seglab" / "export.py", SRC / "seglab" / "inference.py", SRC / "seglab" / "predict.py",
+              *(SRC / "seglab" / "serve").rglob("*.py")]
+    assert [str(p.name) for p in deploy if any(n.startswith("seglab.data.synthetic") for n in imports(p))] == []

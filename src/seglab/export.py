@@ -92,7 +92,7 @@ def parity_image(cfg: DictConfig, module: SegmentationModule) -> tuple[np.ndarra
     return sample_image(size * 3 // 4, size, seed=cfg.parity.seed), "synthetic"
 
 
-def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+def logit_difference(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     """Max |logit difference|, the largest |logit| (the scale the tolerance is relative to) and the share
     of pixels whose argmax class agrees. Logits are (..., C, H, W)."""
     reference, candidate = reference.float(), candidate.float()
@@ -112,9 +112,9 @@ def check_parity(reference: Predictor, candidate: Predictor, image: np.ndarray, 
     for batch, height, width in parity_sizes(reference.image_size):
         x = torch.randn(batch, 3, height, width, generator=generator)
         checks.append({"input": f"random {batch}x3x{height}x{width}",
-                       **compare(reference.model(x).cpu(), candidate.model(x).cpu())})
+                       **logit_difference(reference.model(x).cpu(), candidate.model(x).cpu())})
     checks.append({"input": f"image {image_name} ({image.shape[1]}x{image.shape[0]})",
-                   **compare(reference.logits(image), candidate.logits(image))})
+                   **logit_difference(reference.logits(image), candidate.logits(image))})
     failed = [c for c in checks if c["max_abs_diff"] > rtol * max(1.0, c["max_abs_logit"])
               or c["class_agreement"] < min_agreement]
     result = {"rtol": rtol, "min_agreement": min_agreement, "checks": checks, "passed": not failed}

@@ -1,7 +1,7 @@
-"""What deployment gains on this machine: `python -m seglab.deploy_bench` (make bench-deploy).
+"""What deployment gains on this machine: `python -m seglab.bench.deploy` (make bench-deploy).
 
-    python -m seglab.deploy_bench exports <fp32.onnx> <int8.onnx> [<fp16.onnx> ...] --data <root> [--split test]
-    python -m seglab.deploy_bench predict <model> --photos <folder> [--count 50 --size 2048]
+    python -m seglab.bench.deploy exports <fp32.onnx> <int8.onnx> [<fp16.onnx> ...] --data <root> [--split test]
+    python -m seglab.bench.deploy predict <model> --photos <folder> [--count 50 --size 2048]
 
 exports  each export on a split's real images through the whole Predictor (pre-processing, tiles, resize back):
          file size, images/s (median of --repeats passes, the models interleaved pass by pass so a busy machine
@@ -133,7 +133,7 @@ def bench_predict(model: Path, photos: Path, repeats: int, variants: dict[str, l
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m seglab.deploy_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m seglab.bench.deploy", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="section", required=True)
     exports = sub.add_parser("exports")
     exports.add_argument("models", nargs="+", type=Path, help="ONNX exports, the fp32 one first")
