@@ -100,7 +100,11 @@ def test_confidence_and_probabilities_are_the_predictors_softmax(trained_run, in
         np.testing.assert_array_equal(confidence, np.rint(255 * softmax.max(dim=0).values.numpy()).astype(np.uint8))
         probabilities = np.load(out / f"{name}_probabilities.npy")
         assert probabilities.dtype == np.float16 and probabilities.shape == (3, *EXPECTED[name])
-        np.testing.assert_array_equal(probabilities, softmax.numpy().astype(np.float16))
+        # predict.py batches images of one size, and a batch's convolutions sum in another order than one image's
+        # (~1e-7): a float32 value next to a float16 rounding boundary can round to the neighbour. So: each value
+        # within one float16 step (2^-10 relative) of the Predictor's own softmax, and nearly all of them equal.
+        np.testing.assert_allclose(probabilities.astype(np.float32), softmax.numpy(), rtol=2 ** -10, atol=0)
+        assert (probabilities != softmax.numpy().astype(np.float16)).mean() < 1e-4
         # Each float16 value is within 2^-11 of its float32 value relative to itself: the sum within 1e-3 of 1.
         assert np.abs(probabilities.astype(np.float64).sum(axis=0) - 1).max() <= 1e-3
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_mask.png")), predictor.predict(image))
