@@ -28,7 +28,7 @@ from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError, first_line
 from seglab.evaluate import build_datamodule
 from seglab.inference import OnnxModel, Predictor, load_predictor, sample_image
-from seglab.models.module import SegmentationModule
+from seglab.models.module import SegmentationModule, segmentation_metrics
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +205,9 @@ def convert_fp16(fp32_path: Path, output: Path) -> dict:
     return {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
 
 
-def mean_iou(counts: np.ndarray) -> float:
-    """Mean IoU of a confusion matrix (rows truth, columns prediction); classes absent from both are left out,
-    as in seglab.evaluate (torchmetrics' macro average)."""
-    tp = np.diag(counts).astype(np.float64)
-    union = counts.sum(axis=0) + counts.sum(axis=1) - tp
-    return float((tp[union > 0] / union[union > 0]).mean()) if (union > 0).any() else float("nan")
-
-
-def confusion(target: np.ndarray, prediction: np.ndarray, num_classes: int, ignore_index: int | None) -> np.ndarray:
-    keep = target != ignore_index if ignore_index is not None else np.ones(target.shape, bool)
-    index = target[keep].astype(np.int64) * num_classes + prediction[keep].astype(np.int64)
-    return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+def add_masks(metrics, truth: np.ndarray, prediction: np.ndarray) -> None:
+    """One mask pair into seglab's metrics (segmentation_metrics, as evaluate.py computes them)."""
+    metrics.update(torch.from_numpy(prediction.astype(np.int64))[None], torch.from_numpy(truth.astype(np.int64))[None])
 
 
 def check_masks(reference: Predictor, candidate: Predictor, dataset, split: str, precision: str,
@@ -225,19 +216,20 @@ def check_masks(reference: Predictor, candidate: Predictor, dataset, split: str,
     real images at their own resolution (the Predictor's whole path, as evaluate.py and predict.py run it).
     agreement: the share of pixels where both models predict the same class. Raises SeglabError beyond tolerance."""
     n, ignore = len(reference.class_names), reference.ignore_index
-    vs_truth = {"pytorch": np.zeros((n, n), np.int64), "export": np.zeros((n, n), np.int64)}
-    vs_pytorch = np.zeros((n, n), np.int64)
+    vs_truth = {"pytorch": segmentation_metrics(n, ignore), "export": segmentation_metrics(n, ignore)}
+    vs_pytorch = segmentation_metrics(n, None)  # PyTorch's masks taken as the truth: pixel accuracy is the agreement
     for i in range(len(dataset)):
         image, target = dataset.load(i)
         expected, got = reference.predict(image), candidate.predict(image)
-        vs_truth["pytorch"] += confusion(target, expected, n, ignore)
-        vs_truth["export"] += confusion(target, got, n, ignore)
-        vs_pytorch += confusion(expected, got, n, None)
+        add_masks(vs_truth["pytorch"], target, expected)
+        add_masks(vs_truth["export"], target, got)
+        add_masks(vs_pytorch, expected, got)
+    truth = {k: m.compute() for k, m in vs_truth.items()}
+    agreement = vs_pytorch.compute()
     result = {
-        "split": split, "images": len(dataset), "pixels": int(vs_pytorch.sum()),
-        "mIoU_pytorch": mean_iou(vs_truth["pytorch"]), "mIoU_export": mean_iou(vs_truth["export"]),
-        "agreement": float(np.trace(vs_pytorch) / max(vs_pytorch.sum(), 1)),
-        "mIoU_vs_pytorch": mean_iou(vs_pytorch),  # PyTorch's masks taken as the truth
+        "split": split, "images": len(dataset), "pixels": int(agreement["confmat"].sum()),
+        "mIoU_pytorch": float(truth["pytorch"]["mIoU"]), "mIoU_export": float(truth["export"]["mIoU"]),
+        "agreement": float(agreement["pixel_acc"]), "mIoU_vs_pytorch": float(agreement["mIoU"]),
         "max_mIoU_drop": max_miou_drop, "min_agreement": min_agreement,
     }
     result["mIoU_drop"] = result["mIoU_pytorch"] - result["mIoU_export"]

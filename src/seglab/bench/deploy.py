@@ -35,8 +35,9 @@ from seglab.config import compose_config
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.evaluate import build_datamodule
-from seglab.export import InputRecorder, confusion, mean_iou
+from seglab.export import InputRecorder, add_masks
 from seglab.inference import Predictor, load_predictor
+from seglab.models.module import segmentation_metrics
 from seglab.predict import predict
 from seglab.tables import text_table
 
@@ -83,13 +84,16 @@ def bench_exports(models: list[Path], root: Path, split: str, repeats: int) -> l
             network_s[k].append(time.perf_counter() - start)
     rows = []
     for model, predictor, got, times, network in zip(models, predictors, masks, seconds, network_s, strict=True):
-        vs_truth = sum(confusion(t, m, n, ignore) for t, m in zip(targets, got, strict=True))
-        vs_first = sum(confusion(e, m, n, None) for e, m in zip(masks[0], got, strict=True))
+        vs_truth, vs_first = segmentation_metrics(n, ignore), segmentation_metrics(n, None)
+        for target, first_mask, mask in zip(targets, masks[0], got, strict=True):
+            add_masks(vs_truth, target, mask)
+            add_masks(vs_first, first_mask, mask)
+        vs_truth, vs_first = vs_truth.compute(), vs_first.compute()
         rows.append({"model": str(model), "precision": predictor.meta.get("precision", "fp32"),
                      "size_mb": model.stat().st_size / 2**20, "images": len(images),
                      "images_per_s": len(images) / statistics.median(times),
-                     "network_images_per_s": len(images) / statistics.median(network), "mIoU": mean_iou(vs_truth),
-                     "agreement_with_first": float(np.trace(vs_first) / vs_first.sum())})
+                     "network_images_per_s": len(images) / statistics.median(network), "mIoU": float(vs_truth["mIoU"]),
+                     "agreement_with_first": float(vs_first["pixel_acc"])})
     for row in rows:
         row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
         row["network_speedup"] = row["network_images_per_s"] / rows[0]["network_images_per_s"]

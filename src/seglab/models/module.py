@@ -32,7 +32,7 @@ LOSS_CHECK_EPOCHS = 3
 MIN_PRIOR = 1e-6
 
 
-def segmentation_metrics(num_classes: int, ignore_index: int) -> MetricCollection:
+def segmentation_metrics(num_classes: int, ignore_index: int | None) -> MetricCollection:
     """mIoU, mean accuracy, pixel accuracy, mean Dice (F1), precision and recall, their per-class values and the
     confusion matrix (rows ground truth). Metrics with equal states form one torchmetrics compute group, updated
     once per step: the confusion matrix shares the IoU metrics' state, Dice, precision and recall share mean
