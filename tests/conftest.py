@@ -1,3 +1,4 @@
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,17 @@ import torch
 from helpers import CONF_DIR
 
 from seglab.data.synthetic import generate_dataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory) -> Iterator[Path]:
+    """The session's ~/.cache/seglab ($XDG_CACHE_HOME, inherited by the scripts tests run): unpacked zips and traced
+    ONNX graphs go there, shared by the tests, never into the user's own cache."""
+    patch = pytest.MonkeyPatch()
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    patch.setenv("XDG_CACHE_HOME", str(folder))
+    yield folder / "seglab"
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

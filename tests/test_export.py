@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,16 @@ from omegaconf import OmegaConf
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
 from seglab.evaluate import build_datamodule
-from seglab.export import PredictorCalibration, check_parity, export, parity_image, quantize_int8
+from seglab.export import (
+    KEEP_TRACES,
+    PredictorCalibration,
+    cached_trace,
+    check_parity,
+    export,
+    parity_image,
+    quantize_int8,
+    trace_cache_path,
+)
 from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.checkpoint import load_checkpoint
 
@@ -116,6 +126,45 @@ def test_export_never_overwrites(mobilenet_export):
     with pytest.raises(SeglabError, match=r"model\.onnx already exists; an export is never overwritten"):
         export(compose_export(f"ckpt_path={mobilenet_export['checkpoint']}", f"output={output}"))
     assert output.read_bytes() == before
+
+
+def test_a_checkpoints_next_export_takes_its_graph_from_the_trace_cache(mobilenet_export, tmp_path, capsys):
+    first = Path(mobilenet_export["output"])
+    digest = json.loads(first.with_suffix(".json").read_text())["source_sha256"]
+    cached = trace_cache_path(digest, 18)
+    assert cached.read_bytes() == first.read_bytes()  # an fp32 export is the traced graph itself
+    again = export(compose_export(f"ckpt_path={mobilenet_export['checkpoint']}", f"output={tmp_path / 'again.onnx'}"))
+    sidecar = json.loads(Path(again["sidecar"]).read_text())
+    assert sidecar["trace"] == "cache" and sidecar["parity"]["passed"] and len(sidecar["parity"]["checks"]) == 3
+    assert Path(again["output"]).read_bytes() == first.read_bytes()
+    assert "fp32, 42.4 MiB, fp32 graph from the trace cache\n" in capsys.readouterr().out
+
+
+def tiny_graph(path: Path, name: str) -> None:
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"], name=name)], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(graph), str(path))
+
+
+def test_the_trace_cache_traces_once_retraces_a_broken_entry_and_keeps_the_newest(tmp_path):
+    traced = []
+
+    def trace(path):
+        traced.append(path.name)
+        tiny_graph(path, f"trace{len(traced)}")
+
+    cache = tmp_path / "cache"
+    assert cached_trace(tmp_path / "a.onnx", cache / "k0.onnx", trace) is False and traced == ["a.onnx"]
+    assert cached_trace(tmp_path / "b.onnx", cache / "k0.onnx", trace) is True and traced == ["a.onnx"]
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes() == (cache / "k0.onnx").read_bytes()
+    (cache / "k0.onnx").write_bytes(b"half a grap")  # an interrupted copy, a foreign file
+    assert cached_trace(tmp_path / "c.onnx", cache / "k0.onnx", trace) is False and traced[-1] == "c.onnx"
+    assert onnx.load(str(cache / "k0.onnx")).graph.node[0].name == "trace2"
+    for k in range(1, KEEP_TRACES + 1):
+        cached_trace(tmp_path / f"k{k}.onnx", cache / f"k{k}.onnx", trace)
+        os.utime(cache / f"k{k}.onnx", (k, k))  # k0 stays the newest (now), k1 the oldest
+    assert sorted(p.name for p in cache.iterdir()) == ["k0.onnx", *(f"k{k}.onnx" for k in range(2, KEEP_TRACES + 1))]
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -2,10 +2,12 @@
 PyTorch before it counts. export.py calls it; seglab.inference.load_predictor reads what it writes.
 
 Every export is first traced to an fp32 ONNX graph, whose logits must match PyTorch's (a wrong export is caught
-here, whatever the precision). fp16 converts that graph's weights and arithmetic to half precision; int8 quantises
-it statically with ONNX Runtime, calibrated on training images. Then the model that will be written predicts the
-validation split through the Predictor, and its masks are compared with the ground truth and with the fp32
-PyTorch model's masks. Only when both checks pass are the model and its sidecar moved into place.
+here, whatever the precision). The graph is kept in a cache (trace_cache): a checkpoint's next export (another
+precision) skips torch.export's trace, most of an export's time. fp16 converts that graph's weights and arithmetic
+to half precision; int8 quantises it statically with ONNX Runtime, calibrated on training images. Then the model
+that will be written predicts the validation split through the Predictor, and its masks are compared with the
+ground truth and with the fp32 PyTorch model's masks. Only when both checks pass are the model and its sidecar
+moved into place.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,8 @@ import onnx
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from seglab.atomic import replacing
+from seglab.data.exports import default_exports_dir
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError, first_line
@@ -38,6 +43,10 @@ CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantizat
 # torch.export specialises a dimension whose example size is 1 (or equal to another one) to a constant:
 # the example batch of 2 and a non-square example image keep batch, height and width dynamic.
 EXAMPLE_BATCH = 2
+# The trace cache: graphs are named by what decides them (checkpoint, opset, torch, TRACE_FORMAT: bump it when
+# export_onnx changes what it writes). The newest KEEP_TRACES are kept: a ResNet-50 graph is ~160 MB.
+TRACE_FORMAT = 1
+KEEP_TRACES = 4
 
 
 def sha256(path: Path) -> str:
@@ -73,6 +82,37 @@ def export_onnx(module: SegmentationModule, path: Path, opset: int) -> None:
         path.unlink(missing_ok=True)
         raise SeglabError(f"ONNX export of {module.meta.get('config', {}).get('model', {}).get('arch')} failed: "
                           f"{first_line(e)}") from None
+
+
+def cached_trace(path: Path, cached: Path, trace) -> bool:
+    """`trace(path)` writes a graph to path, unless `cached` holds one: then path gets a copy of it. A new graph
+    is copied into the cache (the oldest beyond KEEP_TRACES removed); an unreadable cached one is traced again.
+    True when the graph came from the cache. The cache is a convenience: a failure to write it is only logged."""
+    if cached.is_file():
+        try:
+            with replacing(path) as tmp:
+                shutil.copyfile(cached, tmp)
+                onnx.load(str(tmp), load_external_data=False)  # a truncated or foreign file: trace again
+            os.utime(cached)  # recently used: kept longest
+            return True
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with the cached copy, the trace replaces it
+            log.warning("the cached graph %s is unreadable (%s): tracing again", cached, first_line(e))
+            cached.unlink(missing_ok=True)
+    trace(path)
+    try:
+        with replacing(cached) as tmp:
+            shutil.copyfile(path, tmp)
+        for old in sorted(cached.parent.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_TRACES:]:
+            old.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not keep the traced graph in %s: %s", cached.parent, first_line(e))
+    return False
+
+
+def trace_cache_path(digest: str, opset: int) -> Path:
+    """Where the fp32 graph of the checkpoint with this sha256 is cached: ~/.cache/seglab/onnx ($XDG_CACHE_HOME)."""
+    name = f"{digest[:16]}-opset{opset}-torch{torch.__version__}-v{TRACE_FORMAT}.onnx"
+    return default_exports_dir() / "onnx" / name.replace("+", "_")
 
 
 def parity_image(cfg: DictConfig, module: SegmentationModule) -> tuple[np.ndarray, str]:
@@ -304,13 +344,19 @@ def export(cfg: DictConfig) -> dict:
         raise SeglabError(f"precision={precision} needs the checkpoint's labelled data (calibration and the mask "
                           f"check), but {root} is not there. Give its folder with data_root=<export folder>.")
     output.parent.mkdir(parents=True, exist_ok=True)
+    digest = sha256(ckpt)
     log.info("exporting %s -> %s (opset %d, %s)", ckpt, output, cfg.opset, precision)
     # Everything is written in a hidden folder beside the output and moved into place only when every check has
     # passed: a failed or interrupted export leaves nothing behind.
     with tempfile.TemporaryDirectory(prefix=f".{output.stem}-export-", dir=output.parent) as work:
         work = Path(work)
         fp32_path = work / "fp32.onnx"
-        export_onnx(module, fp32_path, cfg.opset)
+        if cfg.trace_cache:
+            from_cache = cached_trace(fp32_path, trace_cache_path(digest, cfg.opset),
+                                      lambda path: export_onnx(module, path, cfg.opset))
+        else:
+            export_onnx(module, fp32_path, cfg.opset)
+            from_cache = False
 
         image, image_name = parity_image(cfg, module)
         traced = Predictor(OnnxModel(fp32_path), reference.meta, mode=reference.mode, flip=reference.flip,
@@ -353,7 +399,8 @@ def export(cfg: DictConfig) -> dict:
             **({"conversion": conversion} if conversion else {}),
             "size_bytes": model_path.stat().st_size,
             "source_checkpoint": str(ckpt.resolve()),
-            "source_sha256": sha256(ckpt),
+            "source_sha256": digest,
+            "trace": "cache" if from_cache else "traced",
             "torch_version": torch.__version__,
             "parity": parity,
         }
@@ -370,9 +417,11 @@ def export(cfg: DictConfig) -> dict:
                   f"{masks['mIoU_drop']:.4f}), {100 * masks['agreement']:.2f}% of pixels agree with PyTorch\n"
                   if "skipped" not in masks else f"  masks: not checked ({masks['skipped']})\n")
     print(f"\nseglab export: {output} (+ {output.with_suffix('.json').name}), {precision}, "
-          f"{sidecar['size_bytes'] / 2**20:.1f} MiB\n"
+          f"{sidecar['size_bytes'] / 2**20:.1f} MiB" + (", fp32 graph from the trace cache" if from_cache else "")
+          + "\n"
           f"  parity PyTorch vs ONNX Runtime on {len(parity['checks'])} inputs: max |logit diff| {worst:.2e}, "
           f"classes agree on {100 * agree:.3f}% of pixels" + (" (the fp32 graph)" if precision != "fp32" else "")
+
           + "\n" + masks_line
           + f"  use it: python predict.py ckpt_path={output} input=...   |   make serve CKPT={output}", flush=True)
     return {"output": str(output), "sidecar": str(output.with_suffix(".json")), "precision": precision,
