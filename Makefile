@@ -11,7 +11,7 @@ CKPT ?=
 LOGDIR ?= outputs
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-fast lint bench bench-deploy \
+.PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-heavy test-fast lint bench bench-deploy \
 	export serve loadtest data-report plain-loop notebook
 
 help:  ## list the targets
@@ -63,11 +63,14 @@ loadtest: install  ## make loadtest CKPT="<.ckpt> <.onnx>" [ARGS="--clients 4 --
 tensorboard: install  ## tensorboard --logdir $(LOGDIR) (a run folder, a sweep folder, or outputs/)
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
-test: install  ## the whole test suite (CPU, offline)
-	$(PY) -m pytest -q
+test: install  ## the test suite (CPU, offline) but for the few heavy tests (make test-heavy; CI runs both)
+	$(PY) -m pytest -q -m "not heavy"
+
+test-heavy: install  ## the heavy tests: the CPU demo as make demo trains it, full-size network exports (~4 min)
+	$(PY) -m pytest -q -m heavy
 
 test-fast: install  ## the tests without the end-to-end script runs
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not heavy"
 
 notebook: install  ## run notebooks/quickstart.ipynb top to bottom (the CPU demo); the executed copy: outputs/notebooks/
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute notebooks/quickstart.ipynb --output-dir outputs/notebooks

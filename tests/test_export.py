@@ -189,7 +189,8 @@ def test_export_needs_a_checkpoint(tmp_path):
 
 # One network per family (MobileNetV3 in the tests above): ResNet-101 and MiT-B2 are ResNet-50 and MiT-B0 with more
 # and wider blocks of the same operators, so their exports take the same path (85 s of the suite for no new op).
-@pytest.mark.slow  # ONNX export and ONNX Runtime parity of full-size networks
+@pytest.mark.slow
+@pytest.mark.heavy  # ONNX export and ONNX Runtime parity of full-size networks (~30 s and ~60 s of tracing)
 @pytest.mark.parametrize("model", ["deeplabv3_resnet50", "segformer"])
 def test_export_parity_for_every_architecture(compose_train, tmp_path, demo_root, model):
     from seglab.train import train

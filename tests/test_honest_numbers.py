@@ -30,7 +30,8 @@ def test_a_run_that_learned_nothing_is_flagged_and_writes_the_dataset_report(com
     assert (run / "report.md").read_text().startswith("# Dataset report: ")
 
 
-@pytest.mark.slow  # ~2 min: the CPU demo (make demo) as it is
+@pytest.mark.slow
+@pytest.mark.heavy  # ~2.5 min: the CPU demo (make demo) as it is
 def test_the_demos_trained_model_is_not_flagged(tmp_path):
     root = generate_dataset(tmp_path / "demo", num_images=120, size=256, seed=0)  # make demo-data
     cfg = compose_config("train", ["experiment=demo", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
