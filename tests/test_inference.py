@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from seglab.errors import SeglabError
-from seglab.inference import Predictor, confidence_image, execution_providers, load_predictor, sample_image
+from seglab.inference import (
+    Predictor,
+    class_mask,
+    confidence_image,
+    execution_providers,
+    load_predictor,
+    resize_logits,
+    sample_image,
+)
 from seglab.models.networks import build_network
 from seglab.models.sliding import tile_starts
 
@@ -121,6 +129,37 @@ def test_probabilities_are_the_softmax_of_the_logits_and_confidence_its_top_valu
     np.testing.assert_array_equal(mask, predictor.predict(image))
     # round(255 x 3/5) = 153, round(255 x 4/6) = 170
     np.testing.assert_array_equal(confidence_image(probabilities), np.array([[153] * 4 + [170] * 4] * 8, np.uint8))
+
+
+@pytest.mark.parametrize("classes", [1, 2, 5])
+def test_class_mask_is_torchs_argmax_first_class_of_ties(classes):
+    logits = torch.randint(-3, 4, (classes, 64, 80)).float()  # few values: many ties between classes
+    logits[:, 0, 0] = 2.0  # a tie of every class: class 0
+    mask = class_mask(logits)
+    assert mask.dtype == np.uint8 and mask.shape == (64, 80) and mask[0, 0] == 0
+    np.testing.assert_array_equal(mask, logits.argmax(dim=0).numpy())
+    assert (class_mask(logits[:, :1, :3]) == logits[:, :1, :3].argmax(dim=0).numpy()).all()
+
+
+@pytest.mark.parametrize("size", [(97, 130), (12, 7), (40, 50)])  # up, down, the same
+def test_resize_logits_is_bilinear_with_half_pixel_centres(size):
+    logits = torch.randn(2, 3, 40, 50) * 4
+    resized = resize_logits(logits, size)
+    # The exact interpolation (float64): OpenCV's float32 stays within its rounding (F.interpolate's float32 weights
+    # are off by up to ~4e-5 at this scale)
+    expected = torch.nn.functional.interpolate(logits.double(), size=size, mode="bilinear", align_corners=False)
+    assert resized.shape == (2, 3, *size) and resized.dtype == torch.float32
+    assert (resized.double() - expected).abs().max() < 1e-6 * expected.abs().max()
+    if size == (40, 50):
+        assert torch.equal(resized, logits)
+    # One pixel by hand: output (0, 1) of 40x50 -> 12x7 samples the input at ((0 + 0.5) * 40 / 12 - 0.5,
+    # (1 + 0.5) * 50 / 7 - 0.5) = (1.1667, 10.2143): between rows 1-2 and columns 10-11.
+    if size == (12, 7):
+        y, x = 0.5 * 40 / 12 - 0.5, 1.5 * 50 / 7 - 0.5
+        a = logits[0, 0]
+        wy, wx = y - 1, x - 10
+        by_hand = ((1 - wy) * ((1 - wx) * a[1, 10] + wx * a[1, 11]) + wy * ((1 - wx) * a[2, 10] + wx * a[2, 11]))
+        assert abs(float(resized[0, 0, 0, 1]) - float(by_hand)) < 1e-5
 
 
 def test_bad_settings_name_the_setting():

@@ -143,6 +143,7 @@ def test_overlay_opacity_blends_towards_the_class_colour(trained_run, inputs, tm
     (lambda p: (p / "empty").mkdir() or p / "empty", None, "No images"),
     (lambda p: p, "opacity=1.5", "opacity=1.5 must be between 0 and 1"),
     (lambda p: p, "batch_size=0", r"batch_size=0 must be a whole number >= 1"),
+    (lambda p: p, "png_level=10", r"png_level=10 must be a zlib level from 0 \(none\) to 9"),
     (lambda p: random_png(p), "num_workers=-1", r"num_workers=-1 must be auto or a whole number >= 0"),
 ])
 def test_clear_errors(trained_run, tmp_path, make_input, override, message):
@@ -181,6 +182,29 @@ def test_batches_and_worker_processes_write_the_one_at_a_time_files(trained_run,
             else:
                 np.testing.assert_array_equal(got, expected, err_msg=name)
     assert batched["pixel_share"] == single["pixel_share"]
+
+
+@pytest.mark.slow  # a fresh Python process (ONNX Runtime, torch, OpenCV imported anew): ~10 s
+def test_writer_processes_forked_after_opencv_used_its_threads_finish(trained_run, tmp_path):
+    # OpenCV starts its worker threads on the first large resize; a process forked while they wait inherits
+    # their state (predict() twice in one notebook kernel). The writers must not block on it.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for seed in range(3):
+        Image.fromarray(random_image((150, 90, 3), seed=seed)).save(folder / f"{seed}.png")
+    script = f"""
+import torch
+from seglab.config import compose_config
+from seglab.inference import resize_logits
+from seglab.predict import predict
+resize_logits(torch.randn(1, 3, 256, 256), (2048, 2048))
+overrides = ["ckpt_path={trained_run['checkpoint']}", "input={folder}", "output={tmp_path / 'out'}", "device=cpu",
+             "batch_size=1", "num_workers=2"]
+print("images", predict(compose_config("predict", overrides))["images"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and "images 3" in done.stdout, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_overlay.png")) == [f"{i}_overlay.png" for i in range(3)]
 
 
 def test_an_unreadable_image_read_by_a_worker_is_named(trained_run, tmp_path):

@@ -36,6 +36,19 @@ def test_overlay_blends_classes_and_leaves_background_untouched(tmp_path):
     assert (back[mask == 0] == image[mask == 0]).all()
 
 
+def test_overlay_is_the_blend_in_float32_rounded_for_any_opacity_and_mask_type():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (30, 40)).astype(np.int64)
+    mask[:3], mask[3:5] = 255, 7  # ignored, a class outside the palette: both white
+    for opacity in (0.0, 0.3, 0.5, 1.0):
+        colors = colorize(mask, PALETTE, 255).astype(np.float32)
+        blended = np.rint((1.0 - opacity) * image.astype(np.float32) + opacity * colors)
+        expected = np.where((mask != 0)[..., None], blended, image).astype(np.uint8)
+        np.testing.assert_array_equal(overlay(image, mask, PALETTE, opacity, ignore_index=255), expected)
+        np.testing.assert_array_equal(overlay(image, mask.astype(np.uint8), PALETTE, opacity, 255), expected)
+
+
 def test_error_map_marks_wrong_and_ignored_pixels():
     image = np.full((1, 4, 3), 200, np.uint8)
     target = np.array([[0, 1, 2, 255]], np.uint8)

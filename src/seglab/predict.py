@@ -110,6 +110,8 @@ def resolve_workers(num_workers, batches: int) -> int:
 
 def one_thread() -> None:
     torch.set_num_threads(1)  # each writer process is one of several on the cores
+    # Not cv2.setNumThreads: in a process forked while the parent's OpenCV threads wait, it blocks forever
+    # destroying their condition variables (glibc). OpenCV's own calls in the fork work.
 
 
 def write_outputs(target: Path, name: str, image: np.ndarray, logits: torch.Tensor, options: dict) -> np.ndarray:
@@ -122,12 +124,13 @@ def write_outputs(target: Path, name: str, image: np.ndarray, logits: torch.Tens
     if options["confidence"] or options["probabilities"]:
         probabilities = logits.softmax(dim=0)
         if options["confidence"]:
-            Image.fromarray(confidence_image(probabilities)).save(target / f"{name}{CONFIDENCE_SUFFIX}")
+            Image.fromarray(confidence_image(probabilities)).save(target / f"{name}{CONFIDENCE_SUFFIX}",
+                                                                  compress_level=options["png_level"])
         if options["probabilities"]:
             np.save(target / f"{name}{PROBABILITIES_SUFFIX}", probabilities.to(torch.float16).numpy())
     Image.fromarray(mask).save(target / f"{name}{MASK_SUFFIX}")
     blended = overlay(image, mask, options["palette"], options["opacity"])
-    Image.fromarray(blended).save(target / f"{name}{OVERLAY_SUFFIX}")
+    Image.fromarray(blended).save(target / f"{name}{OVERLAY_SUFFIX}", compress_level=options["png_level"])
     return np.bincount(mask.ravel(), minlength=logits.shape[0])
 
 
@@ -140,6 +143,8 @@ def predict(cfg: DictConfig) -> dict:
                           "[output=<folder>]")
     if not 0.0 <= cfg.opacity <= 1.0:
         raise SeglabError(f"opacity={cfg.opacity} must be between 0 and 1.")
+    if not isinstance(cfg.png_level, int) or not 0 <= cfg.png_level <= 9:
+        raise SeglabError(f"png_level={cfg.png_level} must be a zlib level from 0 (none) to 9 (smallest files).")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise SeglabError(f"batch_size={cfg.batch_size} must be a whole number >= 1 (1: one image at a time).")
     predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
@@ -166,7 +171,7 @@ def predict(cfg: DictConfig) -> dict:
         return target, name
 
     options = {"palette": predictor.palette, "opacity": cfg.opacity, "confidence": cfg.confidence,
-               "probabilities": cfg.probabilities}
+               "probabilities": cfg.probabilities, "png_level": cfg.png_level}
     pixels = np.zeros(len(predictor.class_names), np.int64)
     loader = DataLoader(ImageFiles(images, predictor.preprocess), batch_sampler=batches, num_workers=workers,
                         collate_fn=as_list)
