@@ -346,6 +346,16 @@ def test_calibration_feeds_the_network_what_the_predictor_feeds_it(trained_run, 
     assert reader.fed == len(fed) == 18 and {batch["image"].shape for batch in fed} == {(1, 3, 64, 64)}
     np.testing.assert_array_equal(np.concatenate([batch["image"] for batch in fed]), np.concatenate(seen))
 
+    # Strided calibration (quantize_static's CalibStridedMinMax=1, which export uses): one image's tiles per range.
+    ranged = PredictorCalibration(Predictor(reference.model, meta), iter(images), "image", count=2)
+    assert len(ranged) == 2
+    passes = []
+    for start in range(2):
+        ranged.set_range(start_index=start, end_index=start + 1)
+        passes.append(list(iter(ranged.get_next, None)))
+    assert [len(one) for one in passes] == [9, 9] and ranged.get_next() is None
+    np.testing.assert_array_equal(np.concatenate([b["image"] for one in passes for b in one]), np.concatenate(seen))
+
 
 def test_a_tolerance_that_cannot_be_met_fails_with_the_numbers_and_writes_nothing(trained_run, tmp_path):
     cfg = compose_export(f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}",

@@ -184,19 +184,33 @@ class PredictorCalibration:
     """ONNX Runtime's calibration data reader (CalibrationDataReader's get_next) over images: the inputs the
     Predictor gives its network for them, so the same scaling, normalisation and, for large images, the same
     tiles as at prediction time. One input (1, 3, h, w) at a time: the histogram calibrators (Entropy, Percentile)
-    stack every batch's outputs, so batches of 8 and 1 tiles would not fit together. Images are read as needed."""
+    stack every batch's outputs, so batches of 8 and 1 tiles would not fit together. Images are read as needed.
 
-    def __init__(self, reference: Predictor, images: Iterator[np.ndarray], input_name: str):
+    Given `count` (the number of images), it also serves quantize_static's strided calibration (CalibStridedMinMax,
+    which despite its name drives every calibrator): collect_data then runs once per range of images (set_range),
+    and only that range's activations are held at once. Without it ONNX Runtime's histogram calibrators hold every
+    input's activations until the end: 32 demo images in 128 px ResNet-50 tiles took 24 GB here."""
+
+    def __init__(self, reference: Predictor, images: Iterator[np.ndarray], input_name: str, count: int | None = None):
         self.recorder = InputRecorder(len(reference.class_names))
         self.predictor = Predictor(self.recorder, reference.meta, mode=reference.mode, flip=reference.flip,
                                    overlap=reference.overlap, tile_batch=reference.tile_batch)
         self.images, self.input_name, self.fed, self.shapes = images, input_name, 0, set()
+        self.count, self.left_in_range = count, None  # None: no range, every image
+
+    def __len__(self) -> int:
+        return self.count
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.left_in_range = end_index - start_index
 
     def get_next(self) -> dict | None:
         while not self.recorder.inputs:
-            image = next(self.images, None)
+            image = None if self.left_in_range == 0 else next(self.images, None)
             if image is None:
                 return None
+            if self.left_in_range is not None:
+                self.left_in_range -= 1
             self.predictor.logits(image)
         batch = self.recorder.inputs.pop(0)
         self.recorder.inputs[:0] = list(batch[1:, None])  # the rest of this call's batch comes next
@@ -220,7 +234,8 @@ def quantize_int8(fp32_path: Path, output: Path, reader: PredictorCalibration, s
         quantize_static(str(prepared), str(output), reader, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False,
                         per_channel=bool(settings.per_channel), op_types_to_quantize=op_types,
-                        calibrate_method=CalibrationMethod[settings.calibrate_method])
+                        calibrate_method=CalibrationMethod[settings.calibrate_method],
+                        extra_options={"CalibStridedMinMax": 1} if reader.count else {})  # one image per pass
     except ValueError:
         if len(reader.shapes) < 2:
             raise
@@ -369,7 +384,7 @@ def export(cfg: DictConfig) -> dict:
             train = data.datasets["train"]
             count = min(cfg.quantization.calibration_images, len(train))
             reader = PredictorCalibration(reference, (train.load(i)[0] for i in range(count)),
-                                          traced.model.input)
+                                          traced.model.input, count)
             model_path = work / "int8.onnx"
             log.info("calibrating int8 on %d training images", count)
             conversion = quantize_int8(fp32_path, model_path, reader, cfg.quantization)
