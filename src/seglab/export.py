@@ -436,7 +436,6 @@ def export(cfg: DictConfig) -> dict:
           + "\n"
           f"  parity PyTorch vs ONNX Runtime on {len(parity['checks'])} inputs: max |logit diff| {worst:.2e}, "
           f"classes agree on {100 * agree:.3f}% of pixels" + (" (the fp32 graph)" if precision != "fp32" else "")
-
           + "\n" + masks_line
           + f"  use it: python predict.py ckpt_path={output} input=...   |   make serve CKPT={output}", flush=True)
     return {"output": str(output), "sidecar": str(output.with_suffix(".json")), "precision": precision,
