@@ -4,14 +4,18 @@
     python -m seglab.data.synthetic --out data/hard --mode hard --num-images 140 --size 2048 --splits 0.7 0.15 0.15
     python -m seglab.data.synthetic --out data/dense --mode dense --num-images 80 --size 2048 --splits 0.8 0.1 0.1 \\
         --copies 3
+    python -m seglab.data.synthetic --out data/video --mode video --num-images 300 --size 256 --scenes 3 \\
+        --splits 0.8 0.1 0.1 --copies 3 --extra-name
 
 Modes: `shapes` (discs and triangles, seglab.data.synthetic.shapes), `hard` (large photos, small and rare
-objects, clutter) and `dense` (a dark field with large touching objects told apart by texture,
-seglab.data.synthetic.dense). `--copies N` writes every training photo N times as RoboFlow's augmentation step
-does (the photo and N-1 augmented copies, seglab.data.synthetic.copies), `--extra-name` records the uploaded
-file's name in `images[].extra.name` as newer RoboFlow exports do, `--shared K` puts a copy of the first K
-training photos into valid/ and test/ as well (RoboFlow's own split sharing a photo), `--format masks` writes
-a Semantic Segmentation Masks export instead of COCO.
+objects, clutter), `dense` (a dark field with large touching objects told apart by texture,
+seglab.data.synthetic.dense) and `video` (frames of a camera moving slowly through `--scenes` scenes, split at
+random per frame as RoboFlow splits: neighbouring frames in train, valid and test, seglab.data.synthetic.video).
+`--copies N` writes every training photo N times as RoboFlow's augmentation step does (the photo and N-1
+augmented copies, seglab.data.synthetic.copies), `--extra-name` records the uploaded file's name in
+`images[].extra.name` as newer RoboFlow exports do, `--shared K` puts a copy of the first K training photos
+into valid/ and test/ as well (RoboFlow's own split sharing a photo), `--format masks` writes a Semantic
+Segmentation Masks export instead of COCO.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ import numpy as np
 from PIL import Image
 
 from seglab.data.splits import split_sizes
-from seglab.data.synthetic import dense, export, shapes
+from seglab.data.synthetic import dense, export, shapes, video
 from seglab.data.synthetic.copies import make_copy
 
-MODES = ("shapes", "hard", "dense")
+MODES = ("shapes", "hard", "dense", "video")
 
 
 def categories_of(mode: str) -> list[dict]:
@@ -56,13 +60,17 @@ def generate_dataset(
     extra_name: bool = False,
     shared: int = 0,
     fmt: str = "coco",
+    scenes: int = 3,
 ) -> Path:
     """An export of num_images photos (size: the image size, or the largest long side in hard and dense mode;
-    object_scale is used by the shapes mode only). A split with no photos gets no folder."""
+    object_scale is used by the shapes mode only; scenes by the video mode only). A split with no photos gets no
+    folder."""
     if mode not in MODES or fmt not in export.FORMATS:
         raise ValueError(f"mode={mode!r} must be one of {MODES} and fmt={fmt!r} one of {export.FORMATS}")
     out = Path(out)
     sizes = split_sizes(num_images, splits)
+    if mode == "video":
+        return generate_video(out, num_images, size, seed, sizes, copies, extra_name, fmt, scenes)
     fixed_cases = len(shapes.TRAIN_FIXED_LAYOUTS) if mode != "dense" else 0
     if sizes[0] < max(fixed_cases, shared, 1) or min(sizes) < 0 or copies < 1:
         raise ValueError(f"split sizes {sizes} from {num_images} images leave no room for the fixed train cases "
@@ -100,16 +108,40 @@ def generate_dataset(
     return out
 
 
-def write_split(folder: Path, files: list[tuple[str, shapes.Photo, int]], categories: list[dict], fmt: str,
+def generate_video(out: Path, num_frames: int, size: int, seed: int, sizes: tuple[int, int, int], copies: int,
+                   extra_name: bool, fmt: str, scenes: int) -> Path:
+    """Frames split at random as RoboFlow splits (seglab.data.synthetic.video); training frames written
+    `copies` times (the frame and copies-1 augmented copies)."""
+    frames = video.video_frames(num_frames, size, seed, scenes)
+    where = video.roboflow_split(len(frames), sizes, seed)
+    for split_number, split in enumerate(export.SPLIT_NAMES):
+        files = []
+        for index, ((stem, photo), at) in enumerate(zip(frames, where, strict=True)):
+            if at != split_number:
+                continue
+            rng = np.random.default_rng([seed, index])
+            files.append((f"{stem}_jpg.rf.{rng.bytes(4).hex()}.jpg", photo, f"{stem}.jpg"))
+            for k in range(1, copies if split == "train" else 1):
+                copy_rng = np.random.default_rng([seed, index, k])
+                files.append((f"{stem}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng),
+                              f"{stem}.jpg"))
+        if files:
+            (out / split).mkdir(parents=True, exist_ok=True)
+            write_split(out / split, files, shapes.CATEGORIES, fmt, extra_name)
+    return out
+
+
+def write_split(folder: Path, files: list[tuple[str, shapes.Photo, int | str]], categories: list[dict], fmt: str,
                 extra_name: bool) -> None:
+    """files: (file name, photo, source photo: its index, or the uploaded file's name)."""
     images, annotations = [], []
     for image_id, (name, photo, source) in enumerate(files):
         Image.fromarray(photo.pixels).save(folder / name, quality=95)
         if fmt == "masks":
             export.write_mask_files(folder, name, photo)
             continue
-        image, anns = export.coco_entries(photo, image_id, name, len(annotations),
-                                          f"img_{source:04d}.jpg" if extra_name else None)
+        uploaded = source if isinstance(source, str) else f"img_{source:04d}.jpg"
+        image, anns = export.coco_entries(photo, image_id, name, len(annotations), uploaded if extra_name else None)
         images.append(image)
         annotations += anns
     if fmt == "masks":
@@ -200,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra-name", action="store_true", help="record images[].extra.name (COCO)")
     parser.add_argument("--shared", type=int, default=0, help="training photos with a copy in valid/ and test/")
     parser.add_argument("--format", choices=export.FORMATS, default="coco", dest="fmt")
+    parser.add_argument("--scenes", type=int, default=3, help="video mode: scenes the frames are spread over")
     parser.add_argument("--refresh", action="store_true",
                         help="rewrite --out only if it differs from what this generator writes (old one kept)")
     args = parser.parse_args(argv)
@@ -207,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     kwargs = {"num_images": args.num_images, "size": args.size, "seed": args.seed,
               "object_scale": args.object_scale, "splits": tuple(args.splits), "mode": args.mode,
-              "copies": args.copies, "extra_name": args.extra_name, "shared": args.shared, "fmt": args.fmt}
+              "copies": args.copies, "extra_name": args.extra_name, "shared": args.shared, "fmt": args.fmt,
+              **({"scenes": args.scenes} if args.mode == "video" else {})}
     if args.refresh:
         print(refresh_dataset(args.out, **kwargs))
         out = args.out
