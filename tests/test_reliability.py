@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from seglab.cli import run_task
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.errors import SeglabError
 from seglab.train import train
@@ -95,6 +96,22 @@ def test_missing_unreadable_and_wrongly_sized_images(demo_root, tmp_path):
     resized = sorted((root / "valid").glob("*.jpg"))[0]
     Image.new("RGB", (50, 64)).save(resized)
     assert f"{resized} is 50x64, the annotation file says 64x64" in setup_error(root, tmp_path)
+
+
+def test_a_missing_image_stops_a_training_run_with_one_line(demo_root, tmp_path, compose_train, capsys):
+    """train() fingerprints the images for copy detection before it sets the data up: a file the JSON names but
+    the export lacks is named there, in one line, before any fingerprint is taken."""
+    root = copy_export(demo_root, tmp_path)
+    missing = sorted((root / "valid").glob("*.jpg"))[0]
+    missing.unlink()
+    cfg = compose_train(f"data.root={root}")
+    with pytest.raises(SystemExit) as exit_info:
+        run_task(train, cfg)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        f"seglab: error: 1 image file(s) listed in the annotations are missing, e.g. {missing}. Re-export the "
+        "dataset, or restore or remove those images.\n")
+    assert not (tmp_path / "cache" / "groups" / "index.json").exists()  # nothing fingerprinted
 
 
 def test_split_and_class_settings(demo_root, tmp_path):

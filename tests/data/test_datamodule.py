@@ -115,12 +115,15 @@ def test_splits_file_lists_paths_relative_to_root(demo_root, tmp_path):
     dm = make_datamodule(demo_root, tmp_path, resplit=True, splits_file=str(splits_file))
     dm.setup()
     written = json.loads(splits_file.read_text())
-    assert list(written) == ["train", "val", "test", "groups", "shared_in_export"]
+    assert list(written) == ["train", "val", "test", "split_by", "cv", "groups", "scenes", "shared_in_export",
+                             "unseen"]
     splits = {k: written[k] for k in ("train", "val", "test")}
     assert splits == {k: [f"{s.image.parent.name}/{s.image.name}" for s in v] for k, v in dm.splits.items()}
     assert sum(len(v) for v in splits.values()) == 20
     assert all(name.split("/")[0] in ("train", "valid", "test") for v in splits.values() for name in v)
     assert written["groups"] == {} and written["shared_in_export"] == {}  # 20 distinct photos
+    assert written["scenes"] == {} and written["split_by"] == "photo" and written["cv"] == {"folds": None, "fold": None}
+    assert written["unseen"] == {s: splits[s] for s in ("val", "test")}  # no look-alikes: every image unseen
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from seglab.data.dataset import SegmentationDataset, value_lut
 from seglab.data.exports import resolve_root
-from seglab.data.groups import Groups, group_samples
+from seglab.data.groups import SPLIT_UNITS, Groups, group_samples
 from seglab.data.image_cache import ImageCache
 from seglab.data.masks import OVERLAP_POLICIES, build_mask_cache
 from seglab.data.sources import Sample, Source, discover, make_palette
@@ -24,6 +24,7 @@ from seglab.data.splits import (
     carve,
     check_not_empty,
     check_ratios,
+    fold_items,
     leak_counts,
     resolve_shared,
     split_items,
@@ -64,6 +65,18 @@ def check_images(source: Source, show: int = 5) -> None:
                         "e.g. " + "; ".join(mismatched[:show]))
     if problems:
         raise SeglabError(" ".join(problems) + ". Re-export the dataset, or restore or remove those images.")
+
+
+def check_folds(folds: int | None, fold: int | None) -> tuple[int | None, int | None]:
+    """cv.folds / cv.fold (conf/train.yaml): both null, or K >= 2 folds and the held-out fold 0..K-1."""
+    if folds is None and fold is None:
+        return None, None
+    if folds is None or int(folds) < 2:
+        raise SeglabError(f"cv.folds={folds} must be 2 or more to run cross-validation (e.g. cv.folds=5).")
+    if fold is None or not 0 <= int(fold) < int(folds):
+        raise SeglabError(f"cv.fold={fold} must be one of 0..{int(folds) - 1} with cv.folds={folds} (train.py "
+                          "runs every fold itself when cv.fold is null).")
+    return int(folds), int(fold)
 
 
 def pad_collate(batch, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +121,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         resplit: bool = False,
         split_ratios: Sequence[float] = (0.8, 0.1, 0.1),
         split_seed: int = 42,
+        split_by: str = "photo",
+        cv_folds: int | None = None,
+        cv_fold: int | None = None,
         groups: Mapping | None = None,
         shared_photos: str = "move",
         overlap: str = "smaller_on_top",
@@ -149,6 +165,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.resplit = resplit
         self.split_ratios = check_ratios(split_ratios)
         self.split_seed = split_seed
+        if split_by not in SPLIT_UNITS:
+            raise SeglabError(f"data.split_by={split_by!r} is not one of {SPLIT_UNITS}.")
+        self.split_by = split_by
+        self.cv_folds, self.cv_fold = check_folds(cv_folds, cv_fold)
         self.group_settings = dict(groups or {})
         self.shared_photos = shared_photos
         self.overlap = overlap
@@ -196,9 +216,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     def _groups(self) -> Groups:
-        """Which samples are copies of one photo (seglab.data.groups); fingerprints cached in cache_dir."""
+        """Which samples are copies of one photo and which look alike (seglab.data.groups); fingerprints cached in
+        cache_dir. Missing and unreadable images are named first, in one line."""
         if self.groups is None:
             source = self._source()
+            check_images(source)
             samples = [s for split in source.samples.values() for s in split]
             self.groups = group_samples(samples, self.cache_dir / "groups", root=self.root,
                                         workers=self.num_workers, **self.group_settings)
@@ -207,17 +229,60 @@ class SegmentationDataModule(pl.LightningDataModule):
     def group_of(self, sample: Sample) -> str:
         return self._groups().of[sample.image]
 
+    def unit_of(self, sample: Sample) -> str:
+        """What the splits seglab makes keep on one side (data.split_by): the photo, or its scene."""
+        return self._groups().unit(self.split_by)[sample.image]
+
+    def scene_of(self, sample: Sample) -> str:
+        return self._groups().scene_of[sample.image]
+
+    def unseen(self, split: str) -> list[bool]:
+        """Per image of `split`: no copy and no look-alike of it in train (seglab.data.groups)."""
+        seen = self._groups().seen_in([s.image for s in self.splits["train"]])
+        return [self.group_of(s) not in seen for s in self.splits[split]]
+
+    def near_counts(self, splits: dict[str, list[Sample]] | None = None) -> dict[str, int]:
+        """Images of a later split with a copy or a look-alike in an earlier one (leak_counts counts copies)."""
+        splits = self.splits if splits is None else splits
+        groups = self._groups()
+        seen = {s: groups.seen_in([x.image for x in splits.get(s, [])]) for s in SPLITS[:2]}
+        return {f"{later}_near_{earlier}": sum(self.group_of(x) in seen[earlier] for x in splits.get(later, []))
+                for earlier, later in (("train", "val"), ("train", "test"), ("val", "test"))}
+
+    def neighbours(self, unit) -> dict[str, set[str]] | None:
+        """Look-alike links between scenes where the splits keep scenes together (data.split_by=scene)."""
+        return self._groups().neighbours("scene") if unit == self.unit_of and self.split_by == "scene" else None
+
+    def fold_splits(self, unit) -> dict[str, list[Sample]]:
+        """Cross-validation: every image pooled, cv_folds folds by unit, fold cv_fold held out as test; val split
+        off the rest by unit, at the share data.split_ratios gives val beside train."""
+        source, key = self._source(), (lambda s: str(s.image))
+        pooled = [s for split in source.samples.values() for s in split]
+        near = self.neighbours(unit)
+        folds = fold_items(pooled, self.cv_folds, self.split_seed, key=key, group_of=unit, neighbours=near)
+        rest = [s for i, fold in enumerate(folds) if i != self.cv_fold for s in fold]
+        train_share, val_share, _ = self.split_ratios
+        n_val = max(1, round(len(rest) * val_share / max(train_share + val_share, 1e-9)))
+        val, train = carve(rest, n_val, self.split_seed, key=key, group_of=unit, neighbours=near)
+        return {"train": train, "val": val, "test": folds[self.cv_fold]}
+
     def make_splits(self, group_of=None) -> tuple[dict[str, list[Sample]], dict[str, dict[str, list[str]]]]:
         """The train/val/test samples and the export's photos found in several of its own splits. Every split
         seglab makes is by group (group_of: the copy groups; the report passes one group per file to show what
         a split by file would have leaked): the copies of one photo never end up on two sides."""
         source, key = self._source(), (lambda s: str(s.image))
         own, quiet = source.samples, group_of is not None
+        unit = group_of or self.unit_of
         group_of = group_of or self.group_of
+        if self.cv_folds:
+            return self.fold_splits(unit), {}
         if "all" in own or self.resplit:
             pooled = [s for split in own.values() for s in split]
-            return split_items(pooled, self.split_ratios, self.split_seed, key=key, group_of=group_of), {}
+            return split_items(pooled, self.split_ratios, self.split_seed, key=key, group_of=unit,
+                               neighbours=self.neighbours(unit)), {}
         splits = {s: list(own.get(s, [])) for s in SPLITS}
+        # The export's own splits: copies of one photo are moved (data.shared_photos); look-alikes stay where the
+        # user put them, reported (near_counts, the dataset report) and left out of the unseen score.
         splits, shared = resolve_shared(splits, group_of, self.shared_photos, str(source.root),
                                         name=lambda s: self.relative(s.image))
         for missing in ("val", "test"):
@@ -225,11 +290,11 @@ class SegmentationDataModule(pl.LightningDataModule):
                 total = sum(len(v) for v in own.values())
                 n = max(1, round(total * self.split_ratios[1 if missing == "val" else 2]))
                 splits[missing], splits["train"] = carve(splits["train"], n, self.split_seed, key=key,
-                                                         group_of=group_of)
+                                                         group_of=unit, neighbours=self.neighbours(unit))
                 if not quiet:
-                    log.warning("%s has no %s folder: using %d image(s) (%d photo(s)) split off the training "
+                    log.warning("%s has no %s folder: using %d image(s) (%d %s(s)) split off the training "
                                 "data (seed %d) as the %s split.", source.root, missing, len(splits[missing]),
-                                len({group_of(s) for s in splits[missing]}), self.split_seed, missing)
+                                len({unit(s) for s in splits[missing]}), self.split_by, self.split_seed, missing)
         return splits, shared
 
     def leak_counts(self) -> dict[str, int]:
@@ -263,7 +328,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.datasets:
             return  # idempotent: Lightning calls setup for fit and again for test
         source = self._source()
-        check_images(source)
+        self._groups()  # names missing or unreadable images first (check_images)
         self.splits, self.shared_in_export = self.make_splits()
         moved = (f" ({len(self.shared_in_export)} photo(s) found in several of the export's own splits were moved "
                  "into the first of them; data.shared_photos=warn keeps them where they are)"
@@ -273,7 +338,11 @@ class SegmentationDataModule(pl.LightningDataModule):
             copies = {g: [self.relative(p) for p in paths] for g, paths in self._groups().members().items()
                       if len(paths) > 1}
             write_splits(self.splits, self.splits_file, name=lambda s: self.relative(s.image),
-                         groups=copies, shared_in_export=self.shared_in_export)
+                         split_by=self.split_by, cv={"folds": self.cv_folds, "fold": self.cv_fold},
+                         groups=copies, scenes=self._groups().scenes(), shared_in_export=self.shared_in_export,
+                         unseen={s: [self.relative(x.image) for x, u in zip(self.splits[s], self.unseen(s),
+                                                                             strict=True) if u]
+                                 for s in ("val", "test")})
         if source.coco_files:
             masks = build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index, self.num_workers)
             items = {k: [(s.image, masks[s.image]) for s in v] for k, v in self.splits.items()}

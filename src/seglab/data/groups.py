@@ -1,16 +1,26 @@
-"""Which samples are copies of one source photo. Every split seglab makes keeps a group on one side, so a test
-image is never a copy of a training image (RoboFlow's augmentation step writes each training photo 2-3 times).
+"""Which samples are copies of one photo, and which photos look alike. Every split seglab makes keeps a copy
+group on one side, so a test image is never a copy of a training image (RoboFlow's augmentation step writes
+each training photo 2-3 times); look-alikes (consecutive video frames, burst shots) are different photos that
+share most of their pixels: reported, kept together by a split by scene, and left out of the "unseen" score.
 
-Any of these signals puts two files in one group (a union, so copies of copies join too):
+A *copy* is the same photo. Any of these signals puts two files in one copy group (a union, so copies of
+copies join too):
 - names: RoboFlow's `images[].extra.name` (the uploaded file), else the file name before `.rf.`
   (`IMG_1_jpg.rf.<hash>.jpg`), in both export formats;
 - content: identical bytes;
-- look, by a perceptual hash (imagehash's DCT hash of the grayscale image, against each of the 8 flips and
-  quarter turns of the other): re-encoded, resized, flipped, rotated by 90 degrees, brightened, blurred, noisy
-  or grayscale copies, within `hash_distance` of 64 bits;
-- look, by local features (OpenCV's SIFT, matched and checked with an affine RANSAC): cropped, rotated and
-  sheared copies, which move every pixel and defeat a global hash. Needed only where names cannot tell, so
-  `features: auto` runs it when some file has no RoboFlow name.
+- only between files that have no RoboFlow name to go by:
+  - look, by a perceptual hash (imagehash's DCT hash of the grayscale image, against each of the 8 flips and
+    quarter turns of the other): re-encoded, resized, flipped, rotated by 90 degrees, brightened, blurred,
+    noisy or grayscale copies, within `hash_distance` of 64 bits;
+  - look, by local features (OpenCV's SIFT, matched and checked with an affine RANSAC): cropped, rotated and
+    sheared copies, which move every pixel and defeat a global hash. `features: auto` runs it when some file
+    has no RoboFlow name.
+Files with different RoboFlow names are never copies, however alike they look: they were uploaded as two photos.
+
+A *look-alike* is another photo within `lookalike_distance` hash bits (or, for files with a RoboFlow name,
+matched by features). Look-alikes form *scenes*, bounded so that they never chain through a video: copy groups
+are taken in name order and each joins the nearest scene centre within `lookalike_distance` bits, or starts a
+scene of its own; so every photo of a scene is a look-alike of its centre (docs/data.md).
 Fingerprints are cached per file content under <cache_dir>/groups; the feature links per set of files.
 """
 
@@ -39,6 +49,7 @@ log = logging.getLogger(__name__)
 
 ROBOFLOW_MARKER = ".rf."
 FEATURE_MODES = ("auto", True, False)
+SPLIT_UNITS = ("photo", "scene")
 DIHEDRAL = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
             Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
             Image.Transpose.TRANSVERSE)
@@ -61,14 +72,51 @@ FLAT_STD = 2.0
 
 @dataclass
 class Groups:
-    of: dict[Path, str]                     # image path -> group name
+    of: dict[Path, str]                     # image path -> copy group (the photo)
     links: dict[str, int] = field(default_factory=dict)  # signal -> pairs of files it joined
+    scene_of: dict[Path, str] = field(default_factory=dict)  # image path -> scene (look-alike cluster)
+    lookalikes: dict[str, set[str]] = field(default_factory=dict)  # copy group -> its look-alike groups
+
+    def __post_init__(self) -> None:
+        for path, group in self.of.items():
+            self.scene_of.setdefault(path, group)
 
     def members(self) -> dict[str, list[Path]]:
         out: dict[str, list[Path]] = {}
         for path, group in sorted(self.of.items()):
             out.setdefault(group, []).append(path)
         return out
+
+    def scenes(self) -> dict[str, list[str]]:
+        """Scene -> its copy groups, for scenes of more than one photo."""
+        out: dict[str, set[str]] = {}
+        for path, scene in self.scene_of.items():
+            out.setdefault(scene, set()).add(self.of[path])
+        return {k: sorted(v) for k, v in sorted(out.items()) if len(v) > 1}
+
+    def unit(self, by: str) -> dict[Path, str]:
+        """What a split keeps on one side: the copy groups ("photo") or the scenes ("scene")."""
+        if by not in SPLIT_UNITS:
+            raise SeglabError(f"data.split_by={by!r} is not one of {SPLIT_UNITS}.")
+        return self.of if by == "photo" else self.scene_of
+
+    def neighbours(self, by: str) -> dict[str, set[str]]:
+        """Look-alike links between the units of `by` (photos or scenes), for splits that keep neighbours together."""
+        unit = self.unit(by)
+        of_group = {self.of[p]: unit[p] for p in self.of}
+        out: dict[str, set[str]] = {}
+        for group, near in self.lookalikes.items():
+            for other in near:
+                if of_group[group] != of_group[other]:
+                    out.setdefault(of_group[group], set()).add(of_group[other])
+        return out
+
+    def seen_in(self, paths) -> set[str]:
+        """Copy groups that `paths` hold, or that are look-alikes of them or share their scene."""
+        groups = {self.of[p] for p in paths}
+        scenes = {self.scene_of[p] for p in paths}
+        near = {n for g in groups for n in self.lookalikes.get(g, ())}
+        return groups | near | {g for p, g in self.of.items() if self.scene_of[p] in scenes}
 
 
 def normalised(name: str) -> str:
@@ -178,8 +226,9 @@ def fingerprints(paths: Sequence[Path], features: bool, cache: Path, workers: in
     return [index[k] for k in keys]
 
 
-def hash_links(variants: np.ndarray, distance: int) -> list[tuple[int, int]]:
-    """Pairs (i < j) whose hashes are within `distance` bits under some flip or quarter turn. variants: (n, 8)."""
+def hash_links(variants: np.ndarray, distance: int) -> list[tuple[int, int, int]]:
+    """Pairs (i < j, bits) whose hashes are within `distance` bits under some flip or quarter turn.
+    variants: (n, 8)."""
     n = len(variants)
     pairs = []
     for start in range(0, n, 256):
@@ -187,8 +236,19 @@ def hash_links(variants: np.ndarray, distance: int) -> list[tuple[int, int]]:
         bits = np.bitwise_count(block).reshape(len(block), n, len(DIHEDRAL)).min(axis=2)
         for a, b in zip(*np.nonzero(bits <= distance), strict=True):
             if start + a < b:
-                pairs.append((int(start + a), int(b)))
+                pairs.append((int(start + a), int(b), int(bits[a, b])))
     return pairs
+
+
+def bounded_scenes(groups: list[str], near: dict[str, dict[str, int]]) -> dict[str, str]:
+    """Copy group -> scene. Groups in name order each join the nearest existing centre among their look-alikes
+    (ties: the earlier centre), else become a centre: every member is a look-alike of its scene's centre, so a
+    scene never chains through a video however alike each frame is to the next."""
+    scene: dict[str, str] = {}
+    for group in sorted(groups):
+        centres = [(bits, centre) for centre, bits in near.get(group, {}).items() if scene.get(centre) == centre]
+        scene[group] = min(centres)[1] if centres else group
+    return scene
 
 
 def affine_inliers(a: dict, b: dict, mirror: bool, matcher) -> int:
@@ -271,12 +331,14 @@ def cached_feature_links(shas: list[str], cache: Path, min_inliers: int) -> list
 
 def group_samples(samples: Sequence[Sample], cache: Path, root: Path | None = None, names: bool = True,
                   hash_distance: int | None = 4, features: str | bool = "auto", min_inliers: int = 20,
-                  workers: int = 1) -> Groups:
-    """Groups of `samples`; a group without a RoboFlow name is named after its first file (relative to root)."""
+                  lookalike_distance: int | None = 10, workers: int = 1) -> Groups:
+    """Copy groups and scenes of `samples`; a group without a RoboFlow name is named after its first file
+    (relative to root)."""
     if features not in FEATURE_MODES:
         raise SeglabError(f"data.groups.features={features!r} is not one of auto, true, false.")
-    if hash_distance is not None and not 0 <= int(hash_distance) <= 64:
-        raise SeglabError(f"data.groups.hash_distance={hash_distance} must be 0-64 bits, or null (off).")
+    for key, value in (("hash_distance", hash_distance), ("lookalike_distance", lookalike_distance)):
+        if value is not None and not 0 <= int(value) <= 64:
+            raise SeglabError(f"data.groups.{key}={value} must be 0-64 bits, or null (off).")
     samples = sorted(samples, key=lambda s: str(s.image))
     keys = [name_key(s) if names else None for s in samples]
     use_features = features is True or features == "auto" and any(k is None for k in keys)
@@ -290,13 +352,24 @@ def group_samples(samples: Sequence[Sample], cache: Path, root: Path | None = No
     for signal, values in (("name", keys), ("content", [f["sha1"] for f in found])):
         first: dict[str, int] = {}
         join(signal, ((first.setdefault(v, i), i) for i, v in enumerate(values) if v is not None))
-    if hash_distance is not None:
+    # Look is evidence of a copy only where no RoboFlow name tells: otherwise it makes a look-alike.
+    unnamed = [k is None for k in keys]
+    near_pairs: list[tuple[int, int, int]] = []
+    widest = max((int(d) for d in (hash_distance, lookalike_distance) if d is not None), default=None)
+    if widest is not None:
         hashed = [i for i, f in enumerate(found) if f["phash"] is not None]
         variants = np.array([[int(h, 16) for h in found[i]["phash"]] for i in hashed], np.uint64)
-        join("hash", ((hashed[a], hashed[b]) for a, b in hash_links(variants.reshape(-1, len(DIHEDRAL)),
-                                                                     int(hash_distance))))
+        pairs = [(hashed[a], hashed[b], bits) for a, b, bits in
+                 hash_links(variants.reshape(-1, len(DIHEDRAL)), widest)]
+        if hash_distance is not None:
+            join("hash", ((a, b) for a, b, bits in pairs if bits <= int(hash_distance) and unnamed[a] and unnamed[b]))
+        if lookalike_distance is not None:
+            near_pairs += [p for p in pairs if p[2] <= int(lookalike_distance)]
     if use_features:
-        join("features", cached_feature_links([f["sha1"] for f in found], cache, min_inliers))
+        matched = cached_feature_links([f["sha1"] for f in found], cache, min_inliers)
+        join("features", ((a, b) for a, b in matched if unnamed[a] and unnamed[b]))
+        if lookalike_distance is not None:
+            near_pairs += [(a, b, int(lookalike_distance)) for a, b in matched]
 
     # A group is named after its RoboFlow name when it has one, else after its first file's path (names never
     # hold a dot, so the two kinds cannot collide).
@@ -309,4 +382,14 @@ def group_samples(samples: Sequence[Sample], cache: Path, root: Path | None = No
         first = samples[indices[0]].image
         label = named[0] if named else str(first.relative_to(root) if root and first.is_relative_to(root) else first)
         of.update({samples[i].image: label for i in indices})
-    return Groups(of, links)
+
+    near: dict[str, dict[str, int]] = {}
+    for a, b, bits in near_pairs:
+        ga, gb = of[samples[a].image], of[samples[b].image]
+        if ga != gb:
+            for x, y in ((ga, gb), (gb, ga)):
+                near.setdefault(x, {})[y] = min(bits, near.get(x, {}).get(y, bits))
+    links["look-alike"] = sum(len(v) for v in near.values()) // 2
+    scene = bounded_scenes(sorted(set(of.values())), near)
+    return Groups(of, links, {path: scene[group] for path, group in of.items()},
+                  {g: set(v) for g, v in near.items()})

@@ -1,5 +1,5 @@
-"""Seeded train/val/test splits by group (the copies of one photo stay on one side), written into the run
-folder so every run can be audited."""
+"""Seeded train/val/test splits and k folds by group (the copies of one photo, or a scene of look-alikes, stay
+on one side), written into the run folder so every run can be audited."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable, Hashable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 from seglab.errors import SeglabError
@@ -51,6 +52,30 @@ def shuffled_groups(items: Sequence, group_of: Callable[[object], Hashable], see
     return shuffled(list(groups.values()), seed, key=lambda g: key(g[0]))
 
 
+def stretches(groups: list[list], group_of: Callable[[object], Hashable],
+              neighbours: Mapping[Hashable, set] | None) -> list[list]:
+    """The groups reordered so that look-alike neighbours follow each other: from the first group, breadth-first
+    through `neighbours` (in the seeded order), then on from the next group not reached. A split that takes
+    leading groups then takes a stretch of a video, which meets the rest of it only at its two ends, instead of
+    scenes scattered along it, each beside a training frame."""
+    if not neighbours:
+        return groups
+    position = {group_of(g[0]): i for i, g in enumerate(groups)}
+    order, reached = [], set()
+    for start in range(len(groups)):
+        if start in reached:
+            continue
+        queue, reached = deque([start]), reached | {start}
+        while queue:
+            i = queue.popleft()
+            order.append(groups[i])
+            for j in sorted(position[n] for n in neighbours.get(group_of(groups[i][0]), ()) if n in position):
+                if j not in reached:
+                    reached.add(j)
+                    queue.append(j)
+    return order
+
+
 def take(groups: list[list], target: int) -> int:
     """How many of the leading groups to take so that their items come closest to `target` (at least one
     group when the target is not 0)."""
@@ -63,9 +88,12 @@ def take(groups: list[list], target: int) -> int:
 
 
 def split_items(items: Sequence, ratios: Sequence[float], seed: int, key=str,
-                group_of: Callable[[object], Hashable] | None = None) -> dict[str, list]:
-    """train/val/test by group, each as close to its ratio as whole groups allow."""
-    groups = shuffled_groups(items, group_of or key, seed, key)
+                group_of: Callable[[object], Hashable] | None = None,
+                neighbours: Mapping[Hashable, set] | None = None) -> dict[str, list]:
+    """train/val/test by group, each as close to its ratio as whole groups allow (neighbouring groups together:
+    stretches)."""
+    group_of = group_of or key
+    groups = stretches(shuffled_groups(items, group_of, seed, key), group_of, neighbours)
     out = {}
     for split, target in zip(SPLITS[:2], split_sizes(len(items), ratios)[:2], strict=True):
         count = take(groups, target)
@@ -74,10 +102,25 @@ def split_items(items: Sequence, ratios: Sequence[float], seed: int, key=str,
     return out
 
 
-def carve(items: Sequence, n: int, seed: int, key=str, group_of: Callable[[object], Hashable] | None = None
-          ) -> tuple[list, list]:
+def fold_items(items: Sequence, folds: int, seed: int, key=str, group_of: Callable[[object], Hashable] | None = None,
+               neighbours: Mapping[Hashable, set] | None = None) -> list[list]:
+    """`folds` folds by group, each as close to an equal share as whole groups allow (neighbouring groups
+    together: stretches)."""
+    group_of = group_of or key
+    groups = stretches(shuffled_groups(items, group_of, seed, key), group_of, neighbours)
+    out = []
+    for fold in range(folds - 1):
+        count = take(groups, round(sum(map(len, groups)) / (folds - fold)))
+        out.append([x for g in groups[:count] for x in g])
+        groups = groups[count:]
+    return [*out, [x for g in groups for x in g]]
+
+
+def carve(items: Sequence, n: int, seed: int, key=str, group_of: Callable[[object], Hashable] | None = None,
+          neighbours: Mapping[Hashable, set] | None = None) -> tuple[list, list]:
     """About n items (whole groups, at least one) split off `items`: (carved, rest)."""
-    groups = shuffled_groups(items, group_of or key, seed, key)
+    group_of = group_of or key
+    groups = stretches(shuffled_groups(items, group_of, seed, key), group_of, neighbours)
     count = take(groups, n)
     return [x for g in groups[:count] for x in g], [x for g in groups[count:] for x in g]
 
@@ -120,6 +163,14 @@ def resolve_shared(splits: dict[str, list], group_of: Callable[[object], Hashabl
             if split != first:
                 out[split] = [x for x in out[split] if group_of(x) != group]
                 out[first] += items
+    for split in SPLITS[1:]:
+        before, after = len(splits.get(split, [])), len(out.get(split, []))
+        if after < before / 2:
+            raise SeglabError(
+                f"data.shared_photos=move would leave the {split} split of {where} with {after} of its {before} "
+                f"images (the others have copies in an earlier split; e.g. {examples}). Choose "
+                "data.shared_photos=warn to keep the export's split (scores optimistic), or data.resplit=true "
+                "to split it again by photo (add data.split_by=scene to keep look-alike frames together).")
     log.warning("%s Moved each photo's copies into the first of those splits (data.shared_photos=move).", message)
     return out, report
 
