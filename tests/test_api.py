@@ -10,7 +10,7 @@ from PIL import Image
 
 from seglab import api
 from seglab.data.masks import load_image
-from seglab.data.report import THUMB
+from seglab.data.sheet import THUMB
 from seglab.errors import SeglabError
 from seglab.models.checkpoint import load_checkpoint
 from seglab.viz import overlay
@@ -148,7 +148,7 @@ def test_report_returns_the_report_and_its_picture_sheet(demo_root, tmp_path):
     assert (result["files"], result["photos"], result["classes"]) == (20, 20, CLASSES)
     assert {s: v["files"] for s, v in result["splits"].items()} == {"train": 16, "val": 2, "test": 2}
     assert result["text"] == (tmp_path / "report" / "report.md").read_text()
-    assert "| train | 16 | 16 | 0 |" in result["text"]
+    assert "| train | 16 | 16 | 16 | 0 | - |" in result["text"]  # files, photos, scenes, copies, unseen
     assert json.loads((tmp_path / "report" / "report.json").read_text())["splits"] == result["splits"]
     with Image.open(result["sheet"]) as sheet:
         assert sheet.width == 2 * THUMB * 2 + 30  # two columns of image | mask pairs, 10 px margins

@@ -6,12 +6,13 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [  # lowest first; a module may import its own layer and the ones below
-    ("seglab.errors", "seglab.atomic", "seglab.runtime", "seglab.viz", "seglab.config", "seglab.tables"),
+    ("seglab.errors", "seglab.atomic", "seglab.runtime", "seglab.viz", "seglab.config", "seglab.tables",
+     "seglab.metrics"),
     ("seglab.data",),
     ("seglab.models",),
     ("seglab.inference", "seglab.callbacks"),
-    ("seglab.train", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.leaderboard", "seglab.compare",
-     "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
+    ("seglab.train", "seglab.crossval", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.leaderboard",
+     "seglab.compare", "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
 ]
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.functional.classification import multiclass_jaccard_index
 
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.errors import SeglabError
 from seglab.inference import Predictor, TorchModel, module_meta
+from seglab.metrics import METHOD, image_confusions, interval_text, save_per_image, scores, units_text, with_unseen
 from seglab.models.checkpoint import load_checkpoint
 from seglab.models.module import SegmentationModule, segmentation_metrics
 from seglab.models.trivial import describe, diagnose
@@ -113,20 +113,28 @@ def format_table(result: dict) -> str:
         return "     -" if value is None else f"{value:6.4f}"
 
     columns = ("IoU", "Dice", "precision", "recall")
-    lines = [f"  {'class':<{width}}  " + "  ".join(f"{c:>9}" for c in columns) + f"  {'pixels':>7}"]
+    uncertainty = result["uncertainty"]
+    lines = [f"  {'class':<{width}}  " + "  ".join(f"{c:>9}" for c in columns) + f"  {'pixels':>7}  IoU 95 % interval"]
     for name, r in result["per_class"].items():
         lines.append(f"  {name:<{width}}  " + "  ".join(f"   {fmt(r[c])}" for c in columns)
-                     + f"  {100 * r['pixel_share']:6.2f}%")
+                     + f"  {100 * r['pixel_share']:6.2f}%  {interval_text(uncertainty['IoU'][name])}")
+    unseen = uncertainty["unseen"]
     lines += [
         "",
-        f"  mIoU {result['mIoU']:.4f} (without background {result['mIoU_no_background']:.4f})   "
-        f"mean acc {result['mAcc']:.4f}   pixel acc {result['pixel_acc']:.4f}",
+        f"  mIoU {interval_text(uncertainty['mIoU'])} over {units_text(uncertainty['images'], uncertainty['units'])} "
+        f"(95 % bootstrap; without background {result['mIoU_no_background']:.4f})",
+        f"  unseen mIoU {interval_text(unseen['mIoU'])} on the {unseen['images']} images with no copy or look-alike "
+        "in train" if unseen["images"] else
+        f"  unseen mIoU: none of the {uncertainty['images']} images is unseen (each has a copy or look-alike in "
+        "train); for an honest split: data.resplit=true data.split_by=scene",
+        f"  mean acc {interval_text(uncertainty['mAcc'])}   pixel acc {interval_text(uncertainty['pixel_acc'])}",
         f"  mDice {result['mDice']:.4f} (without background {result['mDice_no_background']:.4f})   "
         f"mean precision {result['mPrecision']:.4f}   mean recall {result['mRecall']:.4f} (= mean acc)",
     ]
     trivial = result["diagnosis"]["trivial"]
     if trivial:
-        lines.append(f"  predicting {trivial['class']} everywhere: mIoU {trivial['mIoU']:.4f}   mean acc "
+        lines.append(f"  predicting {trivial['class']} everywhere: mIoU "
+                     f"{interval_text(uncertainty.get('trivial', {}).get('mIoU'))}   mean acc "
                      f"{trivial['mAcc']:.4f}   pixel acc {trivial['pixel_acc']:.4f}")
     lines += [f"  {line}" for line in describe(result["diagnosis"])]
     return "\n".join(lines)
@@ -176,7 +184,7 @@ def evaluate(cfg: DictConfig) -> dict:
     predictor = Predictor(TorchModel(module, device), module_meta(module), **cfg.inference)
 
     metrics = segmentation_metrics(n, ignore)
-    image_iou, modes = [], {}
+    confusions, modes = [], {}
     log.info("Evaluating %s on the %s split (%d images) at %s", cfg.ckpt_path, cfg.split, len(dataset),
              RESOLUTIONS[cfg.resolution])
     module.inference = {**module.inference, **OmegaConf.to_container(cfg.inference)}  # as the Predictor
@@ -185,8 +193,15 @@ def evaluate(cfg: DictConfig) -> dict:
                  else original_resolution_pairs(predictor, dataset, modes))
         for pred, target in pairs:
             metrics.update(pred[None], target[None])
-            image_iou.append(float(multiclass_jaccard_index(
-                pred, target, n, average="macro", ignore_index=ignore, validate_args=False)))
+            confusions.append(image_confusions(pred[None], target[None], n, ignore)[0].cpu().numpy())
+    confusions = np.stack(confusions) if confusions else np.zeros((0, n, n), np.int64)
+    image_iou = [float(v) for v in scores(confusions)["mIoU"]]
+    samples = datamodule.splits[cfg.split]
+    per_image = {"confusion": confusions, "images": [datamodule.relative(s.image) for s in samples],
+                 "units": [datamodule.scene_of(s) for s in samples],
+                 # Training images are seen by definition; val/test: no copy or look-alike in train.
+                 "unseen": datamodule.unseen(cfg.split) if cfg.split != "train" else [False] * len(samples)}
+    save_per_image(out / "per_image.npz", **{cfg.split: per_image})
 
     values = metrics.compute()
     counts = values["confmat"].numpy()
@@ -210,6 +225,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "mPrecision": float(values["mPrecision"]),
         "mRecall": float(values["mRecall"]),
         "per_class": per_class,
+        # The scores with their 95 % intervals, on all images and on those with no copy or look-alike in train.
+        "uncertainty": {"method": METHOD, **with_unseen(confusions, per_image["units"], per_image["unseen"], names)},
         "class_names": names,
         # What predicting the split's most frequent class everywhere scores, and flags (seglab.models.trivial).
         "diagnosis": diagnose(counts, names, float(values["mIoU"])),
@@ -222,8 +239,8 @@ def evaluate(cfg: DictConfig) -> dict:
     image_names = [p.name for p, _ in dataset.items]
     with (out / "per_image.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["image", "mIoU"])
-        writer.writerows(zip(image_names, image_iou, strict=True))
+        writer.writerow(["image", "mIoU", "scene", "unseen"])
+        writer.writerows(zip(image_names, image_iou, per_image["units"], per_image["unseen"], strict=True))
 
     overlays = out / "overlays"
     overlays.mkdir(exist_ok=True)

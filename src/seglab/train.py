@@ -21,9 +21,11 @@ from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.plugins.environments import LightningEnvironment
 
+from seglab import crossval
 from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.data.report import build_report, write_summary
 from seglab.errors import SeglabError
+from seglab.metrics import METHOD, interval_text, save_per_image, units_text, with_unseen
 from seglab.models.losses import build_criterion
 from seglab.models.module import SegmentationModule
 from seglab.models.trivial import describe, diagnose
@@ -248,6 +250,51 @@ def exact_test_metrics(cfg: DictConfig, trainer: pl.Trainer, module: Segmentatio
     return tester.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
 
 
+def split_scores(module: SegmentationModule, datamodule, best_epoch: int | None, single_process: bool, out: Path
+                 ) -> dict:
+    """Test (and the best epoch's validation) scores with their intervals, on all images and on the unseen ones,
+    from the per-image confusion matrices, which go into per_image.npz (seglab.metrics)."""
+    confusions = {"test": module.image_confusion.get("test"),
+                  "val": module.val_image_confusion.get(best_epoch) if single_process else None}
+    found = {}
+    for split, confusion in confusions.items():
+        if confusion is None:
+            continue
+        samples = datamodule.splits[split][: len(confusion)]  # trainer.limit_*_batches scores the first ones
+        found[split] = {"confusion": confusion, "images": [datamodule.relative(s.image) for s in samples],
+                        "units": [datamodule.scene_of(s) for s in samples],
+                        "unseen": datamodule.unseen(split)[: len(confusion)]}
+    save_per_image(out / "per_image.npz", **found)
+    return {"method": METHOD, **{split: with_unseen(d["confusion"], d["units"], d["unseen"], datamodule.class_names)
+                                 for split, d in found.items()}}
+
+
+def score_rows(uncertainty: dict, best: dict) -> list[tuple[str, str]]:
+    """The summary's lines for the scores: each with its interval and on how many images; the unseen score."""
+    test = uncertainty.get("test")
+    val = uncertainty.get("val")
+    rows = [("val mIoU", interval_text(val["mIoU"]) + f" ({val['images']} images, best epoch)" if val
+             else f"{best.get('val/mIoU', math.nan):.3f}")]
+    if not test:
+        return rows
+    trivial = test.get("trivial", {})
+    rows += [
+        ("test mIoU", f"{interval_text(test['mIoU'])} over {units_text(test['images'], test['units'])} "
+                      f"(95 % bootstrap; predicting {trivial.get('class', '?')} everywhere: "
+                      f"{interval_text(trivial.get('mIoU'))})"),
+        ("test IoU", ", ".join(f"{name} {interval_text(v)}" for name, v in test["IoU"].items())),
+    ]
+    unseen = test["unseen"]
+    if unseen["images"]:
+        rows.append(("unseen test mIoU", f"{interval_text(unseen['mIoU'])} on the {unseen['images']} of "
+                                         f"{test['images']} test images with no copy or look-alike in train"))
+    else:
+        rows.append(("unseen test mIoU", f"none: every one of the {test['images']} test images has a copy or a "
+                                         "look-alike in train (video frames?); for test images the model never saw "
+                                         "anything like: data.resplit=true data.split_by=scene"))
+    return rows
+
+
 def refuse_existing_run(out: Path) -> None:
     """A new run never writes into another run's folder (seglab.api checks before it writes the config there)."""
     if (out / "metrics.json").exists() or (out / "checkpoints").exists():
@@ -257,7 +304,10 @@ def refuse_existing_run(out: Path) -> None:
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler=None) -> dict:
     """The run: fit, test the best checkpoint, write metrics.json. `extra_callbacks` and `profiler` are for
-    seglab.bench, which times a real run from the inside."""
+    seglab.bench, which times a real run from the inside. With cv.folds and no cv.fold: one run per fold and
+    their summary (seglab.crossval)."""
+    if crossval.requested(cfg):
+        return crossval.cross_validate(cfg, lambda fold_cfg: train(fold_cfg, extra_callbacks, profiler))
     started = time.time()
     resume_from = None
     if cfg.get("resume"):
@@ -291,9 +341,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         # The dataset report (python -m seglab.data.report) in the run folder: files vs photos, copies, leaks.
         report = build_report(datamodule)
         write_summary(report, out)
-        leaks = report["leaks"]["used"]
+        leaks, near = report["leaks"]["used"], report["lookalikes"]["used"]
         data_line = (f"{report['files']} files of {report['photos']} photos; val/test images sharing a photo with "
-                     f"train: {leaks['val_with_copy_in_train']}/{leaks['test_with_copy_in_train']} "
+                     f"train: {leaks['val_with_copy_in_train']}/{leaks['test_with_copy_in_train']}, with a copy or "
+                     f"look-alike there: {near['val_near_train']}/{near['test_near_train']} "
                      f"(report.md in the run folder)")
         print(f"seglab data: {data_line}", flush=True)
     module = build_module(cfg, datamodule)
@@ -317,6 +368,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     test_miou = float(test.get("test/mIoU", math.nan))
     diagnosis = diagnose(module.confusion["test"].numpy(), datamodule.class_names, test_miou) \
         if "test" in module.confusion else {}
+    uncertainty = split_scores(module, datamodule, best.get("epoch"), trainer.world_size == 1, out)
+    if datamodule.cv_folds:
+        crossval.write_heldout(module, datamodule, out / "heldout")
     metrics = {
         "status": "ok",
         "best_epoch": best.get("epoch"),
@@ -327,10 +381,15 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         "runtime": runtime,
         "best_val": {k: v for k, v in best.items() if k != "epoch"},
         "test": {k: float(v) for k, v in test.items()},
+        # The scores with their 95 % intervals, on all images and on those with no copy or look-alike in train.
+        "uncertainty": uncertainty,
         # What predicting the test split's most frequent class everywhere scores, and flags (seglab.models.trivial).
         "diagnosis": diagnosis,
         "training_loss_check": module.loss_check,
         "leaks": datamodule.leak_counts(),
+        "lookalikes": datamodule.near_counts(),
+        "cv": {"folds": datamodule.cv_folds, "fold": datamodule.cv_fold, "by": datamodule.split_by}
+        if datamodule.cv_folds else None,
         "checkpoint": best_path,
         "last_checkpoint": str(Path(best_path).with_name("last.ckpt")) if best_path else "",
         "class_names": datamodule.class_names,
@@ -354,12 +413,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     rows = [
         ("best epoch", f"{metrics['best_epoch']} (by {cfg.monitor.metric}, {cfg.monitor.mode})"),
         ("val loss", f"{best.get('val/loss', math.nan):.4f}"),
-        ("val mIoU", f"{best.get('val/mIoU', math.nan):.4f}"),
-        ("test mIoU", f"{test_miou:.4f} (predicting {diagnosis.get('trivial', {}).get('class', '?')} everywhere: "
-                      f"{diagnosis.get('trivial', {}).get('mIoU', math.nan):.4f})"),
-        ("test mean Dice", f"{metrics['test'].get('test/mDice', math.nan):.4f}"),
-        ("test mean acc", f"{metrics['test'].get('test/mAcc', math.nan):.4f}"),
-        ("test pixel acc", f"{metrics['test'].get('test/pixel_acc', math.nan):.4f}"),
+        *score_rows(uncertainty, best),
+        ("test mean Dice", f"{metrics['test'].get('test/mDice', math.nan):.3f}"),
+        ("test mean acc", interval_text(uncertainty.get("test", {}).get("mAcc"))),
+        ("test pixel acc", interval_text(uncertainty.get("test", {}).get("pixel_acc"))),
         ("train images/s", f"{metrics['train_images_per_s'] or math.nan:.1f}"),
         ("training loss", loss_check_line(module.loss_check)),
         ("data", data_line),

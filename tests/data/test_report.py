@@ -9,7 +9,9 @@ from helpers import annotation, rectangle, write_coco
 from PIL import Image
 
 from seglab.data.datamodule import SegmentationDataModule
-from seglab.data.report import annotation_checks, build_report, format_report, main, sheet_picks
+from seglab.data.report import annotation_checks, build_report, format_report, main
+from seglab.data.sheet import sheet_picks
+from seglab.metrics import interval_text
 from seglab.data.sources import discover
 from seglab.data.synthetic import generate_dataset
 
@@ -66,7 +68,15 @@ def test_report_counts_files_photos_leaks_and_class_pixels(export, tmp_path):
                                               for i, c in enumerate(dm.class_names) if i}
         assert split[name]["without_objects"] == [dm.relative(s.image) for s, m in
                                                   zip(dm.splits[name], masks, strict=True) if not m.any()]
+        # The trivial model's mIoU (the majority class everywhere) from the same pixels, with its interval.
+        trivial = split[name]["trivial"]
+        present = int((pixels > 0).sum())
+        assert trivial["class"] == dm.class_names[int(pixels.argmax())]
+        assert trivial["mIoU"]["value"] == pytest.approx(pixels.max() / pixels.sum() / present)
+        assert trivial["mIoU"]["low"] <= trivial["mIoU"]["value"] <= trivial["mIoU"]["high"]
     text = format_report(report)
+    assert f"Predicting {split['test']['trivial']['class']} everywhere scores test mIoU " \
+        f"{interval_text(split['test']['trivial']['mIoU'])}" in text
     assert "| seglab's splits (used) | 0 | 0 | 0 |" in text
     assert "| the export's own folders, as exported | 1 | 1 | 1 |" in text
     assert re.search(r"- img_0000_jpg: train: .*; val: valid/img_0000_jpg\.rf\.[0-9a-f]+\.jpg; test: ", text)

@@ -16,10 +16,7 @@ annotations that are degenerate, reach outside their image or overlap; images wi
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
-import io
 import json
 import logging
 import sys
@@ -27,20 +24,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from seglab.atomic import replacing
 from seglab.data.masks import annotation_rle
+from seglab.data.sheet import picture_sheet, write_html
 from seglab.data.splits import SPLITS, leak_counts
 from seglab.data.transforms import class_counts
 from seglab.errors import SeglabError
-from seglab.viz import overlay
+from seglab.metrics import interval_text, summarise, trivial_confusions
 
 log = logging.getLogger(__name__)
 
-SHEET_IMAGES = 12
-THUMB = 320          # long side of a picture-sheet tile
 OUTSIDE_TOLERANCE = 1.0  # px: polygon points this far past the image's edge count as outside
 
 
@@ -146,10 +142,14 @@ def build_report(datamodule) -> dict:
                 sizes.append(sample.size)
         photos = {datamodule.group_of(s) for s in splits[split]}
         labelled = max(int(pixels[: len(names)].sum()), 1)
+        units = [datamodule.scene_of(s) for s in splits[split]]
         per_split[split] = {
             "files": len(splits[split]),
             "photos": len(photos),
+            "scenes": len(set(units)),
             "copies": len(splits[split]) - len(photos),
+            "unseen": sum(datamodule.unseen(split)) if split != "train" else None,
+            "trivial": trivial_baseline(counts, units, names),
             "sizes": size_summary(sizes),
             "pixel_share": {n: float(pixels[i] / labelled) for i, n in enumerate(names)},
             "images_with": {n: int(sum(c[i] > 0 for c in counts)) for i, n in enumerate(names[1:], 1)},
@@ -157,6 +157,7 @@ def build_report(datamodule) -> dict:
                                 if not c[1:len(names)].any()],
         }
     checks = annotation_checks(source, cache) if source.coco_files else {}
+    pairs = lookalike_examples(datamodule)
     multi = {g: [datamodule.relative(p) for p in paths] for g, paths in groups.members().items() if len(paths) > 1}
     return {
         "root": str(datamodule.root),
@@ -167,7 +168,9 @@ def build_report(datamodule) -> dict:
         "splits": per_split,
         "files": sum(v["files"] for v in per_split.values()),
         "photos": len({g for g in groups.of.values()}),
-        "copies_found_by": groups.links,
+        "scenes": len(set(groups.scene_of.values())),
+        "copies_found_by": {k: v for k, v in groups.links.items() if k != "look-alike"},
+        "lookalike_pairs": groups.links.get("look-alike", 0),
         "largest_group": max((len(v) for v in multi.values()), default=1),
         "leaks": {
             "used": datamodule.leak_counts(),
@@ -176,6 +179,14 @@ def build_report(datamodule) -> dict:
             "by_file": leak_counts(by_file_splits(datamodule), datamodule.group_of) if seglab_splits(datamodule)
             else {},
         },
+        # Images with a copy or a look-alike in an earlier split (seglab.data.groups): never moved, reported.
+        "lookalikes": {
+            "used": datamodule.near_counts(),
+            "export_splits": datamodule.near_counts({s: source.samples.get(s, []) for s in SPLITS})
+            if "all" not in source.samples else {},
+            "examples": [{k: v for k, v in pair.items() if not k.startswith("_")} for pair in pairs],
+        },
+        "_lookalike_pairs": pairs,  # (split, index) of each side, for the picture sheet
         "shared_in_export": datamodule.shared_in_export,
         "shared_photos_policy": datamodule.shared_photos,
         "annotations": {kind: {datamodule.relative(Path(k)): v for k, v in found.items()}
@@ -185,6 +196,36 @@ def build_report(datamodule) -> dict:
     }
 
 
+def trivial_baseline(counts: list[np.ndarray], units: list[str], names: list[str]) -> dict:
+    """Predicting the split's most frequent class everywhere, from each image's class pixels: its mIoU with the
+    interval of the images drawn (seglab.metrics), the line any model must rise above."""
+    if not counts:
+        return {}
+    pixels = np.asarray(counts)[:, : len(names)]
+    confusions = np.zeros((len(pixels), len(names), len(names)), np.int64)
+    confusions[:, np.arange(len(names)), np.arange(len(names))] = pixels
+    majority, trivial = trivial_confusions(confusions)
+    return {"class": names[majority], "mIoU": summarise(trivial, units, names)["mIoU"]}
+
+
+def lookalike_examples(datamodule, count: int = 10) -> list[dict]:
+    """Val/test images with a look-alike (not a copy) in train, each beside one such training image."""
+    groups = datamodule.groups
+    train_files: dict[str, tuple[int, str]] = {}
+    for i, sample in enumerate(datamodule.splits["train"]):
+        train_files.setdefault(datamodule.group_of(sample), (i, datamodule.relative(sample.image)))
+    out = []
+    for split in ("val", "test"):
+        for i, sample in enumerate(datamodule.splits[split]):
+            group = datamodule.group_of(sample)
+            near = sorted(g for g in groups.lookalikes.get(group, ()) if g in train_files)
+            if group not in train_files and near and len(out) < count:
+                index, name = train_files[near[0]]
+                out.append({"split": split, "image": datamodule.relative(sample.image), "train": name,
+                            "_at": (split, i), "_train_at": ("train", index)})
+    return out
+
+
 def seglab_splits(datamodule) -> bool:
     own = datamodule.source.samples
     return "all" in own or datamodule.resplit or not (own.get("val") and own.get("test"))
@@ -192,13 +233,17 @@ def seglab_splits(datamodule) -> bool:
 
 def split_origin(datamodule) -> str:
     own = datamodule.source.samples
+    by = datamodule.split_by
+    if datamodule.cv_folds:
+        return (f"every image pooled into {datamodule.cv_folds} folds by {by}, fold {datamodule.cv_fold} held out as "
+                f"test (seed {datamodule.split_seed})")
     if "all" in own:
-        return f"one annotation file, split {datamodule.split_ratios} by photo (seed {datamodule.split_seed})"
+        return f"one annotation file, split {datamodule.split_ratios} by {by} (seed {datamodule.split_seed})"
     if datamodule.resplit:
-        return f"the export's folders pooled (data.resplit=true), split {datamodule.split_ratios} by photo"
+        return f"the export's folders pooled (data.resplit=true), split {datamodule.split_ratios} by {by}"
     carved = [s for s in ("val", "test") if not own.get(s)]
     text = "the export's own train/valid/test folders"
-    return text + (f"; {' and '.join(carved)} split off train by photo" if carved else "")
+    return text + (f"; {' and '.join(carved)} split off train by {by}" if carved else "")
 
 
 def export_split_leaks(datamodule) -> dict[str, int]:
@@ -218,16 +263,20 @@ def format_report(report: dict) -> str:
     split = report["splits"]
     lines = [f"# Dataset report: {report['root']}", "",
              f"Layout {report['layout']}; classes {', '.join(names)}; splits: {report['split_source']}.",
-             f"{report['files']} files of {report['photos']} photos. Copies found by "
+             f"{report['files']} files of {report['photos']} photos in {report['scenes']} scenes. Copies found by "
              + ", ".join(f"{k} {v}" for k, v in report["copies_found_by"].items())
-             + f" (links joining files); the largest group has {report['largest_group']} files.", "",
-             "| split | files | photos | copies | long side (min / median / max) | distinct sizes |",
-             "|---|---|---|---|---|---|"]
+             + f" (links joining files); the largest group has {report['largest_group']} files. "
+             f"{report['lookalike_pairs']} pairs of photos look alike (look-alikes: other photos sharing most pixels, "
+             "such as video frames; a scene is a bounded cluster of them).", "",
+             "| split | files | photos | scenes | copies | unseen | long side (min / median / max) | distinct sizes |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in SPLITS:
         sizes = split[s]["sizes"]
-        lines.append(f"| {s} | {split[s]['files']} | {split[s]['photos']} | {split[s]['copies']} | "
-                     f"{sizes.get('long_side_min')} / {sizes.get('long_side_median')} / {sizes.get('long_side_max')} "
-                     f"| {sizes.get('distinct_sizes')} |")
+        unseen = "-" if split[s]["unseen"] is None else split[s]["unseen"]
+        long_sides = " / ".join(str(sizes.get(f"long_side_{k}")) for k in ("min", "median", "max"))
+        lines.append(f"| {s} | {split[s]['files']} | {split[s]['photos']} | {split[s]['scenes']} | "
+                     f"{split[s]['copies']} | {unseen} | {long_sides} | {sizes.get('distinct_sizes')} |")
+    lines.append("\n(unseen: images with no copy and no look-alike in train, scored apart as the unseen score.)")
     lines += ["", "Images that share a photo with an earlier split (a test image with a copy in train is scored "
               "on what the model trained on):", "",
               "| splits | val with a copy in train | test with a copy in train | test with a copy in val |",
@@ -242,6 +291,20 @@ def format_report(report: dict) -> str:
                 f"{leaks[f'{b}_with_copy_in_{a}']}" for a, b in (("train", "val"), ("train", "test"), ("val", "test")))
                 + " |")
     lines.append(f"\n(seglab's splits hold val {sizes['val']}, test {sizes['test']} images.)")
+    lines += ["", "Images with a copy or a look-alike in an earlier split (look-alikes are never moved; they stay "
+              "where the split put them and are left out of the unseen score):", "",
+              "| splits | val near train | test near train | test near val |", "|---|---|---|---|"]
+    for kind in ("used", "export_splits"):
+        near = report["lookalikes"][kind]
+        if near:
+            lines.append(f"| {labels[kind]} | " + " | ".join(
+                str(near[f"{b}_near_{a}"]) for a, b in (("train", "val"), ("train", "test"), ("val", "test"))) + " |")
+    for pair in report["lookalikes"]["examples"][:5]:
+        lines.append(f"- {pair['split']} {pair['image']} looks like train {pair['train']}")
+    trivial = split["test"]["trivial"]
+    if trivial:
+        lines += ["", f"Predicting {trivial['class']} everywhere scores test mIoU {interval_text(trivial['mIoU'])} "
+                  "(95 % bootstrap over the test images by scene): the line a model must rise above."]
     if report["shared_in_export"]:
         lines += ["", f"Photos in more than one of the export's own splits (data.shared_photos="
                   f"{report['shared_photos_policy']}):"]
@@ -268,111 +331,6 @@ def format_report(report: dict) -> str:
     if not report["annotations"] and report["layout"] == "roboflow_masks":
         lines.append("- PNG masks: no annotation checks (they hold one class per pixel).")
     return "\n".join(lines) + "\n"
-
-
-def sheet_picks(report: dict, datamodule, count: int) -> list[tuple[str, int]]:
-    """(split, index) of up to `count` images, rarest class first: for each class from the rarest (fewest
-    pixels overall) on, the images where it covers most, one file per photo."""
-    names = report["classes"]
-    total = np.sum([c for s in SPLITS for c in report["_counts"][s]], axis=0)
-    order = sorted(range(1, len(names)), key=lambda i: total[i])
-    picks, photos = [], set()
-    per_class = max(1, count // max(len(order), 1))
-    for rank, cls in enumerate(order):
-        quota = per_class if rank < len(order) - 1 else count - len(picks)
-        ranked = sorted(((c[cls], s, i) for s in SPLITS for i, c in enumerate(report["_counts"][s]) if c[cls]),
-                        key=lambda t: (-t[0], t[1], t[2]))
-        for _, s, i in ranked:
-            group = datamodule.group_of(datamodule.splits[s][i])
-            if quota <= 0 or len(picks) >= count:
-                break
-            if group not in photos:
-                picks.append((s, i))
-                photos.add(group)
-                quota -= 1
-    return picks
-
-
-def tile(datamodule, split: str, index: int) -> Image.Image:
-    dataset = datamodule.datasets[split]
-    image, mask = dataset.load(index)
-    scale = THUMB / max(image.shape[:2])
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
-    small_mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-    return Image.fromarray(np.concatenate([small, overlay(small, small_mask, datamodule.palette, 0.55,
-                                                          datamodule.ignore_index)], axis=1))
-
-
-def picture_sheet(report: dict, datamodule, count: int = SHEET_IMAGES
-                  ) -> tuple[Image.Image, list[tuple[str, Image.Image]]]:
-    picks = sheet_picks(report, datamodule, count)
-    tiles = [(f"{s}: {datamodule.relative(datamodule.splits[s][i].image)}", tile(datamodule, s, i)) for s, i in picks]
-    columns = 2
-    width = 2 * THUMB * columns + 10 * (columns + 1)
-    row_height = THUMB + 24
-    rows = max(1, -(-len(tiles) // columns))
-    legend = 28
-    sheet = Image.new("RGB", (width, legend + rows * (row_height + 10) + 10), "white")
-    draw = ImageDraw.Draw(sheet)
-    x = 10
-    for name, colour in zip(report["classes"][1:], report["palette"][1:], strict=True):
-        draw.rectangle([x, 8, x + 14, 22], fill=tuple(colour), outline="black")
-        draw.text((x + 20, 9), name, fill="black")
-        x += 30 + 7 * len(name)
-    for k, (caption, picture) in enumerate(tiles):
-        left, top = 10 + (k % columns) * (2 * THUMB + 10), legend + 10 + (k // columns) * (row_height + 10)
-        sheet.paste(picture, (left, top + 20))
-        draw.text((left, top + 4), caption[:90], fill="black")
-    return sheet, tiles
-
-
-def png_data_uri(picture: Image.Image) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def markdown_tables_to_html(text: str) -> str:
-    """The report's own Markdown (headings, tables, bullets, paragraphs) as HTML."""
-    out, table = [], []
-
-    def flush():
-        if table:
-            rows = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in table if "---" not in r]
-            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in rows[0]) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
-                       + "</table>")
-            table.clear()
-
-    for line in text.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("# "):
-            out.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("- "):
-            out.append(f"<p>&bull; {html.escape(line[2:])}</p>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    flush()
-    return "\n".join(out)
-
-
-def write_html(path: Path, text: str, tiles: list[tuple[str, Image.Image]], report: dict) -> None:
-    legend = "".join(f'<span class="key" style="background: rgb{tuple(c)}"></span>{html.escape(n)} '
-                     for n, c in zip(report["classes"][1:], report["palette"][1:], strict=True))
-    figures = "".join(f'<figure><img src="{png_data_uri(p)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}'
-                      "</figcaption></figure>" for c, p in tiles)
-    path.write_text(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>seglab dataset report</title><style>"
-        "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
-        ".key{display:inline-block;width:14px;height:14px;border:1px solid #000;margin:0 4px 0 12px}"
-        "figure{display:inline-block;margin:6px}figure img{max-width:660px}figcaption{font-size:12px}"
-        f"</style></head><body>{markdown_tables_to_html(text)}<h2>Picture sheet: rare classes first "
-        f"(image | mask over it)</h2><p>{legend}</p>{figures}</body></html>\n")
 
 
 def public(report: dict) -> dict:

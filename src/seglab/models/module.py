@@ -4,6 +4,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torchmetrics.classification import (
 )
 
 from seglab.errors import SeglabError
+from seglab.metrics import image_confusions
 from seglab.models.sliding import slide_logits
 from seglab.models.trivial import trivial_scores
 
@@ -124,6 +126,11 @@ class SegmentationModule(pl.LightningModule):
         self.metrics = nn.ModuleDict({s: segmentation_metrics(n, ignore_index) for s in ("val", "test")})
         # Each stage's last confusion matrix (rows ground truth), read by train's diagnosis of the test result.
         self.confusion: dict[str, torch.Tensor] = {}
+        # Per-image confusion matrices (n, C, C) in loader order: the test's, and the validation's of every epoch
+        # (train.py keeps the best epoch's), for intervals and the unseen score (seglab.metrics).
+        self._batch_confusions: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        self.image_confusion: dict[str, np.ndarray] = {}
+        self.val_image_confusion: dict[int, np.ndarray] = {}
         self._nonfinite: torch.Tensor | None = None
         # Training-loss check, all on the device until the epoch ends: class pixels of every training batch so
         # far (their frequencies are the prior), and the epoch's sums of the loss and of the prior's loss.
@@ -216,6 +223,8 @@ class SegmentationModule(pl.LightningModule):
             loss = self.criterion(logits, masks)
             preds = logits.argmax(dim=1)
             self.metrics[stage].update(preds, masks)
+            self._batch_confusions[stage].append(image_confusions(preds, masks, len(self.class_names),
+                                                                  self.ignore_index))
         # Training loss per step, evaluation loss per epoch: both on the global-step axis in TensorBoard.
         # Not the per-step loss in the progress bar: Lightning turns progress-bar values into Python floats
         # after every batch, a host sync per step.
@@ -249,6 +258,11 @@ class SegmentationModule(pl.LightningModule):
         computed = self.metrics[stage].compute()
         self.confusion[stage] = computed["confmat"].cpu()
         values = scalar_metrics(computed, self.class_names, stage)
+        batches, self._batch_confusions[stage] = self._batch_confusions[stage], []
+        if batches:
+            self.image_confusion[stage] = torch.cat(batches).cpu().numpy()
+            if stage == "val" and not self.trainer.sanity_checking:
+                self.val_image_confusion[self.current_epoch] = self.image_confusion[stage]
         miou = values.pop(f"{stage}/mIoU")
         self.log(f"{stage}/mIoU", miou, prog_bar=True)
         self.log_dict(values)
