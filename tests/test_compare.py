@@ -29,8 +29,11 @@ def test_every_job_is_evaluated_in_every_mode_and_tabulated(trained_run, tmp_pat
         assert row["flag"] == ("" if written["diagnosis"]["verdict"] == "ok" else written["diagnosis"]["verdict"])
         assert written["inference"]["mode"] == row["inference"]
         assert written["inference"]["images_per_mode"] == {row["inference"]: written["images"]}
-    # The debug run stretches images to 64 x 64: one tile, so sliding windows give the whole-image result.
+    # The debug run stretches images to 64 x 64: one tile, so sliding windows give the whole-image result: the
+    # paired difference on the same images is exactly 0, within noise.
     assert rows[0]["test mIoU"] == rows[1]["test mIoU"]
+    assert rows[0]["95 %"].startswith("[") and rows[0]["vs first (paired)"] == "(first)"
+    assert rows[1]["vs first (paired)"] == "+0.000 [+0.000, +0.000]: within noise"
     assert "| loss=ce | whole |" in table and (sweep / "leaderboard_inference.md").read_text() == table
 
     # A second call reuses the evaluations instead of overwriting them.

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from seglab.metrics import difference_text, interval_text, load_per_image, noise_verdict, paired_difference
 from seglab.models.checkpoint import load_checkpoint
 from seglab.plain_loop import main
 
@@ -18,7 +19,13 @@ def test_plain_loop_and_a_recipe_are_scored_alike_at_equal_budget(demo_root, tmp
     assert set(results) == {"plain loop", "recipe"}
     for name, result in results.items():
         assert result["resolution"] == "original" and result["images"] == 2 and result["split"] == "test"
-        assert f"| {name} | {result['mIoU']:.4f} |" in (out / "comparison.md").read_text()
+        assert f"| {name} | {interval_text(result['uncertainty']['mIoU'])} |" in (out / "comparison.md").read_text()
+    # The recipe against the plain loop on the same two test images: the paired difference and its verdict.
+    recipe, plain = (load_per_image(out / d / "evaluate" / "per_image.npz") for d in ("recipe", "plain_loop"))
+    diff = paired_difference(recipe["confusion"], plain["confusion"], plain["units"])
+    assert diff["value"] == pytest.approx(results["recipe"]["mIoU"] - results["plain loop"]["mIoU"])
+    assert (f"Recipe minus plain loop, test mIoU on the same 2 images: {difference_text(diff)} (95 % paired "
+            f"bootstrap): {noise_verdict(diff)}.") in (out / "comparison.md").read_text()
     # The plain loop's weights are a seglab checkpoint of a stretched (original-recipe) geometry.
     module = load_checkpoint(out / "plain_loop" / "plain_loop.ckpt")
     assert module.meta["base_size"] is None and module.meta["config"]["data"]["geometry"] == {"kind": "stretch"}

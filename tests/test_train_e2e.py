@@ -11,6 +11,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from seglab.metrics import interval_text, load_per_image
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,8 +58,22 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
     # The dataset report and the leak counts; the trivial model's score beside the test mIoU.
     assert "seglab data: 20 files of 20 photos; val/test images sharing a photo with train: 0/0" in proc.stdout
     assert json.loads((run_dir / "report.json").read_text())["leaks"]["used"] == metrics["leaks"]
+    # Every score with its 95 % interval over the test images; the trivial model's too; the unseen score.
+    test = metrics["uncertainty"]["test"]
+    assert test["images"] == 2 and test["units"] == 2  # debug=fast: one test batch of 2 images
+    assert test["mIoU"]["value"] == pytest.approx(metrics["test"]["test/mIoU"], abs=1e-6)  # the same pixels
+    assert test["mIoU"]["low"] <= test["mIoU"]["value"] <= test["mIoU"]["high"]
     trivial = metrics["diagnosis"]["trivial"]
-    assert f"(predicting {trivial['class']} everywhere: {trivial['mIoU']:.4f})" in proc.stdout
+    assert test["trivial"]["class"] == trivial["class"]
+    assert test["trivial"]["mIoU"]["value"] == pytest.approx(trivial["mIoU"])
+    assert f"(95 % bootstrap; predicting {trivial['class']} everywhere: {interval_text(test['trivial']['mIoU'])})" \
+        in proc.stdout
+    assert "over 2 images in 2 scenes (fewer than 10: the interval is rough)" in proc.stdout
+    assert test["unseen"]["images"] == 2
+    assert f"{interval_text(test['unseen']['mIoU'])} on the 2 of 2 test images with no copy" in proc.stdout
+    per_image = load_per_image(run_dir / "per_image.npz")
+    assert per_image["images"] == splits["test"] and per_image["unseen"] == [True, True]
+    assert per_image["confusion"].sum() == 2 * 64 * 64  # every pixel of the two 64 px test images, once
 
     values = scalars(run_dir)
     assert len(values["train/loss"]) == 2  # debug=fast: 2 steps, logged every step
@@ -71,17 +87,26 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
 @pytest.mark.slow  # train.py in a subprocess, as a user runs it
 def test_multirun_optimizer_sweep_gives_named_runs_and_leaderboard(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = run_script("train.py", "-m", "optimizer=adam,sgd", *smoke_args(demo_root, tmp_path),
+    # Settings a user adds on a real export: sorted, they fill the folder name's 120 bytes before "optimizer=", which
+    # was cut off (TensorBoard showed two runs named 0_accelerator=cpu,...,num_wo and 1_accelerator=cpu,...,num_wo).
+    settings = ["trainer.accelerator=cpu", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
+                "trainer.num_sanity_val_steps=0", "data.num_workers=0"]
+    proc = run_script("train.py", "-m", "optimizer=adam,sgd", *settings, *smoke_args(demo_root, tmp_path),
                       f"hydra.sweep.dir={sweep_dir}")
     jobs = sorted(d.name for d in sweep_dir.iterdir() if d.is_dir())
-    assert jobs == ["0_debug=fast,optimizer=adam", "1_debug=fast,optimizer=sgd"]
+    assert [j.split(",")[0] for j in jobs] == ["0_optimizer=adam", "1_optimizer=sgd"]  # what varies comes first
+    assert all(len(j.encode()) <= 2 + 120 for j in jobs) and "accelerator=cpu" in jobs[0]
     for job in jobs:  # each job folder is a TensorBoard run with its own curves
         assert "train/loss" in scalars(sweep_dir / job)
     with (sweep_dir / "leaderboard.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert sorted(r["job"] for r in rows) == ["debug=fast,optimizer=adam", "debug=fast,optimizer=sgd"]
+    assert sorted(r["job"].split(",optimizer=")[1].split(",")[0] for r in rows) == ["adam", "sgd"]
     assert all(r["status"] == "ok" and math.isfinite(float(r["test mIoU"])) for r in rows)
     assert all(0 <= float(r["test IoU triangle"]) <= 1 and float(r["train images/s"]) > 0 for r in rows)
     assert [float(r["val mIoU"]) for r in rows] == sorted((float(r["val mIoU"]) for r in rows), reverse=True)
-    assert "Leaderboard" in proc.stdout
-    assert (sweep_dir / "leaderboard.md").read_text().count("optimizer=") == 2
+    # Each test mIoU with its interval; the second job against the first on the same test images, in words.
+    assert all(r["test mIoU 95 %"].startswith("[") for r in rows)
+    assert rows[0]["vs first (paired)"] == "(first)"
+    assert rows[1]["vs first (paired)"].endswith(("within noise", "better beyond noise", "worse beyond noise"))
+    assert "Leaderboard" in proc.stdout and "Paired differences on the same test images" in proc.stdout
+    assert (sweep_dir / "leaderboard.md").read_text().count("optimizer=") >= 2

@@ -30,21 +30,37 @@ OmegaConf.register_new_resolver("if_resume", lambda resume, then, otherwise: the
 # Sweep job folders are named <job number>_<short_dirname of Hydra's override_dirname> (conf/train.yaml). The
 # overrides in full can pass the 255-byte limit of a file name (an Optuna trial: ten keys, 17-digit floats); the
 # job number keeps names unique, and the full overrides are in <job>/.hydra/overrides.yaml and the leaderboard.
+# What varies between the jobs goes first, so that the cap never cuts it off: LeaderboardCallback names the swept
+# keys in this variable before the sweep starts (the jobs' own processes inherit it, under SLURM too).
+SWEPT_KEYS = "SEGLAB_SWEPT_KEYS"
 OVERRIDE_SEPARATOR = re.compile(r",(?=~|\+*[\w./@-]+=)")  # a comma before the next key=, not one in a value
 FLOAT = re.compile(r"(?<![\w.])[-+]?(?:(?:\d+\.\d*|\.\d+)(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+)(?![\w.])")
 
 
-def short_dirname(override_dirname: str, max_bytes: int = 120) -> str:
+def short_dirname(override_dirname: str, swept: str = "", max_bytes: int = 120) -> str:
     """`++optimizer.weight_decay=1.2345678e-06,optimizer.lr=0.000123456789` -> `lr=0.0001235,weight_decay=1.235e-06`:
-    each key's last part, floats to 4 significant digits, no "/" (it would nest folders), sorted again, at most
-    max_bytes (well within a file name's 255, with room for the job number)."""
+    each key's last part, floats to 4 significant digits, no "/" (it would nest folders), the swept keys (`swept`,
+    comma-separated, in their order) first and the others sorted, at most max_bytes (well within a file name's 255,
+    with room for the job number)."""
+    order = {k: i for i, k in enumerate(k.strip().lstrip("+~") for k in swept.split(",") if k.strip())}
     items = []
     for item in OVERRIDE_SEPARATOR.split(override_dirname) if override_dirname else []:
         key, sep, value = item.partition("=")
         name = re.split(r"[./]", key.lstrip("+~"))[-1]  # ++optimizer.lr -> lr; ~key (a deletion) keeps its ~
         value = FLOAT.sub(lambda m: f"{float(m[0]):.4g}", value).replace("/", "-")
-        items.append(("~" if key.startswith("~") else "") + name + sep + value)
-    return ",".join(sorted(items)).encode()[:max_bytes].decode(errors="ignore")
+        short = ("~" if key.startswith("~") else "") + name + sep + value
+        items.append((order.get(key.lstrip("+~"), len(order)), short))
+    return ",".join(short for _, short in sorted(items)).encode()[:max_bytes].decode(errors="ignore")
+
+
+def swept_keys(overrides: list[str], sweeper_params: dict | None = None) -> list[str]:
+    """The keys a multirun varies: the command line's sweeps (`optimizer=adam,sgd`, `lr=range(...)`) and a sweeper's
+    search space (hparams_search: hydra.sweeper.params)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return list(dict.fromkeys([*keys, *(sweeper_params or {})]))
 
 
 OmegaConf.register_new_resolver("short_dirname", short_dirname, replace=True)

@@ -3,7 +3,8 @@
     python -m seglab.compare multirun/<date>/<time> --modes whole slide [--flip]
 
 Each evaluation is evaluate.py's (at the images' original resolution, through seglab.inference), written to
-<job>/evaluate-<mode>/; the table goes to <sweep>/leaderboard_inference.md and .csv, best test mIoU first.
+<job>/evaluate-<mode>/; the table goes to <sweep>/leaderboard_inference.md and .csv, best test mIoU first, each
+row with its 95 % interval and its paired difference from the first row on the same test images (seglab.metrics).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
 from seglab.inference import MODES
 from seglab.leaderboard import job_label
+from seglab.metrics import difference_text, interval_text, load_per_image, noise_verdict, paired_difference
 from seglab.tables import fmt, write_table
 
 
@@ -35,8 +37,12 @@ def finished_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:
     return jobs
 
 
+def evaluation_dir(job: Path, mode: str, flip: bool) -> Path:
+    return job / f"evaluate-{mode}{'-flip' if flip else ''}"
+
+
 def evaluate_job(job: Path, checkpoint: str, mode: str, flip: bool, device: str) -> dict:
-    out = job / f"evaluate-{mode}{'-flip' if flip else ''}"
+    out = evaluation_dir(job, mode, flip)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())  # evaluated before: keep, never overwrite
     cfg = compose_config("evaluate", overrides=[f"ckpt_path={quoted(checkpoint)}", f"inference.mode={mode}",
@@ -50,15 +56,19 @@ def evaluate_job(job: Path, checkpoint: str, mode: str, flip: bool, device: str)
 
 
 def compare(sweep_dir: Path, modes: list[str], flip: bool = False, device: str = "auto") -> str:
-    rows = []
+    rows, folders = [], {}
     for job, metrics in finished_jobs(sweep_dir):
         for mode in modes:
             result = evaluate_job(job, metrics["checkpoint"], mode, flip, device)
             per_class = {f"IoU {name}": fmt(r["IoU"]) for name, r in result["per_class"].items()}
+            folders[len(rows)] = evaluation_dir(job, mode, flip)
             rows.append({
+                "_index": len(rows),
                 "job": job_label(job),
                 "inference": mode + (" + flip" if flip else ""),
                 "test mIoU": fmt(result["mIoU"]),
+                "95 %": interval_text((result.get("uncertainty") or {}).get("mIoU")).partition(" ")[2],
+                "vs first (paired)": "",
                 # Predicting the test split's most frequent class everywhere (seglab.models.trivial); its flag.
                 "trivial mIoU": fmt(result["diagnosis"]["trivial"].get("mIoU")),
                 "flag": "" if result["diagnosis"]["verdict"] == "ok" else result["diagnosis"]["verdict"],
@@ -70,6 +80,20 @@ def compare(sweep_dir: Path, modes: list[str], flip: bool = False, device: str =
                 "s / image": fmt(result.get("seconds_per_image"), ".2f"),
             })
     rows.sort(key=lambda r: -float(r["test mIoU"] or "-inf"))
+    first = load_per_image(folders[rows[0]["_index"]] / "per_image.npz") if rows else None
+    for row in rows[1:]:
+        other = load_per_image(folders[row["_index"]] / "per_image.npz")
+        if first is None or other is None:  # evaluated by an older seglab, kept as it is
+            row["vs first (paired)"] = "no per_image.npz"
+            continue
+        if other["images"] != first["images"]:
+            row["vs first (paired)"] = "other test images: not comparable"
+            continue
+        diff = paired_difference(other["confusion"], first["confusion"], first["units"])
+        row["vs first (paired)"] = f"{difference_text(diff)}: {noise_verdict(diff)}"
+    if rows:
+        rows[0]["vs first (paired)"] = "(first)"
+    rows = [{k: v for k, v in r.items() if k != "_index"} for r in rows]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return write_table(sweep_dir / "leaderboard_inference", rows, columns)
 

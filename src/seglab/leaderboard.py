@@ -1,9 +1,13 @@
-"""The leaderboard of a multirun: one row per job, written into the sweep folder when it ends."""
+"""The leaderboard of a multirun: one row per job, written into the sweep folder when it ends. Each job's test mIoU
+carries its 95 % interval and its paired difference from the first-ranked job on the same test images, with
+words for whether it is beyond noise (seglab.metrics). A sweep over cv.fold writes the cross-validation summary
+(mean +- sd over folds) beside it."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,14 +16,17 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from seglab.cli import check_multirun_launch
+from seglab.cli import SWEPT_KEYS, check_multirun_launch, swept_keys
+from seglab.crossval import write_summary
 from seglab.errors import SeglabError
+from seglab.metrics import difference_text, interval_text, load_per_image, noise_verdict, paired_difference
 from seglab.tables import fmt, write_table
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "status", "best epoch", "val loss", "val mIoU", "test mIoU", "test mDice", "trivial mIoU", "flag",
-           "test mAcc", "test pixel acc", "train images/s", "epochs", "wall s"]
+COLUMNS = ["job", "status", "best epoch", "val loss", "val mIoU", "test mIoU", "test mIoU 95 %", "vs first (paired)",
+           "unseen test mIoU", "test mDice", "trivial mIoU", "flag", "test mAcc", "test pixel acc", "train images/s",
+           "epochs", "wall s"]
 
 
 def job_label(job_dir: Path, exclude_keys: Iterable[str] | None = None) -> str:
@@ -49,6 +56,8 @@ def job_row(job_dir: Path, exclude_keys: Iterable[str] = ()) -> dict[str, str]:
     if m.get("status") != "ok":
         return {**row, "status": f"failed: {m.get('error', '?')}"[:120]}
     per_class = {f"test IoU {name}": fmt(m["test"].get(f"test/IoU_{name}")) for name in m.get("class_names", [])}
+    test = (m.get("uncertainty") or {}).get("test") or {}  # empty for jobs trained before intervals were kept
+    unseen = test.get("unseen") or {}
     return {
         **row,
         "status": "ok",
@@ -56,6 +65,9 @@ def job_row(job_dir: Path, exclude_keys: Iterable[str] = ()) -> dict[str, str]:
         "val loss": fmt(m["best_val"].get("val/loss")),
         "val mIoU": fmt(m["best_val"].get("val/mIoU")),
         "test mIoU": fmt(m["test"].get("test/mIoU")),
+        "test mIoU 95 %": interval_only(test.get("mIoU")),
+        "unseen test mIoU": (f"{interval_text(unseen['mIoU'])} ({unseen['images']} of {test['images']})"
+                             if unseen.get("images") else ("none" if test else "")),
         "test mDice": fmt(m["test"].get("test/mDice")),  # empty for jobs trained before Dice was logged
         # What predicting the test split's most frequent class everywhere scores; "trivial": no better than it.
         "trivial mIoU": fmt(m["test"].get("test/trivial_mIoU")),
@@ -69,16 +81,79 @@ def job_row(job_dir: Path, exclude_keys: Iterable[str] = ()) -> dict[str, str]:
     }
 
 
+def interval_only(entry: dict | None) -> str:
+    return "" if not entry or entry.get("low") is None else f"[{entry['low']:.4f}, {entry['high']:.4f}]"
+
+
+def paired_rows(rows: list[dict], job_dirs: dict[str, Path]) -> list[str]:
+    """Fill "vs first (paired)" of every finished job from the jobs' per_image.npz: its test mIoU minus the
+    first-ranked job's on the same test images, with the paired bootstrap interval. Returns a sentence per job."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if len(ok) < 2:
+        return []
+    first = load_per_image(job_dirs[ok[0]["job"]] / "per_image.npz")
+    sentences = []
+    for row in ok[1:]:
+        other = load_per_image(job_dirs[row["job"]] / "per_image.npz")
+        if first is None or other is None:
+            row["vs first (paired)"] = "no per_image.npz"
+            continue
+        if other["images"] != first["images"]:
+            row["vs first (paired)"] = "other test images: not comparable"
+            continue
+        diff = paired_difference(other["confusion"], first["confusion"], first["units"])
+        row["vs first (paired)"] = f"{difference_text(diff)}: {noise_verdict(diff)}"
+        sentences.append(f"{row['job']}: test mIoU {difference_text(diff)} vs {ok[0]['job']}: {noise_verdict(diff)}")
+    ok[0]["vs first (paired)"] = "(first)"
+    return sentences
+
+
 def write_leaderboard(sweep_dir: Path, job_dirs: list[Path], exclude_keys: Iterable[str] = ()) -> str:
     """leaderboard.csv and .md, best validation mIoU first (comparable across losses, unlike val loss);
-    failed jobs last with their error."""
+    failed jobs last with their error; below the table, each job's paired difference from the first in words."""
     rows = [job_row(d, exclude_keys) for d in job_dirs]
+    by_label = {r["job"]: d for r, d in zip(rows, job_dirs, strict=True)}
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -float(r["val mIoU"] or "-inf"))
     rows = ok + [r for r in rows if r["status"] != "ok"]
+    sentences = paired_rows(rows, by_label)
     class_columns = list(dict.fromkeys(k for r in rows for k in r if k.startswith("test IoU ")))
     at = COLUMNS.index("flag") + 1
     columns = COLUMNS[:at] + class_columns + COLUMNS[at:]
-    return write_table(sweep_dir / "leaderboard", rows, columns)
+    table = write_table(sweep_dir / "leaderboard", rows, columns)
+    if sentences:
+        words = ("\nPaired differences on the same test images (95 % bootstrap; within noise: the interval holds "
+                 "0, so this test split cannot tell the two apart):\n" + "".join(f"- {s}\n" for s in sentences))
+        (sweep_dir / "leaderboard.md").write_text(table + words)
+        table += words
+    return table
+
+
+def cv_jobs(job_dirs: list[Path]) -> dict[str, list[tuple[str, Path]]]:
+    """Jobs of a sweep over cv.fold, by what else they set: label without cv.fold -> [(fold, job folder)]."""
+    found: dict[str, list[tuple[str, Path]]] = {}
+    for job in job_dirs:
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        if not overrides_file.is_file():
+            continue
+        overrides = [str(o) for o in OmegaConf.load(overrides_file)]
+        fold = [o.split("=", 1)[1] for o in overrides if o.startswith("cv.fold=")]
+        if fold:
+            rest = ",".join(sorted(o for o in overrides if not o.startswith(("cv.fold=", "data.root="))))
+            found.setdefault(rest, []).append((f"fold{fold[-1]}", job))
+    return found
+
+
+def write_cv_summaries(sweep_dir: Path, job_dirs: list[Path]) -> str:
+    """cv_summary.md/.csv (one per setting, numbered when the sweep varied more than the fold)."""
+    text = ""
+    groups = cv_jobs(job_dirs)
+    for i, (label, jobs) in enumerate(sorted(groups.items())):
+        results = [json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file()
+                   else {"status": "failed"} for _, d in jobs]
+        stem = sweep_dir / ("cv_summary" if len(groups) == 1 else f"cv_summary_{i}")
+        table, _ = write_summary(stem.parent, [name for name, _ in jobs], results, stem.name)
+        text += f"\nCross-validation ({label or 'defaults'}; {stem}.md)\n{table}"
+    return text
 
 
 class LeaderboardCallback(Callback):
@@ -89,6 +164,10 @@ class LeaderboardCallback(Callback):
         except SeglabError as e:
             print(f"seglab: error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
+        # Job folders (TensorBoard's run names) start with what varies: conf/train.yaml, hydra.sweep.subdir.
+        params = config.hydra.sweeper.get("params")
+        os.environ[SWEPT_KEYS] = ",".join(swept_keys(OmegaConf.to_container(config.hydra.overrides.task),
+                                                     OmegaConf.to_container(params) if params else None))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -98,4 +177,5 @@ class LeaderboardCallback(Callback):
             return
         table = write_leaderboard(sweep_dir, job_dirs, config.hydra.job.config.override_dirname.exclude_keys)
         print(f"\nLeaderboard ({sweep_dir / 'leaderboard.md'}; best val mIoU first)\n{table}"
+              f"{write_cv_summaries(sweep_dir, job_dirs)}"
               f"TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)

@@ -29,6 +29,7 @@ from torch import nn
 from seglab.config import compose_config, output_argument
 from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
+from seglab.metrics import difference_text, interval_text, load_per_image, noise_verdict, paired_difference
 from seglab.train import train
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,23 @@ def scored(checkpoint: Path, out: Path, data_overrides: list[str]) -> dict:
 
 
 def row(name: str, result: dict) -> str:
-    per_class = " / ".join("-" if v["IoU"] is None else f"{v['IoU']:.3f}" for v in result["per_class"].values())
-    trivial = result["diagnosis"]["trivial"].get("mIoU")
-    return f"| {name} | {result['mIoU']:.4f} | {per_class} | {result['mAcc']:.4f} | {trivial:.4f} |"
+    uncertainty = result["uncertainty"]
+    per_class = " / ".join(interval_text(v) for v in uncertainty["IoU"].values())
+    return (f"| {name} | {interval_text(uncertainty['mIoU'])} | {per_class} | {result['mAcc']:.4f} | "
+            f"{interval_text(uncertainty['trivial']['mIoU'])} |")
+
+
+def paired_line(out: Path, results: dict) -> str:
+    """The recipe's test mIoU minus the plain loop's on the same test images, with its paired interval."""
+    if len(results) < 2:
+        return ""
+    recipe = load_per_image(out / "recipe" / "evaluate" / "per_image.npz")
+    plain = load_per_image(out / "plain_loop" / "evaluate" / "per_image.npz")
+    if recipe["images"] != plain["images"]:
+        return "The two were tested on different images: no paired difference."
+    diff = paired_difference(recipe["confusion"], plain["confusion"], plain["units"])
+    return (f"Recipe minus plain loop, test mIoU on the same {len(plain['images'])} images: {difference_text(diff)} "
+            f"(95 % paired bootstrap): {noise_verdict(diff)}.")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,9 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(1)
     names = next(iter(results.values()))["class_names"]
     table = "\n".join([
-        f"Test split at each image's original resolution ({' '.join(overrides)}):", "",
+        f"Test split at each image's original resolution ({' '.join(overrides)}); 95 % bootstrap intervals:", "",
         f"| run | test mIoU | IoU {' / '.join(names)} | mean acc | predicting the majority class |",
-        "|---|---|---|---|---|", *(row(name, r) for name, r in results.items())])
+        "|---|---|---|---|---|", *(row(name, r) for name, r in results.items()), "", paired_line(out, results)])
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(results, indent=1) + "\n")
     print("\n" + table, flush=True)
