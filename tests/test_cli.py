@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from seglab.cli import run_task, short_dirname
+from seglab.cli import run_task, short_dirname, swept_keys
 
 # One trial of hparams_search=optuna with more parameters: ten overrides, floats as Optuna samples them.
 OPTUNA_TRIAL = ["optimizer=sgd", "optimizer.lr=0.00012345678901234567", "loss=dice_ce", "scheduler=poly_warmup",
@@ -38,6 +38,21 @@ def test_short_dirname_keeps_names_readable_and_one_folder():
         == "gamma=2,lr=1e-05,mix=[0.25,1.333],names=[a,b]"
     # The cap counts bytes (what file systems limit) and never splits a character.
     assert short_dirname("name=" + "é" * 100, max_bytes=20) == "name=" + "é" * 7
+
+
+def test_swept_keys_come_first_so_the_cap_never_cuts_them_off():
+    overrides = ["trainer.accelerator=cpu", "optimizer=adam,sgd", "data.num_workers=0", "seed=range(1,3)",
+                 "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1"]
+    assert swept_keys(overrides) == ["optimizer", "seed"]
+    search_space = {"optimizer.lr": "interval(1e-5,1e-2)", "loss": "choice(ce,dice_ce)"}
+    assert swept_keys(["hparams_search=optuna"], search_space) == ["optimizer.lr", "loss"]
+    job = ("data.num_workers=0,optimizer=sgd,seed=2,trainer.accelerator=cpu,trainer.enable_model_summary=false,"
+           "trainer.log_every_n_steps=1,trainer.num_sanity_val_steps=0,trainer.max_time=00:01:00:00")
+    assert short_dirname(job).startswith("accelerator=cpu,enable_model_summary=false,")
+    assert "optimizer=" not in short_dirname(job)  # sorted alone, the swept key falls past the 120 bytes
+    named = short_dirname(job, "optimizer,seed")
+    assert named.startswith("optimizer=sgd,seed=2,accelerator=cpu,") and len(named.encode()) <= 120
+    assert short_dirname(job, "++seed").startswith("seed=2,accelerator=cpu")  # a key as the command line wrote it
 
 
 def test_run_task_reports_a_file_system_refusal_in_one_line(tmp_path, capsys):

@@ -19,7 +19,7 @@ from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
 from seglab.inference import MODES
 from seglab.leaderboard import job_label
-from seglab.metrics import difference_text, interval_text, load_per_image, noise_verdict, paired_difference
+from seglab.metrics import interval_text, versus_first
 from seglab.tables import fmt, write_table
 
 
@@ -80,19 +80,8 @@ def compare(sweep_dir: Path, modes: list[str], flip: bool = False, device: str =
                 "s / image": fmt(result.get("seconds_per_image"), ".2f"),
             })
     rows.sort(key=lambda r: -float(r["test mIoU"] or "-inf"))
-    first = load_per_image(folders[rows[0]["_index"]] / "per_image.npz") if rows else None
-    for row in rows[1:]:
-        other = load_per_image(folders[row["_index"]] / "per_image.npz")
-        if first is None or other is None:  # evaluated by an older seglab, kept as it is
-            row["vs first (paired)"] = "no per_image.npz"
-            continue
-        if other["images"] != first["images"]:
-            row["vs first (paired)"] = "other test images: not comparable"
-            continue
-        diff = paired_difference(other["confusion"], first["confusion"], first["units"])
-        row["vs first (paired)"] = f"{difference_text(diff)}: {noise_verdict(diff)}"
-    if rows:
-        rows[0]["vs first (paired)"] = "(first)"
+    for row, (cell, _) in zip(rows, versus_first([folders[r["_index"]] / "per_image.npz" for r in rows]), strict=True):
+        row["vs first (paired)"] = cell
     rows = [{k: v for k, v in r.items() if k != "_index"} for r in rows]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return write_table(sweep_dir / "leaderboard_inference", rows, columns)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from seglab.cli import SWEPT_KEYS, check_multirun_launch, swept_keys
 from seglab.crossval import write_summary
 from seglab.errors import SeglabError
-from seglab.metrics import difference_text, interval_text, load_per_image, noise_verdict, paired_difference
+from seglab.metrics import difference_text, interval_text, noise_verdict, versus_first
 from seglab.tables import fmt, write_table
 
 log = logging.getLogger(__name__)
@@ -91,20 +91,11 @@ def paired_rows(rows: list[dict], job_dirs: dict[str, Path]) -> list[str]:
     ok = [r for r in rows if r["status"] == "ok"]
     if len(ok) < 2:
         return []
-    first = load_per_image(job_dirs[ok[0]["job"]] / "per_image.npz")
-    sentences = []
-    for row in ok[1:]:
-        other = load_per_image(job_dirs[row["job"]] / "per_image.npz")
-        if first is None or other is None:
-            row["vs first (paired)"] = "no per_image.npz"
-            continue
-        if other["images"] != first["images"]:
-            row["vs first (paired)"] = "other test images: not comparable"
-            continue
-        diff = paired_difference(other["confusion"], first["confusion"], first["units"])
-        row["vs first (paired)"] = f"{difference_text(diff)}: {noise_verdict(diff)}"
-        sentences.append(f"{row['job']}: test mIoU {difference_text(diff)} vs {ok[0]['job']}: {noise_verdict(diff)}")
-    ok[0]["vs first (paired)"] = "(first)"
+    sentences, first = [], ok[0]["job"]
+    for row, (cell, diff) in zip(ok, versus_first([job_dirs[r["job"]] / "per_image.npz" for r in ok]), strict=True):
+        row["vs first (paired)"] = cell
+        if diff is not None:
+            sentences.append(f"{row['job']}: test mIoU {difference_text(diff)} vs {first}: {noise_verdict(diff)}")
     return sentences
 
 

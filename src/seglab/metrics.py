@@ -171,6 +171,26 @@ def units_text(images: int, units: int) -> str:
     return text + (f" (fewer than {FEW_UNITS}: the interval is rough)" if 0 < units < FEW_UNITS else "")
 
 
+def versus_first(per_image_files: Sequence[Path], split: str = "test") -> list[tuple[str, dict | None]]:
+    """Runs in ranked order, by their per_image.npz: for each, a table cell with its paired difference from the
+    first run on the same images (the first's cell is "(first)") and the difference itself (None where none can be
+    computed: a file missing, or other images)."""
+    if not per_image_files:
+        return []
+    first = load_per_image(per_image_files[0], split)
+    out: list[tuple[str, dict | None]] = [("(first)", None)]
+    for path in per_image_files[1:]:
+        other = load_per_image(path, split)
+        if first is None or other is None:  # scored by an older seglab, which kept no per-image matrices
+            out.append(("no per_image.npz", None))
+        elif other["images"] != first["images"]:
+            out.append(("other test images: not comparable", None))
+        else:
+            diff = paired_difference(other["confusion"], first["confusion"], first["units"])
+            out.append((f"{difference_text(diff)}: {noise_verdict(diff)}", diff))
+    return out
+
+
 def interval_text(entry: Mapping | None, digits: int = 3) -> str:
     """`0.612 [0.551, 0.669]`; `-` for no value; the value alone where there is no interval."""
     if not entry or entry.get("value") is None:

@@ -273,8 +273,9 @@ def score_rows(uncertainty: dict, best: dict) -> list[tuple[str, str]]:
     """The summary's lines for the scores: each with its interval and on how many images; the unseen score."""
     test = uncertainty.get("test")
     val = uncertainty.get("val")
-    rows = [("val mIoU", interval_text(val["mIoU"]) + f" ({val['images']} images, best epoch)" if val
-             else f"{best.get('val/mIoU', math.nan):.3f}")]
+    rows = [("val mIoU", interval_text(val["mIoU"]) + f" ({val['images']} images, best epoch; unseen: "
+             + (f"{interval_text(val['unseen']['mIoU'])} on {val['unseen']['images']})" if val["unseen"]["images"]
+                else "none)") if val else f"{best.get('val/mIoU', math.nan):.3f}")]
     if not test:
         return rows
     trivial = test.get("trivial", {})

@@ -11,9 +11,9 @@ from PIL import Image
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.data.report import annotation_checks, build_report, format_report, main
 from seglab.data.sheet import sheet_picks
-from seglab.metrics import interval_text
 from seglab.data.sources import discover
 from seglab.data.synthetic import generate_dataset
+from seglab.metrics import interval_text
 
 
 def test_annotation_checks_name_degenerate_outside_and_overlapping_annotations(tmp_path):

@@ -281,6 +281,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             return split_items(pooled, self.split_ratios, self.split_seed, key=key, group_of=unit,
                                neighbours=self.neighbours(unit)), {}
         splits = {s: list(own.get(s, [])) for s in SPLITS}
+        if self.split_by == "scene" and own.get("val") and own.get("test") and not quiet:
+            log.warning("data.split_by=scene shapes the splits seglab makes; %s has its own train/valid/test, used "
+                        "as they are. data.resplit=true splits it again by scene.", source.root)
         # The export's own splits: copies of one photo are moved (data.shared_photos); look-alikes stay where the
         # user put them, reported (near_counts, the dataset report) and left out of the unseen score.
         splits, shared = resolve_shared(splits, group_of, self.shared_photos, str(source.root),

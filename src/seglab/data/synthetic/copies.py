@@ -116,13 +116,19 @@ def make_copy(photo: Photo, rng: np.random.Generator, settings: CopySettings | N
     if settings.noise:
         hit = rng.random((height, width)) < settings.noise
         pixels[hit] = np.where(rng.random(int(hit.sum())) < 0.5, 0.0, 255.0)[:, None]
-    objects = []
-    for category_id, polygon, _ in photo.objects:
-        mapped = polygon @ settings.matrix[:, :2].T + settings.matrix[:, 2]
-        clipped = clip_polygon(mapped, width, height)
+    return Photo(np.clip(np.rint(pixels), 0, 255).astype(np.uint8),
+                 mapped_objects(photo.objects, settings.matrix, height, width))
+
+
+def mapped_objects(objects: list, matrix: np.ndarray, height: int, width: int) -> list:
+    """Annotated objects (category id, polygon, mask) moved by a 2x3 affine map into a height x width frame:
+    polygons mapped and clipped, masks rasterised again, objects that left the frame dropped."""
+    out = []
+    for category_id, polygon, _ in objects:
+        clipped = clip_polygon(polygon @ matrix[:, :2].T + matrix[:, 2], width, height)
         if len(clipped) < 3:
             continue
         mask = rasterize_polygon(clipped, height, width)
         if mask.any():
-            objects.append((category_id, clipped, mask))
-    return Photo(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), objects)
+            out.append((category_id, clipped, mask))
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from seglab.data.synthetic.copies import clip_polygon
+from seglab.data.synthetic.copies import mapped_objects
 from seglab.data.synthetic.shapes import (
     DISC_ID,
     HUE_RANGE_DEG,
@@ -17,7 +17,6 @@ from seglab.data.synthetic.shapes import (
     Photo,
     paint_object,
     place_objects,
-    rasterize_polygon,
     render_background,
 )
 
@@ -52,15 +51,8 @@ def frame(scene: Photo, corner: tuple[int, int], size: int, rng: np.random.Gener
     x, y = corner
     pixels = scene.pixels[y:y + size, x:x + size] * rng.uniform(1 - FLICKER, 1 + FLICKER)
     pixels = pixels + rng.normal(0.0, SENSOR_NOISE, pixels.shape)
-    objects = []
-    for category_id, polygon, _ in scene.objects:
-        clipped = clip_polygon(polygon - [x, y], size, size)
-        if len(clipped) < 3:
-            continue
-        mask = rasterize_polygon(clipped, size, size)
-        if mask.any():
-            objects.append((category_id, clipped, mask))
-    return Photo(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), objects)
+    shift = np.array([[1.0, 0.0, -x], [0.0, 1.0, -y]])
+    return Photo(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mapped_objects(scene.objects, shift, size, size))
 
 
 def video_frames(num_frames: int, size: int, seed: int, scenes: int) -> list[tuple[str, Photo]]:
