@@ -33,7 +33,9 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     assert (summary["test_mIoU"], summary["trivial_mIoU"]) == (
         metrics["test"]["test/mIoU"], metrics["diagnosis"]["trivial"]["mIoU"])
     printed = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
-    assert (f"test mIoU {metrics['test']['test/mIoU']:.4f}; predicting {metrics['diagnosis']['trivial']['class']} "
+    interval = metrics["uncertainty"]["test"]["mIoU"]
+    assert (f"test mIoU {metrics['test']['test/mIoU']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}] over "
+            f"{metrics['uncertainty']['test']['images']} images; predicting {metrics['diagnosis']['trivial']['class']} "
             f"everywhere {metrics['diagnosis']['trivial']['mIoU']:.4f}") in printed
     assert summary["report_files"] == 20
 

@@ -28,17 +28,24 @@ def leaderboard(sweep_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow  # a Hydra multirun of train.py in subprocesses (launcher or Optuna sweeper)
-def test_submitit_local_launcher_runs_the_optimizer_sweep_with_a_leaderboard(demo_root, tmp_path):
+def test_submitit_local_launcher_runs_cross_validation_folds_with_a_summary(demo_root, tmp_path):
+    """Group k-fold as a sweep, one submitit job per fold (the SLURM launcher submits the same jobs): the job folders
+    start with the swept key, and the sweep folder gets the leaderboard and the mean +- sd over folds."""
     sweep_dir = tmp_path / "sweep"
-    proc = run_train("-m", "hydra/launcher=submitit_local", "optimizer=adam,sgd", *TINY, f"data.root={demo_root}",
-                     f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}")
+    proc = run_train("-m", "hydra/launcher=submitit_local", "cv.folds=2", "cv.fold=0,1", *TINY,
+                     f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in proc.stdout + proc.stderr
     assert len(list(sweep_dir.glob(".submitit/*/*_0_result.pkl"))) == 2  # submitit ran each job and kept its result
+    # The variable naming the swept keys reached the jobs' own processes: their folders start with the fold.
+    assert sorted(d.name.split(",")[0] for d in sweep_dir.glob("[0-9]_*")) == ["0_fold=0", "1_fold=1"]
     rows = leaderboard(sweep_dir)
-    assert sorted(r["job"] for r in rows) == ["debug=fast,model=deeplabv3_mobilenet_v3_large,optimizer=adam",
-                                              "debug=fast,model=deeplabv3_mobilenet_v3_large,optimizer=sgd"]
-    assert all(r["status"] == "ok" and 0 <= float(r["test mIoU"]) <= 1 for r in rows)
+    assert all(r["status"] == "ok" and 0 <= float(r["test mIoU"]) <= 1 for r in rows) and len(rows) == 2
+    tests = [set(yaml.safe_load((d / "splits.json").read_text())["test"]) for d in sorted(sweep_dir.glob("[0-9]_*"))]
+    assert not tests[0] & tests[1] and len(tests[0] | tests[1]) == 20  # each image held out once
+    with (sweep_dir / "cv_summary.csv").open() as fh:
+        summary = list(csv.DictReader(fh))
+    assert [r["fold"] for r in summary] == ["fold0", "fold1", "mean +- sd"] and "+-" in summary[-1]["test mIoU"]
 
 
 @pytest.mark.slow  # a Hydra multirun of train.py in subprocesses (launcher or Optuna sweeper)
