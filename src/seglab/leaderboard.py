@@ -113,7 +113,9 @@ def write_leaderboard(sweep_dir: Path, job_dirs: list[Path], exclude_keys: Itera
     table = write_table(sweep_dir / "leaderboard", rows, columns)
     if sentences:
         words = ("\nPaired differences on the same test images (95 % bootstrap; within noise: the interval holds "
-                 "0, so this test split cannot tell the two apart):\n" + "".join(f"- {s}\n" for s in sentences))
+                 "0, so this test split cannot tell the two apart; beyond noise: it can, though another seed of "
+                 "the same settings may differ as much, docs/evaluation.md):\n"
+                 + "".join(f"- {s}\n" for s in sentences))
         (sweep_dir / "leaderboard.md").write_text(table + words)
         table += words
     return table
