@@ -28,7 +28,8 @@ from seglab.errors import SeglabError
 from seglab.evaluate import build_datamodule
 
 API_KEY = "rf_test5Key9abc"  # the package treats a key without lower-case letters as a placeholder
-FORMATS = {"coco-segmentation": "coco", "png-mask-semantic": "masks"}  # RoboFlow's name -> the generator's
+# RoboFlow's name of each format -> the generator's
+FORMATS = {"coco-segmentation": "coco", "png-mask-semantic": "masks", "yolov8": "yolo"}
 PROJECTS = {"shapes": "instance-segmentation", "boxes": "object-detection"}
 UNKNOWN = {"error": {"message": "Unsupported request. `GET {path}` does not exist or cannot be loaded due to missing "
                                 "permissions.", "type": "GraphMethodException"}}
@@ -175,26 +176,26 @@ def downloaded(tmp_path: Path) -> list[str]:
 def test_a_version_downloads_once_and_later_runs_read_it_offline(api, exports, tmp_path):
     # The API key from `roboflow login`'s config, as the package finds it when ROBOFLOW_API_KEY is not set.
     login = {"workspaces": {"acme": {"name": "Acme", "url": "acme", "apiKey": API_KEY}}, "RF_WORKSPACE": "acme"}
-    folders = fetch(tmp_path, api.url, ("acme/shapes/1", "coco-segmentation"), ("acme/shapes/1", "png-mask-semantic"),
-                    api_key=None, login=login)
+    versions = [("acme/shapes/1", name) for name in FORMATS]
+    folders = fetch(tmp_path, api.url, *versions, api_key=None, login=login)
     cache = tmp_path / "exports" / "roboflow" / "acme" / "shapes"
-    assert folders == [str(cache / "1-coco-segmentation"), str(cache / "1-png-mask-semantic")]
+    assert folders == [str(cache / "1-coco-segmentation"), str(cache / "1-png-mask-semantic"), str(cache / "1-yolov8")]
     # The key, the workspace, the project (its type), its versions (twice: seglab's check, then the package's),
     # whether the version is still being generated, the export's link, the zip.
     coco_requests = ["POST /", "GET /acme", "GET /acme/shapes", "GET /acme/shapes", "GET /acme/shapes",
                      "GET /acme/shapes/1", "GET /acme/shapes/1/coco-segmentation",
                      "GET /dl/shapes/1/coco-segmentation.zip"]
     assert api.requests[:len(coco_requests)] == coco_requests
-    assert len(api.requests) == 2 * len(coco_requests)
+    assert len(api.requests) == 3 * len(coco_requests)
     assert not (cache / "1-coco-segmentation" / "roboflow.zip").exists()  # the package unpacks and removes it
 
     # A later run, offline (nothing listens at API_URL) and without a key: the cached copy, no request at all.
     api.shutdown()
     offline = f"http://127.0.0.1:{closed_port()}"
-    assert fetch(tmp_path, offline, ("acme/shapes/1", "coco-segmentation"), ("acme/shapes/1", "png-mask-semantic"),
-                 api_key=None) == folders
-    assert len(api.requests) == 2 * len(coco_requests)
-    assert downloaded(tmp_path) == ["acme/shapes/1-coco-segmentation", "acme/shapes/1-png-mask-semantic"]
+    assert fetch(tmp_path, offline, *versions, api_key=None) == folders
+    assert len(api.requests) == 3 * len(coco_requests)
+    assert downloaded(tmp_path) == ["acme/shapes/1-coco-segmentation", "acme/shapes/1-png-mask-semantic",
+                                    "acme/shapes/1-yolov8"]
 
     # The datamodule reads each download exactly as the export folder it came from (data.root is not read).
     for name, folder in exports.items():
@@ -205,8 +206,8 @@ def test_a_version_downloads_once_and_later_runs_read_it_offline(api, exports, t
         dm.setup()
         reference.setup()
         assert dm.root == cache / f"1-{name}"
-        assert dm.source.layout == reference.source.layout == {"coco": "roboflow_coco",
-                                                               "masks": "roboflow_masks"}[FORMATS[name]]
+        assert dm.source.layout == reference.source.layout == {"coco": "roboflow_coco", "masks": "roboflow_masks",
+                                                               "yolo": "roboflow_yolo"}[FORMATS[name]]
         assert dm.class_names == reference.class_names == ["background", "disc", "triangle"]
         assert {k: [dm.relative(s.image) for s in v] for k, v in dm.splits.items()} == \
             {k: [reference.relative(s.image) for s in v] for k, v in reference.splits.items()}
@@ -218,7 +219,7 @@ def test_a_version_downloads_once_and_later_runs_read_it_offline(api, exports, t
 def test_each_failure_is_one_error_that_says_what_to_fix(api, tmp_path):
     errors = fetch(tmp_path, api.url, ("nobody/shapes/1", "coco-segmentation"), ("acme/nothing/1", "coco-segmentation"),
                    ("acme/shapes/7", "coco-segmentation"), ("acme/boxes/1", "coco-segmentation"),
-                   ("acme/shapes/1", "yolov8"), ("acme/shapes", "coco-segmentation"))
+                   ("acme/shapes/1", "createml"), ("acme/shapes", "coco-segmentation"))
     assert errors[0].startswith("SeglabError: data.roboflow=nobody/shapes/1: RoboFlow has no workspace 'nobody' that "
                                 "this API key can read: Unsupported request. `GET /nobody` does not exist or cannot "
                                 "be loaded due to missing permissions. The workspace and project are")
@@ -231,9 +232,9 @@ def test_each_failure_is_one_error_that_says_what_to_fix(api, tmp_path):
     assert errors[3] == "SeglabError: data.roboflow=acme/boxes/1: acme/boxes is a RoboFlow object-detection " \
                         "project: its versions carry no segmentation labels. Train on an instance-segmentation or " \
                         "semantic-segmentation project."
-    assert errors[4] == "SeglabError: data.roboflow_format='yolov8' is not one of ('coco-segmentation', " \
-                        "'png-mask-semantic'): RoboFlow's export formats with segmentation labels (COCO " \
-                        "Segmentation, Semantic Segmentation Masks)."
+    assert errors[4] == "SeglabError: data.roboflow_format='createml' is not one of ('coco-segmentation', " \
+                        "'png-mask-semantic', 'yolov8'): RoboFlow's export formats with segmentation labels (COCO " \
+                        "Segmentation, Semantic Segmentation Masks, YOLOv8 Segmentation)."
     assert errors[5].startswith("SeglabError: data.roboflow='acme/shapes' is not <workspace>/<project>/<version>")
     assert "GET /dl/boxes/1/coco-segmentation.zip" not in api.requests  # refused before any download
     assert downloaded(tmp_path) == []

@@ -209,7 +209,8 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def _source(self) -> Source:
         if self.source is None:
-            self.source = discover(self.root, self.layout, self.annotation_file, self.image_dir, self.classes)
+            self.source = discover(self.root, self.layout, self.annotation_file, self.image_dir, self.classes,
+                                   self.cache_dir)
         return self.source
 
     def relative(self, path: Path) -> str:

@@ -29,7 +29,7 @@ from seglab.errors import SeglabError, first_line
 log = logging.getLogger(__name__)
 
 # RoboFlow's export formats with segmentation labels: COCO polygons/RLE, and Semantic Segmentation Masks.
-ROBOFLOW_FORMATS = ("coco-segmentation", "png-mask-semantic")
+ROBOFLOW_FORMATS = ("coco-segmentation", "png-mask-semantic", "yolov8")
 # Exports are JPEGs and PNGs (already compressed) and JSON (a few times smaller zipped): a zip whose files would
 # take 100 times its own size is a zip bomb, not an export.
 MAX_EXPANSION = 100
@@ -134,7 +134,8 @@ def roboflow_export(spec: str, fmt: str, exports_dir: Path) -> Path:
                           "version's address app.roboflow.com/<workspace>/<project>/<version>, e.g. acme/potholes/3.")
     if fmt not in ROBOFLOW_FORMATS:
         raise SeglabError(f"data.roboflow_format={fmt!r} is not one of {ROBOFLOW_FORMATS}: RoboFlow's export formats "
-                          "with segmentation labels (COCO Segmentation, Semantic Segmentation Masks).")
+                          "with segmentation labels (COCO Segmentation, Semantic Segmentation Masks, YOLOv8 "
+                          "Segmentation).")
     workspace, project, version = match.groups()
     target = exports_dir / "roboflow" / workspace / project / f"{version}-{fmt}"
     if not target.is_dir():

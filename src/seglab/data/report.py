@@ -99,9 +99,13 @@ def annotation_checks(source, cache: Path) -> dict[str, dict[str, list[str]]]:
                         found["overlapping"][name] = pairs
             with replacing(cached) as tmp:
                 Path(tmp).write_text(json.dumps(found))
+        # The images of this file where they are (beside it in a RoboFlow export; data.image_dir or a YOLO export's
+        # images/ otherwise).
+        where = {str(coco.images[x.image_id]["file_name"]): x.image for split in source.samples.values() for x in split
+                 if x.annotation_file == path}
         for kind, by_image in found.items():
             for name, ids in by_image.items():
-                out[kind][str(path.parent / name)] = ids
+                out[kind][str(where.get(name, path.parent / name))] = ids
     return out
 
 

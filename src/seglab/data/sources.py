@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from seglab.data import yolo
 from seglab.errors import SeglabError
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ MASK_SUFFIX = "_mask.png"
 CLASSES_CSV = "_classes.csv"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 BACKGROUND = "background"
-LAYOUTS = ("auto", "coco", "roboflow_coco", "roboflow_masks")
+LAYOUTS = ("auto", "coco", "roboflow_coco", "roboflow_masks", "roboflow_yolo")
 
 # Fixed colours, index = class; background black. Enough for 20 classes, then it repeats.
 _PALETTE = [
@@ -243,13 +244,27 @@ def _mask_source(root: Path, folders: dict[str, Path], classes: list[str] | None
     return Source("roboflow_masks", root, class_names, samples, mask_values=mask_values)
 
 
+def _yolo_source(root: Path, folders: dict[str, Path], classes: list[str] | None, cache_dir: Path) -> Source:
+    """A YOLO segmentation export, each split read into a COCO file in the cache (seglab.data.yolo)."""
+    data_yaml = yolo.find_data_yaml(root)
+    if data_yaml is None:
+        raise SeglabError(f"{root} has YOLO folders (images/ and labels/) but no {' or '.join(yolo.DATA_YAML)} with "
+                          "the class names ('names: [...]'). Add it from the export, or re-export the dataset.")
+    names = yolo.class_names(data_yaml)
+    files = {split: (yolo.convert_split(folder, names, cache_dir), folder / "images")
+             for split, folder in folders.items()}
+    return _coco_source("roboflow_yolo", root, files, classes)
+
+
 def discover(
     root: str | Path,
     layout: str = "auto",
     annotation_file: str | Path | None = None,
     image_dir: str | Path | None = None,
     classes: list[str] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Source:
+    """cache_dir: where a YOLO export's splits are read into COCO files (default <root>/.seglab_cache)."""
     root = Path(root)
     if layout not in LAYOUTS:
         raise SeglabError(f"data.layout={layout!r} is not one of {LAYOUTS}.")
@@ -271,6 +286,8 @@ def discover(
             "synthetic demo dataset."
         )
     folders = _split_folders(root)
+    if folders and (layout == "roboflow_yolo" or layout == "auto" and all(map(yolo.is_yolo_split, folders.values()))):
+        return _yolo_source(root, folders, classes, Path(cache_dir) if cache_dir else root / ".seglab_cache")
     if folders:
         coco_files = {s: _find_annotation_file(f) for s, f in folders.items()}
         is_masks = any((f / CLASSES_CSV).is_file() for f in folders.values())
@@ -280,7 +297,8 @@ def discover(
         if missing:
             raise SeglabError(
                 f"No annotation file in {', '.join(missing)}; looked for {', '.join(ANNOTATION_NAMES)} "
-                f"(COCO export) and {CLASSES_CSV} with <stem>{MASK_SUFFIX} files (mask export)."
+                f"(COCO export), {CLASSES_CSV} with <stem>{MASK_SUFFIX} files (mask export) and images/ beside "
+                "labels/ (YOLO segmentation export)."
             )
         return _coco_source(
             "roboflow_coco", root, {s: (coco_files[s], folders[s]) for s in folders}, classes

@@ -1,5 +1,6 @@
 """Writing a rendered photo the way RoboFlow exports it: COCO Segmentation (`_annotations.coco.json` per split
-folder, polygons or RLE) or Semantic Segmentation Masks (`<stem>_mask.png` beside each image, `_classes.csv`)."""
+folder, polygons or RLE), Semantic Segmentation Masks (`<stem>_mask.png` beside each image, `_classes.csv`) or
+YOLOv8 Segmentation (`images/`, `labels/<stem>.txt` with one normalised polygon per object, `data.yaml`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ SPLIT_NAMES = ("train", "valid", "test")
 ANNOTATION_FILE = "_annotations.coco.json"
 CLASSES_CSV = "_classes.csv"
 MASK_SUFFIX = "_mask.png"
-FORMATS = ("coco", "masks")
+FORMATS = ("coco", "masks", "yolo")
 
 # RoboFlow fills these with the export time; fixed values keep the output byte-identical.
 COCO_INFO = {
@@ -109,3 +110,23 @@ def write_classes_csv(folder: Path, categories: list[dict]) -> None:
     rows = ["Pixel Value, Class", "0, background"]
     rows += [f"{c['id']}, {c['name']}" for c in categories if c["id"] > 0]
     (folder / CLASSES_CSV).write_text("\n".join(rows) + "\n")
+
+
+def write_yolo_files(folder: Path, file_name: str, photo: Photo) -> None:
+    """The image into images/, its objects into labels/<stem>.txt: `class x1 y1 ...` normalised to the image's
+    width and height (8 decimals: a reader gets the polygon's pixel coordinates, 2 decimals, back exactly)."""
+    (folder / "images").mkdir(exist_ok=True)
+    (folder / "labels").mkdir(exist_ok=True)
+    Image.fromarray(photo.pixels).save(folder / "images" / file_name, quality=95)
+    height, width = photo.pixels.shape[:2]
+    lines = [" ".join([str(category_id - 1), *(f"{x / width:.8f} {y / height:.8f}" for x, y in polygon)])
+             for category_id, polygon, _ in photo.objects]
+    (folder / "labels" / (Path(file_name).stem + ".txt")).write_text("".join(line + "\n" for line in lines))
+
+
+def write_data_yaml(root: Path, categories: list[dict]) -> None:
+    """data.yaml as RoboFlow writes it: the splits' image folders and the class names (the parent category left
+    out), class index = category id - 1."""
+    names = [c["name"] for c in sorted(categories, key=lambda c: c["id"]) if c["id"] > 0]
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\ntest: ../test/images\n\n"
+                                    f"nc: {len(names)}\nnames: {json.dumps(names)}\n")

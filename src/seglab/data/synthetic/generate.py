@@ -15,7 +15,7 @@ random per frame as RoboFlow splits: neighbouring frames in train, valid and tes
 augmented copies, seglab.data.synthetic.copies), `--extra-name` records the uploaded file's name in
 `images[].extra.name` as newer RoboFlow exports do, `--shared K` puts a copy of the first K training photos
 into valid/ and test/ as well (RoboFlow's own split sharing a photo), `--format masks` writes a Semantic
-Segmentation Masks export instead of COCO.
+Segmentation Masks export instead of COCO, `--format yolo` a YOLOv8 Segmentation export.
 """
 
 from __future__ import annotations
@@ -136,6 +136,9 @@ def write_split(folder: Path, files: list[tuple[str, shapes.Photo, int | str]], 
     """files: (file name, photo, source photo: its index, or the uploaded file's name)."""
     images, annotations = [], []
     for image_id, (name, photo, source) in enumerate(files):
+        if fmt == "yolo":
+            export.write_yolo_files(folder, name, photo)
+            continue
         Image.fromarray(photo.pixels).save(folder / name, quality=95)
         if fmt == "masks":
             export.write_mask_files(folder, name, photo)
@@ -146,6 +149,8 @@ def write_split(folder: Path, files: list[tuple[str, shapes.Photo, int | str]], 
         annotations += anns
     if fmt == "masks":
         export.write_classes_csv(folder, categories)
+    elif fmt == "yolo":
+        export.write_data_yaml(folder.parent, categories)
     else:
         export.write_coco_file(folder, categories, images, annotations)
 
@@ -202,7 +207,7 @@ def describe(out: Path) -> list[str]:
         coco_file = out / split / export.ANNOTATION_FILE
         if not coco_file.is_file():
             if (out / split).is_dir():
-                images = [p for p in (out / split).glob("*.jpg")]
+                images = [p for p in (out / split).rglob("*.jpg")]
                 photos = len({p.name.split(".rf.")[0] for p in images})
                 lines.append(f"  {split}: {len(images)} images ({photos} photos) with masks")
             continue
