@@ -11,7 +11,7 @@ CKPT ?=
 LOGDIR ?= outputs
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-heavy test-fast lint bench bench-deploy \
+.PHONY: help install demo demo-data hard-data compare train sweep evaluate predict tensorboard test test-heavy test-fast lint bench bench-deploy bench-quality \
 	export serve loadtest data-report plain-loop notebook
 
 help:  ## list the targets
@@ -83,6 +83,9 @@ bench: install  ## benchmark data pipeline, training loop, model and a fit (time
 
 bench-deploy: install  ## make bench-deploy ARGS="exports fp32.onnx int8.onnx --data data/demo" (or ARGS="predict ...")
 	$(PY) -m seglab.bench.deploy $(ARGS)
+
+bench-quality: install  ## recipes on the yardstick of real exports (docs/yardstick.json): make bench-quality ARGS="run --only NAME"
+	$(PY) -m seglab.bench.quality $(ARGS)
 
 data-report: install  ## the dataset report (files vs photos, copies, leaks, classes, picture sheet): make data-report DATA=<export>
 	$(PY) -m seglab.data.report data.root=$(DATA) $(ARGS)

@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 LR, MOMENTUM, WEIGHT_DECAY, POWER, AUX_WEIGHT = 0.01, 0.9, 1e-4, 0.9, 0.5  # torchvision's reference
 
 
-def plain_loop(cfg: DictConfig, out: Path) -> Path:
-    """Train as the reference does; returns the checkpoint (seglab's format, so evaluate.py reads it)."""
+def plain_loop(cfg: DictConfig, out: Path, after_epoch=None) -> Path:
+    """Train as the reference does; returns the checkpoint (seglab's format, so evaluate.py reads it).
+    after_epoch(epoch, net, datamodule, training_seconds), if given, runs after each epoch, outside the timing
+    (the quality bench's validation curve)."""
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_flush_denormal(True)
     geometry = {"kind": "stretch"}
@@ -52,6 +54,7 @@ def plain_loop(cfg: DictConfig, out: Path) -> Path:
     loader = datamodule.loader("train", train=True)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.max_epochs * len(loader),
                                                       power=POWER)
+    trained = 0.0
     for epoch in range(cfg.max_epochs):
         net.train()
         total, batches, started = 0.0, 0, time.perf_counter()
@@ -66,8 +69,11 @@ def plain_loop(cfg: DictConfig, out: Path) -> Path:
             optimizer.step()
             scheduler.step()
             total, batches = total + float(loss), batches + 1
-        print(f"plain loop epoch {epoch}: training loss {total / batches:.4f} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        seconds = time.perf_counter() - started
+        trained += seconds
+        print(f"plain loop epoch {epoch}: training loss {total / batches:.4f} ({seconds:.0f} s)", flush=True)
+        if after_epoch is not None:
+            after_epoch(epoch, net, datamodule, trained)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update({"geometry": geometry, "augmentations": []})
     config["augmentation"] = {"geometry": geometry, "train": ["HorizontalFlip(p=0.5)"]}
