@@ -52,7 +52,10 @@ def test_the_dataset_report_reads_a_yolo_export(exports, tmp_path):
 def test_labels_are_read_again_only_when_they_change(exports, tmp_path):
     root = tmp_path / "export"
     shutil.copytree(exports["yolo"], root)
+    for image in (root / "train" / "images").glob("*.jpg"):  # a zip made on a Mac: metadata, not images
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
     first = discover(root, cache_dir=tmp_path / "cache")
+    assert len(first.samples["train"]) == 32
     converted = sorted((tmp_path / "cache" / "yolo").glob("*.json"))
     assert len(converted) == 3 and discover(root, cache_dir=tmp_path / "cache").coco_files.keys() == \
         first.coco_files.keys()

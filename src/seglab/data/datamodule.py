@@ -4,6 +4,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -36,9 +37,15 @@ from seglab.errors import SeglabError
 log = logging.getLogger(__name__)
 
 
+# RoboFlow's resize rounds: an image of 2048 x 1713 pixels whose annotation says 1714 (seen in a real export).
+ROUNDING_PX = 1
+
+
 def check_images(source: Source, show: int = 5) -> None:
-    """Missing, unreadable and wrongly sized images, found before training (headers only: cheap)."""
-    missing, unreadable, mismatched = [], [], []
+    """Missing, unreadable and wrongly sized images, found before training (headers only: cheap). An image
+    within ROUNDING_PX of its annotation's size is taken at its own size (the masks are drawn there), with a
+    warning that counts them."""
+    missing, unreadable, mismatched, rounded = [], [], [], []
     for sample in (s for split in source.samples.values() for s in split):
         if not sample.image.is_file():
             missing.append(sample.image)
@@ -51,6 +58,9 @@ def check_images(source: Source, show: int = 5) -> None:
             unreadable.append(sample.image)
             continue
         if sample.size is not None and sample.size not in (size, oriented):
+            if max(abs(a - b) for a, b in zip(size, sample.size, strict=True)) <= ROUNDING_PX:
+                rounded.append((sample, size))
+                continue
             mismatched.append(f"{sample.image} is {size[1]}x{size[0]}, the annotation file says "
                               f"{sample.size[1]}x{sample.size[0]}")
     problems = []
@@ -65,6 +75,21 @@ def check_images(source: Source, show: int = 5) -> None:
                         "e.g. " + "; ".join(mismatched[:show]))
     if problems:
         raise SeglabError(" ".join(problems) + ". Re-export the dataset, or restore or remove those images.")
+    if rounded:
+        resize_to_images(source, rounded)
+        log.warning("%d image(s) are 1 pixel off the size their annotation gives (RoboFlow's rounding), e.g. %s: "
+                    "their masks are drawn at the images' own size.", len(rounded), rounded[0][0].image)
+
+
+def resize_to_images(source: Source, found: list[tuple[Sample, tuple[int, int]]]) -> None:
+    """The annotation's size of each sample set to its image's (height, width), so masks are drawn there."""
+    new_size = {sample.image: size for sample, size in found}
+    for split, samples in source.samples.items():
+        source.samples[split] = [replace(s, size=new_size[s.image]) if s.image in new_size else s for s in samples]
+    for sample, (height, width) in found:
+        info = source.coco_files[sample.annotation_file].images[sample.image_id]
+        info["height"], info["width"] = height, width
+        source.coco_files[sample.annotation_file].resized[sample.image_id] = (height, width)
 
 
 def check_folds(folds: int | None, fold: int | None) -> tuple[int | None, int | None]:
@@ -208,9 +233,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         return make_palette(self.num_classes)
 
     def _source(self) -> Source:
+        """The export's samples and classes; missing and unreadable images named first, in one line, before any
+        mask is drawn or fingerprint taken."""
         if self.source is None:
-            self.source = discover(self.root, self.layout, self.annotation_file, self.image_dir, self.classes,
-                                   self.cache_dir)
+            source = discover(self.root, self.layout, self.annotation_file, self.image_dir, self.classes,
+                              self.cache_dir)
+            check_images(source)
+            self.source = source
         return self.source
 
     def relative(self, path: Path) -> str:
@@ -218,10 +247,9 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def _groups(self) -> Groups:
         """Which samples are copies of one photo and which look alike (seglab.data.groups); fingerprints cached in
-        cache_dir. Missing and unreadable images are named first, in one line."""
+        cache_dir."""
         if self.groups is None:
             source = self._source()
-            check_images(source)
             samples = [s for split in source.samples.values() for s in split]
             self.groups = group_samples(samples, self.cache_dir / "groups", root=self.root,
                                         workers=self.num_workers, **self.group_settings)
@@ -332,7 +360,6 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.datasets:
             return  # idempotent: Lightning calls setup for fit and again for test
         source = self._source()
-        self._groups()  # names missing or unreadable images first (check_images)
         self.splits, self.shared_in_export = self.make_splits()
         moved = (f" ({len(self.shared_in_export)} photo(s) found in several of the export's own splits were moved "
                  "into the first of them; data.shared_photos=warn keeps them where they are)"

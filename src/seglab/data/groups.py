@@ -17,10 +17,11 @@ copies join too):
     has no RoboFlow name.
 Files with different RoboFlow names are never copies, however alike they look: they were uploaded as two photos.
 
-A *look-alike* is another photo within `lookalike_distance` hash bits (or, for files with a RoboFlow name,
-matched by features). Look-alikes form *scenes*, bounded so that they never chain through a video: copy groups
-are taken in name order and each joins the nearest scene centre within `lookalike_distance` bits, or starts a
-scene of its own; so every photo of a scene is a look-alike of its centre (docs/data.md).
+A *look-alike* is another photo within `lookalike_distance` hash bits, compared as photographed (no flips or
+turns), or, for files with a RoboFlow name, matched by features. Look-alikes form *scenes*, bounded so that they
+never chain through a video: copy groups are taken in name order and each joins the nearest scene centre within
+`lookalike_distance` bits, or starts a scene of its own; so every photo of a scene is a look-alike of its centre
+(docs/data.md).
 Fingerprints are cached per file content under <cache_dir>/groups; the feature links per set of files.
 """
 
@@ -227,13 +228,13 @@ def fingerprints(paths: Sequence[Path], features: bool, cache: Path, workers: in
 
 
 def hash_links(variants: np.ndarray, distance: int) -> list[tuple[int, int, int]]:
-    """Pairs (i < j, bits) whose hashes are within `distance` bits under some flip or quarter turn.
-    variants: (n, 8)."""
-    n = len(variants)
+    """Pairs (i < j, bits) whose hashes are within `distance` bits: each image as it is against each of the
+    other's variants (n, k): all 8 flips and quarter turns, or k=1, the image as it is."""
+    n, k = variants.shape
     pairs = []
     for start in range(0, n, 256):
         block = variants[start:start + 256, :1] ^ variants[None, :, :].reshape(1, -1)
-        bits = np.bitwise_count(block).reshape(len(block), n, len(DIHEDRAL)).min(axis=2)
+        bits = np.bitwise_count(block).reshape(len(block), n, k).min(axis=2)
         for a, b in zip(*np.nonzero(bits <= distance), strict=True):
             if start + a < b:
                 pairs.append((int(start + a), int(b), int(bits[a, b])))
@@ -355,16 +356,16 @@ def group_samples(samples: Sequence[Sample], cache: Path, root: Path | None = No
     # Look is evidence of a copy only where no RoboFlow name tells: otherwise it makes a look-alike.
     unnamed = [k is None for k in keys]
     near_pairs: list[tuple[int, int, int]] = []
-    widest = max((int(d) for d in (hash_distance, lookalike_distance) if d is not None), default=None)
-    if widest is not None:
-        hashed = [i for i, f in enumerate(found) if f["phash"] is not None]
-        variants = np.array([[int(h, 16) for h in found[i]["phash"]] for i in hashed], np.uint64)
-        pairs = [(hashed[a], hashed[b], bits) for a, b, bits in
-                 hash_links(variants.reshape(-1, len(DIHEDRAL)), widest)]
-        if hash_distance is not None:
-            join("hash", ((a, b) for a, b, bits in pairs if bits <= int(hash_distance) and unnamed[a] and unnamed[b]))
-        if lookalike_distance is not None:
-            near_pairs += [p for p in pairs if p[2] <= int(lookalike_distance)]
+    hashed = [i for i, f in enumerate(found) if f["phash"] is not None]
+    variants = np.array([[int(h, 16) for h in found[i]["phash"]] for i in hashed], np.uint64).reshape(-1, len(DIHEDRAL))
+    if hash_distance is not None:
+        pairs = hash_links(variants, int(hash_distance))
+        join("hash", ((hashed[a], hashed[b]) for a, b, _ in pairs if unnamed[hashed[a]] and unnamed[hashed[b]]))
+    if lookalike_distance is not None:
+        # Another photo of the scene as it was photographed: no flips or turns, which in brain scans or aerial
+        # tiles would make unrelated photos look alike (RoboFlow's flipped copies are in the copy group anyway).
+        near_pairs += [(hashed[a], hashed[b], bits) for a, b, bits in hash_links(variants[:, :1],
+                                                                                 int(lookalike_distance))]
     if use_features:
         matched = cached_feature_links([f["sha1"] for f in found], cache, min_inliers)
         join("features", ((a, b) for a, b in matched if unnamed[a] and unnamed[b]))

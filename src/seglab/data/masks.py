@@ -46,9 +46,17 @@ def annotation_rle(segmentation, height: int, width: int) -> dict | None:
 
 
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | None:
-    """One annotation's `segmentation` as a 0/1 array; None for a segmentation with nothing to draw."""
+    """One annotation's `segmentation` as a 0/1 array of height x width (an RLE of another size, drawn for an
+    image RoboFlow's rounding made a pixel larger or smaller, cut or padded to it); None for a segmentation with
+    nothing to draw."""
     rle = annotation_rle(segmentation, height, width)
-    return None if rle is None else mask_utils.decode(rle)
+    if rle is None:
+        return None
+    binary = mask_utils.decode(rle)
+    if binary.shape != (height, width):
+        binary = np.pad(binary[:height, :width], ((0, max(0, height - binary.shape[0])),
+                                                  (0, max(0, width - binary.shape[1]))))
+    return binary
 
 
 def rasterize_annotations(
@@ -87,10 +95,12 @@ def rasterize_annotations(
 
 
 def cache_folder(cache_dir: Path, annotation_file: Path, category_index: Mapping[int, int],
-                 overlap: str, ignore_index: int) -> Path:
-    """The folder for one annotation file's masks, keyed by everything that changes their pixels."""
+                 overlap: str, ignore_index: int, resized: Mapping[int, tuple[int, int]] | None = None) -> Path:
+    """The folder for one annotation file's masks, keyed by everything that changes their pixels (resized: images
+    whose masks are drawn at their own size, not the file's)."""
     content = hashlib.sha256(annotation_file.read_bytes()).hexdigest()[:16]
-    policy = json.dumps([sorted(category_index.items()), overlap, ignore_index])
+    policy = json.dumps([sorted(category_index.items()), overlap, ignore_index,
+                         *([sorted((k, list(v)) for k, v in resized.items())] if resized else [])])
     return cache_dir / f"{content}-{hashlib.sha256(policy.encode()).hexdigest()[:8]}"
 
 
@@ -126,7 +136,8 @@ def build_mask_cache(source, cache_dir: Path, overlap: str, ignore_index: int, w
     mask_paths: dict[Path, Path] = {}
     jobs = []
     for ann_path, coco in source.coco_files.items():
-        folder = cache_folder(cache_dir, ann_path, source.category_index[ann_path], overlap, ignore_index)
+        folder = cache_folder(cache_dir, ann_path, source.category_index[ann_path], overlap, ignore_index,
+                              coco.resized)
         image_dir = {s.image_id: s.image.parent for split in source.samples.values() for s in split
                      if s.annotation_file == ann_path}
         for image_id, info in coco.images.items():

@@ -32,6 +32,12 @@ _PALETTE = [
 ]
 
 
+def hidden(path: Path) -> bool:
+    """macOS's AppleDouble files (`._photo.jpg`, its metadata, not an image) and other hidden files, which zips made
+    on a Mac carry beside every image."""
+    return path.name.startswith(".")
+
+
 def make_palette(num_classes: int) -> list[tuple[int, int, int]]:
     return [_PALETTE[0]] + [_PALETTE[1 + (i % (len(_PALETTE) - 1))] for i in range(num_classes - 1)]
 
@@ -56,6 +62,8 @@ class CocoFile:
     images: dict[int, dict]
     annotations: dict[int, list[dict]]  # image id -> annotations, in file order
     categories: list[dict]
+    # image id -> (height, width) of images 1 pixel off the size this file gives (datamodule.check_images)
+    resized: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,6 +182,12 @@ def find_export(folder: Path) -> Path | None:
 
 
 def _coco_samples(coco: CocoFile, image_dir: Path) -> list[Sample]:
+    first = next(iter(coco.images.values()), None)
+    if first is not None and not (image_dir / first["file_name"]).exists() \
+            and (image_dir / "images" / first["file_name"]).is_file():
+        # A COCO export whose images were moved into images/ beside its JSON (seen in a real export): read them there.
+        log.info("%s: its images are in %s", coco.path, image_dir / "images")
+        image_dir = image_dir / "images"
     return [
         Sample(image_dir / im["file_name"], coco.path, image_id, size=(int(im["height"]), int(im["width"])),
                original_name=uploaded_name(im))
@@ -215,7 +229,7 @@ def read_classes_csv(path: Path) -> dict[int, str]:
 def _mask_samples(folder: Path) -> list[Sample]:
     images = sorted(
         p for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(MASK_SUFFIX)
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(MASK_SUFFIX) and not hidden(p)
     )
     samples, orphans = [], []
     for image in images:

@@ -83,7 +83,8 @@ def image_size(path: Path) -> tuple[int, int]:
 def convert_split(folder: Path, names: list[str], cache: Path) -> Path:
     """The split's COCO file in `cache` (written on first read, then reused while the labels, image files and
     names are unchanged). Its `file_name`s are relative to `folder/images`."""
-    images = sorted(p for p in (folder / "images").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in (folder / "images").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.name.startswith("."))  # macOS's ._photo.jpg metadata files are not images
     labels = {p.relative_to(folder / "labels").with_suffix(""): p for p in (folder / "labels").rglob("*.txt")}
     digest = hashlib.sha256(json.dumps([FORMAT_KEY, names]).encode())
     for image in images:
