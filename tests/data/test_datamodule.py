@@ -78,10 +78,15 @@ def test_loaders_batch_shapes_shuffle_and_drop_last(demo_root, tmp_path):
     assert set(torch.unique(targets).tolist()) <= {0, 1, 2}
 
 
-def test_train_split_smaller_than_batch_is_refused(demo_root, tmp_path):
+def test_a_train_split_smaller_than_a_batch_is_one_batch(demo_root, tmp_path, caplog):
     dm = make_datamodule(demo_root, tmp_path, batch_size=17)
     dm.setup()
-    with pytest.raises(SeglabError, match=r"train split has 16 image\(s\), fewer than batch_size=17"):
+    with caplog.at_level("WARNING"):
+        loader = dm.train_dataloader()
+    assert "16 image(s), fewer than batch_size=17: training on batches of 16" in caplog.text
+    assert loader.batch_size == 16 and len(loader) == 1
+    dm.datasets["train"].items = dm.datasets["train"].items[:1]
+    with pytest.raises(SeglabError, match=r"train split has 1 image\(s\); training needs 2 or more"):
         dm.train_dataloader()
 
 

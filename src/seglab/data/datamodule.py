@@ -391,14 +391,19 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
-        if train and len(dataset) < self.batch_size:
-            raise SeglabError(
-                f"The train split has {len(dataset)} image(s), fewer than batch_size={self.batch_size}; "
-                "lower batch_size or add images."
-            )
+        batch_size = self.batch_size
+        if train and len(dataset) < batch_size:
+            # An export of a few images (RoboFlow users label 6 to start with): one batch of all of them, rather than
+            # no training at all. DeepLabV3's image-level pooling normalises over the batch: two at the least.
+            if len(dataset) < 2:
+                raise SeglabError(f"The train split has {len(dataset)} image(s); training needs 2 or more. Add "
+                                  "images, or move some from valid/test (data.resplit=true).")
+            log.warning("The train split has %d image(s), fewer than batch_size=%d: training on batches of %d.",
+                        len(dataset), batch_size, len(dataset))
+            batch_size = len(dataset)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             shuffle=train,
             # Whole images at the base scale differ in size: pad them into one batch (masks with the ignore
             # index, so padding is never scored). Training crops all have the same size.
