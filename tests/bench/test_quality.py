@@ -33,10 +33,21 @@ def fetched(tmp_path, demo_root):
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "later", cwd=work)
     sources = tmp_path / "mirror"
     git("clone", "-q", "--bare", str(work), str(sources / "acme+shapes-repo" / "repo"), cwd=tmp_path)
+    # An export at the top of its repository, beside files that are not part of it.
+    top = tmp_path / "top"
+    shutil.copytree(demo_root, top, ignore=shutil.ignore_patterns(".seglab_cache"))
+    (top / "notebook.ipynb").write_text("{}")
+    git("init", "-q", cwd=top)
+    git("add", ".", cwd=top)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "export", cwd=top)
+    top_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=top, capture_output=True, text=True).stdout.strip()
+    shutil.copytree(top, sources / "acme" / "top-repo")  # a plain clone, as a user's git clone leaves it
     manifest = tmp_path / "yardstick.json"
     manifest.write_text(json.dumps([
         {"name": "shapes", "kind": "synthetic shapes", "repository": "acme/shapes-repo", "commit": first,
          "folder": "datasets/shapes", "licence": "CC BY 4.0"},
+        {"name": "top", "kind": "synthetic shapes", "repository": "acme/top-repo", "commit": top_commit,
+         "folder": ["train", "valid", "test"], "licence": "CC BY 4.0"},
         {"name": "tiny-dense", "kind": "generated dense", "generate": {"num_images": 10, "size": 96, "seed": 3,
                                                                        "mode": "dense"}},
     ]))
@@ -48,6 +59,7 @@ def test_layout_takes_each_export_at_its_commit_and_generates_the_others(fetched
     main(["layout", "--sources", str(fetched["sources"]), *args])
     laid_out = fetched["exports"] / "shapes"
     assert dataset_files(laid_out) == dataset_files(fetched["demo"])  # the first commit's files, not the later edit
+    assert dataset_files(fetched["exports"] / "top") == dataset_files(fetched["demo"])  # the export's folders only
     expected = generate_dataset(fetched["exports"].parent / "expected", num_images=10, size=96, seed=3, mode="dense")
     assert dataset_files(fetched["exports"] / "tiny-dense") == dataset_files(expected)
 

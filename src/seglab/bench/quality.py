@@ -82,16 +82,18 @@ def layout(entries: list[dict], sources: Path, exports: Path) -> list[str]:
         if repo is None:
             lines.append(f"{entry['name']}: no copy of {entry['repository']} in {sources} (fetch it first)")
             continue
+        # The export's folder, or (an export at the repository's top beside other files) a list of its folders.
         folder = entry.get("folder") or "."
+        paths = folder if isinstance(folder, list) else [folder]
         with tempfile.TemporaryDirectory(dir=exports.parent if exports.parent.is_dir() else None) as tmp:
             archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", entry["commit"], "--",
-                                      folder], capture_output=True, check=False)
+                                      *paths], capture_output=True, check=False)
             if archive.returncode != 0:
                 lines.append(f"{entry['name']}: git archive failed: {archive.stderr.decode()[:200]}")
                 continue
             subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
             exports.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(Path(tmp) / folder), target)
+            shutil.move(str(Path(tmp) / (folder if isinstance(folder, str) else ".")), target)
         lines.append(f"wrote {target} from {entry['repository']}@{entry['commit'][:10]}:{folder}")
     return lines
 
