@@ -46,3 +46,13 @@ def zip_folder(folder: Path, archive: Path, prefix: str = "", extra: dict[str, b
         for name, data in (extra or {}).items():
             zf.writestr(name, data)
     return archive
+
+
+def ready_datamodule(root: Path, cache_dir: Path, **kwargs):
+    """A SegmentationDataModule on `root` set up for fit (64 px, no workers, batch 2), caches under cache_dir."""
+    from seglab.data.datamodule import SegmentationDataModule
+
+    dm = SegmentationDataModule(root=str(root), image_size=64, num_workers=0, batch_size=2, cache_dir=str(cache_dir),
+                                **kwargs)
+    dm.setup("fit")
+    return dm

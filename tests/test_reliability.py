@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import masks_by_name
+from helpers import masks_by_name, ready_datamodule
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -35,12 +35,6 @@ def setup_error(root: Path, tmp_path: Path, **kwargs) -> str:
     with pytest.raises(SeglabError) as info:
         dm.setup("fit")
     return str(info.value)
-
-
-def datamodule_of(root: Path, cache: Path) -> SegmentationDataModule:
-    dm = SegmentationDataModule(root=str(root), image_size=64, num_workers=0, batch_size=2, cache_dir=str(cache))
-    dm.setup("fit")
-    return dm
 
 
 def edit_json(root: Path, split: str, edit) -> Path:
@@ -125,7 +119,7 @@ def test_a_missing_image_stops_a_training_run_with_one_line(demo_root, tmp_path,
 def test_what_real_coco_exports_carry_is_read_rather_than_refused(demo_root, tmp_path, caplog):
     """Two things seen in real RoboFlow exports: an image a pixel off the size its annotation gives (RoboFlow's
     rounding), and a COCO export whose images were moved into images/ beside the JSON."""
-    reference = masks_by_name(datamodule_of(demo_root, tmp_path / "reference"))
+    reference = masks_by_name(ready_datamodule(demo_root, tmp_path / "reference"))
     root = copy_export(demo_root, tmp_path)
     edited = edit_json(root, "train", lambda d: d["images"][5].update(height=65))
     name = json.loads(edited.read_text())["images"][5]["file_name"]
@@ -134,7 +128,7 @@ def test_what_real_coco_exports_carry_is_read_rather_than_refused(demo_root, tmp
     for image in (root / "valid").glob("*.jpg"):
         image.rename(images / image.name)
     with caplog.at_level("WARNING"):
-        dm = datamodule_of(root, tmp_path / "edited")
+        dm = ready_datamodule(root, tmp_path / "edited")
     assert "1 image(s) are 1 pixel off the size their annotation gives" in caplog.text
     assert {s: len(v) for s, v in dm.splits.items()} == {"train": 16, "val": 2, "test": 2}
     got = masks_by_name(dm)

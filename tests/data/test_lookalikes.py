@@ -3,6 +3,7 @@ empty a split, are reported, and form bounded scenes that a split by scene keeps
 
 import numpy as np
 import pytest
+from helpers import ready_datamodule
 from PIL import Image
 
 from seglab.data.datamodule import SegmentationDataModule
@@ -23,11 +24,8 @@ def video_root(tmp_path_factory):
                             copies=3, extra_name=True)
 
 
-def datamodule(root, tmp_path, **kwargs) -> SegmentationDataModule:
-    dm = SegmentationDataModule(root=str(root), image_size=64, num_workers=0, batch_size=2,
-                                cache_dir=str(tmp_path / "cache"), **kwargs)
-    dm.setup("fit")
-    return dm
+def datamodule(root, tmp_path, **kwargs):
+    return ready_datamodule(root, tmp_path / "cache", **kwargs)
 
 
 def test_a_video_export_keeps_its_val_and_test_splits(video_root, tmp_path):

@@ -4,9 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import masks_by_name
+from helpers import masks_by_name, ready_datamodule
 
-from seglab.data.datamodule import SegmentationDataModule
 from seglab.data.report import build_report
 from seglab.data.sources import discover
 from seglab.data.synthetic import generate_dataset
@@ -21,11 +20,8 @@ def exports(tmp_path_factory):
             for fmt in ("coco", "yolo")}
 
 
-def datamodule(root, tmp_path, **kwargs) -> SegmentationDataModule:
-    dm = SegmentationDataModule(root=str(root), image_size=64, num_workers=0, batch_size=2,
-                                cache_dir=str(tmp_path / "cache"), **kwargs)
-    dm.setup("fit")
-    return dm
+def datamodule(root, tmp_path, **kwargs):
+    return ready_datamodule(root, tmp_path / "cache", **kwargs)
 
 
 def test_a_yolo_export_gives_the_masks_of_the_same_coco_export(exports, tmp_path):
