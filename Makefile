@@ -51,13 +51,13 @@ evaluate: install  ## make evaluate CKPT=outputs/.../checkpoints/best-....ckpt [
 predict: install  ## make predict CKPT=... ARGS="input=my_images output=predictions"
 	$(PY) predict.py ckpt_path=$(CKPT) $(ARGS)
 
-export: install  ## make export CKPT=<.ckpt> [ARGS="output=model.onnx"]: ONNX + sidecar JSON, parity-checked
+export: install  ## make export CKPT=<.ckpt> [ARGS="format=openvino precision=int8"]: ONNX or OpenVINO + sidecar JSON, checked
 	$(PY) export.py ckpt_path=$(CKPT) $(ARGS)
 
-serve: install  ## make serve CKPT=<.ckpt or .onnx> [ARGS="port=8000"]: web API + page on 127.0.0.1
+serve: install  ## make serve CKPT=<.ckpt, .onnx or .xml> [ARGS="port=8000"]: web API + page on 127.0.0.1
 	$(PY) serve.py ckpt_path=$(CKPT) $(ARGS)
 
-loadtest: install  ## make loadtest CKPT="<.ckpt> <.onnx>" [ARGS="--clients 4 --seconds 20"] on 127.0.0.1
+loadtest: install  ## make loadtest CKPT="<.onnx> <.xml>" [ARGS="--clients 4 --seconds 20"] on 127.0.0.1
 	$(PY) -m seglab.serve.loadtest $(CKPT) $(ARGS)
 
 tensorboard: install  ## tensorboard --logdir $(LOGDIR) (a run folder, a sweep folder, or outputs/)
@@ -81,7 +81,7 @@ lint: install  ## ruff
 bench: install  ## benchmark data pipeline, training loop, model and a fit (time-to-result); writes bench.json
 	$(PY) -m seglab.bench $(ARGS)
 
-bench-deploy: install  ## make bench-deploy ARGS="exports fp32.onnx int8.onnx --data data/demo" (or ARGS="predict ...")
+bench-deploy: install  ## make bench-deploy ARGS="exports fp32.onnx int8.onnx fp32.xml int8.xml --data data/demo" (or ARGS="predict ...")
 	$(PY) -m seglab.bench.deploy $(ARGS)
 
 bench-quality: install  ## recipes on the yardstick of real exports (docs/yardstick.json): make bench-quality ARGS="run --only NAME"

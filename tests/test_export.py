@@ -14,19 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from seglab.conversions import PredictorCalibration, quantize_int8
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
 from seglab.evaluate import build_datamodule
-from seglab.export import (
-    KEEP_TRACES,
-    PredictorCalibration,
-    cached_trace,
-    check_parity,
-    export,
-    parity_image,
-    quantize_int8,
-    trace_cache_path,
-)
+from seglab.export import KEEP_TRACES, cached_trace, check_parity, export, parity_image, trace_cache_path
 from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.checkpoint import load_checkpoint
 
@@ -168,12 +160,17 @@ def test_the_trace_cache_traces_once_retraces_a_broken_entry_and_keeps_the_newes
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("format=tensorrt", r"format='tensorrt' is not supported; choose one of \['onnx'\]"),
-    ("precision=int4", r"precision='int4' is not supported; choose one of \['fp32', 'fp16', 'int8'\]"),
+    ("format=tensorrt", r"format='tensorrt' is not supported; choose one of \['onnx', 'openvino'\]"),
+    ("precision=int4", r"precision='int4' is not supported for format=onnx; choose one of \['fp32', 'fp16', 'int8'\]"),
+    ("format=openvino precision=fp16",
+     r"precision='fp16' is not supported for format=openvino; choose one of \['fp32', 'int8'\]"),
     ("precision=int8 quantization.calibrate_method=Median",
      r"quantization.calibrate_method='Median' is not one of \['MinMax', 'Entropy', 'Percentile'\]"),
+    ("format=openvino precision=int8 quantization.nncf.preset=accurate",
+     r"quantization.nncf.preset='accurate' is not one of \['performance', 'mixed'\]"),
     ("opset=13", r"opset=13 is too old: use 17 or later"),
-    ("output=model.pt", r"output='model.pt' must be a file name ending in \.onnx"),
+    ("output=model.pt", r"output='model.pt' must be a file name ending in \.onnx for format=onnx"),
+    ("format=openvino", r"output='.*model\.onnx' must be a file name ending in \.xml for format=openvino"),
 ])
 def test_export_rejects_bad_settings(trained_run, tmp_path, override, message):
     overrides = [f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}", *override.split()]
@@ -360,10 +357,10 @@ def test_calibration_feeds_the_network_what_the_predictor_feeds_it(trained_run, 
 def test_a_tolerance_that_cannot_be_met_fails_with_the_numbers_and_writes_nothing(trained_run, tmp_path):
     cfg = compose_export(f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}",
                          "precision=fp16", "parity.masks.max_miou_drop=-1")  # the export must beat PyTorch by 1
-    with pytest.raises(SeglabError, match=r"The fp16 export's masks are too far from the fp32 PyTorch model's on the "
-                                          r"val split \(2 images\): mIoU \d\.\d{4} vs \d\.\d{4} \(drop -?\d\.\d{4}, "
-                                          r"allowed -1\), \d+\.\d\d% of pixels agree \(required 99\.00%\)\. "
-                                          r"The export was removed\."):
+    with pytest.raises(SeglabError, match=r"The onnx fp16 export's masks are too far from the fp32 PyTorch model's on "
+                                          r"the val split \(2 images\): mIoU \d\.\d{4} vs \d\.\d{4} \(drop "
+                                          r"-?\d\.\d{4}, allowed -1\), \d+\.\d\d% of pixels agree \(required "
+                                          r"99\.00%\)\. The export was removed\."):
         export(cfg)
     assert list(tmp_path.iterdir()) == []  # neither the model, its sidecar nor the work folder
 

@@ -11,7 +11,8 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("seglab.data",),
     ("seglab.models",),
     ("seglab.inference", "seglab.callbacks"),
-    ("seglab.train", "seglab.crossval", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.leaderboard",
+    ("seglab.train", "seglab.crossval", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.conversions",
+     "seglab.leaderboard",
      "seglab.compare", "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
 ]
 
@@ -49,6 +50,7 @@ def test_no_module_is_longer_than_a_reader_can_hold():
 
 
 def test_deploy_code_does_not_depend_on_the_demo_data_generator():
-    deploy = [SRC / "seglab" / "export.py", SRC / "seglab" / "inference.py", SRC / "seglab" / "predict.py",
+    deploy = [SRC / "seglab" / "export.py", SRC / "seglab" / "conversions.py", SRC / "seglab" / "inference.py",
+              SRC / "seglab" / "predict.py",
               *(SRC / "seglab" / "serve").rglob("*.py")]
     assert [str(p.name) for p in deploy if any(n.startswith("seglab.data.synthetic") for n in imports(p))] == []

@@ -113,8 +113,8 @@ def evaluate(checkpoint: str | Path, *overrides: str, output_dir: str | Path | N
 
 
 def export(checkpoint: str | Path, *overrides: str, output_dir: str | Path | None = None) -> Path:
-    """python export.py ckpt_path=<checkpoint> <overrides>: the parity-checked .onnx (its sidecar .json beside
-    it), which load_predictor and predict take as they take a checkpoint."""
+    """python export.py ckpt_path=<checkpoint> <overrides>: the parity-checked .onnx, or .xml with "format=openvino"
+    (its sidecar .json beside it), which load_predictor and predict take as they take a checkpoint."""
     cfg = compose_run("export", [f"ckpt_path={quoted(checkpoint)}", *overrides], output_dir)
     return Path(seglab.export.export(cfg)["output"])
 

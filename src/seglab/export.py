@@ -1,10 +1,12 @@
-"""export(cfg): a checkpoint -> an ONNX model (fp32, fp16 or int8) plus its sidecar JSON, checked against
-PyTorch before it counts. export.py calls it; seglab.inference.load_predictor reads what it writes.
+"""export(cfg): a checkpoint -> an ONNX model (fp32, fp16 or int8) or an OpenVINO IR (fp32 or int8) plus its
+sidecar JSON, checked against PyTorch before it counts. export.py calls it; seglab.inference.load_predictor reads
+what it writes.
 
 Every export is first traced to an fp32 ONNX graph, whose logits must match PyTorch's (a wrong export is caught
 here, whatever the precision). The graph is kept in a cache (trace_cache): a checkpoint's next export (another
 precision) skips torch.export's trace, most of an export's time. fp16 converts that graph's weights and arithmetic
-to half precision; int8 quantises it statically with ONNX Runtime, calibrated on training images. Then the model
+to half precision; int8 quantises it statically with ONNX Runtime, calibrated on training images. format=openvino
+converts that graph to OpenVINO IR, and int8 quantises the IR with NNCF on the same calibration inputs. Then the model
 that will be written predicts the validation split through the Predictor, and its masks are compared with the
 ground truth and with the fp32 PyTorch model's masks. Only when both checks pass are the model and its sidecar
 moved into place.
@@ -18,7 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +28,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seglab.atomic import replacing
+from seglab.conversions import (
+    NNCF_PRESETS,
+    PredictorCalibration,
+    convert_fp16,
+    convert_openvino,
+    quantize_int8,
+    quantize_openvino,
+)
 from seglab.data.exports import default_exports_dir
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError, first_line
 from seglab.evaluate import build_datamodule
-from seglab.inference import OnnxModel, Predictor, load_predictor, sample_image
+from seglab.inference import OnnxModel, OpenVinoModel, Predictor, load_predictor, model_files, sample_image
 from seglab.models.module import SegmentationModule, segmentation_metrics
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx",)
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = {"onnx": ("fp32", "fp16", "int8"), "openvino": ("fp32", "int8")}  # per format
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}
+RUNTIMES = {"onnx": OnnxModel, "openvino": OpenVinoModel}
 CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile")  # onnxruntime.quantization.CalibrationMethod
 # torch.export specialises a dimension whose example size is 1 (or equal to another one) to a constant:
 # the example batch of 2 and a non-square example image keep batch, height and width dynamic.
@@ -169,100 +179,17 @@ def check_parity(reference: Predictor, candidate: Predictor, image: np.ndarray, 
     return result
 
 
-class InputRecorder:
-    """A Model that keeps the batches a Predictor hands it and answers zero logits: what the network would see."""
-
-    def __init__(self, num_classes: int):
-        self.num_classes, self.inputs = num_classes, []
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().float().cpu().numpy())
-        return torch.zeros(x.shape[0], self.num_classes, *x.shape[2:])
-
-
-class PredictorCalibration:
-    """ONNX Runtime's calibration data reader (CalibrationDataReader's get_next) over images: the inputs the
-    Predictor gives its network for them, so the same scaling, normalisation and, for large images, the same
-    tiles as at prediction time. One input (1, 3, h, w) at a time: the histogram calibrators (Entropy, Percentile)
-    stack every batch's outputs, so batches of 8 and 1 tiles would not fit together. Images are read as needed.
-
-    Given `count` (the number of images), it also serves quantize_static's strided calibration (CalibStridedMinMax,
-    which despite its name drives every calibrator): collect_data then runs once per range of images (set_range),
-    and only that range's activations are held at once. Without it ONNX Runtime's histogram calibrators hold every
-    input's activations until the end: 32 demo images in 128 px ResNet-50 tiles took 24 GB here."""
-
-    def __init__(self, reference: Predictor, images: Iterator[np.ndarray], input_name: str, count: int | None = None):
-        self.recorder = InputRecorder(len(reference.class_names))
-        self.predictor = Predictor(self.recorder, reference.meta, mode=reference.mode, flip=reference.flip,
-                                   overlap=reference.overlap, tile_batch=reference.tile_batch)
-        self.images, self.input_name, self.fed, self.shapes = images, input_name, 0, set()
-        self.count, self.left_in_range = count, None  # None: no range, every image
-
-    def __len__(self) -> int:
-        return self.count
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self.left_in_range = end_index - start_index
-
-    def get_next(self) -> dict | None:
-        while not self.recorder.inputs:
-            image = None if self.left_in_range == 0 else next(self.images, None)
-            if image is None:
-                return None
-            if self.left_in_range is not None:
-                self.left_in_range -= 1
-            self.predictor.logits(image)
-        batch = self.recorder.inputs.pop(0)
-        self.recorder.inputs[:0] = list(batch[1:, None])  # the rest of this call's batch comes next
-        self.fed += 1
-        self.shapes.add(batch.shape[1:])
-        return {self.input_name: batch[:1]}
-
-
-def quantize_int8(fp32_path: Path, output: Path, reader: PredictorCalibration, settings: DictConfig) -> dict:
-    """Static int8 quantisation with ONNX Runtime's own recipe for CNNs on CPUs (quantize_static's guidance):
-    quant_pre_process first (graph optimisation and ONNX shape inference: a tensor of unknown shape cannot be
-    quantised), then QuantizeLinear/DequantizeLinear pairs (QDQ, which ONNX Runtime fuses into integer kernels)
-    with uint8 activations and int8 weights, full 8-bit range (reduce_range only helps CPUs without VNNI).
-    Which ops and how activation ranges are calibrated: conf/export.yaml's quantization node."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
-
-    prepared = output.with_name("prepared.onnx")
-    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-    op_types = list(settings.op_types) if settings.op_types else None
-    try:
-        quantize_static(str(prepared), str(output), reader, quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False,
-                        per_channel=bool(settings.per_channel), op_types_to_quantize=op_types,
-                        calibrate_method=CalibrationMethod[settings.calibrate_method],
-                        extra_options={"CalibStridedMinMax": 1} if reader.count else {})  # one image per pass
-    except ValueError:
-        if len(reader.shapes) < 2:
-            raise
-        # The histogram calibrators stack every input's activations into one array.
-        shapes = ", ".join("x".join(map(str, shape)) for shape in sorted(reader.shapes)[:3])
-        raise SeglabError(f"quantization.calibrate_method={settings.calibrate_method} needs calibration inputs of "
-                          f"one shape, but the training images give several ({shapes}, ...: images of different "
-                          "aspect ratios predicted whole). Use quantization.calibrate_method=MinMax.") from None
-    prepared.unlink()
-    return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8",
-            "weights": "int8", "per_channel": bool(settings.per_channel), "reduce_range": False,
-            "op_types": op_types or "all ONNX Runtime quantises", "calibrate_method": settings.calibrate_method}
-
-
-def convert_fp16(fp32_path: Path, output: Path) -> dict:
-    """Weights and arithmetic in float16, inputs and outputs kept float32 (keep_io_types, the documented way for
-    mixed-precision deployment: callers feed and read float32 as before). ONNX Runtime's own copy of
-    onnxconverter-common's converter, so no extra package; ops it knows to lose accuracy in fp16 stay fp32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    onnx.save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), str(output))
-    return {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": True}
-
-
 def add_masks(metrics, truth: np.ndarray, prediction: np.ndarray) -> None:
     """One mask pair into seglab's metrics (segmentation_metrics, as evaluate.py computes them)."""
     metrics.update(torch.from_numpy(prediction.astype(np.int64))[None], torch.from_numpy(truth.astype(np.int64))[None])
+
+
+ADVICE = {  # what to try when an export's masks fail the check, by "<format> <precision>"
+    "onnx int8": "Try another quantization.calibrate_method (MinMax, Entropy, Percentile), fewer quantization.op_types "
+                 "(Conv only), more quantization.calibration_images, or precision=fp16.",
+    "openvino int8": "Try the other quantization.nncf.preset (mixed, performance), more "
+                     "quantization.calibration_images, or precision=fp32.",
+}
 
 
 def check_masks(reference: Predictor, candidate: Predictor, dataset, split: str, precision: str,
@@ -295,21 +222,21 @@ def check_masks(reference: Predictor, candidate: Predictor, dataset, split: str,
             f"({len(dataset)} images): mIoU {result['mIoU_export']:.4f} vs {result['mIoU_pytorch']:.4f} (drop "
             f"{result['mIoU_drop']:.4f}, allowed {max_miou_drop}), {100 * result['agreement']:.2f}% of pixels agree "
             f"(required {100 * min_agreement:.2f}%). The export was removed. "
-            + ("Try another quantization.calibrate_method (MinMax, Entropy, Percentile), fewer quantization.op_types "
-               "(Conv only), more quantization.calibration_images, or precision=fp16."
-               if precision == "int8" else "Export in fp32, or report the model and these numbers."))
+            + ADVICE.get(precision, "Export in fp32, or report the model and these numbers."))
     return result
 
 
 def resolve_output(cfg: DictConfig) -> Path:
-    output = Path(cfg.output)
-    if output.suffix != ".onnx":
-        raise SeglabError(f"output={str(output)!r} must be a file name ending in .onnx (its sidecar JSON is "
-                          "written beside it with the same name).")
-    taken = [p for p in (output, output.with_suffix(".json")) if p.exists()]
+    """output=, or model.onnx / model.xml in the run folder; never an existing export's file."""
+    suffix = SUFFIXES[cfg.format]
+    output = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{suffix}"
+    if output.suffix != suffix:
+        raise SeglabError(f"output={str(output)!r} must be a file name ending in {suffix} for format={cfg.format} "
+                          "(its sidecar JSON is written beside it with the same name).")
+    taken = [p for p in (*model_files(output), output.with_suffix(".json")) if p.exists()]
     if taken:
         raise SeglabError(f"{taken[0]} already exists; an export is never overwritten. Choose another "
-                          "output=<file>.onnx or move the old export away.")
+                          f"output=<file>{suffix} or move the old export away.")
     return output
 
 
@@ -327,11 +254,12 @@ def labelled_data(cfg: DictConfig, module: SegmentationModule, ckpt: Path):
 def validate(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise SeglabError("ckpt_path is required: python export.py ckpt_path=<run folder>/checkpoints/<name>.ckpt "
-                          "[output=<file>.onnx] [precision=fp32|fp16|int8]")
-    if cfg.format not in FORMATS:
-        raise SeglabError(f"format={cfg.format!r} is not supported; choose one of {list(FORMATS)}.")
-    if cfg.precision not in PRECISIONS:
-        raise SeglabError(f"precision={cfg.precision!r} is not supported; choose one of {list(PRECISIONS)}.")
+                          "[format=onnx|openvino] [output=<file>.onnx|.xml] [precision=fp32|fp16|int8]")
+    if cfg.format not in PRECISIONS:
+        raise SeglabError(f"format={cfg.format!r} is not supported; choose one of {list(PRECISIONS)}.")
+    if cfg.precision not in PRECISIONS[cfg.format]:
+        raise SeglabError(f"precision={cfg.precision!r} is not supported for format={cfg.format}; choose one of "
+                          f"{list(PRECISIONS[cfg.format])}.")
     if cfg.opset < 17:
         # Opset 17 added LayerNormalization (SegFormer's norm as one op); bilinear Resize with half_pixel
         # coordinates (PyTorch's align_corners=False) is older.
@@ -343,6 +271,33 @@ def validate(cfg: DictConfig) -> None:
         if cfg.quantization.calibrate_method not in CALIBRATE_METHODS:
             raise SeglabError(f"quantization.calibrate_method={cfg.quantization.calibrate_method!r} is not one of "
                               f"{list(CALIBRATE_METHODS)}.")
+        if cfg.quantization.nncf.preset not in NNCF_PRESETS:
+            raise SeglabError(f"quantization.nncf.preset={cfg.quantization.nncf.preset!r} is not one of "
+                              f"{list(NNCF_PRESETS)}.")
+
+
+def convert(cfg: DictConfig, fp32_path: Path, reference: Predictor, data) -> tuple[Path, dict | None]:
+    """The model the export will write, made from the checked fp32 graph in its folder: (its path, how it was
+    made; None for the fp32 ONNX graph itself)."""
+    work, precision = fp32_path.parent, cfg.precision
+    if precision == "int8":
+        train = data.datasets["train"]
+        count = min(cfg.quantization.calibration_images, len(train))
+        reader = PredictorCalibration(reference, (train.load(i)[0] for i in range(count)), "image", count)
+        log.info("calibrating int8 on %d training images", count)
+        if cfg.format == "openvino":
+            model_path = work / "int8.xml"
+            conversion = quantize_openvino(fp32_path, model_path, reader, cfg.quantization.nncf)
+        else:
+            model_path = work / "int8.onnx"
+            conversion = quantize_int8(fp32_path, model_path, reader, cfg.quantization)
+        return model_path, {**conversion, "calibration_split": "train", "calibration_images": count,
+                            "calibration_inputs": reader.fed}
+    if cfg.format == "openvino":
+        return work / "fp32.xml", convert_openvino(fp32_path, work / "fp32.xml")
+    if precision == "fp16":
+        return work / "fp16.onnx", convert_fp16(fp32_path, work / "fp16.onnx")
+    return fp32_path, None
 
 
 def export(cfg: DictConfig) -> dict:
@@ -360,7 +315,7 @@ def export(cfg: DictConfig) -> dict:
                           f"check), but {root} is not there. Give its folder with data_root=<export folder>.")
     output.parent.mkdir(parents=True, exist_ok=True)
     digest = sha256(ckpt)
-    log.info("exporting %s -> %s (opset %d, %s)", ckpt, output, cfg.opset, precision)
+    log.info("exporting %s -> %s (%s, opset %d, %s)", ckpt, output, cfg.format, cfg.opset, precision)
     # Everything is written in a hidden folder beside the output and moved into place only when every check has
     # passed: a failed or interrupted export leaves nothing behind.
     with tempfile.TemporaryDirectory(prefix=f".{output.stem}-export-", dir=output.parent) as work:
@@ -378,41 +333,28 @@ def export(cfg: DictConfig) -> dict:
                            overlap=reference.overlap)
         parity = check_parity(reference, traced, image, image_name, cfg.parity.rtol, cfg.parity.min_agreement,
                               cfg.parity.seed)
-        conversion = None
-        model_path = fp32_path
-        if precision == "int8":
-            train = data.datasets["train"]
-            count = min(cfg.quantization.calibration_images, len(train))
-            reader = PredictorCalibration(reference, (train.load(i)[0] for i in range(count)),
-                                          traced.model.input, count)
-            model_path = work / "int8.onnx"
-            log.info("calibrating int8 on %d training images", count)
-            conversion = quantize_int8(fp32_path, model_path, reader, cfg.quantization)
-            conversion.update(calibration_split="train", calibration_images=count, calibration_inputs=reader.fed)
-        elif precision == "fp16":
-            model_path = work / "fp16.onnx"
-            conversion = convert_fp16(fp32_path, model_path)
-
+        model_path, conversion = convert(cfg, fp32_path, reference, data)
         masks_cfg = cfg.parity.masks
         if data is None:
             parity["masks"] = {"skipped": "the checkpoint's data is not there (data_root=<folder> gives it)"}
             log.warning("mask check skipped: no labelled data (give data_root=<folder>)")
         else:
             candidate = traced if model_path == fp32_path else Predictor(
-                OnnxModel(model_path), reference.meta, mode=reference.mode, flip=reference.flip,
+                RUNTIMES[cfg.format](model_path), reference.meta, mode=reference.mode, flip=reference.flip,
                 overlap=reference.overlap)
             parity["masks"] = check_masks(reference, candidate, data.datasets[masks_cfg.split], masks_cfg.split,
-                                          precision, masks_cfg.max_miou_drop, masks_cfg.min_agreement)
+                                          f"{cfg.format} {precision}", masks_cfg.max_miou_drop,
+                                          masks_cfg.min_agreement)
         sidecar = {
             **{k: v for k, v in reference.meta.items() if k != "source"},
             "palette": [list(c) for c in reference.palette],
-            "format": "onnx",
+            "format": cfg.format,
             "precision": precision,
-            "opset": cfg.opset,
+            "opset": cfg.opset,  # of the ONNX graph an OpenVINO IR is converted from
             "input": {"name": "image", "layout": "NCHW float32, normalised with mean/std; N, H, W dynamic"},
             "output": {"name": "logits", "layout": "NCHW float32 at the input's H, W (main head only)"},
             **({"conversion": conversion} if conversion else {}),
-            "size_bytes": model_path.stat().st_size,
+            "size_bytes": sum(f.stat().st_size for f in model_files(model_path)),
             "source_checkpoint": str(ckpt.resolve()),
             "source_sha256": digest,
             "trace": "cache" if from_cache else "traced",
@@ -421,22 +363,28 @@ def export(cfg: DictConfig) -> dict:
         }
         sidecar_tmp = work / "sidecar.json"
         sidecar_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
-        os.replace(model_path, output)
+        for source, target in zip(model_files(model_path)[::-1], model_files(output)[::-1], strict=True):
+            os.replace(source, target)  # an IR's .bin before its .xml: a visible .xml always has its weights
         os.replace(sidecar_tmp, output.with_suffix(".json"))
+    report(output, cfg.format, precision, sidecar, from_cache)
+    return {"output": str(output), "sidecar": str(output.with_suffix(".json")), "format": cfg.format,
+            "precision": precision, "parity": parity}
 
+
+def report(output: Path, fmt: str, precision: str, sidecar: dict, from_cache: bool) -> None:
+    parity = sidecar["parity"]
     worst = max(c["max_abs_diff"] for c in parity["checks"])
     agree = min(c["class_agreement"] for c in parity["checks"])
     masks = parity["masks"]
-    masks_line = (f"  masks ({precision}) on the {masks['split']} split ({masks['images']} images): mIoU "
+    masks_line = (f"  masks ({fmt} {precision}) on the {masks['split']} split ({masks['images']} images): mIoU "
                   f"{masks['mIoU_export']:.4f} (fp32 PyTorch {masks['mIoU_pytorch']:.4f}, drop "
                   f"{masks['mIoU_drop']:.4f}), {100 * masks['agreement']:.2f}% of pixels agree with PyTorch\n"
                   if "skipped" not in masks else f"  masks: not checked ({masks['skipped']})\n")
-    print(f"\nseglab export: {output} (+ {output.with_suffix('.json').name}), {precision}, "
+    files = " + ".join(f.name for f in model_files(output)[1:] + [output.with_suffix(".json")])
+    print(f"\nseglab export: {output} (+ {files}), {fmt} {precision}, "
           f"{sidecar['size_bytes'] / 2**20:.1f} MiB" + (", fp32 graph from the trace cache" if from_cache else "")
           + "\n"
           f"  parity PyTorch vs ONNX Runtime on {len(parity['checks'])} inputs: max |logit diff| {worst:.2e}, "
-          f"classes agree on {100 * agree:.3f}% of pixels" + (" (the fp32 graph)" if precision != "fp32" else "")
-          + "\n" + masks_line
+          f"classes agree on {100 * agree:.3f}% of pixels"
+          + (" (the fp32 ONNX graph)" if precision != "fp32" or fmt != "onnx" else "") + "\n" + masks_line
           + f"  use it: python predict.py ckpt_path={output} input=...   |   make serve CKPT={output}", flush=True)
-    return {"output": str(output), "sidecar": str(output.with_suffix(".json")), "precision": precision,
-            "parity": parity}

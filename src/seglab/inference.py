@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from xml.etree import ElementTree
 
 import cv2
 import numpy as np
@@ -51,6 +52,8 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 class TorchModel:
     """A SegmentationModule as a Model: on its device, with the autocast it was trained and tested with."""
+
+    runtime = "PyTorch"
 
     def __init__(self, module, device: torch.device):
         self.module, self.device = module.to(device).eval(), device
@@ -231,6 +234,8 @@ class OnnxModel:
     by ONNX Runtime: on the GPU when the device is CUDA and onnxruntime has a GPU provider (execution_providers),
     else on the CPU."""
 
+    runtime = "ONNX Runtime"
+
     def __init__(self, path: str | Path, device: torch.device = CPU):
         providers = execution_providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
@@ -251,17 +256,83 @@ class OnnxModel:
         return torch.from_numpy(logits)
 
 
+class OpenVinoModel:
+    """An OpenVINO IR export (export.py format=openvino: model.xml, its weights in model.bin; fp32 or int8 inside,
+    float32 in and out) as a Model, compiled for the CPU whatever the device, with as many threads as PyTorch uses.
+    What is not int8 is computed in float32: on CPUs with bfloat16 units OpenVINO's default would be bfloat16, which
+    the export's mask check did not see (the check runs this class)."""
+
+    runtime = "OpenVINO"
+    MAX_STATIC = 8
+
+    def __init__(self, path: str | Path, device: torch.device = CPU):
+        import openvino as ov
+
+        path = Path(path)
+        again = "export it again with python export.py ckpt_path=<checkpoint> format=openvino."
+        if not path.with_suffix(".bin").is_file():
+            raise SeglabError(f"{path.with_suffix('.bin')} is missing: an OpenVINO model is its .xml (the graph) and "
+                              f"its .bin (the weights) side by side. Copy the .bin with the .xml, or {again}")
+        try:
+            # Read as XML first: OpenVINO would offer a file that is not IR to each of its other front ends
+            # (TensorFlow's logs its own parse errors), then name none of the reasons.
+            if ElementTree.parse(path).getroot().tag != "net":
+                raise ValueError("its root element is not <net>")
+            self.core = ov.Core()
+            self.model = self.core.read_model(str(path))
+            self.config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32",
+                           "PERFORMANCE_HINT": "LATENCY"}
+            self.compiled = self.core.compile_model(self.model, "CPU", self.config)
+        except Exception as e:  # noqa: BLE001 - XML's, OpenVINO's RuntimeError (and others): not an IR it can run
+            # OpenVINO's message starts with where it was raised; the reason is its last line.
+            reason = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+            raise SeglabError(f"{path} is not an OpenVINO model OpenVINO can load ({reason[0].strip()}): "
+                              f"{again}") from None
+        self.request = self.compiled.create_infer_request()
+        self.seen: dict[tuple[int, ...], int] = {}
+        self.static: dict[tuple[int, ...], object] = {}
+
+    def request_for(self, shape: tuple[int, ...]):
+        """The model compiled for this input shape from its second time on (the Predictor's tiles, a server's usual
+        photo size), up to MAX_STATIC shapes; else the one compiled for any shape. OpenVINO's CPU plugin picks
+        faster kernels for a fixed shape (docs/deployment.md); compiling one takes a fraction of a second."""
+        if shape in self.static:
+            return self.static[shape]
+        self.seen[shape] = self.seen.get(shape, 0) + 1
+        if self.seen[shape] < 2 or len(self.static) >= self.MAX_STATIC:
+            return self.request
+        fixed = self.model.clone()
+        fixed.reshape({0: list(shape)})
+        self.static[shape] = self.core.compile_model(fixed, "CPU", self.config).create_infer_request()
+        return self.static[shape]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float().cpu().numpy()
+        request = self.request_for(tuple(x.shape))
+        request.infer({0: x})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())  # the request reuses its buffer
+
+
+EXPORT_MODELS = {".onnx": OnnxModel, ".xml": OpenVinoModel}  # an export's suffix -> the runtime that runs it
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files of an export (an OpenVINO .xml has its weights in the .bin beside it), without the sidecar."""
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
 def read_sidecar(path: Path) -> dict:
-    """The metadata export.py wrote beside an .onnx model (same name, .json)."""
+    """The metadata export.py wrote beside an .onnx or .xml model (same name, .json)."""
     sidecar = path.with_suffix(".json")
     if not path.is_file():
-        raise SeglabError(f"ONNX model {path} does not exist. Export one with python export.py "
-                          "ckpt_path=<checkpoint> output=<file>.onnx.")
+        raise SeglabError(f"Exported model {path} does not exist. Export one with python export.py "
+                          f"ckpt_path=<checkpoint> output=<file>{path.suffix}.")
     try:
         meta = json.loads(sidecar.read_text())
     except FileNotFoundError:
         raise SeglabError(f"{sidecar} is missing: an exported model needs its sidecar JSON (classes, palette, "
-                          "normalisation, sizes) beside it. Copy it with the .onnx, or export again.") from None
+                          "normalisation, sizes) beside it. Copy it with the "
+                          f"{path.suffix}, or export again.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SeglabError(f"{sidecar} is not valid JSON ({e}). Export the model again.") from None
     missing = [k for k in ("class_names", "palette", "ignore_index", "mean", "std", "image_size")
@@ -274,12 +345,13 @@ def read_sidecar(path: Path) -> dict:
 
 def load_predictor(path: str | Path, device: str = "auto", mode: str = "auto", flip: bool = False,
                    overlap: float = 1 / 3) -> Predictor:
-    """A Predictor over a seglab checkpoint (.ckpt) or an export of one (.onnx + its sidecar .json)."""
+    """A Predictor over a seglab checkpoint (.ckpt) or an export of one (.onnx, or OpenVINO's .xml + .bin, with its
+    sidecar .json)."""
     path = Path(path)
     torch_device = resolve_device(device)
-    if path.suffix == ".onnx":
+    if path.suffix in EXPORT_MODELS:
         meta = {**read_sidecar(path), "source": str(path)}
-        return Predictor(OnnxModel(path, torch_device), meta, mode=mode, flip=flip, overlap=overlap)
+        return Predictor(EXPORT_MODELS[path.suffix](path, torch_device), meta, mode=mode, flip=flip, overlap=overlap)
     module = load_checkpoint(path, map_location=torch_device)
     meta = {**module_meta(module), "architecture": module.meta["config"]["model"]["arch"], "format": "pytorch",
             "source": str(path)}
