@@ -144,6 +144,7 @@ def test_model_health_ready(client, predictor):
     assert info["class_names"] == ["background", "disc", "triangle"]
     assert info["palette"] == [list(c) for c in predictor.palette]
     assert (info["architecture"], info["format"], info["input_size"]) == ("deeplabv3_mobilenet_v3_large", "pytorch", 64)
+    assert (info["precision"], info["runtime"]) == ("fp32", "PyTorch")
     assert info["inference"] == predictor.settings()
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"ready": True, "queued": 0, "queue_size": 4}

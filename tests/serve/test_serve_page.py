@@ -61,6 +61,8 @@ def test_page_segments_an_uploaded_image(browser, live_server, predictor, photo)
         browser.get(url + "/")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#legend tbody tr")) == 3)
+        assert browser.find_element(By.ID, "model-info").text.startswith(
+            "deeplabv3_mobilenet_v3_large (pytorch fp32, served by PyTorch), 3 classes")
         browser.find_element(By.ID, "file").send_keys(str(photo))
         wait.until(lambda b: b.find_element(By.ID, "overlay").get_attribute("data-ready") == "true")
 

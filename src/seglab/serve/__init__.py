@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def serve(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise SeglabError("ckpt_path is required: python serve.py ckpt_path=<model>.ckpt|<model>.onnx "
+        raise SeglabError("ckpt_path is required: python serve.py ckpt_path=<model>.ckpt|.onnx|.xml "
                           "[port=8000] [host=127.0.0.1]")
     if "token" in cfg:
         raise SeglabError(f"Give the token in the environment variable {TOKEN_ENV} or in a file (token_file=<path>), "

@@ -59,7 +59,9 @@ class ServeSettings(BaseModel):
 
 class ModelInfo(BaseModel):
     architecture: str | None
-    format: str = Field(description="pytorch (a .ckpt) or onnx")
+    format: str = Field(description="pytorch (a .ckpt), onnx or openvino (an export's .onnx or .xml)")
+    precision: str = Field(description="fp32, or an export's fp16 or int8")
+    runtime: str = Field(description="what runs the model: PyTorch, ONNX Runtime or OpenVINO")
     class_names: list[str]
     palette: list[list[int]]
     ignore_index: int
@@ -263,6 +265,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
     info = ModelInfo(
         architecture=meta.get("architecture"),
         format=meta.get("format", "pytorch"),
+        precision=meta.get("precision", "fp32"),
+        runtime=getattr(predictor.model, "runtime", type(predictor.model).__name__),
         class_names=list(predictor.class_names),
         palette=[list(c) for c in predictor.palette],
         ignore_index=predictor.ignore_index,

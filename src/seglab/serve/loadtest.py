@@ -2,7 +2,7 @@
 N concurrent clients' POST /v1/segment for T seconds, and print throughput, latency percentiles and the
 answers by status code.
 
-    python -m seglab.serve.loadtest outputs/.../best.ckpt outputs/export/.../model.onnx --clients 4 --seconds 20
+    python -m seglab.serve.loadtest outputs/export/.../model.onnx outputs/export/.../model.xml --clients 4 --seconds 20
     python -m seglab.serve.loadtest model.onnx --clients 1 4 8 --batching both   # batched vs one at a time
 """
 
@@ -122,7 +122,7 @@ def load_model(model: str, image: bytes, args: argparse.Namespace, overrides: li
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="+", help=".ckpt or .onnx files, each served and loaded in turn")
+    parser.add_argument("models", nargs="+", help=".ckpt, .onnx or .xml files, each served and loaded in turn")
     parser.add_argument("--clients", type=int, nargs="+", default=[4],
                         help=f"concurrent clients (1-{MAX_CLIENTS}); several: each in turn, e.g. --clients 1 4 8")
     parser.add_argument("--seconds", type=float, default=20.0, help=f"duration per run (at most {MAX_SECONDS})")

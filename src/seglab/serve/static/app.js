@@ -34,7 +34,8 @@ async function loadModel() {
   state.model = await response.json();
   const m = state.model;
   $("model-info").textContent =
-    `${m.architecture} (${m.format}), ${m.class_names.length} classes, trained at ${m.input_size} px`;
+    `${m.architecture} (${m.format} ${m.precision}, served by ${m.runtime}), ${m.class_names.length} classes, ` +
+    `trained at ${m.input_size} px`;
   renderLegend();
 }
 
