@@ -273,3 +273,36 @@ def test_evaluate_on_another_root_does_not_read_the_runs_roboflow_version(export
         build_datamodule(checkpoint, "best.ckpt", dict(evaluate_cfg.data))
     assert isinstance(e.value.__cause__, SeglabError)
     assert str(e.value.__cause__).startswith("data.roboflow=acme/shapes/1: no RoboFlow API key")
+
+
+def test_the_api_key_appears_in_no_message_log_or_file_of_a_failed_run(api, tmp_path):
+    """train.py with data.roboflow as a user runs it, the key in ROBOFLOW_API_KEY: offline (the request's URL, key
+    in its query, is in the library's exception), with the key refused, and as a sweep's job (its error goes into
+    train.log and metrics.json). Nothing printed or written holds the key."""
+    home = tmp_path / "home"
+    (home / ".config" / "roboflow").mkdir(parents=True)
+    root = Path(__file__).resolve().parents[2]
+    offline = f"http://127.0.0.1:{closed_port()}"
+    for name, url, key, sweep in (("offline", offline, API_KEY, False), ("sweep", offline, API_KEY, True),
+                                  ("refused", api.url, "rf_wrong7Secretkey", False)):
+        run_dir = tmp_path / name
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROBOFLOW_")}
+        env.update(API_URL=url, HOME=str(home), TQDM_DISABLE="1", ROBOFLOW_API_KEY=key)
+        where = ["-m", f"hydra.sweep.dir={run_dir}", "seed=1"] if sweep else [f"hydra.run.dir={run_dir}"]
+        proc = subprocess.run([sys.executable, str(root / "train.py"), *where, "data.roboflow=acme/shapes/1",
+                               f"data.exports_dir={tmp_path / 'exports'}"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        written = {str(p.relative_to(run_dir)): p.read_bytes().decode(errors="replace")
+                   for p in run_dir.rglob("*") if p.is_file()}
+        error = "RoboFlow refused the API key" if name == "refused" else f"cannot reach RoboFlow at {url} ("
+        if sweep:  # the failed job is recorded, the sweep goes on
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            job = "0_roboflow=acme-shapes-1,seed=1"
+            assert error in written[f"{job}/train.log"] and "leaderboard.md" in written
+            assert error in json.loads(written[f"{job}/metrics.json"])["error"]
+            assert "/?api_key=***" in written[f"{job}/train.log"]  # the URL is there, its key hidden
+        else:
+            assert proc.returncode == 1 and error in proc.stderr
+            assert {"train.log", ".hydra/config.yaml", ".hydra/overrides.yaml"} <= set(written)
+        for text in [proc.stdout, proc.stderr, *written.values()]:
+            assert key not in text

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from seglab.atomic import building_folder, locked
 from seglab.data.sources import ANNOTATION_NAMES, find_export
-from seglab.errors import SeglabError, first_line
+from seglab.errors import SeglabError, first_line, without_secrets
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +206,13 @@ def download_version(workspace: str, project: str, version: int, fmt: str, locat
                               f"{', '.join(map(str, versions)) or 'none yet (generate one on app.roboflow.com)'}.")
         step = "download"
         handle.version(version).download(fmt, location=str(location))
-    except requests.RequestException as e:
-        raise SeglabError(f"{name}: cannot reach RoboFlow at {API_URL} ({first_line(e)}). Connect to the network; "
-                          "once downloaded, the version is read from the exports cache without one.") from None
+    except requests.RequestException as e:  # its message holds the request's URL, and the URL the key
+        raise SeglabError(f"{name}: cannot reach RoboFlow at {API_URL} ({without_secrets(first_line(e), api_key)}). "
+                          "Connect to the network; once downloaded, the version is read from the exports cache "
+                          "without one.") from None
     except (RoboflowError, RuntimeError, ValueError, KeyError) as e:
-        raise SeglabError(f"{name}: {refusals[step]}: {roboflow_message(e)}. {fixes[step]}") from None
+        raise SeglabError(f"{name}: {refusals[step]}: {without_secrets(roboflow_message(e), api_key)}. "
+                          f"{fixes[step]}") from None
 
 
 def roboflow_message(error: Exception) -> str:
