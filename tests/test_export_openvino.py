@@ -78,7 +78,7 @@ def test_openvino_int8_export_carries_its_mask_check(exports, trained_run):
     sidecar = json.loads(xml.with_suffix(".json").read_text())
     assert (sidecar["format"], sidecar["precision"]) == ("openvino", "int8")
     conversion = sidecar["conversion"]
-    assert conversion["method"].startswith("nncf.quantize") and conversion["preset"] == "mixed"
+    assert conversion["method"].startswith("nncf.quantize") and conversion["preset"] == "performance"
     # The ONNX int8 export's calibration set: the whole 16-image train split (< 32), one input per image.
     assert (conversion["calibration_split"], conversion["calibration_images"], conversion["calibration_inputs"]) == (
         "train", 16, 16)
