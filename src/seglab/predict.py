@@ -27,6 +27,7 @@ from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError
 from seglab.inference import Preprocess, class_mask, confidence_image, load_predictor, resize_logits
+from seglab.preannotate import ANNOTATION_FILE, CLASSES_CSV, FORMATS, write_classes_csv, write_coco, write_image
 from seglab.viz import overlay
 
 log = logging.getLogger(__name__)
@@ -114,13 +115,17 @@ def one_thread() -> None:
     # destroying their condition variables (glibc). OpenCV's own calls in the fork work.
 
 
-def write_outputs(target: Path, name: str, image: np.ndarray, logits: torch.Tensor, options: dict) -> np.ndarray:
-    """One image's files from its logits at the network's scale; its pixel count per class. As
-    Predictor.predict / predict_with_probabilities: logits resized to the image, the mask their argmax, the
-    probabilities their softmax."""
+def write_outputs(target: Path, name: str, source: Path, image: np.ndarray, logits: torch.Tensor, options: dict
+                  ) -> tuple[np.ndarray, dict]:
+    """One image's files from its logits at the network's scale; its pixel count per class and (format=coco) its
+    COCO entry. As Predictor.predict / predict_with_probabilities: logits resized to the image, the mask their
+    argmax, the probabilities their softmax."""
     logits = resize_logits(logits[None], image.shape[:2])[0]
     target.mkdir(parents=True, exist_ok=True)
     mask = class_mask(logits)
+    counts = np.bincount(mask.ravel(), minlength=logits.shape[0])
+    if options["format"] != "seglab":  # an export to label from: the image and its annotations, nothing else
+        return counts, {"folder": target, **write_image(options["format"], source, target, name, mask, MASK_SUFFIX)}
     if options["confidence"] or options["probabilities"]:
         probabilities = logits.softmax(dim=0)
         if options["confidence"]:
@@ -131,7 +136,22 @@ def write_outputs(target: Path, name: str, image: np.ndarray, logits: torch.Tens
     Image.fromarray(mask).save(target / f"{name}{MASK_SUFFIX}")
     blended = overlay(image, mask, options["palette"], options["opacity"])
     Image.fromarray(blended).save(target / f"{name}{OVERLAY_SUFFIX}", compress_level=options["png_level"])
-    return np.bincount(mask.ravel(), minlength=logits.shape[0])
+    return counts, {}
+
+
+def export_files(fmt: str, entries: list[dict], class_names: list[str], project: str) -> str:
+    """The export's per-folder files (one per folder of images, as RoboFlow writes one per split); what they are."""
+    folders = list(dict.fromkeys(e["folder"] for e in entries))
+    for folder in folders:
+        if fmt == "coco":
+            write_coco(folder, class_names, [e for e in entries if e["folder"] == folder], project)
+        else:
+            write_classes_csv(folder, class_names)
+    if fmt == "coco":
+        return (f"a RoboFlow COCO Segmentation export: the images and {ANNOTATION_FILE} (one polygon per region, "
+                f"parent category {project!r}) in {len(folders)} folder(s)")
+    return (f"a RoboFlow Semantic Segmentation Masks export: the images, <name>{MASK_SUFFIX} and {CLASSES_CSV} in "
+            f"{len(folders)} folder(s)")
 
 
 def predict(cfg: DictConfig) -> dict:
@@ -145,6 +165,10 @@ def predict(cfg: DictConfig) -> dict:
         raise SeglabError(f"opacity={cfg.opacity} must be between 0 and 1.")
     if not isinstance(cfg.png_level, int) or not 0 <= cfg.png_level <= 9:
         raise SeglabError(f"png_level={cfg.png_level} must be a zlib level from 0 (none) to 9 (smallest files).")
+    if cfg.format not in FORMATS:
+        raise SeglabError(f"format={cfg.format!r} must be one of {', '.join(FORMATS)}: seglab (masks, overlays, "
+                          "classes.csv), coco (a RoboFlow COCO Segmentation export), masks (a RoboFlow Semantic "
+                          "Segmentation Masks export).")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise SeglabError(f"batch_size={cfg.batch_size} must be a whole number >= 1 (1: one image at a time).")
     predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
@@ -155,11 +179,12 @@ def predict(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # What the mask values mean, next to the masks.
-    with (out / "classes.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["index", "class", "r", "g", "b"])
-        for i, (class_name, color) in enumerate(zip(predictor.class_names, predictor.palette, strict=True)):
-            writer.writerow([i, class_name, *color])
+    if cfg.format == "seglab":
+        with (out / "classes.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["index", "class", "r", "g", "b"])
+            for i, (class_name, color) in enumerate(zip(predictor.class_names, predictor.palette, strict=True)):
+                writer.writerow([i, class_name, *color])
 
     stems = Counter((p.parent, p.stem) for p in images)
 
@@ -171,8 +196,16 @@ def predict(cfg: DictConfig) -> dict:
         return target, name
 
     options = {"palette": predictor.palette, "opacity": cfg.opacity, "confidence": cfg.confidence,
-               "probabilities": cfg.probabilities, "png_level": cfg.png_level}
+               "probabilities": cfg.probabilities, "png_level": cfg.png_level, "format": cfg.format}
     pixels = np.zeros(len(predictor.class_names), np.int64)
+    entries: list[dict] = []
+
+    def collect(batch_files: list[Future]) -> None:
+        nonlocal pixels
+        for counts, entry in (f.result() for f in batch_files):
+            pixels += counts
+            entries.append(entry)
+
     loader = DataLoader(ImageFiles(images, predictor.preprocess), batch_sampler=batches, num_workers=workers,
                         collate_fn=as_list)
     # Resizing the logits back, the argmax, the overlay and PNG encoding take ~40x the network's time on a 2048 px
@@ -189,16 +222,18 @@ def predict(cfg: DictConfig) -> dict:
             indices, decoded, inputs = zip(*batch, strict=True)
             logits = predictor.batch_logits(list(inputs), None)
             if len(pending) > workers:
-                pixels += sum(f.result() for f in pending.pop(0))
-            pending.append([files.submit(write_outputs, *destination(images[i]), image.numpy(), one, options)
-                            for i, image, one in zip(indices, decoded, logits, strict=True)])
+                collect(pending.pop(0))
+            pending.append([files.submit(write_outputs, *destination(images[i]), images[i], image.numpy(), one,
+                                         options) for i, image, one in zip(indices, decoded, logits, strict=True)])
             for i, image in zip(indices, decoded, strict=True):
                 log.info("%s: %dx%d", images[i], image.shape[1], image.shape[0])
         for batch_files in pending:
-            pixels += sum(f.result() for f in batch_files)
+            collect(batch_files)
 
     share = {c: float(p / max(pixels.sum(), 1)) for c, p in zip(predictor.class_names, pixels, strict=True)}
     written = [f"masks: <name>{MASK_SUFFIX} (class indices, see classes.csv); overlays: <name>{OVERLAY_SUFFIX}"]
+    if cfg.format != "seglab":
+        written = [export_files(cfg.format, entries, predictor.class_names, cfg.project or out.resolve().name)]
     if cfg.confidence:
         written.append(f"confidence: <name>{CONFIDENCE_SUFFIX} (top class probability, 0-255 = 0-1)")
     if cfg.probabilities:
