@@ -33,6 +33,7 @@ from PIL import Image
 from seglab.data.splits import split_sizes
 from seglab.data.synthetic import dense, export, shapes, video
 from seglab.data.synthetic.copies import make_copy
+from seglab.data.synthetic.mislabel import mislabel, write_list
 
 MODES = ("shapes", "hard", "dense", "video")
 
@@ -61,10 +62,12 @@ def generate_dataset(
     shared: int = 0,
     fmt: str = "coco",
     scenes: int = 3,
+    wrong_labels: float = 0.0,
 ) -> Path:
     """An export of num_images photos (size: the image size, or the largest long side in hard and dense mode;
     object_scale is used by the shapes mode only; scenes by the video mode only). A split with no photos gets no
-    folder."""
+    folder. wrong_labels: the share of training photos (not the fixed cases) given one wrong label
+    (synthetic.mislabel), listed in wrong_labels.csv."""
     if mode not in MODES or fmt not in export.FORMATS:
         raise ValueError(f"mode={mode!r} must be one of {MODES} and fmt={fmt!r} one of {export.FORMATS}")
     out = Path(out)
@@ -77,6 +80,12 @@ def generate_dataset(
                          f"or the {shared} shared photos (copies={copies})")
     categories = categories_of(mode)
     kept: list[tuple[int, shapes.Photo]] = []  # the first `shared` training photos, copied into valid/test
+    wrong: list[tuple[str, str, str]] = []
+    # round(wrong_labels x training photos) of them, drawn apart from the photos' own generators (the photos stay
+    # as they are without the option), never a fixed case.
+    mislabelled = set(np.random.default_rng([seed, 7]).permutation(np.arange(fixed_cases, sizes[0]))
+                      [:round(wrong_labels * sizes[0])].tolist())
+    class_ids = [c["id"] for c in categories if c["id"] > 0]
     image_index = 0
     for split_number, (split, split_size) in enumerate(zip(export.SPLIT_NAMES, sizes, strict=True)):
         if split_size == 0:
@@ -90,6 +99,9 @@ def generate_dataset(
             name = f"img_{image_index:04d}_jpg.rf.{rng.bytes(4).hex()}.jpg"
             fixed = position if split == "train" and position < fixed_cases else None
             photo = render(mode, rng, size, object_scale, fixed)
+            if split == "train" and position in mislabelled:
+                photo, what = mislabel(photo, np.random.default_rng([seed, image_index, 7]), class_ids)
+                wrong.append((split, name, what))
             files.append((name, photo, image_index))
             # RoboFlow augments the training split only: the photo, then copies-1 augmented copies of it.
             for k in range(1, copies if split == "train" else 1):
@@ -105,6 +117,8 @@ def generate_dataset(
                 files.append((f"img_{index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg",
                               make_copy(photo, copy_rng), index))
         write_split(folder, files, categories, fmt, extra_name)
+    if wrong_labels > 0:
+        write_list(out, wrong)
     return out
 
 
@@ -238,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=int, default=0, help="training photos with a copy in valid/ and test/")
     parser.add_argument("--format", choices=export.FORMATS, default="coco", dest="fmt")
     parser.add_argument("--scenes", type=int, default=3, help="video mode: scenes the frames are spread over")
+    parser.add_argument("--wrong-labels", type=float, default=0.0,
+                        help="share of training photos given one wrong label (class swapped, object erased, region "
+                             "added), listed in wrong_labels.csv: to measure label review")
     parser.add_argument("--refresh", action="store_true",
                         help="rewrite --out only if it differs from what this generator writes (old one kept)")
     args = parser.parse_args(argv)
@@ -246,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = {"num_images": args.num_images, "size": args.size, "seed": args.seed,
               "object_scale": args.object_scale, "splits": tuple(args.splits), "mode": args.mode,
               "copies": args.copies, "extra_name": args.extra_name, "shared": args.shared, "fmt": args.fmt,
-              **({"scenes": args.scenes} if args.mode == "video" else {})}
+              **({"scenes": args.scenes} if args.mode == "video" else {}),
+              **({"wrong_labels": args.wrong_labels} if args.wrong_labels else {})}
     if args.refresh:
         print(refresh_dataset(args.out, **kwargs))
         out = args.out
