@@ -1,3 +1,4 @@
+import csv
 import json
 import re
 from pathlib import Path
@@ -363,3 +364,21 @@ def test_mask_format_matches_the_coco_export_and_a_split_without_photos_gets_no_
         assert coco_samples.keys() == mask_samples.keys() and len(coco_samples) > 2
         for name, sample in coco_samples.items():
             np.testing.assert_array_equal(read_mask(rasterised[sample.image]), read_mask(mask_samples[name].mask))
+
+
+def test_wrong_labels_change_only_the_listed_photos_labels(tmp_path):
+    clean = generate_dataset(tmp_path / "clean", num_images=40, size=64, seed=4)
+    noisy = generate_dataset(tmp_path / "noisy", num_images=40, size=64, seed=4, wrong_labels=0.25)
+    with (noisy / "wrong_labels.csv").open() as fh:
+        listed = {row["file"]: row["wrong"] for row in csv.DictReader(fh)}
+    assert len(listed) == 8  # round(0.25 x 32 training photos)
+    assert {w.split()[0] for w in listed.values()} <= {"swap", "erase", "add"}
+    for split in ("train", "valid", "test"):
+        before, after = load_coco(clean, split), load_coco(noisy, split)
+        assert [i["file_name"] for i in before["images"]] == [i["file_name"] for i in after["images"]]
+        for image in before["images"]:
+            name = image["file_name"]
+            assert (clean / split / name).read_bytes() == (noisy / split / name).read_bytes()  # the same pixels
+            old = [(a["category_id"], a["area"]) for a in before["annotations"] if a["image_id"] == image["id"]]
+            new = [(a["category_id"], a["area"]) for a in after["annotations"] if a["image_id"] == image["id"]]
+            assert (old != new) == (name in listed), name
