@@ -203,3 +203,21 @@ def test_the_deploy_bench_compares_onnx_runtime_and_openvino_and_says_which_to_u
     out = capsys.readouterr().out
     assert f"use {best['model']} ({best['runtime']} {best['precision']}): the fastest that passes" in out
     assert f"{best['speedup']:.2f}x the first export; target >= 2.0x: " in out
+
+
+def test_evaluate_py_scores_an_openvino_export_as_its_checkpoint(exports, trained_run, tmp_path):
+    from seglab.evaluate import evaluate
+
+    def run(model, *overrides: str) -> dict:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[f"ckpt_path={model}", "device=cpu", "num_overlays=0", "worst_k=0",
+                                                 f"paths.output_dir={tmp_path / Path(model).name}",
+                                                 f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+        return evaluate(cfg)
+
+    ckpt, xml = run(trained_run["checkpoint"]), run(exports["fp32"])
+    assert (xml["split"], xml["images"], xml["pixels"]) == (ckpt["split"], ckpt["images"], ckpt["pixels"])
+    assert xml["mIoU"] == ckpt["mIoU"] and xml["per_class"] == ckpt["per_class"]  # the same masks, pixel for pixel
+    with pytest.raises(SeglabError, match=r"resolution=model needs the checkpoint's module; an export \(.*fp32\.xml\) "
+                                          r"is evaluated at resolution=original\."):
+        run(exports["fp32"], "resolution=model")

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.errors import SeglabError
-from seglab.inference import Predictor, TorchModel, module_meta
+from seglab.inference import EXPORT_MODELS, Predictor, TorchModel, load_predictor, module_meta
 from seglab.metrics import METHOD, image_confusions, interval_text, save_per_image, scores, units_text, with_unseen
 from seglab.models.checkpoint import load_checkpoint
 from seglab.models.module import SegmentationModule, segmentation_metrics
@@ -164,10 +165,25 @@ def original_resolution_pairs(predictor: Predictor, dataset, modes: dict):
         yield predictor.logits(image).argmax(dim=0), torch.from_numpy(mask.astype(np.int64))
 
 
+def load_model(cfg: DictConfig, device: torch.device):
+    """(the module, or for an export (.onnx, .xml) what build_datamodule reads of one from its sidecar; the
+    Predictor). An export has no module to run at the model's resolution: it is scored as users get it."""
+    if Path(cfg.ckpt_path).suffix in EXPORT_MODELS:
+        if cfg.resolution != "original":
+            raise SeglabError(f"resolution={cfg.resolution} needs the checkpoint's module; an export "
+                              f"({cfg.ckpt_path}) is evaluated at resolution=original.")
+        predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
+        holder = SimpleNamespace(meta=predictor.meta, class_names=predictor.class_names,
+                                 ignore_index=predictor.ignore_index)
+        return holder, predictor
+    module = load_checkpoint(cfg.ckpt_path, map_location=device)
+    return module, Predictor(TorchModel(module, device), module_meta(module), **cfg.inference)
+
+
 def evaluate(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise SeglabError("ckpt_path is required: "
-                          "python evaluate.py ckpt_path=<run folder>/checkpoints/<name>.ckpt")
+        raise SeglabError("ckpt_path is required: python evaluate.py "
+                          "ckpt_path=<run folder>/checkpoints/<name>.ckpt (or an export: .onnx, .xml)")
     if cfg.split not in SPLITS:
         raise SeglabError(f"split={cfg.split!r} is not one of {SPLITS}.")
     if cfg.resolution not in RESOLUTIONS:
@@ -175,22 +191,23 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    module = load_checkpoint(cfg.ckpt_path, map_location=device)
+    module, predictor = load_model(cfg, device)
     datamodule = build_datamodule(module, cfg.ckpt_path, OmegaConf.to_container(cfg.data, resolve=True),
                                   splits_file=out / "splits.json")
     datamodule.setup("test")
     dataset = datamodule.datasets[cfg.split]
     names, n, ignore = module.class_names, len(module.class_names), module.ignore_index
-    predictor = Predictor(TorchModel(module, device), module_meta(module), **cfg.inference)
 
     metrics = segmentation_metrics(n, ignore)
     confusions, modes = [], {}
     log.info("Evaluating %s on the %s split (%d images) at %s", cfg.ckpt_path, cfg.split, len(dataset),
              RESOLUTIONS[cfg.resolution])
-    module.inference = {**module.inference, **OmegaConf.to_container(cfg.inference)}  # as the Predictor
     with torch.no_grad():
-        pairs = (model_resolution_pairs(module, datamodule, cfg.split, device) if cfg.resolution == "model"
-                 else original_resolution_pairs(predictor, dataset, modes))
+        if cfg.resolution == "model":
+            module.inference = {**module.inference, **OmegaConf.to_container(cfg.inference)}  # as the Predictor
+            pairs = model_resolution_pairs(module, datamodule, cfg.split, device)
+        else:
+            pairs = original_resolution_pairs(predictor, dataset, modes)
         for pred, target in pairs:
             metrics.update(pred[None], target[None])
             confusions.append(image_confusions(pred[None], target[None], n, ignore)[0].cpu().numpy())
