@@ -10,9 +10,9 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
      "seglab.metrics"),
     ("seglab.data",),
     ("seglab.models",),
-    ("seglab.inference", "seglab.callbacks"),
+    ("seglab.inference", "seglab.callbacks", "seglab.calibration", "seglab.preannotate"),
     ("seglab.train", "seglab.crossval", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.conversions",
-     "seglab.leaderboard",
+     "seglab.leaderboard", "seglab.rank", "seglab.review",
      "seglab.compare", "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
 ]
 

@@ -118,7 +118,7 @@ def write_heldout(module, datamodule, folder: Path, split: str = "test") -> int:
         for i, sample in enumerate(datamodule.splits[split]):
             image, _ = dataset.load(i)
             logits = predictor.batch_logits([predictor.preprocess(image)], None)[0]
-            probabilities = (logits.softmax(dim=0) * 255).round().to(torch.uint8).numpy()
+            probabilities = (predictor.probabilities(logits) * 255).round().to(torch.uint8).numpy()
             name = f"{i:05d}_{sample.image.stem}.npz"
             np.savez_compressed(folder / name, probabilities=probabilities, size=np.asarray(image.shape[:2]))
             index[datamodule.relative(sample.image)] = name

@@ -15,6 +15,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from seglab.calibration import (
+    calibration_error,
+    calibration_summary,
+    pixel_sample,
+    reliability_figure,
+    split_sample,
+    store_temperature,
+)
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.errors import SeglabError
 from seglab.inference import EXPORT_MODELS, Predictor, TorchModel, load_predictor, module_meta
@@ -137,6 +145,11 @@ def format_table(result: dict) -> str:
         lines.append(f"  predicting {trivial['class']} everywhere: mIoU "
                      f"{interval_text(uncertainty.get('trivial', {}).get('mIoU'))}   mean acc "
                      f"{trivial['mAcc']:.4f}   pixel acc {trivial['pixel_acc']:.4f}")
+    calibration = result.get("calibration")
+    if calibration:
+        now = ", fitted now on val" if calibration["fitted_now"] else ""
+        lines.append(f"  calibration: ECE {calibration['ece_before']:.4f} (softmax) -> {calibration['ece_after']:.4f} "
+                     f"(T = {calibration['temperature']:.3f}{now}; reliability.png)")
     lines += [f"  {line}" for line in describe(result["diagnosis"])]
     return "\n".join(lines)
 
@@ -157,12 +170,41 @@ def model_resolution_pairs(module, datamodule, split: str, device):
         yield from zip(logits.argmax(dim=1).cpu(), masks.long(), strict=True)
 
 
-def original_resolution_pairs(predictor: Predictor, dataset, modes: dict):
+def original_resolution_pairs(predictor: Predictor, dataset, modes: dict, samples: list):
+    """(prediction, target) per image at its own size; a sample of each image's pixels' logits into `samples`
+    (the calibration error)."""
     for i in range(len(dataset)):
         image, mask = dataset.load(i)
         used = predictor.mode_for(image)
         modes[used] = modes.get(used, 0) + 1
-        yield predictor.logits(image).argmax(dim=0), torch.from_numpy(mask.astype(np.int64))
+        logits = predictor.logits(image)
+        samples.append(pixel_sample(logits, mask, predictor.ignore_index, seed=i))
+        yield logits.argmax(dim=0), torch.from_numpy(mask.astype(np.int64))
+
+
+def calibrated(cfg: DictConfig, predictor: Predictor, datamodule) -> dict:
+    """calibrate=true: the temperature fitted on the val split of the checkpoint's data, stored in the checkpoint
+    (the file replaced atomically) and used from here on."""
+    if Path(cfg.ckpt_path).suffix in EXPORT_MODELS:
+        raise SeglabError(f"calibrate=true stores the temperature in a checkpoint; {cfg.ckpt_path} is an export. "
+                          "Calibrate its .ckpt (python evaluate.py ckpt_path=<.ckpt> calibrate=true), then export "
+                          "it again.")
+    predictor.temperature = 1.0
+    summary = calibration_summary(split_sample(predictor, datamodule.datasets["val"]), None)
+    store_temperature(cfg.ckpt_path, summary)
+    predictor.temperature = summary["temperature"]
+    log.info("Calibrated: T = %.4f fitted on val, stored in %s", summary["temperature"], cfg.ckpt_path)
+    return summary
+
+
+def calibration_report(predictor: Predictor, samples: list, split: str, out: Path, fitted: dict | None) -> dict:
+    """The split's ECE with the plain softmax and with the model's temperature; reliability.png."""
+    logits, target = torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
+    reliability_figure(logits, target, predictor.temperature,
+                       f"{split} split: accuracy against confidence").savefig(out / "reliability.png")
+    return {"temperature": predictor.temperature, "pixels": int(len(target)),
+            "ece_before": calibration_error(logits, target),
+            "ece_after": calibration_error(logits, target, predictor.temperature), "fitted_now": fitted}
 
 
 def load_model(cfg: DictConfig, device: torch.device):
@@ -198,8 +240,9 @@ def evaluate(cfg: DictConfig) -> dict:
     dataset = datamodule.datasets[cfg.split]
     names, n, ignore = module.class_names, len(module.class_names), module.ignore_index
 
+    fitted = calibrated(cfg, predictor, datamodule) if cfg.calibrate else None
     metrics = segmentation_metrics(n, ignore)
-    confusions, modes = [], {}
+    confusions, modes, sampled = [], {}, []
     log.info("Evaluating %s on the %s split (%d images) at %s", cfg.ckpt_path, cfg.split, len(dataset),
              RESOLUTIONS[cfg.resolution])
     with torch.no_grad():
@@ -207,7 +250,7 @@ def evaluate(cfg: DictConfig) -> dict:
             module.inference = {**module.inference, **OmegaConf.to_container(cfg.inference)}  # as the Predictor
             pairs = model_resolution_pairs(module, datamodule, cfg.split, device)
         else:
-            pairs = original_resolution_pairs(predictor, dataset, modes)
+            pairs = original_resolution_pairs(predictor, dataset, modes, sampled)
         for pred, target in pairs:
             metrics.update(pred[None], target[None])
             confusions.append(image_confusions(pred[None], target[None], n, ignore)[0].cpu().numpy())
@@ -247,6 +290,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "class_names": names,
         # What predicting the split's most frequent class everywhere scores, and flags (seglab.models.trivial).
         "diagnosis": diagnose(counts, names, float(values["mIoU"])),
+        # Expected calibration error (resolution=original): the plain softmax and with the model's temperature.
+        "calibration": calibration_report(predictor, sampled, cfg.split, out, fitted) if sampled else None,
     }
 
     write_confusion_csv(counts, names, out / "confusion_matrix.csv")

@@ -95,6 +95,9 @@ class Predictor:
         self.ignore_index = int(meta["ignore_index"])
         self.image_size = int(meta["image_size"])
         self.base_size = meta.get("base_size")  # None: the original recipe's stretch to image_size x image_size
+        # Temperature scaling fitted on the validation split (seglab.calibration); 1: the plain softmax (older
+        # checkpoints and exports of them). Masks never depend on it.
+        self.temperature = float(meta.get("temperature") or 1.0)
         self.mode, self.flip, self.overlap, self.tile_batch = mode, bool(flip), float(overlap), int(tile_batch)
         geometry = {"kind": "scale_crop" if self.base_size else "stretch"}
         self.transform = build_transforms(self.image_size, meta["mean"], meta["std"], base_size=self.base_size,
@@ -165,16 +168,21 @@ class Predictor:
         """(mask, class probabilities or None) per image, as predict() and predict_with_probabilities() give them,
         from one batched pass (logits_batch). `probabilities`: for all images, or one flag per image."""
         wanted = probabilities if isinstance(probabilities, list) else [probabilities] * len(images)
-        return [(class_mask(logits), logits.softmax(dim=0) if want else None)
+        return [(class_mask(logits), self.probabilities(logits) if want else None)
                 for logits, want in zip(self.logits_batch(images), wanted, strict=True)]
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (C, H, W) of logits (C, H, W): the softmax of logits / temperature."""
+        return (logits / self.temperature).softmax(dim=0)
 
     def predict_with_probabilities(self, image: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """predict()'s mask and the class probabilities (C, H, W) float32: the softmax of the same logits, one
         forward pass. The mask is the logits' argmax, not the probabilities': near-equal logits can round to
-        equal probabilities, and the mask must never differ from predict()'s. The probabilities are the network's
-        uncalibrated softmax: a confidence of 0.9 does not mean right 9 times in 10."""
+        equal probabilities, and the mask must never differ from predict()'s. The probabilities are calibrated
+        on the validation split when the checkpoint holds a temperature (train.py fits one), else the network's
+        plain softmax, which is over-confident."""
         logits = self.logits(image)
-        return class_mask(logits), logits.softmax(dim=0)
+        return class_mask(logits), self.probabilities(logits)
 
 
 def class_mask(logits: torch.Tensor) -> np.ndarray:

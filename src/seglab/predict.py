@@ -127,7 +127,7 @@ def write_outputs(target: Path, name: str, source: Path, image: np.ndarray, logi
     if options["format"] != "seglab":  # an export to label from: the image and its annotations, nothing else
         return counts, {"folder": target, **write_image(options["format"], source, target, name, mask, MASK_SUFFIX)}
     if options["confidence"] or options["probabilities"]:
-        probabilities = logits.softmax(dim=0)
+        probabilities = (logits / options["temperature"]).softmax(dim=0)  # as Predictor.probabilities
         if options["confidence"]:
             Image.fromarray(confidence_image(probabilities)).save(target / f"{name}{CONFIDENCE_SUFFIX}",
                                                                   compress_level=options["png_level"])
@@ -196,7 +196,8 @@ def predict(cfg: DictConfig) -> dict:
         return target, name
 
     options = {"palette": predictor.palette, "opacity": cfg.opacity, "confidence": cfg.confidence,
-               "probabilities": cfg.probabilities, "png_level": cfg.png_level, "format": cfg.format}
+               "probabilities": cfg.probabilities, "png_level": cfg.png_level, "format": cfg.format,
+               "temperature": predictor.temperature}
     pixels = np.zeros(len(predictor.class_names), np.int64)
     entries: list[dict] = []
 

@@ -22,6 +22,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from seglab import crossval
+from seglab.calibration import calibrate_run, calibration_line
 from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.data.report import build_report, write_summary
 from seglab.errors import SeglabError
@@ -370,6 +371,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     diagnosis = diagnose(module.confusion["test"].numpy(), datamodule.class_names, test_miou) \
         if "test" in module.confusion else {}
     uncertainty = split_scores(module, datamodule, best.get("epoch"), trainer.world_size == 1, out)
+    calibration = None
+    if cfg.get("calibrate", True) and best_path and datamodule.splits.get("val"):  # before heldout/: calibrated
+        calibration = calibrate_run(module, datamodule, [Path(best_path), Path(best_path).with_name("last.ckpt")],
+                                    out)
     if datamodule.cv_folds:
         crossval.write_heldout(module, datamodule, out / "heldout")
     metrics = {
@@ -387,6 +392,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         # What predicting the test split's most frequent class everywhere scores, and flags (seglab.models.trivial).
         "diagnosis": diagnosis,
         "training_loss_check": module.loss_check,
+        "calibration": calibration,
         "leaks": datamodule.leak_counts(),
         "lookalikes": datamodule.near_counts(),
         "cv": {"folds": datamodule.cv_folds, "fold": datamodule.cv_fold, "by": datamodule.split_by}
@@ -420,6 +426,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         ("test pixel acc", interval_text(uncertainty.get("test", {}).get("pixel_acc"))),
         ("train images/s", f"{metrics['train_images_per_s'] or math.nan:.1f}"),
         ("training loss", loss_check_line(module.loss_check)),
+        ("calibration", calibration_line(calibration)),
         ("data", data_line),
         ("checkpoint", best_path),
         ("run folder", str(out)),

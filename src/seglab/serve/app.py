@@ -327,8 +327,9 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
             "json", description="json: sizes, per-class pixel counts and area share, COCO RLE and polygons; "
                                 "mask: 8-bit PNG of class indices; overlay: PNG of class colours over the image; "
                                 "confidence: 8-bit PNG of the top class's probability (0-255 = 0-1); "
-                                "probabilities: .npy float16 (classes, height, width). Probabilities are the "
-                                "network's softmax, uncalibrated"),
+                                "probabilities: .npy float16 (classes, height, width). Probabilities are "
+                                "calibrated on the val split (temperature scaling) when the model holds a "
+                                "temperature, else the network's plain softmax"),
         opacity: float = Query(settings.opacity, ge=0, le=1, description="class colours over the image (overlay)"),
     ):
         start = time.perf_counter()
