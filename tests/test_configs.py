@@ -65,7 +65,8 @@ def test_option_composes_and_instantiates(group, option, compose_train):
 
 def test_ignore_index_is_defined_once(compose_train):
     cfg = compose_train("data.ignore_index=77")
-    assert cfg.loss.criterion.ignore_index == 77
+    assert cfg.loss.criterion.terms.ce.ignore_index == cfg.loss.criterion.terms.dice.ignore_index == 77
+    assert compose_train("data.ignore_index=77", "loss=ce").loss.criterion.ignore_index == 77
     # The default recipe pads its crops with it ...
     datamodule = instantiate(cfg.data)
     out = datamodule.transform(train=True)(image=np.zeros((10, 30, 3), np.uint8), mask=np.ones((10, 30), np.uint8))
@@ -94,12 +95,22 @@ def test_recipe_defaults(compose_train):
     assert list(cfg.data.split_ratios) == [0.8, 0.1, 0.1]
     assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.Adam", 1e-4, 1e-4)
     assert cfg.model.weights == "COCO_WITH_VOC_LABELS_V1" and cfg.loss.aux_weight == 0.5
-    assert cfg.callbacks.model_checkpoint.monitor == cfg.callbacks.early_stopping.monitor == "val/loss"
-    assert cfg.callbacks.model_checkpoint.mode == cfg.callbacks.early_stopping.mode == "min"
+    # Today's defaults: cross-entropy + -log(Dice), best checkpoint and early stopping (patience 8) by val mIoU.
+    assert list(cfg.loss.criterion.weights) == ["ce", "dice"] and cfg.loss.criterion.terms.dice.log_loss
+    assert cfg.callbacks.model_checkpoint.monitor == cfg.callbacks.early_stopping.monitor == "val/mIoU"
+    assert cfg.callbacks.model_checkpoint.mode == cfg.callbacks.early_stopping.mode == "max"
+    assert cfg.callbacks.early_stopping.patience == 8
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        callbacks = compose("train", overrides=["paths.output_dir=/tmp/x", "monitor=miou"]).callbacks
-    assert (callbacks.model_checkpoint.monitor, callbacks.model_checkpoint.mode) == ("val/mIoU", "max")
-    assert (callbacks.early_stopping.monitor, callbacks.early_stopping.mode) == ("val/mIoU", "max")
+        callbacks = compose("train", overrides=["paths.output_dir=/tmp/x", "monitor=loss"]).callbacks
+    assert (callbacks.model_checkpoint.monitor, callbacks.model_checkpoint.mode) == ("val/loss", "min")
+    assert (callbacks.early_stopping.monitor, callbacks.early_stopping.mode) == ("val/loss", "min")
+    # The original recipe by name: its geometry and augmentations, cross-entropy, val loss with patience 3.
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        recipe = compose("train", overrides=["paths.output_dir=/tmp/x", "recipe=original"])
+    assert recipe.augmentation == original and recipe.loss.criterion._target_ == "torch.nn.CrossEntropyLoss"
+    assert recipe.callbacks.early_stopping.monitor == recipe.callbacks.model_checkpoint.monitor == "val/loss"
+    assert (recipe.callbacks.early_stopping.patience, recipe.max_epochs, recipe.batch_size) == (3, 10, 8)
+    assert (recipe.optimizer.lr, recipe.data.image_size) == (1e-4, 513)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         sgd = compose("train", overrides=["paths.output_dir=/tmp/x", "optimizer=sgd"]).optimizer
     assert (sgd._target_, sgd.lr, sgd.momentum) == ("torch.optim.SGD", 1e-3, 0.9)

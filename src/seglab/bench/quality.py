@@ -9,7 +9,7 @@ equal budget (`make bench-quality`).
 never committed) from a fetched copy of its repository (`<sources>/<owner>+<name>/repo`, `<owner>+<name>`,
 `<owner>/<name>` or `<name>`: a bare git folder or a clone) into `<exports>/<name>`, and generates the synthetic
 entries. `run` trains each recipe on each export at the budget below plus the overrides: `default` (train.py as
-configured), `original` (augmentation=original, the original recipe's geometry and augmentations) and `plain`
+configured), `original` (recipe=original: the original recipe's geometry, augmentations, loss and monitor) and `plain`
 (seglab.plain_loop, torchvision's reference loop); each is scored on the test split at the images' own size
 (evaluate.py), with its 95 % interval and its paired difference from the plain loop. One run per export, recipe and
 seed, in `<out>/<export>/<recipe>-seed<seed>/`: a run whose result.json exists is read, not run again, so the table
@@ -46,7 +46,7 @@ MANIFEST = Path(__file__).resolve().parents[3] / "docs" / "yardstick.json"
 # The issue's equal budget: MobileNetV3 DeepLabV3 from scratch, 256 px, at most 30 epochs, this CPU.
 BUDGET = ["model=deeplabv3_mobilenet_v3_large", "model.weights=null", "model.weights_backbone=null",
           "data.image_size=256", "max_epochs=30"]
-RECIPES = {"default": [], "original": ["augmentation=original"], "plain": None}
+RECIPES = {"default": [], "original": ["recipe=original"], "plain": None}
 
 
 def read_manifest(path: Path) -> list[dict]:
