@@ -185,6 +185,12 @@ class Predictor:
         return class_mask(logits), self.probabilities(logits)
 
 
+def unsure_pixels(probabilities: torch.Tensor, min_confidence: float) -> np.ndarray:
+    """Pixels (H, W) bool whose top class probability is below min_confidence: predict.py writes them with the
+    ignore value in masks and hatched in overlays, the server counts them."""
+    return (probabilities.max(dim=0).values < min_confidence).numpy()
+
+
 def class_mask(logits: torch.Tensor) -> np.ndarray:
     """The argmax over classes of logits (C, H, W) on the CPU, uint8 (H, W); of equal maxima the first class, as
     torch.argmax. One comparison pass per class: torch's argmax over the leading dimension is ~20x slower here

@@ -26,9 +26,9 @@ from seglab.data.datamodule import default_num_workers
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError
-from seglab.inference import Preprocess, class_mask, confidence_image, load_predictor, resize_logits
+from seglab.inference import Preprocess, class_mask, confidence_image, load_predictor, resize_logits, unsure_pixels
 from seglab.preannotate import ANNOTATION_FILE, CLASSES_CSV, FORMATS, write_classes_csv, write_coco, write_image
-from seglab.viz import overlay
+from seglab.viz import hatch, overlay
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +123,28 @@ def write_outputs(target: Path, name: str, source: Path, image: np.ndarray, logi
     logits = resize_logits(logits[None], image.shape[:2])[0]
     target.mkdir(parents=True, exist_ok=True)
     mask = class_mask(logits)
+    probabilities, unsure = None, None
+    if options["confidence"] or options["probabilities"] or options["min_confidence"] is not None:
+        probabilities = (logits / options["temperature"]).softmax(dim=0)  # as Predictor.probabilities
+    if options["min_confidence"] is not None:
+        unsure = unsure_pixels(probabilities, options["min_confidence"])
     counts = np.bincount(mask.ravel(), minlength=logits.shape[0])
     if options["format"] != "seglab":  # an export to label from: the image and its annotations, nothing else
-        return counts, {"folder": target, **write_image(options["format"], source, target, name, mask, MASK_SUFFIX)}
-    if options["confidence"] or options["probabilities"]:
-        probabilities = (logits / options["temperature"]).softmax(dim=0)  # as Predictor.probabilities
+        labelled = mask if unsure is None else np.where(unsure, 0, mask).astype(mask.dtype)  # unsure: unlabelled
+        return counts, {"folder": target, **write_image(options["format"], source, target, name, labelled,
+                                                        MASK_SUFFIX)}
+    if probabilities is not None:
         if options["confidence"]:
             Image.fromarray(confidence_image(probabilities)).save(target / f"{name}{CONFIDENCE_SUFFIX}",
                                                                   compress_level=options["png_level"])
         if options["probabilities"]:
             np.save(target / f"{name}{PROBABILITIES_SUFFIX}", probabilities.to(torch.float16).numpy())
-    Image.fromarray(mask).save(target / f"{name}{MASK_SUFFIX}")
+    Image.fromarray(mask if unsure is None else np.where(unsure, options["unsure"], mask).astype(np.uint8)
+                    ).save(target / f"{name}{MASK_SUFFIX}")
     blended = overlay(image, mask, options["palette"], options["opacity"])
+    if unsure is not None:
+        blended = hatch(blended, unsure)
+        counts = np.append(counts, unsure.sum())  # the last count: unsure pixels (also counted in their class)
     Image.fromarray(blended).save(target / f"{name}{OVERLAY_SUFFIX}", compress_level=options["png_level"])
     return counts, {}
 
@@ -169,6 +179,9 @@ def predict(cfg: DictConfig) -> dict:
         raise SeglabError(f"format={cfg.format!r} must be one of {', '.join(FORMATS)}: seglab (masks, overlays, "
                           "classes.csv), coco (a RoboFlow COCO Segmentation export), masks (a RoboFlow Semantic "
                           "Segmentation Masks export).")
+    if cfg.min_confidence is not None and not 0 < cfg.min_confidence <= 1:
+        raise SeglabError(f"min_confidence={cfg.min_confidence} must be in (0, 1]: pixels whose top class "
+                          "probability is below it are marked unsure.")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise SeglabError(f"batch_size={cfg.batch_size} must be a whole number >= 1 (1: one image at a time).")
     predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
@@ -185,6 +198,9 @@ def predict(cfg: DictConfig) -> dict:
             writer.writerow(["index", "class", "r", "g", "b"])
             for i, (class_name, color) in enumerate(zip(predictor.class_names, predictor.palette, strict=True)):
                 writer.writerow([i, class_name, *color])
+            if cfg.min_confidence is not None:
+                writer.writerow([predictor.ignore_index, f"unsure (top probability < {cfg.min_confidence})",
+                                 255, 255, 255])
 
     stems = Counter((p.parent, p.stem) for p in images)
 
@@ -197,8 +213,10 @@ def predict(cfg: DictConfig) -> dict:
 
     options = {"palette": predictor.palette, "opacity": cfg.opacity, "confidence": cfg.confidence,
                "probabilities": cfg.probabilities, "png_level": cfg.png_level, "format": cfg.format,
-               "temperature": predictor.temperature}
-    pixels = np.zeros(len(predictor.class_names), np.int64)
+               "temperature": predictor.temperature, "min_confidence": cfg.min_confidence,
+               "unsure": predictor.ignore_index}
+    pixels = np.zeros(len(predictor.class_names) + (cfg.min_confidence is not None and cfg.format == "seglab"),
+                      np.int64)
     entries: list[dict] = []
 
     def collect(batch_files: list[Future]) -> None:
@@ -231,7 +249,10 @@ def predict(cfg: DictConfig) -> dict:
         for batch_files in pending:
             collect(batch_files)
 
-    share = {c: float(p / max(pixels.sum(), 1)) for c, p in zip(predictor.class_names, pixels, strict=True)}
+    classes = len(predictor.class_names)
+    share = {c: float(p / max(pixels[:classes].sum(), 1)) for c, p in zip(predictor.class_names, pixels, strict=False)}
+    if len(pixels) > classes:
+        share["unsure"] = float(pixels[classes] / max(pixels[:classes].sum(), 1))
     written = [f"masks: <name>{MASK_SUFFIX} (class indices, see classes.csv); overlays: <name>{OVERLAY_SUFFIX}"]
     if cfg.format != "seglab":
         written = [export_files(cfg.format, entries, predictor.class_names, cfg.project or out.resolve().name)]

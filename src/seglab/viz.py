@@ -56,6 +56,18 @@ def overlay(
     return out
 
 
+UNSURE_STRIPE = 6  # px: unsure pixels are crossed by a white diagonal line every 6 px in overlays
+
+
+def hatch(picture: np.ndarray, unsure: np.ndarray) -> np.ndarray:
+    """The picture with white diagonal stripes over the `unsure` pixels (min_confidence): what is under them shows
+    between the stripes."""
+    rows, cols = np.indices(unsure.shape)
+    out = picture.copy()
+    out[unsure & ((rows + cols) % UNSURE_STRIPE < 2)] = 255
+    return out
+
+
 def error_map(image: np.ndarray, pred: np.ndarray, target: np.ndarray, ignore_index: int) -> np.ndarray:
     """The image dimmed to grey, wrong pixels red, ignored pixels white."""
     grey = (image.astype(np.float32).mean(axis=-1) * 0.5).astype(np.uint8)

@@ -372,3 +372,38 @@ def test_a_full_queue_still_answers_503_while_a_batch_runs(predictor, photo, exp
     assert [r.status_code for r in responses] == [200] * 3
     for response in responses:
         np.testing.assert_array_equal(decode_png(response.content), expected["mask"])
+
+
+def test_min_confidence_marks_the_same_unsure_pixels_as_predict_py(client, predictor, trained_run, photo, expected,
+                                                                  tmp_path):
+    from seglab.viz import hatch
+
+    image = expected["image"]
+    mask, probabilities = predictor.predict_with_probabilities(image)
+    top = probabilities.max(dim=0).values
+    threshold = float(top.median())  # about half the pixels unsure
+    unsure = (top < threshold).numpy()
+    assert 0.2 < unsure.mean() < 0.8
+    data = photo.read_bytes()
+    answer = upload(client, data, min_confidence=threshold).json()
+    assert answer["unsure"] == {"min_confidence": threshold, "pixels": int(unsure.sum()),
+                                "area_share": pytest.approx(float(unsure.mean()))}
+    assert sum(c["pixels"] for c in answer["classes"]) == mask.size  # unsure pixels still count in their class
+    assert upload(client, data).json()["unsure"] is None
+    served = decode_png(upload(client, data, format="mask", min_confidence=threshold).content)
+    assert np.array_equal(served, np.where(unsure, predictor.ignore_index, mask))
+    striped = decode_png(upload(client, data, format="overlay", opacity=0.5, min_confidence=threshold).content)
+    assert np.array_equal(striped, hatch(overlay(image, mask, predictor.palette, 0.5), unsure))
+    assert (striped[unsure] == 255).all(axis=-1).mean() > 0.2  # white stripes over the unsure pixels only
+    assert not (striped[~unsure] != overlay(image, mask, predictor.palette, 0.5)[~unsure]).any()
+    assert upload(client, data, min_confidence=0).status_code == 422
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("predict", overrides=["device=cpu", f"ckpt_path={trained_run['checkpoint']}", f"input={photo}",
+                                            f"output={tmp_path}", f"min_confidence={threshold}"])
+    result = predict(cfg)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "photo_mask.png")), served)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "photo_overlay.png")), striped)
+    assert result["pixel_share"]["unsure"] == pytest.approx(float(unsure.mean()))
+    assert (tmp_path / "classes.csv").read_text().splitlines()[-1] == \
+        f"255,unsure (top probability < {threshold}),255,255,255"

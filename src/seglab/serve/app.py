@@ -34,10 +34,10 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from seglab.inference import Predictor, confidence_image
+from seglab.inference import Predictor, confidence_image, unsure_pixels
 from seglab.serve.auth import BearerToken
 from seglab.serve.formats import SegmentResult, npy_bytes, png_bytes, segment_result
-from seglab.viz import overlay
+from seglab.viz import hatch, overlay
 
 STATIC_DIR = Path(__file__).parent / "static"
 MIB = 1 << 20
@@ -331,6 +331,9 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
                                 "calibrated on the val split (temperature scaling) when the model holds a "
                                 "temperature, else the network's plain softmax"),
         opacity: float = Query(settings.opacity, ge=0, le=1, description="class colours over the image (overlay)"),
+        min_confidence: float | None = Query(None, gt=0, le=1, description="pixels whose top class probability is "
+                                             "below it are unsure: counted in json, the ignore value in mask, "
+                                             "white stripes in overlay"),
     ):
         start = time.perf_counter()
         model_queue.arriving += 1  # a batch waits for this request (batch_wait_ms) while it is read and decoded
@@ -340,7 +343,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
         finally:
             model_queue.arriving -= 1
         decoded = time.perf_counter()
-        with_probabilities = format in ("confidence", "probabilities")
+        with_probabilities = format in ("confidence", "probabilities") or min_confidence is not None
 
         try:
             mask, probabilities, began, done, batch = await model_queue.run((image, with_probabilities))
@@ -350,9 +353,10 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
                                 headers={"Retry-After": str(settings.retry_after_s)}) from None
         timing = {"decode_ms": 1e3 * (decoded - start), "queue_ms": 1e3 * (began - decoded),
                   "inference_ms": 1e3 * (done - began)}
+        unsure = None if min_confidence is None else unsure_pixels(probabilities, min_confidence)
         if format == "json":
             result = await run_in_threadpool(segment_result, mask, predictor.class_names, predictor.palette,
-                                             {**timing, "batch": batch})
+                                             {**timing, "batch": batch}, unsure, min_confidence)
             result.timing.total_ms = 1e3 * (time.perf_counter() - start)
             return result
 
@@ -361,7 +365,11 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
                 return npy_bytes(probabilities.to(torch.float16).numpy())
             if format == "confidence":
                 return png_bytes(confidence_image(probabilities))
-            return png_bytes(mask if format == "mask" else overlay(image, mask, predictor.palette, opacity))
+            if format == "mask":
+                return png_bytes(mask if unsure is None else np.where(unsure, predictor.ignore_index, mask)
+                                 .astype(np.uint8))
+            blended = overlay(image, mask, predictor.palette, opacity)
+            return png_bytes(blended if unsure is None else hatch(blended, unsure))
 
         body = await run_in_threadpool(encode)
         timing["encode_ms"] = 1e3 * (time.perf_counter() - done)

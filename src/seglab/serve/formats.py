@@ -41,11 +41,18 @@ class Timing(BaseModel):
     batch: int = Field(1, description="requests the model ran together, this one included")
 
 
+class Unsure(BaseModel):
+    min_confidence: float = Field(description="the request's min_confidence")
+    pixels: int = Field(description="pixels whose top class probability is below it (each also in its class)")
+    area_share: float = Field(description="pixels / (width x height)")
+
+
 class SegmentResult(BaseModel):
     width: int
     height: int
     classes: list[ClassResult]
     timing: Timing
+    unsure: Unsure | None = Field(None, description="with ?min_confidence=: the pixels the model is unsure of")
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -75,7 +82,8 @@ def mask_polygons(binary: np.ndarray) -> list[Polygon]:
 
 
 def segment_result(mask: np.ndarray, class_names: Sequence[str], palette: Sequence[Sequence[int]],
-                   timing: dict[str, float]) -> SegmentResult:
+                   timing: dict[str, float], unsure: np.ndarray | None = None,
+                   min_confidence: float | None = None) -> SegmentResult:
     height, width = mask.shape
     pixels = np.bincount(mask.ravel(), minlength=len(class_names))
     classes = []
@@ -88,4 +96,6 @@ def segment_result(mask: np.ndarray, class_names: Sequence[str], palette: Sequen
             polygons = mask_polygons(binary)
         classes.append(ClassResult(index=index, name=name, color=list(color), pixels=int(pixels[index]),
                                    area_share=float(pixels[index] / mask.size), rle=rle, polygons=polygons))
-    return SegmentResult(width=width, height=height, classes=classes, timing=Timing(**timing))
+    flagged = None if unsure is None else Unsure(min_confidence=min_confidence, pixels=int(unsure.sum()),
+                                                 area_share=float(unsure.mean()))
+    return SegmentResult(width=width, height=height, classes=classes, timing=Timing(**timing), unsure=flagged)
