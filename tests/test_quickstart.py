@@ -38,13 +38,22 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
             f"{metrics['uncertainty']['test']['images']} images; predicting {metrics['diagnosis']['trivial']['class']} "
             f"everywhere {metrics['diagnosis']['trivial']['mIoU']:.4f}") in printed
     assert summary["report_files"] == 20
+    # Back into labelling: the calibrated run, the 4 new photos ranked with the top 2 as a COCO batch, the run's
+    # 2 val and 2 test images reviewed.
+    assert summary["temperature"] == metrics["calibration"]["temperature"] > 0
+    assert summary["ranked"] == 4 and summary["reviewed"] == 4
+    batch = Path(summary["batch"])
+    coco = json.loads((batch / "_annotations.coco.json").read_text())
+    assert len(coco["images"]) == 2 and sorted(p.name for p in batch.glob("*.png")) == sorted(
+        i["file_name"] for i in coco["images"])
 
     evaluation = json.loads((Path(summary["evaluation_dir"]) / "metrics.json").read_text())
     assert (evaluation["checkpoint"], evaluation["mIoU"]) == (metrics["checkpoint"], summary["evaluation_mIoU"])
     # num_overlays=2, worst_k=1: both first panels and the worst one, shown inline.
     assert [name.split("_")[0] for name in summary["overlays_shown"]] == ["000", "001", "worst01"]
-    # Inline pictures: the report's sheet, the curves, the confusion matrix, 3 panels, the new image.
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 7
+    # Inline pictures: the report's sheet, the curves, the confusion matrix, 3 panels, the new image, the rank's
+    # and the review's sheets.
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 9
 
     assert summary["new_image_shape"] == [96, 96]
     sidecar = json.loads(Path(summary["onnx"]).with_suffix(".json").read_text())
