@@ -73,6 +73,13 @@ def coco_categories(class_names: list[str], project: str) -> list[dict]:
 
 def write_coco(folder: Path, class_names: list[str], images: list[dict], project: str) -> Path:
     """_annotations.coco.json from the per-image entries that write_image returned (in order)."""
+    path = folder / ANNOTATION_FILE
+    path.write_text(json.dumps(coco_document(class_names, images, project)))
+    return path
+
+
+def coco_document(class_names: list[str], images: list[dict], project: str) -> dict:
+    """A COCO Segmentation file of the per-image entries that write_image returned (in order)."""
     entries, annotations = [], []
     for image_id, item in enumerate(images):
         entries.append({"id": image_id, "file_name": item["file_name"], "width": item["width"],
@@ -82,9 +89,7 @@ def write_coco(folder: Path, class_names: list[str], images: list[dict], project
     coco = {"info": {"description": f"seglab pre-annotations ({project})", "contributor": "seglab"},
             "licenses": [], "categories": coco_categories(class_names, project), "images": entries,
             "annotations": annotations}
-    path = folder / ANNOTATION_FILE
-    path.write_text(json.dumps(coco))
-    return path
+    return coco
 
 
 def write_classes_csv(folder: Path, class_names: list[str]) -> Path:

@@ -10,6 +10,7 @@ Masks are the same as one image at a time.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import multiprocessing
 from collections import Counter
@@ -23,11 +24,20 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from seglab.data.datamodule import default_num_workers
+from seglab.data.exports import upload_images
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError
 from seglab.inference import Preprocess, class_mask, confidence_image, load_predictor, resize_logits, unsure_pixels
-from seglab.preannotate import ANNOTATION_FILE, CLASSES_CSV, FORMATS, write_classes_csv, write_coco, write_image
+from seglab.preannotate import (
+    ANNOTATION_FILE,
+    CLASSES_CSV,
+    FORMATS,
+    coco_document,
+    write_classes_csv,
+    write_coco,
+    write_image,
+)
 from seglab.viz import hatch, overlay
 
 log = logging.getLogger(__name__)
@@ -179,6 +189,8 @@ def predict(cfg: DictConfig) -> dict:
         raise SeglabError(f"format={cfg.format!r} must be one of {', '.join(FORMATS)}: seglab (masks, overlays, "
                           "classes.csv), coco (a RoboFlow COCO Segmentation export), masks (a RoboFlow Semantic "
                           "Segmentation Masks export).")
+    if cfg.upload and cfg.format != "coco":
+        raise SeglabError(f"upload={cfg.upload} sends pre-annotations as COCO polygons: add format=coco.")
     if cfg.min_confidence is not None and not 0 < cfg.min_confidence <= 1:
         raise SeglabError(f"min_confidence={cfg.min_confidence} must be in (0, 1]: pixels whose top class "
                           "probability is below it are marked unsure.")
@@ -254,8 +266,15 @@ def predict(cfg: DictConfig) -> dict:
     if len(pixels) > classes:
         share["unsure"] = float(pixels[classes] / max(pixels[:classes].sum(), 1))
     written = [f"masks: <name>{MASK_SUFFIX} (class indices, see classes.csv); overlays: <name>{OVERLAY_SUFFIX}"]
+    project = cfg.project or (cfg.upload.split("/")[-1] if cfg.upload else out.resolve().name)
     if cfg.format != "seglab":
-        written = [export_files(cfg.format, entries, predictor.class_names, cfg.project or out.resolve().name)]
+        written = [export_files(cfg.format, entries, predictor.class_names, project)]
+    if cfg.upload:
+        items = [(e["folder"] / e["file_name"], json.dumps(coco_document(predictor.class_names, [e], project)))
+                 for e in entries]
+        batch = f"seglab pre-annotations {out.resolve().name}"
+        written.append(f"uploaded to RoboFlow project {cfg.upload} as predictions, batch {batch!r}: "
+                       f"{upload_images(cfg.upload, items, batch)} image(s)")
     if cfg.confidence:
         written.append(f"confidence: <name>{CONFIDENCE_SUFFIX} (top class probability, 0-255 = 0-1)")
     if cfg.probabilities:

@@ -6,6 +6,7 @@ The package reads API_URL when it is imported, so each download runs in a fresh 
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,8 @@ class RoboflowAPI(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.zips = zips
         self.requests: list[str] = []
+        self.uploads: list[dict] = []  # images sent to POST /dataset/<project>/upload
+        self.annotations: list[dict] = []  # annotation files sent to POST /dataset/<project>/annotate/<id>
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
 
@@ -65,13 +68,27 @@ class Handler(BaseHTTPRequestHandler):
         self.server.requests.append(f"{self.command} {url.path}")
         return [p for p in url.path.split("/") if p], parse_qs(url.query).get("api_key", [None])[0]
 
-    def do_POST(self):  # roboflow.check_key: POST /?api_key=...
+    def do_POST(self):  # roboflow.check_key: POST /?api_key=...; uploads: POST /dataset/<project>/upload|annotate
         parts, key = self.parse()
-        if parts or key != API_KEY:
-            self.reply(401, {"error": {"message": "This API key does not exist (or has been revoked).",
-                                       "type": "OAuthException"}})
-        else:
-            self.reply(200, {"workspace": "acme"})
+        if key != API_KEY:
+            return self.reply(401, {"error": {"message": "This API key does not exist (or has been revoked).",
+                                              "type": "OAuthException"}})
+        if not parts:
+            return self.reply(200, {"workspace": "acme"})
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        query = parse_qs(urlsplit(self.path).query)
+        if parts[0] == "dataset" and parts[2] == "upload":  # multipart: name, split, file
+            image_id = f"img{len(self.server.uploads)}"
+            name = re.search(rb'name="name"\r\n\r\n([^\r]*)', body).group(1).decode()
+            self.server.uploads.append({"project": parts[1], "id": image_id, "name": name,
+                                        "batch": query.get("batch", [None])[0], "bytes": len(body)})
+            return self.reply(200, {"success": True, "id": image_id})
+        if parts[0] == "dataset" and parts[2] == "annotate":  # JSON: annotationFile, labelmap
+            self.server.annotations.append({"project": parts[1], "id": parts[3], "name": query["name"][0],
+                                            "prediction": query.get("prediction", ["false"])[0],
+                                            "file": json.loads(json.loads(body)["annotationFile"])})
+            return self.reply(200, {"success": True})
+        return self.reply(404, {"error": {"message": f"POST {urlsplit(self.path).path} does not exist."}})
 
     def do_GET(self):
         parts, key = self.parse()
@@ -223,14 +240,14 @@ def test_each_failure_is_one_error_that_says_what_to_fix(api, tmp_path):
     assert errors[0].startswith("SeglabError: data.roboflow=nobody/shapes/1: RoboFlow has no workspace 'nobody' that "
                                 "this API key can read: Unsupported request. `GET /nobody` does not exist or cannot "
                                 "be loaded due to missing permissions. The workspace and project are")
-    assert errors[0].endswith("The workspace and project are the parts of the version's address "
-                              "app.roboflow.com/<workspace>/<project>/<version>.")
+    assert errors[0].endswith("The workspace and project are the parts of the project's address "
+                              "app.roboflow.com/<workspace>/<project>.")
     assert errors[1].startswith("SeglabError: data.roboflow=acme/nothing/1: RoboFlow has no project 'nothing' in "
                                 "workspace 'acme' that this API key can read: Unsupported request.")
     assert errors[2] == "SeglabError: data.roboflow=acme/shapes/7: project acme/shapes has no version 7; its " \
                         "versions: 1."
     assert errors[3] == "SeglabError: data.roboflow=acme/boxes/1: acme/boxes is a RoboFlow object-detection " \
-                        "project: its versions carry no segmentation labels. Train on an instance-segmentation or " \
+                        "project: it holds no segmentation labels. Use an instance-segmentation or " \
                         "semantic-segmentation project."
     assert errors[4] == "SeglabError: data.roboflow_format='createml' is not one of ('coco-segmentation', " \
                         "'png-mask-semantic', 'yolov8'): RoboFlow's export formats with segmentation labels (COCO " \
@@ -250,7 +267,7 @@ def test_each_failure_is_one_error_that_says_what_to_fix(api, tmp_path):
     started = time.monotonic()
     [no_network] = fetch(tmp_path, offline, ("acme/shapes/1", "coco-segmentation"))
     assert no_network.startswith(f"SeglabError: data.roboflow=acme/shapes/1: cannot reach RoboFlow at {offline} (")
-    assert no_network.endswith("Connect to the network; once downloaded, the version is read from the exports cache "
+    assert no_network.endswith("Connect to the network; a downloaded version is read from the exports cache "
                                "without one.")
     assert time.monotonic() - started < 60
     assert downloaded(tmp_path) == []
@@ -306,3 +323,51 @@ def test_the_api_key_appears_in_no_message_log_or_file_of_a_failed_run(api, tmp_
             assert {"train.log", ".hydra/config.yaml", ".hydra/overrides.yaml"} <= set(written)
         for text in [proc.stdout, proc.stderr, *written.values()]:
             assert key not in text
+
+
+def run_predict(tmp_path: Path, api_url: str, *overrides: str, api_key: str | None = API_KEY
+                ) -> subprocess.CompletedProcess:
+    home = tmp_path / "home"
+    (home / ".config" / "roboflow").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROBOFLOW_")}
+    env.update(API_URL=api_url, HOME=str(home), TQDM_DISABLE="1", **({"ROBOFLOW_API_KEY": api_key} if api_key else {}))
+    return subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "predict.py"), "device=cpu",
+                           *overrides], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_pre_annotations_upload_to_a_project_as_predictions(api, trained_run, demo_root, tmp_path):
+    photos = sorted((demo_root / "test").glob("*.jpg")) + sorted((demo_root / "valid").glob("*.jpg"))[:1]
+    common = [f"ckpt_path={trained_run['checkpoint']}", f"input={photos[0].parent}"]
+    proc = run_predict(tmp_path, api.url, *common, f"output={tmp_path / 'batch'}", "format=coco",
+                       "upload=acme/shapes")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in photos[:-1])  # the test folder's 2 photos
+    assert sorted(u["name"] for u in api.uploads) == names
+    assert {(u["project"], u["batch"]) for u in api.uploads} == {("shapes", "seglab pre-annotations batch")}
+    assert [(a["id"], a["prediction"]) for a in api.annotations] == [(u["id"], "true") for u in api.uploads]
+    for annotation, upload in zip(api.annotations, api.uploads, strict=True):  # one image per annotation file
+        coco = annotation["file"]
+        assert [i["file_name"] for i in coco["images"]] == [upload["name"]]
+        assert [c["name"] for c in coco["categories"]] == ["shapes", "disc", "triangle"]
+        assert all(a["image_id"] == 0 for a in coco["annotations"])
+    written = json.loads((tmp_path / "batch" / "_annotations.coco.json").read_text())
+    assert sorted(i["file_name"] for i in written["images"]) == names
+    assert "uploaded to RoboFlow project acme/shapes as predictions" in proc.stdout
+    assert API_KEY not in proc.stdout + proc.stderr
+
+    failures = {
+        "upload=acme/nothing": "upload=acme/nothing: RoboFlow has no project 'nothing' in workspace 'acme' that this "
+                               "API key can read",
+        "upload=acme/boxes": "upload=acme/boxes: acme/boxes is a RoboFlow object-detection project: it holds no "
+                             "segmentation labels.",
+        "upload=acme": "upload='acme' is not <workspace>/<project>",
+    }
+    for i, (setting, message) in enumerate(failures.items()):
+        failed = run_predict(tmp_path, api.url, *common, f"output={tmp_path / f'failed{i}'}", "format=coco", setting)
+        assert failed.returncode == 1 and message in failed.stderr, failed.stderr[-2000:]
+    no_key = run_predict(tmp_path, api.url, *common, f"output={tmp_path / 'nokey'}", "format=coco",
+                         "upload=acme/shapes", api_key=None)
+    assert "upload=acme/shapes: no RoboFlow API key. Set ROBOFLOW_API_KEY" in no_key.stderr
+    not_coco = run_predict(tmp_path, api.url, *common, f"output={tmp_path / 'masks'}", "upload=acme/shapes")
+    assert "upload=acme/shapes sends pre-annotations as COCO polygons: add format=coco." in not_coco.stderr
+    assert len(api.uploads) == 2  # none of the failures sent an image

@@ -156,6 +156,45 @@ def roboflow_export(spec: str, fmt: str, exports_dir: Path) -> Path:
 def download_version(workspace: str, project: str, version: int, fmt: str, location: Path) -> None:
     """Version `version` of the project as `fmt` into `location` (which the roboflow package creates), through the
     package's own calls, with its API key lookup: ROBOFLOW_API_KEY, else what `roboflow login` saved."""
+    name = f"data.roboflow={workspace}/{project}/{version}"
+
+    def download(handle) -> None:
+        versions = sorted(int(v["id"].rsplit("/", 1)[-1]) for v in handle.get_version_information())
+        if version not in versions:
+            raise SeglabError(f"{name}: project {workspace}/{project} has no version {version}; its versions: "
+                              f"{', '.join(map(str, versions)) or 'none yet (generate one on app.roboflow.com)'}.")
+        handle.version(version).download(fmt, location=str(location))
+
+    with_project(name, workspace, project, download, f"RoboFlow did not export version {version} as {fmt}",
+                 "Export the version in that format on app.roboflow.com, or choose the other "
+                 f"data.roboflow_format ({', '.join(ROBOFLOW_FORMATS)}).")
+
+
+def upload_images(spec: str, items: list[tuple[Path, str]], batch_name: str) -> int:
+    """Each image with its pre-annotation (a COCO file's text holding that image only) into RoboFlow project
+    `spec` = <workspace>/<project>, as predictions (RoboFlow shows them to correct; they join no dataset version
+    until accepted), in one upload batch. Returns the number uploaded."""
+    parts = spec.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise SeglabError(f"upload={spec!r} is not <workspace>/<project>: the parts of the project's address "
+                          "app.roboflow.com/<workspace>/<project>.")
+    name = f"upload={spec}"
+
+    def upload(handle) -> None:
+        for image, coco_text in items:
+            handle.single_upload(image_path=str(image), annotation_path={"name": f"{image.stem}.coco.json",
+                                                                         "rawText": coco_text},
+                                 batch_name=batch_name, is_prediction=True)
+
+    with_project(name, *parts, upload, "RoboFlow refused an image or its annotation",
+                 "Check the project's classes and quota on app.roboflow.com; images uploaded before this one "
+                 f"are in batch {batch_name!r}.")
+    return len(items)
+
+
+def with_project(name: str, workspace: str, project: str, action, refused: str, fix: str) -> None:
+    """action(project handle) for a segmentation project of RoboFlow's, through the roboflow package (API key:
+    ROBOFLOW_API_KEY, else `roboflow login`'s), each failure one SeglabError naming what to fix, never the key."""
     try:
         import requests
         from roboflow import Roboflow
@@ -167,28 +206,23 @@ def download_version(workspace: str, project: str, version: int, fmt: str, locat
             load_roboflow_api_key,
         )
     except ImportError:
-        raise SeglabError("data.roboflow needs the roboflow package: pip install -r requirements.txt") from None
+        raise SeglabError(f"{name} needs the roboflow package: pip install -r requirements.txt") from None
 
-    name = f"data.roboflow={workspace}/{project}/{version}"
     api_key = load_roboflow_api_key(workspace)
     if not api_key:
         raise SeglabError(f"{name}: no RoboFlow API key. Set ROBOFLOW_API_KEY to your key (app.roboflow.com, "
                           "Settings, API Keys) or run `roboflow login` once.")
     key_source = "ROBOFLOW_API_KEY" if os.environ.get("ROBOFLOW_API_KEY") else "`roboflow login`"
+    address = ("The workspace and project are the parts of the project's address "
+               "app.roboflow.com/<workspace>/<project>.")
     refusals = {
-        "key": f"RoboFlow refused the API key from {key_source}",
-        "workspace": f"RoboFlow has no workspace {workspace!r} that this API key can read",
-        "project": f"RoboFlow has no project {project!r} in workspace {workspace!r} that this API key can read",
-        "download": f"RoboFlow did not export version {version} as {fmt}",
+        "key": (f"RoboFlow refused the API key from {key_source}",
+                "Copy the key again from app.roboflow.com (Settings, API Keys) or run `roboflow login`."),
+        "workspace": (f"RoboFlow has no workspace {workspace!r} that this API key can read", address),
+        "project": (f"RoboFlow has no project {project!r} in workspace {workspace!r} that this API key can read",
+                    address),
+        "action": (refused, fix),
     }
-    fixes = {
-        "key": "Copy the key again from app.roboflow.com (Settings, API Keys) or run `roboflow login`.",
-        "workspace": "The workspace and project are the parts of the version's address "
-                     "app.roboflow.com/<workspace>/<project>/<version>.",
-        "download": "Export the version in that format on app.roboflow.com, or choose the other "
-                    f"data.roboflow_format ({', '.join(ROBOFLOW_FORMATS)}).",
-    }
-    fixes["project"] = fixes["workspace"]
     step = "key"
     try:
         client = Roboflow(api_key=api_key)
@@ -197,22 +231,22 @@ def download_version(workspace: str, project: str, version: int, fmt: str, locat
         step = "project"
         handle = handle.project(project)
         if handle.type not in (TYPE_INSTANCE_SEGMENTATION, TYPE_SEMANTIC_SEGMENTATION):
-            raise SeglabError(f"{name}: {workspace}/{project} is a RoboFlow {handle.type} project: its versions "
-                              f"carry no segmentation labels. Train on an {TYPE_INSTANCE_SEGMENTATION} or "
+            raise SeglabError(f"{name}: {workspace}/{project} is a RoboFlow {handle.type} project: it holds no "
+                              f"segmentation labels. Use an {TYPE_INSTANCE_SEGMENTATION} or "
                               f"{TYPE_SEMANTIC_SEGMENTATION} project.")
-        versions = sorted(int(v["id"].rsplit("/", 1)[-1]) for v in handle.get_version_information())
-        if version not in versions:
-            raise SeglabError(f"{name}: project {workspace}/{project} has no version {version}; its versions: "
-                              f"{', '.join(map(str, versions)) or 'none yet (generate one on app.roboflow.com)'}.")
-        step = "download"
-        handle.version(version).download(fmt, location=str(location))
+        step = "action"
+        action(handle)
     except requests.RequestException as e:  # its message holds the request's URL, and the URL the key
         raise SeglabError(f"{name}: cannot reach RoboFlow at {API_URL} ({without_secrets(first_line(e), api_key)}). "
-                          "Connect to the network; once downloaded, the version is read from the exports cache "
-                          "without one.") from None
-    except (RoboflowError, RuntimeError, ValueError, KeyError) as e:
-        raise SeglabError(f"{name}: {refusals[step]}: {without_secrets(roboflow_message(e), api_key)}. "
-                          f"{fixes[step]}") from None
+                          "Connect to the network; a downloaded version is read from the exports cache without "
+                          "one.") from None
+    except (RoboflowError, RuntimeError, ValueError, KeyError, OSError) as e:
+        what, how = refusals[step]
+        raise SeglabError(f"{name}: {what}: {without_secrets(roboflow_message(e), api_key)}. {how}") from None
+    except Exception as e:  # noqa: BLE001 - the package's upload errors (ImageUploadError, AnnotationSaveError...)
+        if step != "action" or isinstance(e, SeglabError):
+            raise
+        raise SeglabError(f"{name}: {refused}: {without_secrets(roboflow_message(e), api_key)}. {fix}") from None
 
 
 def roboflow_message(error: Exception) -> str:
