@@ -134,6 +134,7 @@ def run_one(entry: dict, root: Path, recipe: str, seed: int, overrides: list[str
     shutil.rmtree(run_dir, ignore_errors=True)  # a run that stopped half-way starts again
     data = [f"data.root={quoted(root)}", f"data.cache_dir={quoted(out / 'cache' / entry['name'])}"]
     settings = [*BUDGET, *data, f"seed={seed}", *overrides]
+    code = commit()  # the code this run trains with (commits made while it runs are not in it)
     started, curve = time.perf_counter(), []
     if RECIPES[recipe] is None:
         cfg = compose_config("train", [*settings, f"paths.output_dir={quoted(run_dir)}"])
@@ -148,7 +149,7 @@ def run_one(entry: dict, root: Path, recipe: str, seed: int, overrides: list[str
     result = scored(checkpoint, run_dir / "evaluate", data)
     summary = {
         "export": entry["name"], "kind": entry.get("kind", ""), "recipe": recipe, "seed": seed,
-        "overrides": settings + (RECIPES[recipe] or []), "commit": commit(), "machine": machine(),
+        "overrides": settings + (RECIPES[recipe] or []), "commit": code, "machine": machine(),
         "wall_s": round(wall, 1), "epochs": epochs, "best_epoch": best, "validation_curve": curve,
         "test": result["uncertainty"], "trivial": result["uncertainty"].get("trivial"),
         "verdict": result["diagnosis"]["verdict"], "class_names": result["class_names"],
