@@ -4,6 +4,8 @@ Predictor, predict.py, the web API and the deploy bench as an .onnx is."""
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +223,25 @@ def test_evaluate_py_scores_an_openvino_export_as_its_checkpoint(exports, traine
     with pytest.raises(SeglabError, match=r"resolution=model needs the checkpoint's module; an export \(.*fp32\.xml\) "
                                           r"is evaluated at resolution=original\."):
         run(exports["fp32"], "resolution=model")
+
+
+def test_models_released_in_any_order_leave_the_process_able_to_take_signals(exports):
+    # OpenVINO's CPU plugin swaps in its own signal stack per Core and puts back the previous one when released: with
+    # a Core per model, releasing them out of order left a freed stack, and the next signal (here a child process's
+    # exit, handled as torch's DataLoader handles its workers') crashed the process. Run apart: a crash is a result.
+    script = f"""
+import faulthandler, gc, signal, subprocess
+from seglab.inference import OpenVinoModel
+faulthandler.enable()
+signal.signal(signal.SIGCHLD, lambda *args: None)
+models = [OpenVinoModel({str(exports["int8"])!r}) for _ in range(2)]
+del models[0]
+gc.collect()
+del models[0]
+gc.collect()
+for _ in range(3):
+    subprocess.run(["true"], check=True)
+print("survived")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout.strip()) == (0, "survived"), done.stderr[-2000:]

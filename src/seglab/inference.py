@@ -11,6 +11,7 @@ probabilities and the confidence image (the top class's probability per pixel).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -270,6 +271,17 @@ class OnnxModel:
         return torch.from_numpy(logits)
 
 
+@functools.cache
+def openvino_core():
+    """One OpenVINO Core per process, never released. Each Core's CPU plugin installs its own signal stack when it
+    starts and puts back the one it found when it is released: Cores released out of order (one per model, freed by
+    the garbage collector) left a freed stack installed, and the next signal handled on it (a child process's exit)
+    crashed the process."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoModel:
     """An OpenVINO IR export (export.py format=openvino: model.xml, its weights in model.bin; fp32 or int8 inside,
     float32 in and out) as a Model, compiled for the CPU whatever the device, with as many threads as PyTorch uses.
@@ -280,8 +292,6 @@ class OpenVinoModel:
     MAX_STATIC = 8
 
     def __init__(self, path: str | Path, device: torch.device = CPU):
-        import openvino as ov
-
         path = Path(path)
         again = "export it again with python export.py ckpt_path=<checkpoint> format=openvino."
         if not path.with_suffix(".bin").is_file():
@@ -292,7 +302,7 @@ class OpenVinoModel:
             # (TensorFlow's logs its own parse errors), then name none of the reasons.
             if ElementTree.parse(path).getroot().tag != "net":
                 raise ValueError("its root element is not <net>")
-            self.core = ov.Core()
+            self.core = openvino_core()
             self.model = self.core.read_model(str(path))
             self.config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32",
                            "PERFORMANCE_HINT": "LATENCY"}
