@@ -90,10 +90,11 @@ def test_confidence_and_probabilities_are_the_predictors_softmax(trained_run, in
                             "confidence=true", "probabilities=true"))
     assert "<name>_confidence.png (top class probability, 0-255 = 0-1)" in capsys.readouterr().out
     predictor = load_predictor(trained_run["checkpoint"], device="cpu")
+    assert predictor.temperature == trained_run["calibration"]["temperature"] != 1.0
     sources = {"odd": "odd.jpg", "sub/rgba": "sub/rgba.png", "photo_jpg": "photo.jpg", "sub/demo": "sub/demo.jpg"}
     for name, source in sources.items():
         image = load_image(inputs / source)
-        softmax = torch.softmax(predictor.logits(image), dim=0)
+        softmax = torch.softmax(predictor.logits(image) / predictor.temperature, dim=0)  # calibrated at training
         with Image.open(out / f"{name}_confidence.png") as im:
             assert im.mode == "L"
             confidence = np.asarray(im)
