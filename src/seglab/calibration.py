@@ -68,7 +68,7 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def calibration_error(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> float:
