@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         if only - {"fit"}:  # the fit section writes its own export
             root = generate_dataset(work / "data", num_images=args.images, size=args.data_size, seed=0)
-            common = [f"model={args.model}", *args.overrides]
+            # Cross-entropy unless the overrides say otherwise: smp's DiceLoss (the default loss=dice_ce) one-hot
+            # encodes the masks, and on the CPU F.one_hot checks the class range with .item() every step, which
+            # the loop's host-sync count would report (on CUDA it relies on a device-side assert instead).
+            common = [f"model={args.model}", "loss=ce", *args.overrides]
 
             data_cfg = bench_config(root, work, args.data_size, common)
             if "data" in only:
