@@ -135,3 +135,15 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig, metric: str | 
     # goes on, while a NaN makes its study.tell raise and ends the whole search.
     value = result.get("best_val", {}).get(metric) if metric else None
     return value if value is not None and math.isfinite(value) else None
+
+
+def run_module(config_name: str, task: Callable[[DictConfig], dict], argv: list[str] | None = None) -> dict:
+    """`python -m seglab.<module> key=value ...`: conf/<config_name>.yaml with the arguments as overrides, then
+    task(cfg); a SeglabError is one line on stderr and exit code 1, as for the scripts."""
+    from seglab.config import compose_config
+
+    try:
+        return task(compose_config(config_name, list(sys.argv[1:] if argv is None else argv)))
+    except SeglabError as e:
+        print(f"seglab: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -17,24 +17,22 @@ from __future__ import annotations
 import csv
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw
 
+from seglab.cli import run_module
 from seglab.config import compose_config, default_run_dir, quoted
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
 from seglab.inference import Predictor, class_mask, confidence_image, load_predictor
 from seglab.predict import list_images, predict
-from seglab.viz import overlay
+from seglab.viz import overlay, picture_sheet
 
 MEASURES = ("entropy", "unsure", "flip")
-SHEET_WIDTH = 256  # px per picture in the sheet
 
 
 def uncertainty(predictor: Predictor, image: np.ndarray, min_confidence: float) -> dict:
@@ -56,24 +54,11 @@ def ranked(rows: list[dict], by: str) -> list[dict]:
 
 def sheet(rows: list[dict], pictures: dict[str, tuple], palette, path: Path) -> Path:
     """A PNG with a row per image: the image, its prediction over it, its confidence (white: certain)."""
-    tiles = []
-    for rank, row in enumerate(rows, 1):
-        image, mask, probabilities = pictures[row["file"]]
-        scale = SHEET_WIDTH / image.shape[1]
-        size = (SHEET_WIDTH, max(1, round(image.shape[0] * scale)))
-        parts = [image, overlay(image, mask, palette, 0.5), np.repeat(confidence_image(probabilities)[..., None], 3, 2)]
-        strip = Image.new("RGB", (3 * SHEET_WIDTH, size[1] + 16), "white")
-        for i, part in enumerate(parts):
-            strip.paste(Image.fromarray(part).resize(size, Image.BILINEAR), (i * SHEET_WIDTH, 16))
-        ImageDraw.Draw(strip).text((2, 2), f"{rank}. {row['file']}  entropy {row['entropy']:.3f}  unsure "
-                                           f"{row['unsure']:.3f}  flip {row['flip']:.3f}", fill="black")
-        tiles.append(strip)
-    page = Image.new("RGB", (3 * SHEET_WIDTH, sum(t.height for t in tiles) or 1), "white")
-    top = 0
-    for strip in tiles:
-        page.paste(strip, (0, top))
-        top += strip.height
-    page.save(path)
+    picture_sheet([(f"{rank}. {row['file']}  entropy {row['entropy']:.3f}  unsure {row['unsure']:.3f}  flip "
+                    f"{row['flip']:.3f}", [image, overlay(image, mask, palette, 0.5),
+                                           np.repeat(confidence_image(probabilities)[..., None], 3, 2)])
+                   for rank, row in enumerate(rows, 1)
+                   for image, mask, probabilities in [pictures[row["file"]]]], path)
     return path
 
 
@@ -139,11 +124,7 @@ def rank(cfg: DictConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        return rank(compose_config("rank", list(sys.argv[1:] if argv is None else argv)))
-    except SeglabError as e:
-        print(f"seglab: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    return run_module("rank", rank, argv)
 
 
 if __name__ == "__main__":

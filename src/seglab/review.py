@@ -19,24 +19,22 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw
 
-from seglab.config import compose_config, default_run_dir
+from seglab.cli import run_module
+from seglab.config import default_run_dir
 from seglab.crossval import write_heldout
 from seglab.errors import SeglabError
 from seglab.evaluate import build_datamodule
 from seglab.models.checkpoint import load_checkpoint
-from seglab.viz import overlay
+from seglab.viz import SHEET_WIDTH, overlay, picture_sheet
 
 GRID = 64           # px: every held-out image on one grid for cleanlab's dataset-wide thresholds
-SHEET_WIDTH = 256   # px per picture in the sheet
 OUTLINE = (255, 255, 0)
 
 
@@ -118,25 +116,14 @@ def outlined(picture: np.ndarray, suspect: np.ndarray) -> np.ndarray:
 
 def sheet(items: list[dict], path: Path) -> Path:
     """A PNG with a row per image: the image, its label, the model's prediction; suspect regions outlined."""
-    strips = []
+    rows = []
     for rank, item in enumerate(items, 1):
         image, palette = item["image"], item["palette"]
         parts = [image, overlay(image, item["label"].astype(np.uint8), palette, 0.5),
                  overlay(image, item["probabilities"].argmax(axis=0).astype(np.uint8), palette, 0.5)]
-        size = (SHEET_WIDTH, max(1, round(image.shape[0] * SHEET_WIDTH / image.shape[1])))
-        strip = Image.new("RGB", (3 * SHEET_WIDTH, size[1] + 16), "white")
-        for k, part in enumerate(parts):
-            strip.paste(Image.fromarray(outlined(part, item["suspect"])).resize(size, Image.BILINEAR),
-                        (k * SHEET_WIDTH, 16))
-        ImageDraw.Draw(strip).text((2, 2), f"{rank}. {item['file']}  score {item['score']:.3f}  suspect "
-                                           f"{item['suspect'].mean():.3f}  (image | label | model)", fill="black")
-        strips.append(strip)
-    page = Image.new("RGB", (3 * SHEET_WIDTH, sum(s.height for s in strips) or 1), "white")
-    top = 0
-    for strip in strips:
-        page.paste(strip, (0, top))
-        top += strip.height
-    page.save(path)
+        rows.append((f"{rank}. {item['file']}  score {item['score']:.3f}  suspect {item['suspect'].mean():.3f}  "
+                     "(image | label | model)", [outlined(part, item["suspect"]) for part in parts]))
+    picture_sheet(rows, path)
     return path
 
 
@@ -171,11 +158,7 @@ def review(cfg: DictConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        return review(compose_config("review", list(sys.argv[1:] if argv is None else argv)))
-    except SeglabError as e:
-        print(f"seglab: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    return run_module("review", review, argv)
 
 
 if __name__ == "__main__":

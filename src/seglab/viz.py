@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageDraw
 
 from seglab.errors import SeglabError
 
@@ -169,3 +170,28 @@ def curves_figure(curves, panels: Sequence[Sequence[str]]) -> Figure:
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
+
+
+SHEET_WIDTH = 256  # px per picture in a picture sheet
+CAPTION_HEIGHT = 16
+
+
+def picture_sheet(rows: list[tuple[str, list[np.ndarray]]], path) -> None:
+    """A PNG with one row per (caption, pictures of one image): the caption above, each RGB picture scaled to
+    SHEET_WIDTH px wide side by side (what seglab.rank and seglab.review show of their top images)."""
+    columns = max((len(pictures) for _, pictures in rows), default=1)
+    strips = []
+    for caption, pictures in rows:
+        height, width = pictures[0].shape[:2]
+        size = (SHEET_WIDTH, max(1, round(height * SHEET_WIDTH / width)))
+        strip = Image.new("RGB", (columns * SHEET_WIDTH, size[1] + CAPTION_HEIGHT), "white")
+        for k, picture in enumerate(pictures):
+            strip.paste(Image.fromarray(picture).resize(size, Image.BILINEAR), (k * SHEET_WIDTH, CAPTION_HEIGHT))
+        ImageDraw.Draw(strip).text((2, 2), caption, fill="black")
+        strips.append(strip)
+    page = Image.new("RGB", (columns * SHEET_WIDTH, sum(s.height for s in strips) or 1), "white")
+    top = 0
+    for strip in strips:
+        page.paste(strip, (0, top))
+        top += strip.height
+    page.save(path)
