@@ -173,8 +173,8 @@ class Predictor:
                 for logits, want in zip(self.logits_batch(images), wanted, strict=True)]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (C, H, W) of logits (C, H, W): the softmax of logits / temperature."""
-        return (logits / self.temperature).softmax(dim=0)
+        """Class probabilities (C, H, W) of logits (C, H, W), with the model's temperature."""
+        return calibrated_softmax(logits, self.temperature)
 
     def predict_with_probabilities(self, image: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """predict()'s mask and the class probabilities (C, H, W) float32: the softmax of the same logits, one
@@ -184,6 +184,12 @@ class Predictor:
         plain softmax, which is over-confident."""
         logits = self.logits(image)
         return class_mask(logits), self.probabilities(logits)
+
+
+def calibrated_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Class probabilities (C, H, W) of logits (C, H, W): the softmax of logits / temperature (seglab.calibration;
+    1: the plain softmax). Predictor.probabilities, and predict.py's writer processes, which get the number only."""
+    return (logits / temperature).softmax(dim=0)
 
 
 def unsure_pixels(probabilities: torch.Tensor, min_confidence: float) -> np.ndarray:

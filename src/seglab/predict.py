@@ -28,7 +28,15 @@ from seglab.data.exports import upload_images
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError
-from seglab.inference import Preprocess, class_mask, confidence_image, load_predictor, resize_logits, unsure_pixels
+from seglab.inference import (
+    Preprocess,
+    calibrated_softmax,
+    class_mask,
+    confidence_image,
+    load_predictor,
+    resize_logits,
+    unsure_pixels,
+)
 from seglab.preannotate import (
     ANNOTATION_FILE,
     CLASSES_CSV,
@@ -135,7 +143,7 @@ def write_outputs(target: Path, name: str, source: Path, image: np.ndarray, logi
     mask = class_mask(logits)
     probabilities, unsure = None, None
     if options["confidence"] or options["probabilities"] or options["min_confidence"] is not None:
-        probabilities = (logits / options["temperature"]).softmax(dim=0)  # as Predictor.probabilities
+        probabilities = calibrated_softmax(logits, options["temperature"])
     if options["min_confidence"] is not None:
         unsure = unsure_pixels(probabilities, options["min_confidence"])
     counts = np.bincount(mask.ravel(), minlength=logits.shape[0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -46,6 +47,16 @@ def best_checkpoint(run: Path) -> Path:
     return found[-1]
 
 
+@lru_cache(maxsize=1)  # a run without folds is read for its val and then its test images: loaded once
+def run_model(run: Path):
+    """A run's best checkpoint and its data (the run's own splits, set up)."""
+    ckpt = best_checkpoint(run)
+    module = load_checkpoint(ckpt)
+    datamodule = build_datamodule(module, str(ckpt))
+    datamodule.setup("test")
+    return module, datamodule
+
+
 def held_out(run: Path, scratch: Path) -> list[tuple[str, Path, Path]]:
     """(fold name, its run folder, its held-out probabilities folder) for each fold, or for the run itself (its
     val and test images: probabilities written into scratch/ by its best checkpoint when it kept none)."""
@@ -54,9 +65,7 @@ def held_out(run: Path, scratch: Path) -> list[tuple[str, Path, Path]]:
         return [(p.name, p, p / "heldout") for p in folds]
     if (run / "heldout" / "index.json").is_file():
         return [("", run, run / "heldout")]
-    module = load_checkpoint(best_checkpoint(run))
-    datamodule = build_datamodule(module, str(best_checkpoint(run)))
-    datamodule.setup("test")
+    module, datamodule = run_model(run)
     with torch.inference_mode():
         for split in ("val", "test"):
             if datamodule.splits.get(split):
@@ -67,10 +76,7 @@ def held_out(run: Path, scratch: Path) -> list[tuple[str, Path, Path]]:
 def fold_items(fold: str, run: Path, heldout: Path) -> list[dict]:
     """Each held-out image of one fold: its name in the export, the image and label at their own size, and the
     probabilities resized to it (bilinear, as the Predictor resizes logits)."""
-    ckpt = best_checkpoint(run)
-    module = load_checkpoint(ckpt)
-    datamodule = build_datamodule(module, str(ckpt))
-    datamodule.setup("test")
+    module, datamodule = run_model(run)
     index = json.loads((heldout / "index.json").read_text())
     split = "val" if fold == "val" else "test"
     items = []
@@ -140,6 +146,7 @@ def review(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     items = [item for fold, fold_run, heldout in held_out(run, out / "heldout")
              for item in fold_items(fold, fold_run, heldout)]
+    run_model.cache_clear()  # the model is not needed past here
     if not items:
         raise SeglabError(f"No held-out images found for {run}.")
     scored(items)
