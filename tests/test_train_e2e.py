@@ -101,7 +101,7 @@ def test_multirun_optimizer_sweep_gives_named_runs_and_leaderboard(demo_root, tm
     with (sweep_dir / "leaderboard.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert sorted(r["job"].split(",optimizer=")[1].split(",")[0] for r in rows) == ["adam", "sgd"]
-    assert all(r["status"] == "ok" and math.isfinite(float(r["test mIoU"])) for r in rows)
+    assert all(r["status"] == "ok" and math.isfinite(float(r["test mIoU"])) for r in rows), rows
     assert all(0 <= float(r["test IoU triangle"]) <= 1 and float(r["train images/s"]) > 0 for r in rows)
     assert [float(r["val mIoU"]) for r in rows] == sorted((float(r["val mIoU"]) for r in rows), reverse=True)
     # Each test mIoU with its interval; the second job against the first on the same test images, in words.
