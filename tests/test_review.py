@@ -11,9 +11,7 @@ from PIL import Image
 
 from seglab.config import compose_config
 from seglab.errors import SeglabError
-from seglab.review import review, scored
-
-PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+from seglab.review import review, scored, summarised, suspect_mask
 
 
 def item(name: str, label: np.ndarray, predicted: np.ndarray, sure: float = 0.9) -> dict:
@@ -21,12 +19,11 @@ def item(name: str, label: np.ndarray, predicted: np.ndarray, sure: float = 0.9)
     probabilities = np.full((3, *label.shape), (1 - sure) / 2, np.float32)
     for c in range(3):
         probabilities[c][predicted == c] = sure
-    return {"file": name, "fold": "fold0", "image": np.zeros((*label.shape, 3), np.uint8), "label": label,
-            "probabilities": probabilities, "palette": PALETTE}
+    return summarised(name, "fold0", label, probabilities)
 
 
-def squares(value: int, at: tuple[int, int], size: int = 16) -> np.ndarray:
-    out = np.zeros((64, 64), np.int64)
+def squares(value: int, at: tuple[int, int], size: int = 16, shape: tuple[int, int] = (64, 64)) -> np.ndarray:
+    out = np.zeros(shape, np.int64)
     out[at[0]:at[0] + size, at[1]:at[1] + size] = value
     return out
 
@@ -43,8 +40,23 @@ def test_a_label_the_model_contradicts_ranks_first_with_its_region_outlined():
     assert set(ranking[:2]) == {"swapped.jpg", "erased.jpg"}
     assert all(i["score"] > max(swapped["score"], erased["score"]) for i in agreeing)
     for wrong in (swapped, erased):  # the suspect pixels are the square where label and model disagree
-        assert np.array_equal(wrong["suspect"].astype(bool), truth == 1)
-    assert all(not i["suspect"].any() for i in agreeing)
+        assert np.array_equal(suspect_mask(wrong).astype(bool), truth == 1)
+        assert wrong["suspect_share"] == 16 * 16 / 64 ** 2
+    assert all(not suspect_mask(i).any() and i["suspect_share"] == 0 for i in agreeing)
+
+
+def test_large_images_are_kept_on_the_grid_and_their_suspect_region_drawn_back_at_full_size():
+    shape = (512, 256)  # 8 x 4 grid pixels per grid cell of 64 x 64
+    agreeing = [item(f"ok{i}.jpg", squares(1 + i % 2, (64 * i % 320, 32), 128, shape),
+                     squares(1 + i % 2, (64 * i % 320, 32), 128, shape)) for i in range(8)]
+    truth = squares(1, (256, 64), 128, shape)
+    swapped = item("swapped.jpg", squares(2, (256, 64), 128, shape), truth)
+    items = [*agreeing, swapped]
+    scored(items)
+    assert min(items, key=lambda i: i["score"]) is swapped
+    assert np.array_equal(suspect_mask(swapped).astype(bool), truth == 1)
+    # Nothing of full size is held per image: the arrays kept are the grid's.
+    assert max(v.size for i in items for v in i.values() if isinstance(v, np.ndarray)) == 3 * 64 * 64
 
 
 @pytest.mark.parametrize(("override", "message"), [("top=0", "top=0 must be a whole number"),

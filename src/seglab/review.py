@@ -73,44 +73,63 @@ def held_out(run: Path, scratch: Path) -> list[tuple[str, Path, Path]]:
     return [(split, run, scratch / split) for split in ("val", "test") if (scratch / split / "index.json").is_file()]
 
 
-def fold_items(fold: str, run: Path, heldout: Path) -> list[dict]:
-    """Each held-out image of one fold: its name in the export, the image and label at their own size, and the
-    probabilities resized to it (bilinear, as the Predictor resizes logits)."""
+def held_out_image(run: Path, split: str, i: int, heldout: Path, stored_name: str) -> tuple:
+    """One held-out image of a run's split: the image and label at their own size, and its stored probabilities
+    resized to it (bilinear, as the Predictor resizes logits), with ignored pixels labelled as the model predicts."""
     module, datamodule = run_model(run)
+    image, label = datamodule.datasets[split].load(i)
+    stored = np.load(heldout / stored_name)["probabilities"].astype(np.float32) / 255
+    height, width = label.shape
+    probabilities = np.stack([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in stored])
+    probabilities /= probabilities.sum(axis=0, keepdims=True).clip(min=1e-6)
+    labelled = np.where(label == module.ignore_index, probabilities.argmax(axis=0), label).astype(np.int64)
+    return image, labelled, probabilities
+
+
+def summarised(file: str, fold: str, label: np.ndarray, probabilities: np.ndarray, source: tuple = ()) -> dict:
+    """What the review keeps of one image while it reads the others: its cleanlab score (at the image's size), its
+    label and probabilities on the GRID (for the dataset-wide thresholds), its size, and where to read it again.
+    Full-size probabilities of a few hundred large photos would not fit in memory together."""
+    from cleanlab.segmentation.rank import get_label_quality_scores
+
+    scores, _ = get_label_quality_scores(label[None], probabilities[None], verbose=False)
+    return {"file": file, "fold": fold, "score": float(scores[0]), "shape": label.shape, "source": source,
+            "grid_label": cv2.resize(label.astype(np.uint8), (GRID, GRID), interpolation=cv2.INTER_NEAREST),
+            "grid_probabilities": np.stack([cv2.resize(p, (GRID, GRID), interpolation=cv2.INTER_AREA)
+                                            for p in probabilities])}
+
+
+def fold_items(fold: str, run: Path, heldout: Path) -> list[dict]:
+    """Each held-out image of one fold, summarised; its name is its file in the export."""
+    _, datamodule = run_model(run)
     index = json.loads((heldout / "index.json").read_text())
     split = "val" if fold == "val" else "test"
     items = []
     for i, sample in enumerate(datamodule.splits[split]):
         name = datamodule.relative(sample.image)
-        if name not in index:
-            continue
-        image, label = datamodule.datasets[split].load(i)
-        stored = np.load(heldout / index[name])["probabilities"].astype(np.float32) / 255
-        height, width = label.shape
-        probabilities = np.stack([cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in stored])
-        probabilities /= probabilities.sum(axis=0, keepdims=True).clip(min=1e-6)
-        labelled = np.where(label == module.ignore_index, probabilities.argmax(axis=0), label).astype(np.int64)
-        items.append({"file": name, "fold": fold, "image": image, "label": labelled,
-                      "probabilities": probabilities, "palette": module.palette})
+        if name in index:
+            _, label, probabilities = held_out_image(run, split, i, heldout, index[name])
+            items.append(summarised(name, fold, label, probabilities, (run, split, i, heldout, index[name])))
     return items
 
 
-def scored(items: list[dict]) -> None:
-    """Each item's cleanlab image score and suspect-pixel mask (at the image's size), in place."""
-    from cleanlab.segmentation.filter import find_label_issues
-    from cleanlab.segmentation.rank import get_label_quality_scores
+def suspect_mask(item: dict) -> np.ndarray:
+    """The item's suspect pixels at the image's size (from the grid cleanlab marked)."""
+    height, width = item["shape"]
+    return cv2.resize(item["suspect_grid"], (width, height), interpolation=cv2.INTER_NEAREST)
 
-    for item in items:
-        scores, _ = get_label_quality_scores(item["label"][None], item["probabilities"][None], verbose=False)
-        item["score"] = float(scores[0])
-    labels = np.stack([cv2.resize(i["label"].astype(np.uint8), (GRID, GRID), interpolation=cv2.INTER_NEAREST)
-                       for i in items]).astype(np.int64)
-    probabilities = np.stack([np.stack([cv2.resize(p, (GRID, GRID), interpolation=cv2.INTER_AREA)
-                                        for p in i["probabilities"]]) for i in items])
+
+def scored(items: list[dict]) -> None:
+    """Each item's suspect pixels (cleanlab's find_label_issues over all items at once, on the grid) and their
+    share of the image, in place."""
+    from cleanlab.segmentation.filter import find_label_issues
+
+    labels = np.stack([i["grid_label"] for i in items]).astype(np.int64)
+    probabilities = np.stack([i["grid_probabilities"] for i in items])
     issues = find_label_issues(labels, probabilities, downsample=1, n_jobs=1, verbose=False)
     for item, grid in zip(items, issues, strict=True):
-        height, width = item["label"].shape
-        item["suspect"] = cv2.resize(grid.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+        item["suspect_grid"] = grid.astype(np.uint8)
+        item["suspect_share"] = float(suspect_mask(item).mean())
 
 
 def outlined(picture: np.ndarray, suspect: np.ndarray) -> np.ndarray:
@@ -121,15 +140,19 @@ def outlined(picture: np.ndarray, suspect: np.ndarray) -> np.ndarray:
 
 
 def sheet(items: list[dict], path: Path) -> Path:
-    """A PNG with a row per image: the image, its label, the model's prediction; suspect regions outlined."""
-    rows = []
-    for rank, item in enumerate(items, 1):
-        image, palette = item["image"], item["palette"]
-        parts = [image, overlay(image, item["label"].astype(np.uint8), palette, 0.5),
-                 overlay(image, item["probabilities"].argmax(axis=0).astype(np.uint8), palette, 0.5)]
-        rows.append((f"{rank}. {item['file']}  score {item['score']:.3f}  suspect {item['suspect'].mean():.3f}  "
-                     "(image | label | model)", [outlined(part, item["suspect"]) for part in parts]))
-    picture_sheet(rows, path)
+    """A PNG with a row per image (read again, a run at a time, and scaled to the sheet's width at once): the
+    image, its label, the model's prediction; suspect regions outlined."""
+    pictures = {}
+    for rank, item in sorted(enumerate(items, 1), key=lambda ranked: str(ranked[1]["source"][0])):
+        image, label, probabilities = held_out_image(*item["source"])
+        palette = run_model(item["source"][0])[0].palette
+        height, width = label.shape
+        size = (SHEET_WIDTH, max(1, round(height * SHEET_WIDTH / width)))
+        pictures[rank] = [cv2.resize(outlined(part, suspect_mask(item)), size, interpolation=cv2.INTER_AREA)
+                          for part in (image, overlay(image, label.astype(np.uint8), palette, 0.5),
+                                       overlay(image, probabilities.argmax(axis=0).astype(np.uint8), palette, 0.5))]
+    picture_sheet([(f"{rank}. {item['file']}  score {item['score']:.3f}  suspect {item['suspect_share']:.3f}  "
+                    "(image | label | model)", pictures[rank]) for rank, item in enumerate(items, 1)], path)
     return path
 
 
@@ -146,7 +169,6 @@ def review(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     items = [item for fold, fold_run, heldout in held_out(run, out / "heldout")
              for item in fold_items(fold, fold_run, heldout)]
-    run_model.cache_clear()  # the model is not needed past here
     if not items:
         raise SeglabError(f"No held-out images found for {run}.")
     scored(items)
@@ -155,9 +177,10 @@ def review(cfg: DictConfig) -> dict:
         writer = csv.writer(fh)
         writer.writerow(["rank", "file", "score", "suspect_share", "fold"])
         for rank, item in enumerate(items, 1):
-            writer.writerow([rank, item["file"], f"{item['score']:.6f}", f"{item['suspect'].mean():.6f}",
+            writer.writerow([rank, item["file"], f"{item['score']:.6f}", f"{item['suspect_share']:.6f}",
                              item["fold"]])
     sheet(items[:cfg.top], out / "sheet.png")
+    run_model.cache_clear()
     print(f"seglab review: {len(items)} labelled image(s), most likely wrong first -> {out / 'review.csv'}\n"
           f"  the top {min(cfg.top, len(items))}: {out / 'sheet.png'} (image | label | model, suspect regions "
           "outlined)", flush=True)
