@@ -1,14 +1,6 @@
-import hydra
-from omegaconf import DictConfig
+"""python evaluate.py [key=value ...]: the same as `seglab evaluate ...` (conf/evaluate.yaml)."""
 
-from seglab.cli import run_task
-from seglab.evaluate import evaluate
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    run_task(evaluate, cfg)
-
+from seglab.commands import evaluate_main as main
 
 if __name__ == "__main__":
     main()

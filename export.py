@@ -1,14 +1,6 @@
-import hydra
-from omegaconf import DictConfig
+"""python export.py [key=value ...]: the same as `seglab export ...` (src/seglab/commands.py, conf/export.yaml)."""
 
-from seglab.cli import run_task
-from seglab.export import export
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="export")
-def main(cfg: DictConfig) -> None:
-    run_task(export, cfg)
-
+from seglab.commands import export_main as main
 
 if __name__ == "__main__":
     main()

@@ -1,14 +1,6 @@
-import hydra
-from omegaconf import DictConfig
+"""python predict.py [key=value ...]: the same as `seglab predict ...` (src/seglab/commands.py, conf/predict.yaml)."""
 
-from seglab.cli import run_task
-from seglab.predict import predict
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
-def main(cfg: DictConfig) -> None:
-    run_task(predict, cfg)
-
+from seglab.commands import predict_main as main
 
 if __name__ == "__main__":
     main()

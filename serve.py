@@ -1,14 +1,6 @@
-import hydra
-from omegaconf import DictConfig
+"""python serve.py [key=value ...]: the same as `seglab serve ...` (src/seglab/commands.py, conf/serve.yaml)."""
 
-from seglab.cli import run_task
-from seglab.serve import serve
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="serve")
-def main(cfg: DictConfig) -> None:
-    run_task(serve, cfg)
-
+from seglab.commands import serve_main as main
 
 if __name__ == "__main__":
     main()

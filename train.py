@@ -1,14 +1,6 @@
-import hydra
-from omegaconf import DictConfig
+"""python train.py [key=value ...]: the same as `seglab train ...` (src/seglab/commands.py, conf/train.yaml)."""
 
-from seglab.cli import run_task
-from seglab.train import train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return run_task(train, cfg, metric=cfg.monitor.metric)
-
+from seglab.commands import train_main as main
 
 if __name__ == "__main__":
     main()

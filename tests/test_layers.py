@@ -14,6 +14,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ("seglab.train", "seglab.crossval", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.conversions",
      "seglab.leaderboard", "seglab.rank", "seglab.review",
      "seglab.compare", "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
+    ("seglab.commands",),  # the `seglab` command, and the top-level scripts through it
 ]
 
 

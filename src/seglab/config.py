@@ -12,16 +12,16 @@ from omegaconf import DictConfig
 
 from seglab.errors import SeglabError
 
-# seglab is installed editable from src/: the configs sit beside it in the checkout.
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The configs are package data: src/seglab/conf links to the checkout's conf/, and a wheel holds a copy.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def compose_config(name: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """conf/<name>.yaml with Hydra overrides, as the scripts would compose it; with return_hydra_config, its
     `hydra` node too (run folder settings; its runtime values exist only under @hydra.main)."""
     if not CONF_DIR.is_dir():
-        raise SeglabError(f"seglab reads the project's configs from {CONF_DIR}, which does not exist: run it from "
-                          "a source checkout installed with `pip install -e .`.")
+        raise SeglabError(f"seglab reads its configs from {CONF_DIR}, which does not exist: reinstall seglab "
+                          "(pip install .), or in a checkout on a file system without links, copy conf/ there.")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 

@@ -1,4 +1,4 @@
-"""A bounded load test on loopback: for each model, start `serve.py` on 127.0.0.1 (a real uvicorn process), send
+"""A bounded load test on loopback: for each model, start `seglab serve` on 127.0.0.1 (a real uvicorn process), send
 N concurrent clients' POST /v1/segment for T seconds, and print throughput, latency percentiles and the
 answers by status code.
 
@@ -29,7 +29,6 @@ from seglab.data.masks import load_image
 from seglab.inference import sample_image
 from seglab.serve.auth import TOKEN_ENV
 
-ROOT = Path(__file__).resolve().parents[3]  # serve.py lives at the top of the repository
 HOST = "127.0.0.1"  # never anything else: this tool must not load someone else's server
 MAX_CLIENTS, MAX_SECONDS = 64, 600
 
@@ -44,14 +43,14 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"serve.py exited with code {server.returncode} before it was ready")
+            raise RuntimeError(f"seglab serve exited with code {server.returncode} before it was ready")
         try:
             if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.25)
-    raise RuntimeError(f"serve.py was not ready within {timeout:.0f} s")
+    raise RuntimeError(f"seglab serve was not ready within {timeout:.0f} s")
 
 
 def run_clients(url: str, image: bytes, clients: int, seconds: float, fmt: str) -> list[tuple[float, int]]:
@@ -103,12 +102,12 @@ def load_model(model: str, image: bytes, args: argparse.Namespace, overrides: li
     port = free_port()
     url = f"http://{HOST}:{port}"
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [sys.executable, "serve.py", f"ckpt_path={Path(model).resolve()}", f"host={HOST}", f"port={port}",
-               "device=cpu", "log_level=warning", f"limits.queue_size={args.queue_size}", f"hydra.run.dir={run_dir}",
-               *overrides, *args.set]
+        cmd = [sys.executable, "-m", "seglab.commands", "serve", f"ckpt_path={Path(model).resolve()}",
+               f"host={HOST}", f"port={port}", "device=cpu", "log_level=warning",
+               f"limits.queue_size={args.queue_size}", f"hydra.run.dir={run_dir}", *overrides, *args.set]
         # Its own loopback server needs no token: one in the user's environment is not passed on.
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-        server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
+        server = subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.DEVNULL, env=env)
         try:
             wait_ready(url, server, timeout=180)
             run_clients(url, image, 1, 1.0, args.format)  # warm-up, not counted
