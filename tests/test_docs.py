@@ -41,6 +41,9 @@ def commands() -> list[tuple[str, str, str]]:
             for script, config in SCRIPTS.items():
                 if re.match(rf"(\S+=\S+ )*python {re.escape(script)}( |$)", line):
                     found.append((doc.name, config, line))
+            command = re.match(r"(\S+=\S+ )*seglab (train|evaluate|predict|export|serve)( |$)", line)
+            if command:
+                found.append((doc.name, command.group(2), line))
             if line.startswith("make "):
                 found.append((doc.name, "make", line))
     return found
@@ -82,6 +85,48 @@ def test_every_documented_command_composes(doc, config, line):
             extra = ["ckpt_path=x"] if MAKE_CONFIGS[target] != "train" else []
             compose_ok(MAKE_CONFIGS[target], [*extra, *overrides_of(shlex.split(given["ARGS"]), target == "sweep")])
         return
-    start = next(i for i, a in enumerate(args) if a == "python") + 1
-    start += 2 if args[start] == "-m" else 1
+    if "seglab" in args and "python" not in args:
+        start = args.index("seglab") + 2
+    else:
+        start = next(i for i, a in enumerate(args) if a == "python") + 1
+        start += 2 if args[start] == "-m" else 1
     compose_ok(config, overrides_of(args[start:], "-m" in args[start:]))
+
+
+def config_table(path: Path) -> dict[str, str]:
+    """The README's config-group table: group -> its options cell."""
+    rows = {}
+    for line in path.read_text().split("| group | options |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def test_the_config_table_names_every_option_and_default_of_conf():
+    from omegaconf import OmegaConf
+
+    table = config_table(ROOT / "README.md")
+    groups = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "hydra"}
+    assert set(table) == groups
+    entries = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "train.yaml").defaults)
+    defaults = {k: v for d in entries if isinstance(d, dict) for k, v in d.items()}
+    assert defaults["loss"] == "dice_ce"  # read, not empty
+    for group, cell in table.items():
+        listed = re.findall(r"`([a-z0-9_]+)`", cell.split(";", 1)[0])
+        assert sorted(listed) == sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")), group
+        marked = re.findall(r"`([a-z0-9_]+)` \(default\)", cell)
+        if len(listed) > 1 and defaults.get(group) not in (None, "default"):
+            assert marked == [defaults[group]], group
+        assert all(m == defaults.get(group) for m in marked), group
+
+
+def test_the_readme_states_the_callbacks_settings_of_conf():
+    from omegaconf import OmegaConf
+
+    readme = (ROOT / "README.md").read_text()
+    ema = OmegaConf.load(ROOT / "conf" / "callbacks" / "ema.yaml").ema.avg_fn.decay
+    patience = OmegaConf.load(ROOT / "conf" / "callbacks" / "default.yaml").early_stopping.patience
+    assert f"decay {ema}, warmed up from 0.1" in readme
+    assert f"early stopping on the monitor (patience {patience})" in readme
+    assert "decay 0.99," not in readme and "decay 0.99 " not in readme
+
