@@ -18,7 +18,8 @@ from seglab.conversions import PredictorCalibration, quantize_int8
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
 from seglab.evaluate import build_datamodule
-from seglab.export import KEEP_TRACES, cached_trace, check_parity, export, parity_image, trace_cache_path
+from seglab.export import KEEP_TRACES, cached_trace, export, trace_cache_path
+from seglab.export_checks import check_parity, parity_image
 from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.checkpoint import load_checkpoint
 

@@ -10,8 +10,9 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
      "seglab.metrics"),
     ("seglab.data",),
     ("seglab.models",),
-    ("seglab.inference", "seglab.callbacks", "seglab.calibration", "seglab.preannotate"),
-    ("seglab.train", "seglab.crossval", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.conversions",
+    ("seglab.inference", "seglab.callbacks", "seglab.calibration", "seglab.preannotate", "seglab.trackers"),
+    ("seglab.train", "seglab.crossval", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.export_checks",
+     "seglab.conversions",
      "seglab.leaderboard", "seglab.rank", "seglab.review",
      "seglab.compare", "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
     ("seglab.commands",),  # the `seglab` command, and the top-level scripts through it

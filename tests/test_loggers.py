@@ -14,7 +14,8 @@ import pytorch_lightning as pl
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from seglab.train import train, wandb_options
+from seglab.trackers import wandb_options
+from seglab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = "logger=[tensorboard,csv,mlflow,wandb]"

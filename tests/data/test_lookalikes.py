@@ -8,7 +8,8 @@ from PIL import Image
 
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.data.groups import bounded_scenes, group_samples
-from seglab.data.report import build_report, format_report
+from seglab.data.report import build_report
+from seglab.data.report_text import format_report
 from seglab.data.sources import Sample
 from seglab.data.splits import fold_items
 from seglab.data.synthetic import generate_dataset

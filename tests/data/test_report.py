@@ -9,7 +9,8 @@ from helpers import annotation, rectangle, write_coco
 from PIL import Image
 
 from seglab.data.datamodule import SegmentationDataModule
-from seglab.data.report import annotation_checks, build_report, format_report, main
+from seglab.data.report import annotation_checks, build_report, main
+from seglab.data.report_text import format_report
 from seglab.data.sheet import sheet_picks
 from seglab.data.sources import discover
 from seglab.data.synthetic import generate_dataset

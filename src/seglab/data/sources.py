@@ -62,7 +62,7 @@ class CocoFile:
     images: dict[int, dict]
     annotations: dict[int, list[dict]]  # image id -> annotations, in file order
     categories: list[dict]
-    # image id -> (height, width) of images 1 pixel off the size this file gives (datamodule.check_images)
+    # image id -> (height, width) of images 1 pixel off the size this file gives (data.image_checks)
     resized: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
