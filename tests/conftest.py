@@ -32,8 +32,12 @@ def compose_train(tmp_path, demo_root):
     from hydra import compose, initialize_config_dir
 
     def compose_(*overrides: str, config_name: str = "train"):
-        base = ["debug=fast", f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}",
-                f"paths.output_dir={tmp_path / 'run'}"]
+        base = [
+            "debug=fast",
+            f"data.root={demo_root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ]
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(config_name, overrides=[*base, *overrides])
 
@@ -49,9 +53,14 @@ def trained_run(demo_root, tmp_path_factory) -> dict:
     from seglab.train import train
 
     run_dir = tmp_path_factory.mktemp("trained_run")
-    overrides = ["debug=fast", "model=deeplabv3_mobilenet_v3_large", f"data.root={demo_root}",
-                 f"data.cache_dir={run_dir / 'cache'}", f"paths.output_dir={run_dir}",
-                 "trainer.limit_test_batches=null"]
+    overrides = [
+        "debug=fast",
+        "model=deeplabv3_mobilenet_v3_large",
+        f"data.root={demo_root}",
+        f"data.cache_dir={run_dir / 'cache'}",
+        f"paths.output_dir={run_dir}",
+        "trainer.limit_test_batches=null",
+    ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     metrics = train(cfg)

@@ -25,8 +25,13 @@ def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[float]:
 
 
 def annotation(ann_id: int, image_id: int, category_id: int, segmentation, iscrowd: int = 0) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id,
-            "segmentation": segmentation, "iscrowd": iscrowd}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": segmentation,
+        "iscrowd": iscrowd,
+    }
 
 
 def masks_by_name(datamodule) -> dict[str, np.ndarray]:
@@ -52,7 +57,8 @@ def ready_datamodule(root: Path, cache_dir: Path, **kwargs):
     """A SegmentationDataModule on `root` set up for fit (64 px, no workers, batch 2), caches under cache_dir."""
     from seglab.data.datamodule import SegmentationDataModule
 
-    dm = SegmentationDataModule(root=str(root), image_size=64, num_workers=0, batch_size=2, cache_dir=str(cache_dir),
-                                **kwargs)
+    dm = SegmentationDataModule(
+        root=str(root), image_size=64, num_workers=0, batch_size=2, cache_dir=str(cache_dir), **kwargs
+    )
     dm.setup("fit")
     return dm

@@ -29,8 +29,13 @@ def runs(demo_root, tmp_path_factory) -> dict:
         first = api.train(*smoke, "max_epochs=2")
     hydra_left_initialized = GlobalHydra.instance().is_initialized()
     second = api.train(*smoke, "optimizer.lr=0.01", "seed=1", output_dir=work / "second")
-    return {"work": work, "first": first, "second": second, "smoke": smoke,
-            "hydra_left_initialized": [hydra_left_initialized, GlobalHydra.instance().is_initialized()]}
+    return {
+        "work": work,
+        "first": first,
+        "second": second,
+        "smoke": smoke,
+        "hydra_left_initialized": [hydra_left_initialized, GlobalHydra.instance().is_initialized()],
+    }
 
 
 def test_two_runs_in_one_process_are_independent(runs):
@@ -48,7 +53,10 @@ def test_two_runs_in_one_process_are_independent(runs):
         saved = OmegaConf.load(run.run_dir / ".hydra" / "config.yaml")
         assert (saved.optimizer.lr, saved.max_epochs, saved.paths.output_dir) == (lr, epochs, str(run.run_dir))
     assert OmegaConf.load(second.run_dir / ".hydra" / "overrides.yaml") == [
-        *runs["smoke"], "optimizer.lr=0.01", "seed=1"]
+        *runs["smoke"],
+        "optimizer.lr=0.01",
+        "seed=1",
+    ]
 
 
 def test_curves_are_the_runs_tensorboard_scalars(runs):
@@ -88,11 +96,15 @@ def test_train_refuses_an_existing_run_folder_and_resuming(runs):
 
 def test_evaluate_returns_what_it_writes(runs, tmp_path):
     run = runs["first"]
-    result = api.evaluate(run.checkpoint, "resolution=model", "num_overlays=1", "worst_k=1",
-                          output_dir=tmp_path / "eval")
+    result = api.evaluate(
+        run.checkpoint, "resolution=model", "num_overlays=1", "worst_k=1", output_dir=tmp_path / "eval"
+    )
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (result["mIoU"], result["per_class"], result["output_dir"]) == (
-        written["mIoU"], written["per_class"], tmp_path / "eval")
+        written["mIoU"],
+        written["per_class"],
+        tmp_path / "eval",
+    )
     # The test split at the model's resolution (64 px images, 64 px model): what the run's test step scored.
     assert math.isclose(result["mIoU"], run.metrics["test"]["test/mIoU"], abs_tol=1e-6)
     assert [p.name[:8] for p in sorted((tmp_path / "eval" / "overlays").iterdir())] == ["000_img_", "worst01_"]
@@ -105,9 +117,13 @@ def test_predict_takes_a_path_a_pil_image_or_an_array(runs, demo_root):
     path = sorted((demo_root / "test").glob("*.jpg"))[0]
     image = load_image(path)
     expected = predictor.predict(image)
-    predictions = [api.predict(predictor, path), api.predict(predictor, str(path)),
-                   api.predict(predictor, Image.open(path)), api.predict(predictor, image.copy()),
-                   api.predict(run.checkpoint, path)]
+    predictions = [
+        api.predict(predictor, path),
+        api.predict(predictor, str(path)),
+        api.predict(predictor, Image.open(path)),
+        api.predict(predictor, image.copy()),
+        api.predict(run.checkpoint, path),
+    ]
     for prediction in predictions:
         np.testing.assert_array_equal(prediction.mask, expected)
         assert prediction.mask.dtype == np.uint8 and prediction.mask.shape == image.shape[:2]
@@ -120,8 +136,11 @@ def test_predict_takes_a_path_a_pil_image_or_an_array(runs, demo_root):
     assert api.predict(predictor, wide).mask.tolist() == predictor.predict(np.asarray(wide.convert("RGB"))).tolist()
 
 
-@pytest.mark.parametrize("array", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32),
-                                   np.zeros((8, 8, 4), np.uint8)], ids=["grey", "float", "rgba"])
+@pytest.mark.parametrize(
+    "array",
+    [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 4), np.uint8)],
+    ids=["grey", "float", "rgba"],
+)
 def test_predict_says_which_arrays_it_takes(runs, array):
     with pytest.raises(SeglabError, match=r"expected an RGB uint8 array of shape \(H, W, 3\)"):
         api.predict(runs["first"].checkpoint, array)
@@ -142,8 +161,9 @@ def test_export_gives_an_onnx_model_that_predicts_as_the_checkpoint(trained_run,
 
 
 def test_report_returns_the_report_and_its_picture_sheet(demo_root, tmp_path):
-    result = api.report(f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}",
-                        output_dir=tmp_path / "report")
+    result = api.report(
+        f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}", output_dir=tmp_path / "report"
+    )
     assert result["output_dir"] == tmp_path / "report"
     assert (result["files"], result["photos"], result["classes"]) == (20, 20, CLASSES)
     assert {s: v["files"] for s, v in result["splits"].items()} == {"train": 16, "val": 2, "test": 2}

@@ -48,12 +48,20 @@ def test_pixel_sample_leaves_out_ignored_pixels_and_keeps_the_pairs():
 
 
 def test_the_predictor_divides_by_the_temperature_and_keeps_the_mask():
-    meta = {"class_names": ["a", "b"], "palette": [[0, 0, 0], [9, 9, 9]], "ignore_index": 255, "image_size": 8,
-            "base_size": 8, "mean": [0, 0, 0], "std": [1, 1, 1]}
+    meta = {
+        "class_names": ["a", "b"],
+        "palette": [[0, 0, 0], [9, 9, 9]],
+        "ignore_index": 255,
+        "image_size": 8,
+        "base_size": 8,
+        "mean": [0, 0, 0],
+        "std": [1, 1, 1],
+    }
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
 
     def model(x):
         return torch.cat([x[:, :1] * 4, x[:, 1:2] * 4], dim=1)
+
     plain, scaled = Predictor(model, meta), Predictor(model, {**meta, "temperature": 2.0})
     mask, p1 = plain.predict_with_probabilities(image)
     mask2, p2 = scaled.predict_with_probabilities(image)

@@ -40,14 +40,14 @@ def test_validation_panel_and_confusion_matrix_reach_tensorboard(trained_run, de
     for row in range(2):
         image, mask = dm.datasets["val"].load(row)  # 64 px originals: the model's input size
         top = row * 66
-        assert np.abs(grid[top:top + 64, :64].astype(int) - image).max() <= 1  # de-normalised image
-        assert (grid[top:top + 64, 66:130] == colorize(mask, dm.palette, dm.ignore_index)).all()
-        prediction_colours = {tuple(c) for c in grid[top:top + 64, 132:196].reshape(-1, 3).tolist()}
+        assert np.abs(grid[top : top + 64, :64].astype(int) - image).max() <= 1  # de-normalised image
+        assert (grid[top : top + 64, 66:130] == colorize(mask, dm.palette, dm.ignore_index)).all()
+        prediction_colours = {tuple(c) for c in grid[top : top + 64, 132:196].reshape(-1, 3).tolist()}
         assert prediction_colours <= set(dm.palette)
         # The validation's own prediction: what the epoch's weights (last.ckpt) predict for the image.
         with torch.no_grad():
             pred = module(dm.datasets["val"][row][0][None]).argmax(dim=1)[0].numpy()
-        assert (grid[top:top + 64, 132:196] == colorize(pred, dm.palette, dm.ignore_index)).all()
+        assert (grid[top : top + 64, 132:196] == colorize(pred, dm.palette, dm.ignore_index)).all()
     assert (grid[64:66] == 255).all() and (grid[:, 64:66] == 255).all()
 
     figures = acc.Images("val/confusion_matrix")

@@ -19,8 +19,7 @@ def test_every_job_is_evaluated_in_every_mode_and_tabulated(trained_run, tmp_pat
 
     with (sweep / "leaderboard_inference.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["inference"] for r in rows] == ["whole", "slide"] or [r["inference"] for r in rows] == ["slide",
-                                                                                                      "whole"]
+    assert [r["inference"] for r in rows] == ["whole", "slide"] or [r["inference"] for r in rows] == ["slide", "whole"]
     assert all(r["job"] == "loss=ce" for r in rows)
     for row in rows:
         written = json.loads((job / f"evaluate-{row['inference']}" / "metrics.json").read_text())

@@ -14,15 +14,27 @@ from seglab.runtime import resolve_runtime
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The groups conf/train.yaml selects from; conf/inference belongs to evaluate.yaml and predict.yaml.
-TRAIN_DEFAULTS = [next(iter(d)) for d in OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml").defaults)
-                  if isinstance(d, dict)]
+TRAIN_DEFAULTS = [
+    next(iter(d)) for d in OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml").defaults) if isinstance(d, dict)
+]
 GROUPS = sorted(g for g in TRAIN_DEFAULTS if (CONF / g).is_dir())
 OPTIONS = [(g, o.stem) for g in GROUPS for o in sorted((CONF / g).glob("*.yaml"))]
 
 
 def test_every_group_has_options():
-    assert {"data", "augmentation", "model", "optimizer", "scheduler", "loss", "trainer", "callbacks",
-            "logger", "experiment", "debug"} <= set(GROUPS)
+    assert {
+        "data",
+        "augmentation",
+        "model",
+        "optimizer",
+        "scheduler",
+        "loss",
+        "trainer",
+        "callbacks",
+        "logger",
+        "experiment",
+        "debug",
+    } <= set(GROUPS)
     assert len(OPTIONS) >= 15
 
 
@@ -89,8 +101,12 @@ def test_recipe_defaults(compose_train):
         original = compose("train", overrides=["paths.output_dir=/tmp/x", "augmentation=original"]).augmentation
     # The original recipe, one option away by name: stretch, rotation +-15, flip 0.5, brightness/contrast, noise.
     assert original.geometry.kind == "stretch"
-    assert [t._target_.split(".")[-1] for t in original.train] == ["Rotate", "HorizontalFlip",
-                                                                   "RandomBrightnessContrast", "GaussNoise"]
+    assert [t._target_.split(".")[-1] for t in original.train] == [
+        "Rotate",
+        "HorizontalFlip",
+        "RandomBrightnessContrast",
+        "GaussNoise",
+    ]
     assert original.train[0].limit == 15 and original.train[1].p == 0.5
     assert list(cfg.data.split_ratios) == [0.8, 0.1, 0.1]
     assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.Adam", 1e-4, 1e-4)
@@ -120,24 +136,44 @@ def test_recipe_defaults(compose_train):
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "inference").glob("*.yaml")))
 def test_inference_options_compose_into_a_predictor(config_name, option):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name, overrides=[f"inference={option}", "ckpt_path=x", "input=x", "paths.output_dir=x"]
-                      if config_name == "predict" else [f"inference={option}", "ckpt_path=x", "paths.output_dir=x"])
-    meta = {"class_names": ["bg", "a"], "palette": [[0, 0, 0], [1, 1, 1]], "ignore_index": 255,
-            "image_size": 32, "base_size": 64, "mean": [0, 0, 0], "std": [1, 1, 1]}
+        cfg = compose(
+            config_name,
+            overrides=[f"inference={option}", "ckpt_path=x", "input=x", "paths.output_dir=x"]
+            if config_name == "predict"
+            else [f"inference={option}", "ckpt_path=x", "paths.output_dir=x"],
+        )
+    meta = {
+        "class_names": ["bg", "a"],
+        "palette": [[0, 0, 0], [1, 1, 1]],
+        "ignore_index": 255,
+        "image_size": 32,
+        "base_size": 64,
+        "mean": [0, 0, 0],
+        "std": [1, 1, 1],
+    }
     predictor = Predictor(lambda x: x[:, :2], meta, **cfg.inference)
     assert predictor.settings()["mode"] == cfg.inference.mode
 
 
-@pytest.mark.parametrize(("config_name", "overrides", "expected"), [
-    ("predict", ["confidence=true", "probabilities=true"], {"confidence": True, "probabilities": True}),
-    ("predict", [], {"confidence": False, "probabilities": False}),
-    ("serve", ["auth=required", "token_file=/run/secrets/seglab"],
-     {"auth": "required", "token_file": "/run/secrets/seglab", "paths": {"output_dir": "x"}}),
-    ("serve", [], {"auth": "auto", "token_file": None, "host": "127.0.0.1"}),
-])
+@pytest.mark.parametrize(
+    ("config_name", "overrides", "expected"),
+    [
+        ("predict", ["confidence=true", "probabilities=true"], {"confidence": True, "probabilities": True}),
+        ("predict", [], {"confidence": False, "probabilities": False}),
+        (
+            "serve",
+            ["auth=required", "token_file=/run/secrets/seglab"],
+            {"auth": "required", "token_file": "/run/secrets/seglab", "paths": {"output_dir": "x"}},
+        ),
+        ("serve", [], {"auth": "auto", "token_file": None, "host": "127.0.0.1"}),
+    ],
+)
 def test_deployment_options_compose(config_name, overrides, expected):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name, overrides=["ckpt_path=x", "paths.output_dir=x", *overrides]
-                      + (["input=x"] if config_name == "predict" else []))
+        cfg = compose(
+            config_name,
+            overrides=["ckpt_path=x", "paths.output_dir=x", *overrides]
+            + (["input=x"] if config_name == "predict" else []),
+        )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert {k: resolved[k] for k in expected} == expected

@@ -64,8 +64,17 @@ def test_a_sweep_over_cv_fold_gets_mean_and_sd(tmp_path):
 
 
 def test_a_failed_fold_is_shown_and_left_out_of_the_mean(tmp_path):
-    good = {"status": "ok", "best_val": {"val/mIoU": 0.4},
-            "uncertainty": {"test": {"images": 3, "mIoU": {"value": 0.4, "low": 0.3, "high": 0.5},
-                                     "unseen": {"images": 0, "mIoU": {"value": None}}, "IoU": {}}}}
+    good = {
+        "status": "ok",
+        "best_val": {"val/mIoU": 0.4},
+        "uncertainty": {
+            "test": {
+                "images": 3,
+                "mIoU": {"value": 0.4, "low": 0.3, "high": 0.5},
+                "unseen": {"images": 0, "mIoU": {"value": None}},
+                "IoU": {},
+            }
+        },
+    }
     table, summary = write_summary(tmp_path, ["fold0", "fold1"], [good, {"status": "failed", "error": "boom"}])
     assert "failed: boom" in table and summary["test mIoU"]["folds"] == [0.4] and summary["test mIoU"]["sd"] is None

@@ -22,8 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DDP_CPU = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.sync_batchnorm=false"]
 # Cross-entropy: a mean over pixels, so one process's loss over two images equals two processes' mean over one
 # each (same image sizes); a Dice loss (the default dice_ce) is not such a mean and depends on how images are batched.
-SMALL = ["model=deeplabv3_mobilenet_v3_large", "model.bn_momentum=0", "trainer.limit_val_batches=null",
-         "trainer.limit_test_batches=null", "loss=ce"]
+SMALL = [
+    "model=deeplabv3_mobilenet_v3_large",
+    "model.bn_momentum=0",
+    "trainer.limit_val_batches=null",
+    "trainer.limit_test_batches=null",
+    "loss=ce",
+]
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess:
@@ -41,8 +46,10 @@ def test_ddp_on_two_processes_validates_like_one_and_writes_one_set_of_outputs(d
     # One set of outputs, all from the first process (its pid is in every TensorBoard file name).
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     assert [f for f in files if f.endswith(".json")] == ["metrics.json", "report.json", "splits.json"]
-    assert sorted(f for f in files if f.startswith("checkpoints/")) == ["checkpoints/best-epoch000.ckpt",
-                                                                        "checkpoints/last.ckpt"]
+    assert sorted(f for f in files if f.startswith("checkpoints/")) == [
+        "checkpoints/best-epoch000.ckpt",
+        "checkpoints/last.ckpt",
+    ]
     events = [f for f in files if f.startswith("events.out.tfevents")]
     assert events and len({f.split(".")[-2] for f in events}) == 1
     assert [f for f in files if f.endswith(".log")] == ["train.log", "train_ddp_process_1.log"]
@@ -56,8 +63,14 @@ def test_ddp_on_two_processes_validates_like_one_and_writes_one_set_of_outputs(d
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
-    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False)
+    single = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     ckpt = metrics["checkpoint"]
     val = single.validate(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)[0]
     assert metrics["best_val"]["val/mIoU"] == pytest.approx(val["val/mIoU"], abs=1e-6)
@@ -77,9 +90,20 @@ def test_ddp_on_two_processes_validates_like_one_and_writes_one_set_of_outputs(d
 def test_torchrun_processes_build_the_mask_cache_once_and_write_once(demo_root, tmp_path):
     # torchrun starts both processes at once (as SLURM does); the run folder is given, so both use the same one.
     run_dir = tmp_path / "torchrun"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               *DDP_CPU, *SMALL, "debug=fast", f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}",
-               f"hydra.run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        *DDP_CPU,
+        *SMALL,
+        "debug=fast",
+        f"data.root={demo_root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
@@ -94,8 +118,9 @@ def test_torchrun_processes_build_the_mask_cache_once_and_write_once(demo_root, 
 @pytest.mark.slow  # two DDP processes (Lightning's launcher or torchrun) in subprocesses
 def test_a_local_sweep_with_ddp_is_refused_before_any_job(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = run_train("-m", *DDP_CPU, "optimizer=adam,sgd", "debug=fast", f"data.root={demo_root}",
-                     f"hydra.sweep.dir={sweep_dir}")
+    proc = run_train(
+        "-m", *DDP_CPU, "optimizer=adam,sgd", "debug=fast", f"data.root={demo_root}", f"hydra.sweep.dir={sweep_dir}"
+    )
     assert proc.returncode == 1
     assert "seglab: error: trainer=ddp cannot run inside a sweep on this machine" in proc.stderr
     assert "hydra/launcher=slurm" in proc.stderr

@@ -11,10 +11,26 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "predict.py": "predict", "export.py": "export",
-           "serve.py": "serve", "-m seglab.plain_loop": "train", "-m seglab.data.report": "train"}
-MAKE_CONFIGS = {"train": "train", "sweep": "train", "demo": "train", "plain-loop": "train", "data-report": "train",
-                "evaluate": "evaluate", "predict": "predict", "export": "export", "serve": "serve"}
+SCRIPTS = {
+    "train.py": "train",
+    "evaluate.py": "evaluate",
+    "predict.py": "predict",
+    "export.py": "export",
+    "serve.py": "serve",
+    "-m seglab.plain_loop": "train",
+    "-m seglab.data.report": "train",
+}
+MAKE_CONFIGS = {
+    "train": "train",
+    "sweep": "train",
+    "demo": "train",
+    "plain-loop": "train",
+    "data-report": "train",
+    "evaluate": "evaluate",
+    "predict": "predict",
+    "export": "export",
+    "serve": "serve",
+}
 NOT_OVERRIDES = ("out=", "only=")  # the modules' own arguments
 
 
@@ -129,4 +145,3 @@ def test_the_readme_states_the_callbacks_settings_of_conf():
     assert f"decay {ema}, warmed up from 0.1" in readme
     assert f"early stopping on the monitor (patience {patience})" in readme
     assert "decay 0.99," not in readme and "decay 0.99 " not in readme
-

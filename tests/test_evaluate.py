@@ -109,8 +109,13 @@ def test_metrics_equal_the_training_runs_test_step_and_all_artefacts_are_written
 def test_original_resolution_scores_every_pixel_of_each_image(trained_run, tmp_path):
     # A new export of the same classes at 45x45: the model sees 64x64, its predictions are resized back.
     root = generate_dataset(tmp_path / "data45", num_images=20, size=45, seed=1)
-    common = [f"ckpt_path={trained_run['checkpoint']}", f"data.root={root}",
-              f"data.cache_dir={tmp_path / 'cache'}", "num_overlays=1", "worst_k=0"]
+    common = [
+        f"ckpt_path={trained_run['checkpoint']}",
+        f"data.root={root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "num_overlays=1",
+        "worst_k=0",
+    ]
     result = evaluate(compose_evaluate(tmp_path, *common))
     _, counts = read_confusion_csv(tmp_path / "eval" / "confusion_matrix.csv")
     truth, images = ground_truth_counts(root, tmp_path / "cache")
@@ -145,18 +150,23 @@ def test_class_mismatch_names_both_lists(trained_run, tmp_path):
 
 
 def test_val_split_and_overlay_counts(trained_run, tmp_path):
-    cfg = compose_evaluate(tmp_path, f"ckpt_path={trained_run['checkpoint']}", "split=val", "num_overlays=0",
-                           "worst_k=1")
+    cfg = compose_evaluate(
+        tmp_path, f"ckpt_path={trained_run['checkpoint']}", "split=val", "num_overlays=0", "worst_k=1"
+    )
     result = evaluate(cfg)
     assert result["split"] == "val" and result["images"] == 2
-    assert [p.name for p in (tmp_path / "eval" / "overlays").iterdir()] == \
-        [f"worst01_{Path(result['worst'][0]['image']).stem}.png"]
+    assert [p.name for p in (tmp_path / "eval" / "overlays").iterdir()] == [
+        f"worst01_{Path(result['worst'][0]['image']).stem}.png"
+    ]
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("split=valid", r"split='valid' is not one of \('train', 'val', 'test'\)"),
-    ("resolution=full", r"resolution='full' is not one of \('original', 'model'\)"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("split=valid", r"split='valid' is not one of \('train', 'val', 'test'\)"),
+        ("resolution=full", r"resolution='full' is not one of \('original', 'model'\)"),
+    ],
+)
 def test_bad_settings(trained_run, tmp_path, override, message):
     with pytest.raises(SeglabError, match=message):
         evaluate(compose_evaluate(tmp_path, f"ckpt_path={trained_run['checkpoint']}", override))
@@ -169,9 +179,13 @@ def test_checkpoint_is_required(tmp_path):
 
 @pytest.mark.slow  # a subprocess importing torch and Lightning: ~20 s on a busy 2-core machine
 def test_script_reports_a_missing_checkpoint_without_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={tmp_path / 'missing.ckpt'}",
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert "seglab: error: Checkpoint" in proc.stderr and "missing.ckpt does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -180,9 +194,20 @@ def test_script_reports_a_missing_checkpoint_without_a_traceback(tmp_path):
 @pytest.mark.slow  # evaluate.py in a subprocess importing torch and Lightning
 def test_evaluate_script_as_a_user_runs_it(trained_run, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={trained_run['checkpoint']}",
-                           f"hydra.run.dir={run_dir}", "num_overlays=2", "worst_k=1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            f"ckpt_path={trained_run['checkpoint']}",
+            f"hydra.run.dir={run_dir}",
+            "num_overlays=2",
+            "worst_k=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "metrics at each image's original resolution" in proc.stdout
     assert "mIoU" in proc.stdout and "without background" in proc.stdout

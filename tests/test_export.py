@@ -61,13 +61,22 @@ def test_export_writes_a_dynamic_onnx_model_and_its_sidecar(mobilenet_export, de
     assert (masks["split"], masks["images"], masks["pixels"], masks["passed"]) == ("val", 2, 2 * 64 * 64, True)
     assert masks["agreement"] >= 0.999 and abs(masks["mIoU_drop"]) <= 0.01
     assert parity["passed"] and [c["input"].split(" ")[:2] for c in parity["checks"]] == [
-        ["random", "1x3x64x64"], ["random", "2x3x49x99"], ["image", str(sorted(demo_root.rglob("*.jpg"))[0])]]
-    assert all(c["max_abs_diff"] <= 1e-3 * max(1, c["max_abs_logit"]) and c["class_agreement"] >= 0.999
-               for c in parity["checks"])
+        ["random", "1x3x64x64"],
+        ["random", "2x3x49x99"],
+        ["image", str(sorted(demo_root.rglob("*.jpg"))[0])],
+    ]
+    assert all(
+        c["max_abs_diff"] <= 1e-3 * max(1, c["max_abs_logit"]) and c["class_agreement"] >= 0.999
+        for c in parity["checks"]
+    )
 
     model = onnx.load(str(output))
     assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [
-        "batch", 3, "height", "width"]
+        "batch",
+        3,
+        "height",
+        "width",
+    ]
     assert [o.name for o in model.graph.output] == ["logits"]  # the main head only, no aux output
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
     # Sizes it was never traced at: batch 3, 37 x 53.
@@ -134,9 +143,12 @@ def test_a_checkpoints_next_export_takes_its_graph_from_the_trace_cache(mobilene
 
 
 def tiny_graph(path: Path, name: str) -> None:
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"], name=name)], "g",
-                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"], name=name)],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
     onnx.save(onnx.helper.make_model(graph), str(path))
 
 
@@ -160,19 +172,31 @@ def test_the_trace_cache_traces_once_retraces_a_broken_entry_and_keeps_the_newes
     assert sorted(p.name for p in cache.iterdir()) == ["k0.onnx", *(f"k{k}.onnx" for k in range(2, KEEP_TRACES + 1))]
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("format=tensorrt", r"format='tensorrt' is not supported; choose one of \['onnx', 'openvino'\]"),
-    ("precision=int4", r"precision='int4' is not supported for format=onnx; choose one of \['fp32', 'fp16', 'int8'\]"),
-    ("format=openvino precision=fp16",
-     r"precision='fp16' is not supported for format=openvino; choose one of \['fp32', 'int8'\]"),
-    ("precision=int8 quantization.calibrate_method=Median",
-     r"quantization.calibrate_method='Median' is not one of \['MinMax', 'Entropy', 'Percentile'\]"),
-    ("format=openvino precision=int8 quantization.nncf.preset=accurate",
-     r"quantization.nncf.preset='accurate' is not one of \['performance', 'mixed'\]"),
-    ("opset=13", r"opset=13 is too old: use 17 or later"),
-    ("output=model.pt", r"output='model.pt' must be a file name ending in \.onnx for format=onnx"),
-    ("format=openvino", r"output='.*model\.onnx' must be a file name ending in \.xml for format=openvino"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("format=tensorrt", r"format='tensorrt' is not supported; choose one of \['onnx', 'openvino'\]"),
+        (
+            "precision=int4",
+            r"precision='int4' is not supported for format=onnx; choose one of \['fp32', 'fp16', 'int8'\]",
+        ),
+        (
+            "format=openvino precision=fp16",
+            r"precision='fp16' is not supported for format=openvino; choose one of \['fp32', 'int8'\]",
+        ),
+        (
+            "precision=int8 quantization.calibrate_method=Median",
+            r"quantization.calibrate_method='Median' is not one of \['MinMax', 'Entropy', 'Percentile'\]",
+        ),
+        (
+            "format=openvino precision=int8 quantization.nncf.preset=accurate",
+            r"quantization.nncf.preset='accurate' is not one of \['performance', 'mixed'\]",
+        ),
+        ("opset=13", r"opset=13 is too old: use 17 or later"),
+        ("output=model.pt", r"output='model.pt' must be a file name ending in \.onnx for format=onnx"),
+        ("format=openvino", r"output='.*model\.onnx' must be a file name ending in \.xml for format=openvino"),
+    ],
+)
 def test_export_rejects_bad_settings(trained_run, tmp_path, override, message):
     overrides = [f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}", *override.split()]
     with pytest.raises(SeglabError, match=message):
@@ -206,16 +230,23 @@ def test_export_parity_for_every_architecture(compose_train, tmp_path, demo_root
 @pytest.mark.slow  # ONNX export and ONNX Runtime parity of full-size networks
 def test_export_script(trained_run, tmp_path):
     output = tmp_path / "exported" / "model.onnx"
-    cmd = [sys.executable, "export.py", f"ckpt_path={trained_run['checkpoint']}", f"output={output}",
-           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    cmd = [
+        sys.executable,
+        "export.py",
+        f"ckpt_path={trained_run['checkpoint']}",
+        f"output={output}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert f"seglab export: {output} (+ model.json)" in done.stdout
     assert "parity PyTorch vs ONNX Runtime on 3 inputs: max |logit diff|" in done.stdout
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 1
-    assert again.stderr.strip() == (f"seglab: error: {output} already exists; an export is never overwritten. "
-                                    "Choose another output=<file>.onnx or move the old export away.")
+    assert again.stderr.strip() == (
+        f"seglab: error: {output} already exists; an export is never overwritten. "
+        "Choose another output=<file>.onnx or move the old export away."
+    )
 
 
 def test_predict_py_and_the_web_api_take_the_export(mobilenet_export, demo_root, tmp_path):
@@ -228,8 +259,15 @@ def test_predict_py_and_the_web_api_take_the_export(mobilenet_export, demo_root,
     outputs = {}
     for name, model in (("ckpt", mobilenet_export["checkpoint"]), ("onnx", mobilenet_export["output"])):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("predict", overrides=["device=cpu", f"ckpt_path={model}", f"input={demo_root / 'test'}",
-                                                f"output={tmp_path / name}"])
+            cfg = compose(
+                "predict",
+                overrides=[
+                    "device=cpu",
+                    f"ckpt_path={model}",
+                    f"input={demo_root / 'test'}",
+                    f"output={tmp_path / name}",
+                ],
+            )
         assert predict(cfg)["images"] == 2
         outputs[name] = sorted((tmp_path / name).glob("*_mask.png"))
     assert [p.name for p in outputs["onnx"]] == [p.name for p in outputs["ckpt"]]
@@ -239,11 +277,15 @@ def test_predict_py_and_the_web_api_take_the_export(mobilenet_export, demo_root,
     with TestClient(create_app(load_predictor(mobilenet_export["output"], device="cpu"))) as client:
         assert client.get("/v1/model").json()["format"] == "onnx"
         image_path = sorted((demo_root / "test").glob("*.jpg"))[0]
-        response = client.post("/v1/segment", params={"format": "mask"},
-                               files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")})
+        response = client.post(
+            "/v1/segment",
+            params={"format": "mask"},
+            files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")},
+        )
         assert response.status_code == 200
-        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(response.content))),
-                                      np.asarray(Image.open(outputs["ckpt"][0])))
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(io.BytesIO(response.content))), np.asarray(Image.open(outputs["ckpt"][0]))
+        )
 
 
 def test_loading_a_broken_export_says_what_to_fix(mobilenet_export, tmp_path):
@@ -262,9 +304,14 @@ def test_loading_a_broken_export_says_what_to_fix(mobilenet_export, tmp_path):
 def reduced_exports(trained_run, tmp_path_factory) -> dict:
     """int8 and fp16 exports of the tiny trained model, with their default checks and settings."""
     folder = tmp_path_factory.mktemp("reduced")
-    return {precision: export(compose_export(f"ckpt_path={trained_run['checkpoint']}",
-                                             f"output={folder / precision}.onnx", f"precision={precision}"))
-            for precision in ("int8", "fp16")}
+    return {
+        precision: export(
+            compose_export(
+                f"ckpt_path={trained_run['checkpoint']}", f"output={folder / precision}.onnx", f"precision={precision}"
+            )
+        )
+        for precision in ("int8", "fp16")
+    }
 
 
 def val_split(ckpt: str):
@@ -299,9 +346,14 @@ def test_int8_and_fp16_exports_load_and_carry_their_mask_check(reduced_exports, 
         # The sidecar's numbers, recomputed: agreement as the share of equal pixels, mIoU with torchmetrics.
         assert masks["agreement"] == pytest.approx(float((got == expected).mean()), abs=1e-12)
         target = torch.from_numpy(np.stack(targets).astype(np.int64))
-        miou = {name: float(multiclass_jaccard_index(torch.from_numpy(m.astype(np.int64)), target, 3, average="macro",
-                                                     ignore_index=255))
-                for name, m in (("export", got), ("pytorch", expected))}
+        miou = {
+            name: float(
+                multiclass_jaccard_index(
+                    torch.from_numpy(m.astype(np.int64)), target, 3, average="macro", ignore_index=255
+                )
+            )
+            for name, m in (("export", got), ("pytorch", expected))
+        }
         assert masks["mIoU_export"] == pytest.approx(miou["export"], abs=1e-6)
         assert masks["mIoU_pytorch"] == pytest.approx(miou["pytorch"], abs=1e-6)
         assert masks["mIoU_drop"] == pytest.approx(miou["pytorch"] - miou["export"], abs=1e-6)
@@ -309,7 +361,8 @@ def test_int8_and_fp16_exports_load_and_carry_their_mask_check(reduced_exports, 
         model = onnx.load(str(output))
         # float32 in and out whatever is inside: callers feed and read what an fp32 export takes.
         assert [i.type.tensor_type.elem_type for i in (*model.graph.input, *model.graph.output)] == [
-            onnx.TensorProto.FLOAT] * 2
+            onnx.TensorProto.FLOAT
+        ] * 2
         weights = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in model.graph.initializer if t.dims}
         ops = {n.op_type for n in model.graph.node}
         if precision == "int8":
@@ -356,21 +409,35 @@ def test_calibration_feeds_the_network_what_the_predictor_feeds_it(trained_run, 
 
 
 def test_a_tolerance_that_cannot_be_met_fails_with_the_numbers_and_writes_nothing(trained_run, tmp_path):
-    cfg = compose_export(f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}",
-                         "precision=fp16", "parity.masks.max_miou_drop=-1")  # the export must beat PyTorch by 1
-    with pytest.raises(SeglabError, match=r"The onnx fp16 export's masks are too far from the fp32 PyTorch model's on "
-                                          r"the val split \(2 images\): mIoU \d\.\d{4} vs \d\.\d{4} \(drop "
-                                          r"-?\d\.\d{4}, allowed -1\), \d+\.\d\d% of pixels agree \(required "
-                                          r"99\.00%\)\. The export was removed\."):
+    cfg = compose_export(
+        f"ckpt_path={trained_run['checkpoint']}",
+        f"output={tmp_path / 'model.onnx'}",
+        "precision=fp16",
+        "parity.masks.max_miou_drop=-1",
+    )  # the export must beat PyTorch by 1
+    with pytest.raises(
+        SeglabError,
+        match=r"The onnx fp16 export's masks are too far from the fp32 PyTorch model's on "
+        r"the val split \(2 images\): mIoU \d\.\d{4} vs \d\.\d{4} \(drop "
+        r"-?\d\.\d{4}, allowed -1\), \d+\.\d\d% of pixels agree \(required "
+        r"99\.00%\)\. The export was removed\.",
+    ):
         export(cfg)
     assert list(tmp_path.iterdir()) == []  # neither the model, its sidecar nor the work folder
 
 
 def test_reduced_precision_needs_the_labelled_data(trained_run, tmp_path):
-    cfg = compose_export(f"ckpt_path={trained_run['checkpoint']}", f"output={tmp_path / 'model.onnx'}",
-                         "precision=int8", f"data_root={tmp_path / 'moved'}")
-    with pytest.raises(SeglabError, match=r"precision=int8 needs the checkpoint's labelled data .* but .*moved is "
-                                          r"not there\. Give its folder with data_root="):
+    cfg = compose_export(
+        f"ckpt_path={trained_run['checkpoint']}",
+        f"output={tmp_path / 'model.onnx'}",
+        "precision=int8",
+        f"data_root={tmp_path / 'moved'}",
+    )
+    with pytest.raises(
+        SeglabError,
+        match=r"precision=int8 needs the checkpoint's labelled data .* but .*moved is "
+        r"not there\. Give its folder with data_root=",
+    ):
         export(cfg)
     assert list(tmp_path.iterdir()) == []
 
@@ -382,9 +449,12 @@ def test_histogram_calibration_over_inputs_of_several_shapes_says_what_to_use(mo
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (40, 64, 3))]
     reader = PredictorCalibration(reference, iter(images), "image")
     settings = OmegaConf.create({"per_channel": True, "op_types": ["Conv"], "calibrate_method": "Entropy"})
-    with pytest.raises(SeglabError, match=r"quantization.calibrate_method=Entropy needs calibration inputs of one "
-                                          r"shape, but the training images give several \(3x40x64, 3x64x64, "
-                                          r"\.\.\.: .*Use quantization.calibrate_method=MinMax\."):
+    with pytest.raises(
+        SeglabError,
+        match=r"quantization.calibrate_method=Entropy needs calibration inputs of one "
+        r"shape, but the training images give several \(3x40x64, 3x64x64, "
+        r"\.\.\.: .*Use quantization.calibrate_method=MinMax\.",
+    ):
         quantize_int8(Path(mobilenet_export["output"]), tmp_path / "int8.onnx", reader, settings)
 
 

@@ -36,8 +36,11 @@ def exports(trained_run, tmp_path_factory) -> dict:
     ckpt = trained_run["checkpoint"]
     made = {"onnx": export(compose_export(f"ckpt_path={ckpt}", f"output={folder / 'model.onnx'}"))}
     for precision in ("fp32", "int8"):
-        made[precision] = export(compose_export(f"ckpt_path={ckpt}", "format=openvino", f"precision={precision}",
-                                                f"output={folder / precision}.xml"))
+        made[precision] = export(
+            compose_export(
+                f"ckpt_path={ckpt}", "format=openvino", f"precision={precision}", f"output={folder / precision}.xml"
+            )
+        )
     return {name: Path(result["output"]) for name, result in made.items()}
 
 
@@ -46,7 +49,10 @@ def test_openvino_fp32_export_gives_pytorchs_logits_and_masks(exports, trained_r
     assert sorted(p.name for p in xml.parent.glob("fp32.*")) == ["fp32.bin", "fp32.json", "fp32.xml"]
     sidecar = json.loads(xml.with_suffix(".json").read_text())
     assert (sidecar["format"], sidecar["precision"], sidecar["architecture"]) == (
-        "openvino", "fp32", "deeplabv3_mobilenet_v3_large")
+        "openvino",
+        "fp32",
+        "deeplabv3_mobilenet_v3_large",
+    )
     assert sidecar["size_bytes"] == xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
     assert sidecar["conversion"]["weights"] == "fp32"
     # float32 weights: the .bin is as large as the ONNX graph's initialisers (save_model's default halves them).
@@ -83,7 +89,10 @@ def test_openvino_int8_export_carries_its_mask_check(exports, trained_run):
     assert conversion["method"].startswith("nncf.quantize") and conversion["preset"] == "performance"
     # The ONNX int8 export's calibration set: the whole 16-image train split (< 32), one input per image.
     assert (conversion["calibration_split"], conversion["calibration_images"], conversion["calibration_inputs"]) == (
-        "train", 16, 16)
+        "train",
+        16,
+        16,
+    )
     # Quantised: FakeQuantize nodes on the activations, int8 weights in a .bin under a third of the fp32 one's.
     assert len(re.findall(r'type="FakeQuantize"', xml.read_text())) >= 20
     assert xml.with_suffix(".bin").stat().st_size < exports["fp32"].with_suffix(".bin").stat().st_size / 3
@@ -100,21 +109,32 @@ def test_openvino_int8_export_carries_its_mask_check(exports, trained_run):
     assert masks["agreement"] == pytest.approx(float((got == expected).mean()), abs=1e-12)
     assert masks["agreement"] >= 0.99
     target = torch.from_numpy(np.stack(targets).astype(np.int64))
-    miou = {name: float(multiclass_jaccard_index(torch.from_numpy(m.astype(np.int64)), target, 3, average="macro",
-                                                 ignore_index=255))
-            for name, m in (("export", got), ("pytorch", expected))}
+    miou = {
+        name: float(
+            multiclass_jaccard_index(torch.from_numpy(m.astype(np.int64)), target, 3, average="macro", ignore_index=255)
+        )
+        for name, m in (("export", got), ("pytorch", expected))
+    }
     assert masks["mIoU_export"] == pytest.approx(miou["export"], abs=1e-6)
     assert masks["mIoU_drop"] == pytest.approx(miou["pytorch"] - miou["export"], abs=1e-6)
 
 
 def test_an_openvino_int8_export_beyond_tolerance_fails_with_its_numbers_and_writes_nothing(trained_run, tmp_path):
-    cfg = compose_export(f"ckpt_path={trained_run['checkpoint']}", "format=openvino", "precision=int8",
-                         f"output={tmp_path / 'model.xml'}", "parity.masks.min_agreement=1.01")  # > every pixel
-    with pytest.raises(SeglabError, match=r"The openvino int8 export's masks are too far from the fp32 PyTorch "
-                                          r"model's on the val split \(2 images\): mIoU \d\.\d{4} vs \d\.\d{4} "
-                                          r"\(drop -?\d\.\d{4}, allowed 0\.01\), \d+\.\d\d% of pixels agree "
-                                          r"\(required 101\.00%\)\. The export was removed\. Try the other "
-                                          r"quantization\.nncf\.preset"):
+    cfg = compose_export(
+        f"ckpt_path={trained_run['checkpoint']}",
+        "format=openvino",
+        "precision=int8",
+        f"output={tmp_path / 'model.xml'}",
+        "parity.masks.min_agreement=1.01",
+    )  # > every pixel
+    with pytest.raises(
+        SeglabError,
+        match=r"The openvino int8 export's masks are too far from the fp32 PyTorch "
+        r"model's on the val split \(2 images\): mIoU \d\.\d{4} vs \d\.\d{4} "
+        r"\(drop -?\d\.\d{4}, allowed 0\.01\), \d+\.\d\d% of pixels agree "
+        r"\(required 101\.00%\)\. The export was removed\. Try the other "
+        r"quantization\.nncf\.preset",
+    ):
         export(cfg)
     assert list(tmp_path.iterdir()) == []  # neither the .xml, the .bin, the sidecar nor the work folder
 
@@ -139,18 +159,30 @@ def test_a_broken_openvino_export_says_what_to_fix(exports, tmp_path):
         return str(caught.value)
 
     graph, weights = xml.read_bytes(), xml.with_suffix(".bin").read_bytes()
-    assert re.search(r"nosidecar\.json is missing: an exported model needs its sidecar JSON",
-                     error(copy("nosidecar", graph, weights, sidecar=False)))
-    assert re.match(r"\S*lone\.bin is missing: an OpenVINO model is its \.xml \(the graph\) and its \.bin \(the "
-                    r"weights\) side by side\. Copy the \.bin with the \.xml, or export it again",
-                    error(copy("lone", graph, None)))
-    assert re.match(r"\S*truncated\.xml is not an OpenVINO model OpenVINO can load \(Incorrect weights in bin "
-                    r"file!\)" + again, error(copy("truncated", graph, weights[: len(weights) // 2])))
+    assert re.search(
+        r"nosidecar\.json is missing: an exported model needs its sidecar JSON",
+        error(copy("nosidecar", graph, weights, sidecar=False)),
+    )
+    assert re.match(
+        r"\S*lone\.bin is missing: an OpenVINO model is its \.xml \(the graph\) and its \.bin \(the "
+        r"weights\) side by side\. Copy the \.bin with the \.xml, or export it again",
+        error(copy("lone", graph, None)),
+    )
+    assert re.match(
+        r"\S*truncated\.xml is not an OpenVINO model OpenVINO can load \(Incorrect weights in bin "
+        r"file!\)" + again,
+        error(copy("truncated", graph, weights[: len(weights) // 2])),
+    )
     cut = graph[: len(graph) // 2].rsplit(b">", 1)[0] + b">"  # ends after a whole tag, as a partial copy might
-    assert re.match(r"\S*cut\.xml is not an OpenVINO model OpenVINO can load \(no element found: line \d+, column "
-                    r"\d+\)" + again, error(copy("cut", cut, weights)))
-    assert re.match(r"\S*renamed\.xml is not an OpenVINO model OpenVINO can load \(.+\)" + again,
-                    error(copy("renamed", exports["onnx"].read_bytes(), weights)))  # an .onnx renamed .xml
+    assert re.match(
+        r"\S*cut\.xml is not an OpenVINO model OpenVINO can load \(no element found: line \d+, column "
+        r"\d+\)" + again,
+        error(copy("cut", cut, weights)),
+    )
+    assert re.match(
+        r"\S*renamed\.xml is not an OpenVINO model OpenVINO can load \(.+\)" + again,
+        error(copy("renamed", exports["onnx"].read_bytes(), weights)),
+    )  # an .onnx renamed .xml
 
 
 def test_predict_py_and_the_web_api_take_an_openvino_export(exports, trained_run, demo_root, tmp_path):
@@ -162,8 +194,15 @@ def test_predict_py_and_the_web_api_take_an_openvino_export(exports, trained_run
     outputs = {}
     for name, model in (("ckpt", trained_run["checkpoint"]), ("xml", exports["fp32"])):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("predict", overrides=["device=cpu", f"ckpt_path={model}", f"input={demo_root / 'test'}",
-                                                f"output={tmp_path / name}"])
+            cfg = compose(
+                "predict",
+                overrides=[
+                    "device=cpu",
+                    f"ckpt_path={model}",
+                    f"input={demo_root / 'test'}",
+                    f"output={tmp_path / name}",
+                ],
+            )
         assert predict(cfg)["images"] == 2
         outputs[name] = sorted((tmp_path / name).glob("*_mask.png"))
     assert [p.name for p in outputs["xml"]] == [p.name for p in outputs["ckpt"]]
@@ -175,8 +214,11 @@ def test_predict_py_and_the_web_api_take_an_openvino_export(exports, trained_run
             info = client.get("/v1/model").json()
             assert (info["format"], info["precision"], info["runtime"]) == ("openvino", precision, "OpenVINO")
             image_path = sorted((demo_root / "test").glob("*.jpg"))[0]
-            response = client.post("/v1/segment", params={"format": "mask"},
-                                   files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")})
+            response = client.post(
+                "/v1/segment",
+                params={"format": "mask"},
+                files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")},
+            )
             assert response.status_code == 200
             mask = np.asarray(Image.open(io.BytesIO(response.content)))
             expected = np.asarray(Image.open(outputs["ckpt"][0]))
@@ -191,13 +233,18 @@ def test_the_deploy_bench_compares_onnx_runtime_and_openvino_and_says_which_to_u
     models = [exports["onnx"], exports["fp32"], exports["int8"]]
     rows = main(["exports", *map(str, models), "--data", str(demo_root), "--split", "val", "--repeats", "1"])["exports"]
     assert [(r["runtime"], r["precision"]) for r in rows] == [
-        ("ONNX Runtime", "fp32"), ("OpenVINO", "fp32"), ("OpenVINO", "int8")]
+        ("ONNX Runtime", "fp32"),
+        ("OpenVINO", "fp32"),
+        ("OpenVINO", "int8"),
+    ]
     sidecars = [json.loads(m.with_suffix(".json").read_text())["parity"]["masks"] for m in models]
     for row, masks, model in zip(rows, sidecars, models, strict=True):
         assert row["images"] == masks["images"] == 2
         assert row["mIoU"] == pytest.approx(masks["mIoU_export"], abs=1e-12)  # the export's own mask check
-        assert row["size_mb"] == sum(p.stat().st_size for p in model.parent.glob(f"{model.stem}.*")
-                                     if p.suffix != ".json") / 2**20
+        assert (
+            row["size_mb"]
+            == sum(p.stat().st_size for p in model.parent.glob(f"{model.stem}.*") if p.suffix != ".json") / 2**20
+        )
         assert 0 < row["latency_p50_ms"] <= row["latency_p95_ms"]
         assert row["passes_checks"] == (row["mIoU_drop"] <= 0.01 and row["agreement_with_first"] >= 0.99)
     assert rows[1]["agreement_with_first"] >= 0.999
@@ -212,16 +259,28 @@ def test_evaluate_py_scores_an_openvino_export_as_its_checkpoint(exports, traine
 
     def run(model, *overrides: str) -> dict:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("evaluate", overrides=[f"ckpt_path={model}", "device=cpu", "num_overlays=0", "worst_k=0",
-                                                 f"paths.output_dir={tmp_path / Path(model).name}",
-                                                 f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+            cfg = compose(
+                "evaluate",
+                overrides=[
+                    f"ckpt_path={model}",
+                    "device=cpu",
+                    "num_overlays=0",
+                    "worst_k=0",
+                    f"paths.output_dir={tmp_path / Path(model).name}",
+                    f"data.cache_dir={tmp_path / 'cache'}",
+                    *overrides,
+                ],
+            )
         return evaluate(cfg)
 
     ckpt, xml = run(trained_run["checkpoint"]), run(exports["fp32"])
     assert (xml["split"], xml["images"], xml["pixels"]) == (ckpt["split"], ckpt["images"], ckpt["pixels"])
     assert xml["mIoU"] == ckpt["mIoU"] and xml["per_class"] == ckpt["per_class"]  # the same masks, pixel for pixel
-    with pytest.raises(SeglabError, match=r"resolution=model needs the checkpoint's module; an export \(.*fp32\.xml\) "
-                                          r"is evaluated at resolution=original\."):
+    with pytest.raises(
+        SeglabError,
+        match=r"resolution=model needs the checkpoint's module; an export \(.*fp32\.xml\) "
+        r"is evaluated at resolution=original\.",
+    ):
         run(exports["fp32"], "resolution=model")
 
 

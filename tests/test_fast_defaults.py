@@ -14,13 +14,16 @@ from seglab.models.module import use_fused
 from seglab.runtime import fast_defaults, resolve_runtime
 
 
-@pytest.mark.parametrize(("accelerator", "cuda", "bf16", "expected"), [
-    ("auto", True, True, ("bf16-mixed", True)),   # an Ampere/Hopper GPU
-    ("gpu", True, True, ("bf16-mixed", True)),
-    ("auto", True, False, ("32-true", False)),    # a GPU without bf16 (V100, T4)
-    ("cpu", True, True, ("32-true", False)),      # trainer=cpu on a GPU machine
-    ("auto", False, False, ("32-true", False)),   # a CPU-only machine
-])
+@pytest.mark.parametrize(
+    ("accelerator", "cuda", "bf16", "expected"),
+    [
+        ("auto", True, True, ("bf16-mixed", True)),  # an Ampere/Hopper GPU
+        ("gpu", True, True, ("bf16-mixed", True)),
+        ("auto", True, False, ("32-true", False)),  # a GPU without bf16 (V100, T4)
+        ("cpu", True, True, ("32-true", False)),  # trainer=cpu on a GPU machine
+        ("auto", False, False, ("32-true", False)),  # a CPU-only machine
+    ],
+)
 def test_fast_defaults_from_the_machines_facts(accelerator, cuda, bf16, expected):
     assert fast_defaults(accelerator, cuda, bf16) == expected
 
@@ -42,16 +45,19 @@ def test_defaults_resolve_to_fp32_without_channels_last_on_cpu():
 def test_explicit_choices_are_kept():
     gpu = compose_plain("trainer=gpu", "model.channels_last=true", "model.compile=true")
     runtime = resolve_runtime(gpu)
-    assert (gpu.trainer.precision, runtime["precision"], runtime["channels_last"], runtime["compile"]) == \
-        ("bf16-mixed", "bf16-mixed", True, True)
+    assert (gpu.trainer.precision, runtime["precision"], runtime["channels_last"], runtime["compile"]) == (
+        "bf16-mixed",
+        "bf16-mixed",
+        True,
+        True,
+    )
     cpu = compose_plain("trainer=cpu", "trainer.precision=bf16-mixed")
     assert resolve_runtime(cpu)["precision"] == "bf16-mixed"
     assert resolve_runtime(compose_plain("trainer=cpu"))["precision"] == "32-true"
 
 
 def test_a_run_records_the_resolved_runtime(trained_run, capsys):
-    assert trained_run["runtime"] == {"device": "cpu", "precision": "32-true", "channels_last": False,
-                                      "compile": False}
+    assert trained_run["runtime"] == {"device": "cpu", "precision": "32-true", "channels_last": False, "compile": False}
     module = load_checkpoint(trained_run["checkpoint"])
     config = module.meta["config"]
     assert (config["trainer"]["precision"], config["model"]["channels_last"]) == ("32-true", False)
@@ -82,8 +88,7 @@ def test_the_modules_cpu_optimizer_is_fused_and_steps_as_plain_adam():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
     plain_net, start = copy.deepcopy(net), copy.deepcopy(net)
-    module = SegmentationModule(net=net, class_names=["a", "b"], ignore_index=255,
-                                optimizer=adam(weight_decay=1e-4))
+    module = SegmentationModule(net=net, class_names=["a", "b"], ignore_index=255, optimizer=adam(weight_decay=1e-4))
     fused = module.configure_optimizers()
     assert fused.defaults["fused"] is True
     plain = torch.optim.Adam(plain_net.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -98,12 +103,15 @@ def test_the_modules_cpu_optimizer_is_fused_and_steps_as_plain_adam():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("overrides", "fused"), [
-    ([], True),
-    (["optimizer.fused=false"], False),
-    (["optimizer=sgd"], True),
-    (["optimizer=sgd", "optimizer.fused=false"], False),
-])
+@pytest.mark.parametrize(
+    ("overrides", "fused"),
+    [
+        ([], True),
+        (["optimizer.fused=false"], False),
+        (["optimizer=sgd"], True),
+        (["optimizer=sgd", "optimizer.fused=false"], False),
+    ],
+)
 def test_configured_optimizers_are_fused_on_cpu_unless_switched_off(overrides, fused):
     from hydra.utils import instantiate
 
@@ -111,16 +119,17 @@ def test_configured_optimizers_are_fused_on_cpu_unless_switched_off(overrides, f
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    module = SegmentationModule(net=torch.nn.Conv2d(3, 2, 1), class_names=["a", "b"], ignore_index=255,
-                                optimizer=instantiate(cfg.optimizer))
+    module = SegmentationModule(
+        net=torch.nn.Conv2d(3, 2, 1), class_names=["a", "b"], ignore_index=255, optimizer=instantiate(cfg.optimizer)
+    )
     assert bool(module.configure_optimizers().defaults["fused"]) is fused
 
 
 def test_warmup_is_the_first_epochs_time_beyond_the_steady_rate():
     speed = TrainSpeed()
     speed.rates = [4.0, 8.0, 10.0, 8.0]  # images/s of four epochs
-    speed.first_epoch = (16, 4.0)        # 16 images in 4 s
-    assert speed.images_per_s == 8.0     # median of epochs 2-4
+    speed.first_epoch = (16, 4.0)  # 16 images in 4 s
+    assert speed.images_per_s == 8.0  # median of epochs 2-4
     assert speed.warmup_s == pytest.approx(4.0 - 16 / 8.0)
     speed.rates = speed.rates[:1]
     assert speed.warmup_s is None

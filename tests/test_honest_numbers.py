@@ -23,8 +23,12 @@ def test_a_run_that_learned_nothing_is_flagged_and_writes_the_dataset_report(com
     check = metrics["training_loss_check"]
     assert check["epoch"] == 2 and check["ok"] is False and check["below_trivial_from_epoch"] is None
     assert check["loss"] >= check["trivial_loss"] > 0
-    assert metrics["leaks"] == {"val_with_copy_in_train": 0, "test_with_copy_in_train": 0,
-                                "test_with_copy_in_val": 0, "photos_shared_by_export_splits": 0}
+    assert metrics["leaks"] == {
+        "val_with_copy_in_train": 0,
+        "test_with_copy_in_train": 0,
+        "test_with_copy_in_val": 0,
+        "photos_shared_by_export_splits": 0,
+    }
     report = json.loads((run / "report.json").read_text())
     assert report["files"] == report["photos"] == 20 and report["leaks"]["used"] == metrics["leaks"]
     assert (run / "report.md").read_text().startswith("# Dataset report: ")
@@ -34,8 +38,15 @@ def test_a_run_that_learned_nothing_is_flagged_and_writes_the_dataset_report(com
 @pytest.mark.heavy  # ~2.5 min: the CPU demo (make demo) as it is
 def test_the_demos_trained_model_is_not_flagged(tmp_path):
     root = generate_dataset(tmp_path / "demo", num_images=120, size=256, seed=0)  # make demo-data
-    cfg = compose_config("train", ["experiment=demo", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
-                                   f"paths.output_dir={tmp_path / 'run'}"])
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=demo",
+            f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ],
+    )
     metrics = train(cfg)
     diagnosis = metrics["diagnosis"]
     assert diagnosis["verdict"] == "ok" and diagnosis["flags"] == [], diagnosis

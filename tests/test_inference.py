@@ -17,12 +17,18 @@ from seglab.inference import (
 from seglab.models.networks import build_network
 from seglab.models.sliding import tile_starts
 
-META = {"class_names": ["background", "a", "b"], "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
-        "ignore_index": 255, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+META = {
+    "class_names": ["background", "a", "b"],
+    "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+    "ignore_index": 255,
+    "mean": [0.0, 0.0, 0.0],
+    "std": [1.0, 1.0, 1.0],
+}
 
 
-@pytest.mark.parametrize(("length", "tile", "stride"), [(100, 32, 21), (64, 32, 32), (33, 32, 21), (20, 32, 21),
-                                                        (257, 64, 43)])
+@pytest.mark.parametrize(
+    ("length", "tile", "stride"), [(100, 32, 21), (64, 32, 32), (33, 32, 21), (20, 32, 21), (257, 64, 43)]
+)
 def test_tiles_cover_every_pixel_and_end_at_the_border(length, tile, stride):
     starts = tile_starts(length, tile, stride)
     covered = np.zeros(length, bool)
@@ -50,8 +56,9 @@ def test_sliding_window_covers_every_pixel_once_averaged():
 @pytest.fixture(scope="module")
 def tiny_net():
     torch.manual_seed(0)
-    net = build_network("deeplabv3_mobilenet_v3_large", num_classes=3, weights=None, weights_backbone=None,
-                        bn_momentum=0.5)
+    net = build_network(
+        "deeplabv3_mobilenet_v3_large", num_classes=3, weights=None, weights_backbone=None, bn_momentum=0.5
+    )
     # Fresh BatchNorm statistics make an untrained network's output constant in eval mode: a few train-mode
     # passes give it statistics under which its output varies across the image, as a trained one's does.
     with torch.no_grad():
@@ -67,6 +74,7 @@ def run(net):
     def model(x):
         with torch.no_grad():
             return net(x)["out"]
+
     return model
 
 
@@ -158,7 +166,7 @@ def test_resize_logits_is_bilinear_with_half_pixel_centres(size):
         y, x = 0.5 * 40 / 12 - 0.5, 1.5 * 50 / 7 - 0.5
         a = logits[0, 0]
         wy, wx = y - 1, x - 10
-        by_hand = ((1 - wy) * ((1 - wx) * a[1, 10] + wx * a[1, 11]) + wy * ((1 - wx) * a[2, 10] + wx * a[2, 11]))
+        by_hand = (1 - wy) * ((1 - wx) * a[1, 10] + wx * a[1, 11]) + wy * ((1 - wx) * a[2, 10] + wx * a[2, 11])
         assert abs(float(resized[0, 0, 0, 1]) - float(by_hand)) < 1e-5
 
 
@@ -232,7 +240,9 @@ def test_execution_providers_prefer_tensorrt_then_cuda_on_a_gpu():
     assert providers[0][1]["device_id"] == providers[1][1]["device_id"] == 1
     assert providers[0][1]["trt_engine_cache_enable"] is True
     assert execution_providers(gpu, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
-        ("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+        ("CUDAExecutionProvider", {"device_id": 1}),
+        "CPUExecutionProvider",
+    ]
     assert execution_providers(gpu, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]  # onnxruntime (CPU)
 
 

@@ -22,8 +22,10 @@ def test_image_confusions_count_each_images_pixels_and_skip_the_ignore_index():
     targets = torch.tensor([[[0, 1], [2, 255]], [[1, 1], [1, 0]]])
     preds = torch.tensor([[[0, 2], [2, 1]], [[1, 0], [1, 0]]])
     confusion = image_confusions(preds, targets, 3, 255).numpy()
-    assert confusion.tolist() == [[[1, 0, 0], [0, 0, 1], [0, 0, 1]],   # image 0: the ignored pixel left out
-                                  [[1, 0, 0], [1, 2, 0], [0, 0, 0]]]
+    assert confusion.tolist() == [
+        [[1, 0, 0], [0, 0, 1], [0, 0, 1]],  # image 0: the ignored pixel left out
+        [[1, 0, 0], [1, 2, 0], [0, 0, 0]],
+    ]
 
 
 def test_scores_are_torchmetrics_scores_including_absent_classes():
@@ -108,9 +110,16 @@ def test_the_trivial_model_and_the_unseen_subset():
 
 def test_per_image_file_round_trip(tmp_path):
     confusion = np.arange(12).reshape(3, 2, 2)
-    save_per_image(tmp_path / "per_image.npz", test={"confusion": confusion, "images": ["a.jpg", "b.jpg", "c.jpg"],
-                                                     "units": ["s1", "s1", "s2"], "unseen": [True, False, True]},
-                   val=None)
+    save_per_image(
+        tmp_path / "per_image.npz",
+        test={
+            "confusion": confusion,
+            "images": ["a.jpg", "b.jpg", "c.jpg"],
+            "units": ["s1", "s1", "s2"],
+            "unseen": [True, False, True],
+        },
+        val=None,
+    )
     back = load_per_image(tmp_path / "per_image.npz")
     assert back["confusion"].tolist() == confusion.tolist() and back["images"] == ["a.jpg", "b.jpg", "c.jpg"]
     assert back["units"] == ["s1", "s1", "s2"] and back["unseen"] == [True, False, True]

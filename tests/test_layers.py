@@ -6,15 +6,36 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [  # lowest first; a module may import its own layer and the ones below
-    ("seglab.errors", "seglab.atomic", "seglab.runtime", "seglab.viz", "seglab.config", "seglab.tables",
-     "seglab.metrics"),
+    (
+        "seglab.errors",
+        "seglab.atomic",
+        "seglab.runtime",
+        "seglab.viz",
+        "seglab.config",
+        "seglab.tables",
+        "seglab.metrics",
+    ),
     ("seglab.data",),
     ("seglab.models",),
     ("seglab.inference", "seglab.callbacks", "seglab.calibration", "seglab.preannotate", "seglab.trackers"),
-    ("seglab.train", "seglab.crossval", "seglab.evaluate", "seglab.predict", "seglab.export", "seglab.export_checks",
-     "seglab.conversions",
-     "seglab.leaderboard", "seglab.rank", "seglab.review",
-     "seglab.compare", "seglab.plain_loop", "seglab.cli", "seglab.bench", "seglab.serve", "seglab.api"),
+    (
+        "seglab.train",
+        "seglab.crossval",
+        "seglab.evaluate",
+        "seglab.predict",
+        "seglab.export",
+        "seglab.export_checks",
+        "seglab.conversions",
+        "seglab.leaderboard",
+        "seglab.rank",
+        "seglab.review",
+        "seglab.compare",
+        "seglab.plain_loop",
+        "seglab.cli",
+        "seglab.bench",
+        "seglab.serve",
+        "seglab.api",
+    ),
     ("seglab.commands",),  # the `seglab` command, and the top-level scripts through it
 ]
 
@@ -52,7 +73,11 @@ def test_no_module_is_longer_than_a_reader_can_hold():
 
 
 def test_deploy_code_does_not_depend_on_the_demo_data_generator():
-    deploy = [SRC / "seglab" / "export.py", SRC / "seglab" / "conversions.py", SRC / "seglab" / "inference.py",
-              SRC / "seglab" / "predict.py",
-              *(SRC / "seglab" / "serve").rglob("*.py")]
+    deploy = [
+        SRC / "seglab" / "export.py",
+        SRC / "seglab" / "conversions.py",
+        SRC / "seglab" / "inference.py",
+        SRC / "seglab" / "predict.py",
+        *(SRC / "seglab" / "serve").rglob("*.py"),
+    ]
     assert [str(p.name) for p in deploy if any(n.startswith("seglab.data.synthetic") for n in imports(p))] == []

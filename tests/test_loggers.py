@@ -58,8 +58,10 @@ def mlflow_scalars(uri: str, run) -> dict[str, list[tuple[int, float]]]:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-            for key in run.data.metrics}
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        for key in run.data.metrics
+    }
 
 
 def wandb_records(run_folder: Path):
@@ -77,8 +79,8 @@ def wandb_records(run_folder: Path):
         if block - position % block < 7:  # too little left in this block for a chunk header: padding
             position += block - position % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        parts.append(data[position + 7:position + 7 + length])
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        parts.append(data[position + 7 : position + 7 + length])
         position += 7 + length
         if kind in (1, 4):  # a whole record, or the last chunk of one
             record = wandb_internal_pb2.Record()
@@ -215,9 +217,24 @@ def test_each_sweep_job_is_its_own_run_in_each_tracker(demo_root, tmp_path):
     shared_store = f"sqlite:///{tmp_path}/mlflow.db"  # one MLflow store for the sweep: its jobs side by side
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_API")}
     env.update(MLFLOW_TRACKING_URI=shared_store)
-    proc = subprocess.run([sys.executable, "train.py", "-m", "optimizer=adam,sgd", ALL, "debug=fast",
-                           f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}",
-                           f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "optimizer=adam,sgd",
+            ALL,
+            "debug=fast",
+            f"data.root={demo_root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]

@@ -43,21 +43,62 @@ def test_requirements_txt_lists_exactly_what_pyproject_declares():
 
 @pytest.mark.slow  # builds a wheel, a fresh environment, one tiny training and a server
 def test_the_wheel_installs_trains_serves_and_imports_outside_the_checkout(demo_root, tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     [wheel] = (tmp_path / "dist").glob("seglab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"seglab/conf/train.yaml", "seglab/conf/data/roboflow.yaml", "seglab/conf/hydra/launcher/slurm.yaml",
-            "seglab/serve/static/index.html", "seglab/commands.py"} <= names
+    assert {
+        "seglab/conf/train.yaml",
+        "seglab/conf/data/roboflow.yaml",
+        "seglab/conf/hydra/launcher/slurm.yaml",
+        "seglab/serve/static/index.html",
+        "seglab/commands.py",
+    } <= names
     # A fresh environment: seglab from the wheel alone; its dependencies are this environment's packages, on the
     # path but without this environment's .pth files (which put the checkout's src/ first).
     env = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
-    site = Path(subprocess.run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path("
-                                "'purelib'))"], capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin" / "python"), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(env / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     away = tmp_path / "elsewhere"  # not the checkout: nothing is read relative to it
     away.mkdir()
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SEGLAB_COMMAND")}
@@ -72,12 +113,22 @@ def test_the_wheel_installs_trains_serves_and_imports_outside_the_checkout(demo_
     # A user's own config folder on Hydra's search path: an experiment kept outside the package.
     mine = away / "my_conf" / "experiment"
     mine.mkdir(parents=True)
-    (mine / "tiny.yaml").write_text("# @package _global_\nmodel:\n  weights: null\n  weights_backbone: null\n"
-                                    "max_epochs: 1\nseed: 123\n")
+    (mine / "tiny.yaml").write_text(
+        "# @package _global_\nmodel:\n  weights: null\n  weights_backbone: null\nmax_epochs: 1\nseed: 123\n"
+    )
     run_dir = away / "run"
-    trained = run(str(env / "bin" / "seglab"), "train", "--config-dir", str(away / "my_conf"), "experiment=tiny",
-                  "debug=fast", "model=deeplabv3_mobilenet_v3_large", f"data.root={demo_root}",
-                  f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}")
+    trained = run(
+        str(env / "bin" / "seglab"),
+        "train",
+        "--config-dir",
+        str(away / "my_conf"),
+        "experiment=tiny",
+        "debug=fast",
+        "model=deeplabv3_mobilenet_v3_large",
+        f"data.root={demo_root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+    )
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["epochs_run"] == 1
@@ -85,9 +136,20 @@ def test_the_wheel_installs_trains_serves_and_imports_outside_the_checkout(demo_
     assert (run_dir / "train.log").is_file()
 
     port = free_port()
-    server = subprocess.Popen([str(env / "bin" / "seglab"), "serve", f"ckpt_path={metrics['checkpoint']}",
-                               f"port={port}", "device=cpu", f"hydra.run.dir={away / 'serve'}"], cwd=away, env=clean,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [
+            str(env / "bin" / "seglab"),
+            "serve",
+            f"ckpt_path={metrics['checkpoint']}",
+            f"port={port}",
+            "device=cpu",
+            f"hydra.run.dir={away / 'serve'}",
+        ],
+        cwd=away,
+        env=clean,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_ready(f"http://127.0.0.1:{port}", server, timeout=180)
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)

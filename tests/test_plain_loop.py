@@ -12,8 +12,16 @@ from seglab.plain_loop import main
 def test_plain_loop_and_a_recipe_are_scored_alike_at_equal_budget(demo_root, tmp_path, capsys):
     out = tmp_path / "cmp"
     # data.image_size is a training setting evaluate.py takes from the checkpoint: it must reach train.py only.
-    results = main([f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}", "debug=fast", "max_epochs=2",
-                    "data.image_size=48", f"out={out}"])
+    results = main(
+        [
+            f"data.root={demo_root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "debug=fast",
+            "max_epochs=2",
+            "data.image_size=48",
+            f"out={out}",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "plain loop epoch 1: training loss" in printed
     assert set(results) == {"plain loop", "recipe"}
@@ -24,8 +32,10 @@ def test_plain_loop_and_a_recipe_are_scored_alike_at_equal_budget(demo_root, tmp
     recipe, plain = (load_per_image(out / d / "evaluate" / "per_image.npz") for d in ("recipe", "plain_loop"))
     diff = paired_difference(recipe["confusion"], plain["confusion"], plain["units"])
     assert diff["value"] == pytest.approx(results["recipe"]["mIoU"] - results["plain loop"]["mIoU"])
-    assert (f"Recipe minus plain loop, test mIoU on the same 2 images: {difference_text(diff)} (95 % paired "
-            f"bootstrap): {noise_verdict(diff)}.") in (out / "comparison.md").read_text()
+    assert (
+        f"Recipe minus plain loop, test mIoU on the same 2 images: {difference_text(diff)} (95 % paired "
+        f"bootstrap): {noise_verdict(diff)}."
+    ) in (out / "comparison.md").read_text()
     # The plain loop's weights are a seglab checkpoint of a stretched (original-recipe) geometry.
     module = load_checkpoint(out / "plain_loop" / "plain_loop.ckpt")
     assert module.meta["base_size"] is None and module.meta["config"]["data"]["geometry"] == {"kind": "stretch"}

@@ -24,22 +24,23 @@ def drawn(annotations: list[dict], height: int, width: int) -> np.ndarray:
     """The annotations rasterised by pycocotools, as seglab's COCO reader does (smaller regions on top)."""
     out = np.zeros((height, width), np.uint8)
     for a in sorted(annotations, key=lambda a: -a["area"]):
-        out[mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], height, width))) > 0] = \
-            a["category_id"]
+        out[mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], height, width))) > 0] = a[
+            "category_id"
+        ]
     return out
 
 
 def test_polygons_trace_the_outer_side_of_the_boundary_pixels():
     mask = np.zeros((9, 10), np.uint8)
-    mask[2:5, 3:7] = 1                      # a rectangle
-    mask[6:9, 0:3] = 2                      # an L one pixel thick
+    mask[2:5, 3:7] = 1  # a rectangle
+    mask[6:9, 0:3] = 2  # an L one pixel thick
     mask[6, 1:3] = 0
-    mask[0, 9] = 2                          # one pixel
+    mask[0, 9] = 2  # one pixel
     assert class_polygons(mask, 1) == [[3.0, 2.0, 3.0, 5.0, 7.0, 5.0, 7.0, 2.0]]  # the pixels' outer edges
     assert class_polygons(mask, 2)[1] == [9.0, 0.0, 10.0, 0.0, 10.0, 1.0, 9.0, 1.0]
     assert np.array_equal(drawn(coco_annotations(mask, 0, 0), 9, 10), mask)
     thick = np.zeros((9, 10), np.uint8)
-    thick[4:9, 0:5] = 1                     # an L two pixels thick: its inner corner is cut by a diagonal
+    thick[4:9, 0:5] = 1  # an L two pixels thick: its inner corner is cut by a diagonal
     thick[4:6, 2:5] = 0
     back = drawn(coco_annotations(thick, 0, 0), 9, 10)
     assert np.argwhere(back != thick).tolist() == [[5, 2]]
@@ -48,8 +49,8 @@ def test_polygons_trace_the_outer_side_of_the_boundary_pixels():
 def test_a_region_around_another_keeps_it_and_a_hole_of_background_is_filled():
     mask = np.zeros((12, 12), np.uint8)
     mask[1:11, 1:11] = 1
-    mask[4:7, 4:7] = 2                      # another class inside: drawn on top, kept
-    mask[8, 8] = 0                          # background inside: a polygon has no holes
+    mask[4:7, 4:7] = 2  # another class inside: drawn on top, kept
+    mask[8, 8] = 0  # background inside: a polygon has no holes
     back = drawn(coco_annotations(mask, 0, 0), 12, 12)
     assert back[8, 8] == 1 and (back != mask).sum() == 1
 
@@ -63,8 +64,10 @@ def test_label_masks_of_each_kind_come_back_from_polygons(tmp_path, mode, size, 
     truth = masks_by_name(ready_datamodule(source, tmp_path / "cache-truth"))
     for split in ("train", "valid", "test"):
         (tmp_path / "coco" / split).mkdir(parents=True)
-        entries = [write_image("coco", image, tmp_path / "coco" / split, image.stem, truth[image.name], "_mask.png")
-                   for image in sorted((source / split).glob("*.jpg"))]
+        entries = [
+            write_image("coco", image, tmp_path / "coco" / split, image.stem, truth[image.name], "_mask.png")
+            for image in sorted((source / split).glob("*.jpg"))
+        ]
         write_coco(tmp_path / "coco" / split, ["background", "a", "b"], entries, "labels")
     back = masks_by_name(ready_datamodule(tmp_path / "coco", tmp_path / "cache-back"))
     assert sorted(back) == sorted(truth) and len(back) == 10
@@ -94,8 +97,11 @@ def unlabelled(tmp_path_factory) -> Path:
 def test_predictions_read_back_as_a_dataset_equal_the_masks(trained_run, unlabelled, tmp_path, fmt):
     ckpt = next((trained_run["run_dir"] / "checkpoints").glob("best-*.ckpt"))
     predict(compose_predict(f"ckpt_path={ckpt}", f"input={unlabelled}", f"output={tmp_path / 'seglab'}"))
-    result = predict(compose_predict(f"ckpt_path={ckpt}", f"input={unlabelled}", f"output={tmp_path / fmt}",
-                                     f"format={fmt}", "project=shapes"))
+    result = predict(
+        compose_predict(
+            f"ckpt_path={ckpt}", f"input={unlabelled}", f"output={tmp_path / fmt}", f"format={fmt}", "project=shapes"
+        )
+    )
     assert result["images"] == 11
     files = {p.relative_to(tmp_path / fmt).as_posix() for p in (tmp_path / fmt).rglob("*") if p.is_file()}
     images = {p.relative_to(unlabelled).as_posix() for p in unlabelled.rglob("*.jpg")}
@@ -104,18 +110,25 @@ def test_predictions_read_back_as_a_dataset_equal_the_masks(trained_run, unlabel
     assert files == images | {f"{s}/{f}" for s in ("train", "valid") for f in per_folder} | set(stems)
     if fmt == "coco":
         coco = json.loads((tmp_path / fmt / "train" / "_annotations.coco.json").read_text())
-        assert coco["categories"] == [{"id": 0, "name": "shapes", "supercategory": "none"},
-                                      {"id": 1, "name": "disc", "supercategory": "shapes"},
-                                      {"id": 2, "name": "triangle", "supercategory": "shapes"}]
+        assert coco["categories"] == [
+            {"id": 0, "name": "shapes", "supercategory": "none"},
+            {"id": 1, "name": "disc", "supercategory": "shapes"},
+            {"id": 2, "name": "triangle", "supercategory": "shapes"},
+        ]
     else:
-        assert (tmp_path / fmt / "train" / "_classes.csv").read_text() == \
-            "Pixel Value, Class\n0, background\n1, disc\n2, triangle\n"
+        assert (
+            tmp_path / fmt / "train" / "_classes.csv"
+        ).read_text() == "Pixel Value, Class\n0, background\n1, disc\n2, triangle\n"
 
     dm = ready_datamodule(tmp_path / fmt, tmp_path / "cache")
     assert dm.class_names == ["background", "disc", "triangle"]
     back = masks_by_name(dm)
-    predicted = {name: np.array(Image.open(tmp_path / "seglab" / split / f"{Path(name).stem}_mask.png"))
-                 for split in ("train", "valid") for name in back if (unlabelled / split / name).is_file()}
+    predicted = {
+        name: np.array(Image.open(tmp_path / "seglab" / split / f"{Path(name).stem}_mask.png"))
+        for split in ("train", "valid")
+        for name in back
+        if (unlabelled / split / name).is_file()
+    }
     assert sorted(back) == sorted(predicted) and len(back) == 11
     agree = sum(int((back[n] == predicted[n]).sum()) for n in back) / sum(m.size for m in predicted.values())
     assert agree == 1.0 if fmt == "masks" else agree >= 0.995

@@ -49,22 +49,34 @@ def inputs(tmp_path_factory, demo_root) -> Path:
 
 
 EXPECTED = {  # output name -> (height, width)
-    "odd": (301, 517), "gray": (517, 301), "sub/rgba": (33, 47), "photo_png": (20, 30),
-    "photo_jpg": (30, 20), "sub/demo": (64, 64),
+    "odd": (301, 517),
+    "gray": (517, 301),
+    "sub/rgba": (33, 47),
+    "photo_png": (20, 30),
+    "photo_jpg": (30, 20),
+    "sub/demo": (64, 64),
 }
 
 
 def test_masks_have_each_images_size_and_overlays_its_colours(trained_run, inputs, tmp_path):
     out = tmp_path / "pred"
-    result = predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs}",
-                                     f"output={out}", "opacity=1.0"))
+    result = predict(
+        compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs}", f"output={out}", "opacity=1.0")
+    )
     assert result["images"] == len(EXPECTED)
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == sorted(["classes.csv", *(f"{name}{kind}" for name in EXPECTED
-                                               for kind in ("_mask.png", "_overlay.png"))])  # by default no more
+    assert written == sorted(
+        ["classes.csv", *(f"{name}{kind}" for name in EXPECTED for kind in ("_mask.png", "_overlay.png"))]
+    )  # by default no more
 
-    sources = {"odd": "odd.jpg", "gray": "gray.png", "sub/rgba": "sub/rgba.png", "photo_png": "photo.png",
-               "photo_jpg": "photo.jpg", "sub/demo": "sub/demo.jpg"}
+    sources = {
+        "odd": "odd.jpg",
+        "gray": "gray.png",
+        "sub/rgba": "sub/rgba.png",
+        "photo_png": "photo.png",
+        "photo_jpg": "photo.jpg",
+        "sub/demo": "sub/demo.jpg",
+    }
     for name, size in EXPECTED.items():
         with Image.open(out / f"{name}_mask.png") as im:
             assert im.mode == "L"
@@ -79,15 +91,25 @@ def test_masks_have_each_images_size_and_overlays_its_colours(trained_run, input
             assert (overlay[mask == cls] == expected).all(), (name, cls)
 
     with (out / "classes.csv").open() as fh:
-        assert list(csv.reader(fh)) == [["index", "class", "r", "g", "b"], ["0", "background", "0", "0", "0"],
-                                        ["1", "disc", "230", "25", "75"],
-                                        ["2", "triangle", "60", "180", "75"]]
+        assert list(csv.reader(fh)) == [
+            ["index", "class", "r", "g", "b"],
+            ["0", "background", "0", "0", "0"],
+            ["1", "disc", "230", "25", "75"],
+            ["2", "triangle", "60", "180", "75"],
+        ]
 
 
 def test_confidence_and_probabilities_are_the_predictors_softmax(trained_run, inputs, tmp_path, capsys):
     out = tmp_path / "pred"
-    predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs}", f"output={out}",
-                            "confidence=true", "probabilities=true"))
+    predict(
+        compose_predict(
+            f"ckpt_path={trained_run['checkpoint']}",
+            f"input={inputs}",
+            f"output={out}",
+            "confidence=true",
+            "probabilities=true",
+        )
+    )
     assert "<name>_confidence.png (top class probability, 0-255 = 0-1)" in capsys.readouterr().out
     predictor = load_predictor(trained_run["checkpoint"], device="cpu")
     assert predictor.temperature == trained_run["calibration"]["temperature"] != 1.0
@@ -104,20 +126,27 @@ def test_confidence_and_probabilities_are_the_predictors_softmax(trained_run, in
         # predict.py batches images of one size, and a batch's convolutions sum in another order than one image's
         # (~1e-7): a float32 value next to a float16 rounding boundary can round to the neighbour. So: each value
         # within one float16 step (2^-10 relative) of the Predictor's own softmax, and nearly all of them equal.
-        np.testing.assert_allclose(probabilities.astype(np.float32), softmax.numpy(), rtol=2 ** -10, atol=0)
+        np.testing.assert_allclose(probabilities.astype(np.float32), softmax.numpy(), rtol=2**-10, atol=0)
         assert (probabilities != softmax.numpy().astype(np.float16)).mean() < 1e-4
         # Each float16 value is within 2^-11 of its float32 value relative to itself: the sum within 1e-3 of 1.
         assert np.abs(probabilities.astype(np.float64).sum(axis=0) - 1).max() <= 1e-3
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"{name}_mask.png")), predictor.predict(image))
-    assert sorted(p.name for p in out.glob("*.npy")) == ["gray_probabilities.npy", "odd_probabilities.npy",
-                                                         "photo_jpg_probabilities.npy", "photo_png_probabilities.npy"]
+    assert sorted(p.name for p in out.glob("*.npy")) == [
+        "gray_probabilities.npy",
+        "odd_probabilities.npy",
+        "photo_jpg_probabilities.npy",
+        "photo_png_probabilities.npy",
+    ]
 
 
 def test_mask_at_model_size_is_the_models_argmax(trained_run, inputs, tmp_path):
     # A 64x64 image needs no resizing: the mask must be the network's own argmax, pixel for pixel.
     out = tmp_path / "pred"
-    predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs / 'sub' / 'demo.jpg'}",
-                            f"output={out}"))
+    predict(
+        compose_predict(
+            f"ckpt_path={trained_run['checkpoint']}", f"input={inputs / 'sub' / 'demo.jpg'}", f"output={out}"
+        )
+    )
     module = load_checkpoint(trained_run["checkpoint"])
     image = load_image(inputs / "sub" / "demo.jpg")
     mean, std = torch.tensor(module.meta["mean"]), torch.tensor(module.meta["std"])
@@ -129,8 +158,11 @@ def test_mask_at_model_size_is_the_models_argmax(trained_run, inputs, tmp_path):
 
 def test_overlay_opacity_blends_towards_the_class_colour(trained_run, inputs, tmp_path):
     out = tmp_path / "pred"
-    predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={inputs / 'gray.png'}",
-                            f"output={out}", "opacity=0.25"))
+    predict(
+        compose_predict(
+            f"ckpt_path={trained_run['checkpoint']}", f"input={inputs / 'gray.png'}", f"output={out}", "opacity=0.25"
+        )
+    )
     mask = np.asarray(Image.open(out / "gray_mask.png"))
     overlay = np.asarray(Image.open(out / "gray_overlay.png")).astype(np.float64)
     image = load_image(inputs / "gray.png").astype(np.float64)
@@ -139,17 +171,24 @@ def test_overlay_opacity_blends_towards_the_class_colour(trained_run, inputs, tm
     assert np.abs(overlay - expected).max() <= 1  # float32 vs float64 rounding at .5
 
 
-@pytest.mark.parametrize(("make_input", "override", "message"), [
-    (lambda p: p / "nothing", None, r"input='.*nothing' does not exist"),
-    (lambda p: (p / "empty").mkdir() or p / "empty", None, "No images"),
-    (lambda p: p, "opacity=1.5", "opacity=1.5 must be between 0 and 1"),
-    (lambda p: p, "batch_size=0", r"batch_size=0 must be a whole number >= 1"),
-    (lambda p: p, "png_level=10", r"png_level=10 must be a zlib level from 0 \(none\) to 9"),
-    (lambda p: random_png(p), "num_workers=-1", r"num_workers=-1 must be auto or a whole number >= 0"),
-])
+@pytest.mark.parametrize(
+    ("make_input", "override", "message"),
+    [
+        (lambda p: p / "nothing", None, r"input='.*nothing' does not exist"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", None, "No images"),
+        (lambda p: p, "opacity=1.5", "opacity=1.5 must be between 0 and 1"),
+        (lambda p: p, "batch_size=0", r"batch_size=0 must be a whole number >= 1"),
+        (lambda p: p, "png_level=10", r"png_level=10 must be a zlib level from 0 \(none\) to 9"),
+        (lambda p: random_png(p), "num_workers=-1", r"num_workers=-1 must be auto or a whole number >= 0"),
+    ],
+)
 def test_clear_errors(trained_run, tmp_path, make_input, override, message):
-    overrides = [f"ckpt_path={trained_run['checkpoint']}", f"input={make_input(tmp_path)}",
-                 f"output={tmp_path / 'out'}", *([override] if override else [])]
+    overrides = [
+        f"ckpt_path={trained_run['checkpoint']}",
+        f"input={make_input(tmp_path)}",
+        f"output={tmp_path / 'out'}",
+        *([override] if override else []),
+    ]
     with pytest.raises(SeglabError, match=message):
         predict(compose_predict(*overrides))
 
@@ -199,7 +238,7 @@ from seglab.config import compose_config
 from seglab.inference import resize_logits
 from seglab.predict import predict
 resize_logits(torch.randn(1, 3, 256, 256), (2048, 2048))
-overrides = ["ckpt_path={trained_run['checkpoint']}", "input={folder}", "output={tmp_path / 'out'}", "device=cpu",
+overrides = ["ckpt_path={trained_run["checkpoint"]}", "input={folder}", "output={tmp_path / "out"}", "device=cpu",
              "batch_size=1", "num_workers=2"]
 print("images", predict(compose_config("predict", overrides))["images"])
 """
@@ -213,8 +252,14 @@ def test_an_unreadable_image_read_by_a_worker_is_named(trained_run, tmp_path):
     folder = random_png(tmp_path / "in")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(SeglabError, match=r"Image file .*broken\.jpg is unreadable or truncated"):
-        predict(compose_predict(f"ckpt_path={trained_run['checkpoint']}", f"input={folder}",
-                                f"output={tmp_path / 'out'}", "num_workers=1"))
+        predict(
+            compose_predict(
+                f"ckpt_path={trained_run['checkpoint']}",
+                f"input={folder}",
+                f"output={tmp_path / 'out'}",
+                "num_workers=1",
+            )
+        )
 
 
 def test_required_settings_are_named():
@@ -225,9 +270,19 @@ def test_required_settings_are_named():
 @pytest.mark.slow  # predict.py in a subprocess importing torch and Lightning
 def test_predict_script_as_a_user_runs_it(trained_run, inputs, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "predict.py", f"ckpt_path={trained_run['checkpoint']}",
-                           f"input={inputs / 'sub'}", f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "predict.py",
+            f"ckpt_path={trained_run['checkpoint']}",
+            f"input={inputs / 'sub'}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "seglab prediction: 2 image(s)" in proc.stdout
     # output defaults to the run folder, next to the run's log

@@ -19,8 +19,9 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("SEGLAB_QUICKSTART_FAST", "1")  # the 20-image, 64 px export and 2 debug epochs
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's temporary working folder, removed with tmp_path
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, kernel_name="python3", timeout=600,
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     summary = next(o["data"]["application/json"] for o in outputs if "application/json" in o.get("data", {}))
 
@@ -28,15 +29,22 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     assert run_dir.relative_to(tmp_path).parts[1] == "outputs"  # <temporary folder>/outputs/<date>/<time>
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["epochs_run"], summary["checkpoint"], summary["best_epoch"]) == (
-        2, metrics["checkpoint"], metrics["best_epoch"])
+        2,
+        metrics["checkpoint"],
+        metrics["best_epoch"],
+    )
     assert summary["best_val_loss_in_curves"] == metrics["best_val"]["val/loss"]
     assert (summary["test_mIoU"], summary["trivial_mIoU"]) == (
-        metrics["test"]["test/mIoU"], metrics["diagnosis"]["trivial"]["mIoU"])
+        metrics["test"]["test/mIoU"],
+        metrics["diagnosis"]["trivial"]["mIoU"],
+    )
     printed = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
     interval = metrics["uncertainty"]["test"]["mIoU"]
-    assert (f"test mIoU {metrics['test']['test/mIoU']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}] over "
-            f"{metrics['uncertainty']['test']['images']} images; predicting {metrics['diagnosis']['trivial']['class']} "
-            f"everywhere {metrics['diagnosis']['trivial']['mIoU']:.4f}") in printed
+    assert (
+        f"test mIoU {metrics['test']['test/mIoU']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}] over "
+        f"{metrics['uncertainty']['test']['images']} images; predicting {metrics['diagnosis']['trivial']['class']} "
+        f"everywhere {metrics['diagnosis']['trivial']['mIoU']:.4f}"
+    ) in printed
     assert summary["report_files"] == 20
     # Back into labelling: the calibrated run, the 4 new photos ranked with the top 2 as a COCO batch, the run's
     # 2 val and 2 test images reviewed.
@@ -45,7 +53,8 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     batch = Path(summary["batch"])
     coco = json.loads((batch / "_annotations.coco.json").read_text())
     assert len(coco["images"]) == 2 and sorted(p.name for p in batch.glob("*.png")) == sorted(
-        i["file_name"] for i in coco["images"])
+        i["file_name"] for i in coco["images"]
+    )
 
     evaluation = json.loads((Path(summary["evaluation_dir"]) / "metrics.json").read_text())
     assert (evaluation["checkpoint"], evaluation["mIoU"]) == (metrics["checkpoint"], summary["evaluation_mIoU"])

@@ -19,8 +19,15 @@ from seglab.inference import Predictor
 from seglab.rank import rank, ranked, uncertainty
 
 ROOT = Path(__file__).resolve().parents[1]
-META = {"class_names": ["background", "thing"], "palette": [[0, 0, 0], [255, 0, 0]], "ignore_index": 255,
-        "image_size": 32, "base_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1]}
+META = {
+    "class_names": ["background", "thing"],
+    "palette": [[0, 0, 0], [255, 0, 0]],
+    "ignore_index": 255,
+    "image_size": 32,
+    "base_size": 32,
+    "mean": [0, 0, 0],
+    "std": [1, 1, 1],
+}
 
 
 def red_model(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +65,7 @@ def test_the_measures_of_an_image_by_hand():
 def test_a_model_that_reads_position_disagrees_with_itself_under_a_mirror():
     def lopsided(x):  # red_model plus a ramp from -1 (left) to +1 (right): the right side leans to "thing"
         return red_model(x) + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1) * torch.linspace(-1, 1, x.shape[-1])
+
     predictor = Predictor(lopsided, META, mode="whole")
     toss = uncertainty(predictor, image(128, 128), min_confidence=0.9)
     assert (toss["mask"][:, :16] == 0).all() and (toss["mask"][:, 16:] == 1).all()
@@ -66,20 +74,25 @@ def test_a_model_that_reads_position_disagrees_with_itself_under_a_mirror():
 
 
 def test_most_unsure_first_then_by_the_other_measures():
-    rows = [{"file": "a", "entropy": 0.2, "unsure": 0.1, "flip": 0.0},
-            {"file": "b", "entropy": 0.9, "unsure": 0.0, "flip": 0.0},
-            {"file": "c", "entropy": 0.2, "unsure": 0.1, "flip": 0.3},
-            {"file": "d", "entropy": 0.2, "unsure": 0.5, "flip": 0.0}]
+    rows = [
+        {"file": "a", "entropy": 0.2, "unsure": 0.1, "flip": 0.0},
+        {"file": "b", "entropy": 0.9, "unsure": 0.0, "flip": 0.0},
+        {"file": "c", "entropy": 0.2, "unsure": 0.1, "flip": 0.3},
+        {"file": "d", "entropy": 0.2, "unsure": 0.5, "flip": 0.0},
+    ]
     assert [r["file"] for r in ranked(rows, "entropy")] == ["b", "d", "c", "a"]
     assert [r["file"] for r in ranked(rows, "unsure")] == ["d", "c", "a", "b"]
     assert [r["file"] for r in ranked(rows, "flip")] == ["c", "b", "d", "a"]
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("by=loss", "by='loss' must be one of entropy, unsure, flip"),
-    ("top=0", "top=0 must be a whole number >= 1"),
-    ("format=yolo", "format='yolo' must be coco, masks or null"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("by=loss", "by='loss' must be one of entropy, unsure, flip"),
+        ("top=0", "top=0 must be a whole number >= 1"),
+        ("format=yolo", "format='yolo' must be coco, masks or null"),
+    ],
+)
 def test_settings_are_checked(override, message):
     with pytest.raises(SeglabError, match=message):
         rank(compose_config("rank", ["ckpt_path=x", "input=x", override]))
@@ -92,9 +105,23 @@ def test_rank_as_a_user_runs_it(trained_run, demo_root, tmp_path):
     for i, photo in enumerate(photos):
         Image.open(photo).save(tmp_path / "unlabelled" / ("sub" if i % 2 else "") / photo.name)
     out = tmp_path / "ranked"
-    proc = subprocess.run([sys.executable, "-m", "seglab.rank", f"ckpt_path={ckpt}", f"input={tmp_path / 'unlabelled'}",
-                           f"output={out}", "top=2", "format=coco", "device=cpu"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "seglab.rank",
+            f"ckpt_path={ckpt}",
+            f"input={tmp_path / 'unlabelled'}",
+            f"output={out}",
+            "top=2",
+            "format=coco",
+            "device=cpu",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with (out / "ranking.csv").open() as fh:
         rows = list(csv.DictReader(fh))

@@ -30,8 +30,9 @@ def copy_export(demo_root: Path, tmp_path: Path) -> Path:
 
 
 def setup_error(root: Path, tmp_path: Path, **kwargs) -> str:
-    dm = SegmentationDataModule(root=str(root), image_size=64, num_workers=0, batch_size=2,
-                                cache_dir=str(tmp_path / "cache"), **kwargs)
+    dm = SegmentationDataModule(
+        root=str(root), image_size=64, num_workers=0, batch_size=2, cache_dir=str(tmp_path / "cache"), **kwargs
+    )
     with pytest.raises(SeglabError) as info:
         dm.setup("fit")
     return str(info.value)
@@ -112,7 +113,8 @@ def test_a_missing_image_stops_a_training_run_with_one_line(demo_root, tmp_path,
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == (
         f"seglab: error: 1 image file(s) listed in the annotations are missing, e.g. {missing}. Re-export the "
-        "dataset, or restore or remove those images.\n")
+        "dataset, or restore or remove those images.\n"
+    )
     assert not (tmp_path / "cache" / "groups" / "index.json").exists()  # nothing fingerprinted
 
 
@@ -139,10 +141,12 @@ def test_what_real_coco_exports_carry_is_read_rather_than_refused(demo_root, tmp
 
 
 def test_split_and_class_settings(demo_root, tmp_path):
-    assert "sum to 1" in str(pytest.raises(SeglabError, SegmentationDataModule, root=str(demo_root),
-                                           split_ratios=[0.8, 0.1, 0.2]).value)
-    assert "data.image_size=0" in str(pytest.raises(SeglabError, SegmentationDataModule,
-                                                    root=str(demo_root), image_size=0).value)
+    assert "sum to 1" in str(
+        pytest.raises(SeglabError, SegmentationDataModule, root=str(demo_root), split_ratios=[0.8, 0.1, 0.2]).value
+    )
+    assert "data.image_size=0" in str(
+        pytest.raises(SeglabError, SegmentationDataModule, root=str(demo_root), image_size=0).value
+    )
     assert "'horse'" in setup_error(demo_root, tmp_path, classes=["horse"])
     # 5 images at 80/10/10 leave val empty (round(0.5) = 0).
     root = tmp_path / "five"
@@ -166,8 +170,9 @@ def test_config_values_must_be_positive(compose_train):
 
 
 def run_train(*args, expect_rc=0, **kwargs):
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, **kwargs)
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs
+    )
     assert proc.returncode == expect_rc, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
 
@@ -208,8 +213,13 @@ def test_multirun_failed_job_is_marked_and_others_finish(demo_root, tmp_path):
 @pytest.mark.slow  # train.py in subprocesses (errors, interrupts and resumes as a user meets them)
 def test_non_finite_loss_stops_with_a_clear_message(demo_root, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_train(*smoke(demo_root, tmp_path, "optimizer=sgd", "optimizer.lr=1e12", "max_epochs=3",
-                            "trainer.limit_train_batches=4"), f"hydra.run.dir={run_dir}", expect_rc=1)
+    proc = run_train(
+        *smoke(
+            demo_root, tmp_path, "optimizer=sgd", "optimizer.lr=1e12", "max_epochs=3", "trainer.limit_train_batches=4"
+        ),
+        f"hydra.run.dir={run_dir}",
+        expect_rc=1,
+    )
     assert "training loss became NaN or infinite" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -218,10 +228,17 @@ def test_non_finite_loss_stops_with_a_clear_message(demo_root, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_run_resumes_in_the_same_folder(sig, demo_root, tmp_path):
     run_dir = tmp_path / "run"
-    args = smoke(demo_root, tmp_path, "max_epochs=4", "trainer.limit_train_batches=3",
-                 "callbacks.early_stopping.patience=100", f"hydra.run.dir={run_dir}")
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    args = smoke(
+        demo_root,
+        tmp_path,
+        "max_epochs=4",
+        "trainer.limit_train_batches=3",
+        "callbacks.early_stopping.patience=100",
+        f"hydra.run.dir={run_dir}",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline:  # after the first epoch
@@ -251,8 +268,16 @@ def test_a_resume_from_an_older_checkpoint_logs_each_epoch_once(demo_root, tmp_p
     written in the background): the resume repeats that epoch, and TensorBoard shows it once."""
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    run_train(*smoke(demo_root, tmp_path, "max_epochs=1", "trainer.limit_train_batches=3",
-                     "callbacks.early_stopping.patience=100", f"hydra.run.dir={run_dir}"))
+    run_train(
+        *smoke(
+            demo_root,
+            tmp_path,
+            "max_epochs=1",
+            "trainer.limit_train_batches=3",
+            "callbacks.early_stopping.patience=100",
+            f"hydra.run.dir={run_dir}",
+        )
+    )
     epoch0 = shutil.copy(last, tmp_path / "epoch0.ckpt")
     run_train(f"resume={run_dir}", "max_epochs=2")  # epoch 1 logged and checkpointed
     last.unlink()

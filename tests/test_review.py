@@ -24,15 +24,16 @@ def item(name: str, label: np.ndarray, predicted: np.ndarray, sure: float = 0.9)
 
 def squares(value: int, at: tuple[int, int], size: int = 16, shape: tuple[int, int] = (64, 64)) -> np.ndarray:
     out = np.zeros(shape, np.int64)
-    out[at[0]:at[0] + size, at[1]:at[1] + size] = value
+    out[at[0] : at[0] + size, at[1] : at[1] + size] = value
     return out
 
 
 def test_a_label_the_model_contradicts_ranks_first_with_its_region_outlined():
-    agreeing = [item(f"ok{i}.jpg", squares(1 + i % 2, (8 * i % 40, 10)), squares(1 + i % 2, (8 * i % 40, 10)))
-                for i in range(8)]
+    agreeing = [
+        item(f"ok{i}.jpg", squares(1 + i % 2, (8 * i % 40, 10)), squares(1 + i % 2, (8 * i % 40, 10))) for i in range(8)
+    ]
     truth = squares(1, (30, 30))
-    swapped = item("swapped.jpg", squares(2, (30, 30)), truth)    # a disc labelled as the other class
+    swapped = item("swapped.jpg", squares(2, (30, 30)), truth)  # a disc labelled as the other class
     erased = item("erased.jpg", np.zeros((64, 64), np.int64), truth)  # an object left unlabelled
     items = [*agreeing, swapped, erased]
     scored(items)
@@ -41,14 +42,20 @@ def test_a_label_the_model_contradicts_ranks_first_with_its_region_outlined():
     assert all(i["score"] > max(swapped["score"], erased["score"]) for i in agreeing)
     for wrong in (swapped, erased):  # the suspect pixels are the square where label and model disagree
         assert np.array_equal(suspect_mask(wrong).astype(bool), truth == 1)
-        assert wrong["suspect_share"] == 16 * 16 / 64 ** 2
+        assert wrong["suspect_share"] == 16 * 16 / 64**2
     assert all(not suspect_mask(i).any() and i["suspect_share"] == 0 for i in agreeing)
 
 
 def test_large_images_are_kept_on_the_grid_and_their_suspect_region_drawn_back_at_full_size():
     shape = (512, 256)  # 8 x 4 grid pixels per grid cell of 64 x 64
-    agreeing = [item(f"ok{i}.jpg", squares(1 + i % 2, (64 * i % 320, 32), 128, shape),
-                     squares(1 + i % 2, (64 * i % 320, 32), 128, shape)) for i in range(8)]
+    agreeing = [
+        item(
+            f"ok{i}.jpg",
+            squares(1 + i % 2, (64 * i % 320, 32), 128, shape),
+            squares(1 + i % 2, (64 * i % 320, 32), 128, shape),
+        )
+        for i in range(8)
+    ]
     truth = squares(1, (256, 64), 128, shape)
     swapped = item("swapped.jpg", squares(2, (256, 64), 128, shape), truth)
     items = [*agreeing, swapped]
@@ -59,8 +66,10 @@ def test_large_images_are_kept_on_the_grid_and_their_suspect_region_drawn_back_a
     assert max(v.size for i in items for v in i.values() if isinstance(v, np.ndarray)) == 3 * 64 * 64
 
 
-@pytest.mark.parametrize(("override", "message"), [("top=0", "top=0 must be a whole number"),
-                                                   ("run=/nonexistent", "run='/nonexistent' is not a folder")])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("top=0", "top=0 must be a whole number"), ("run=/nonexistent", "run='/nonexistent' is not a folder")],
+)
 def test_settings_are_checked(override, message):
     with pytest.raises(SeglabError, match=message):
         review(compose_config("review", ["run=.", override]))
@@ -68,8 +77,13 @@ def test_settings_are_checked(override, message):
 
 def test_review_of_a_run_as_a_user_runs_it(trained_run, tmp_path):
     out = tmp_path / "review"
-    proc = subprocess.run([sys.executable, "-m", "seglab.review", f"run={trained_run['run_dir']}", f"output={out}",
-                           "top=3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "seglab.review", f"run={trained_run['run_dir']}", f"output={out}", "top=3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with (out / "review.csv").open() as fh:
         rows = list(csv.DictReader(fh))

@@ -18,8 +18,9 @@ TINY = ["debug=fast", "model=deeplabv3_mobilenet_v3_large"]
 
 
 def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def leaderboard(sweep_dir: Path) -> list[dict[str, str]]:
@@ -32,8 +33,16 @@ def test_submitit_local_launcher_runs_cross_validation_folds_with_a_summary(demo
     """Group k-fold as a sweep, one submitit job per fold (the SLURM launcher submits the same jobs): the job folders
     start with the swept key, and the sweep folder gets the leaderboard and the mean +- sd over folds."""
     sweep_dir = tmp_path / "sweep"
-    proc = run_train("-m", "hydra/launcher=submitit_local", "cv.folds=2", "cv.fold=0,1", *TINY,
-                     f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}")
+    proc = run_train(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "cv.folds=2",
+        "cv.fold=0,1",
+        *TINY,
+        f"data.root={demo_root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in proc.stdout + proc.stderr
     assert len(list(sweep_dir.glob(".submitit/*/*_0_result.pkl"))) == 2  # submitit ran each job and kept its result
@@ -61,21 +70,39 @@ def test_slurm_launcher_writes_an_sbatch_file_with_one_task_per_gpu(demo_root, t
     captured = tmp_path / "job.sbatch"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_CAPTURE": str(captured)}
     sweep_dir = tmp_path / "sweep"
-    proc = run_train("-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=8",
-                     "trainer=ddp", "trainer.num_nodes=2", "optimizer=adam,sgd", f"data.root={demo_root}",
-                     f"hydra.sweep.dir={sweep_dir}", env=env)
+    proc = run_train(
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=8",
+        "trainer=ddp",
+        "trainer.num_nodes=2",
+        "optimizer=adam,sgd",
+        f"data.root={demo_root}",
+        f"hydra.sweep.dir={sweep_dir}",
+        env=env,
+    )
     assert proc.returncode == 1 and "no SLURM here" in proc.stderr  # the stand-in's refusal, not ours
     sbatch = captured.read_text().splitlines()
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --ntasks-per-node=8", "#SBATCH --time=240", "#SBATCH --array=0-1%2"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --time=240",
+        "#SBATCH --array=0-1%2",
+    ):
         assert line in sbatch
     assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in sbatch)
 
 
 def test_slurm_launcher_config_ties_tasks_to_gpus_and_nodes_to_the_trainer():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "trainer=ddp",
-                                          "trainer.num_nodes=3"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "trainer=ddp", "trainer.num_nodes=3"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (4, 4, 3)
@@ -86,9 +113,15 @@ def test_slurm_launcher_config_ties_tasks_to_gpus_and_nodes_to_the_trainer():
 def test_optuna_search_runs_two_trials_and_reports_the_best(demo_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = run_train("hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
-                     *TINY, f"data.root={demo_root}", f"data.cache_dir={tmp_path / 'cache'}",
-                     f"hydra.sweep.dir={sweep_dir}")
+    proc = run_train(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}",
+        *TINY,
+        f"data.root={demo_root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     study = optuna.load_study(study_name="seglab", storage=storage)
@@ -114,9 +147,17 @@ def test_optuna_search_records_a_failed_job_as_a_failed_trial_and_goes_on(demo_r
     # max_epochs=1 and the second 0 (seeded TPE, checked against this Optuna release).
     sweep_dir = tmp_path / "sweep"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = run_train("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0",
-                     "max_epochs=choice(1,0)", f"hydra.sweeper.storage={storage}", *TINY, f"data.root={demo_root}",
-                     f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep_dir}")
+    proc = run_train(
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.seed=0",
+        "max_epochs=choice(1,0)",
+        f"hydra.sweeper.storage={storage}",
+        *TINY,
+        f"data.root={demo_root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study = optuna.load_study(study_name="seglab", storage=storage)
     assert [t.params["max_epochs"] for t in study.trials] == [1, 0]

@@ -36,8 +36,9 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_root, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_script("train.py", f"optimizer={optimizer}", *smoke_args(demo_root, tmp_path),
-                      f"hydra.run.dir={run_dir}")
+    proc = run_script(
+        "train.py", f"optimizer={optimizer}", *smoke_args(demo_root, tmp_path), f"hydra.run.dir={run_dir}"
+    )
     assert "seglab training summary" in proc.stdout
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -66,8 +67,10 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
     trivial = metrics["diagnosis"]["trivial"]
     assert test["trivial"]["class"] == trivial["class"]
     assert test["trivial"]["mIoU"]["value"] == pytest.approx(trivial["mIoU"])
-    assert f"(95 % bootstrap; predicting {trivial['class']} everywhere: {interval_text(test['trivial']['mIoU'])})" \
+    assert (
+        f"(95 % bootstrap; predicting {trivial['class']} everywhere: {interval_text(test['trivial']['mIoU'])})"
         in proc.stdout
+    )
     assert "over 2 images in 2 scenes (fewer than 10: the interval is rough)" in proc.stdout
     assert test["unseen"]["images"] == 2
     assert f"{interval_text(test['unseen']['mIoU'])} on the 2 of 2 test images with no copy" in proc.stdout
@@ -80,8 +83,10 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
     assert all(math.isfinite(v) for v in values["train/loss"] + values["val/loss"])
     assert values["val/loss"][0] == pytest.approx(metrics["best_val"]["val/loss"], rel=1e-5)
     assert "hp/test/mIoU" in values
-    assert values["train/images_per_s"] == [pytest.approx(metrics["train_images_per_s"])] and \
-        metrics["train_images_per_s"] > 0  # one epoch: its own rate
+    assert (
+        values["train/images_per_s"] == [pytest.approx(metrics["train_images_per_s"])]
+        and metrics["train_images_per_s"] > 0
+    )  # one epoch: its own rate
 
 
 @pytest.mark.slow  # train.py in a subprocess, as a user runs it
@@ -89,10 +94,21 @@ def test_multirun_optimizer_sweep_gives_named_runs_and_leaderboard(demo_root, tm
     sweep_dir = tmp_path / "sweep"
     # Settings a user adds on a real export: sorted, they fill the folder name's 120 bytes before "optimizer=", which
     # was cut off (TensorBoard showed two runs named 0_accelerator=cpu,...,num_wo and 1_accelerator=cpu,...,num_wo).
-    settings = ["trainer.accelerator=cpu", "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1",
-                "trainer.num_sanity_val_steps=0", "data.num_workers=0"]
-    proc = run_script("train.py", "-m", "optimizer=adam,sgd", *settings, *smoke_args(demo_root, tmp_path),
-                      f"hydra.sweep.dir={sweep_dir}")
+    settings = [
+        "trainer.accelerator=cpu",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        "trainer.num_sanity_val_steps=0",
+        "data.num_workers=0",
+    ]
+    proc = run_script(
+        "train.py",
+        "-m",
+        "optimizer=adam,sgd",
+        *settings,
+        *smoke_args(demo_root, tmp_path),
+        f"hydra.sweep.dir={sweep_dir}",
+    )
     jobs = sorted(d.name for d in sweep_dir.iterdir() if d.is_dir())
     assert [j.split(",")[0] for j in jobs] == ["0_optimizer=adam", "1_optimizer=sgd"]  # what varies comes first
     assert all(len(j.encode()) <= 2 + 120 for j in jobs) and "accelerator=cpu" in jobs[0]

@@ -11,8 +11,11 @@ def test_colorize_uses_the_palette_and_paints_ignored_pixels_white():
     mask = np.array([[0, 1], [2, 255], [7, 1]], np.uint8)  # 7: an index the palette does not have
     rgb = colorize(mask, PALETTE, ignore_index=255)
     assert rgb.dtype == np.uint8 and rgb.shape == (3, 2, 3)
-    assert rgb.tolist() == [[[0, 0, 0], [230, 25, 75]], [[60, 180, 75], [255, 255, 255]],
-                            [[255, 255, 255], [230, 25, 75]]]
+    assert rgb.tolist() == [
+        [[0, 0, 0], [230, 25, 75]],
+        [[60, 180, 75], [255, 255, 255]],
+        [[255, 255, 255], [230, 25, 75]],
+    ]
 
 
 def test_overlay_blends_classes_and_leaves_background_untouched(tmp_path):

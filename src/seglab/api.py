@@ -42,18 +42,27 @@ from seglab.errors import SeglabError
 from seglab.inference import Predictor, load_predictor
 from seglab.viz import curves_figure, overlay
 
-__all__ = ["Prediction", "TrainResult", "evaluate", "export", "load_predictor", "predict", "read_curves", "report",
-           "train"]
+__all__ = [
+    "Prediction",
+    "TrainResult",
+    "evaluate",
+    "export",
+    "load_predictor",
+    "predict",
+    "read_curves",
+    "report",
+    "train",
+]
 
 CURVES = (("train/loss", "val/loss"), ("val/mIoU",))
 
 
 @dataclass
 class TrainResult:
-    metrics: dict             # what the run wrote to metrics.json (and train.py printed)
-    checkpoint: Path | None   # the best checkpoint, by cfg.monitor
+    metrics: dict  # what the run wrote to metrics.json (and train.py printed)
+    checkpoint: Path | None  # the best checkpoint, by cfg.monitor
     run_dir: Path
-    curves: pd.DataFrame      # read_curves(run_dir)
+    curves: pd.DataFrame  # read_curves(run_dir)
 
     def plot(self, *panels: Sequence[str]) -> Figure:
         """One axes per panel of column names against the step; default: the losses, and val mIoU."""
@@ -62,8 +71,8 @@ class TrainResult:
 
 @dataclass
 class Prediction:
-    mask: np.ndarray        # (H, W) uint8 class indices, at the image's own size
-    overlay: np.ndarray     # (H, W, 3) uint8 RGB: the image with each predicted class blended in its colour
+    mask: np.ndarray  # (H, W) uint8 class indices, at the image's own size
+    overlay: np.ndarray  # (H, W, 3) uint8 RGB: the image with each predicted class blended in its colour
     class_names: list[str]  # mask value i is class_names[i]
     palette: list[tuple[int, int, int]]
 
@@ -83,8 +92,11 @@ def read_curves(run_dir: str | Path) -> pd.DataFrame:
     that step. TensorBoard's own reader, so a resumed run's overwritten steps are dropped as TensorBoard drops
     them. The hp/ summary the run logs at step 0 is left out: it holds final values, not a curve."""
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
-    columns = {tag: pd.Series({e.step: e.value for e in events.Scalars(tag)}, dtype="float64")
-               for tag in events.Tags()["scalars"] if not tag.startswith("hp/")}
+    columns = {
+        tag: pd.Series({e.step: e.value for e in events.Scalars(tag)}, dtype="float64")
+        for tag in events.Tags()["scalars"]
+        if not tag.startswith("hp/")
+    }
     return pd.DataFrame(columns).rename_axis("step").sort_index()
 
 
@@ -92,8 +104,9 @@ def train(*overrides: str, output_dir: str | Path | None = None) -> TrainResult:
     """python train.py <overrides> (a new run; to continue one, python train.py resume=<run folder>)."""
     cfg = compose_run("train", overrides, output_dir)
     if cfg.get("resume"):
-        raise SeglabError("seglab.api.train starts new runs: continue one with python train.py resume=<run folder> "
-                          "[key=value ...].")
+        raise SeglabError(
+            "seglab.api.train starts new runs: continue one with python train.py resume=<run folder> [key=value ...]."
+        )
     out = Path(cfg.paths.output_dir)
     seglab.train.refuse_existing_run(out)  # before anything is written there
     # Hydra's record of the run, as train.py leaves it: python train.py resume=<run_dir> reads config.yaml.
@@ -101,8 +114,12 @@ def train(*overrides: str, output_dir: str | Path | None = None) -> TrainResult:
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
     (out / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     metrics = seglab.train.train(cfg)
-    return TrainResult(metrics=metrics, checkpoint=Path(metrics["checkpoint"]) if metrics["checkpoint"] else None,
-                       run_dir=out, curves=read_curves(out))
+    return TrainResult(
+        metrics=metrics,
+        checkpoint=Path(metrics["checkpoint"]) if metrics["checkpoint"] else None,
+        run_dir=out,
+        curves=read_curves(out),
+    )
 
 
 def evaluate(checkpoint: str | Path, *overrides: str, output_dir: str | Path | None = None) -> dict:
@@ -135,14 +152,17 @@ def rgb_array(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise SeglabError(f"image: expected an RGB uint8 array of shape (H, W, 3), got {array.dtype} {array.shape}. "
-                          "Pass a PIL image (any mode is converted), or convert the array, e.g. "
-                          "np.asarray(PIL.Image.fromarray(a).convert('RGB')); OpenCV's BGR needs a[..., ::-1].")
+        raise SeglabError(
+            f"image: expected an RGB uint8 array of shape (H, W, 3), got {array.dtype} {array.shape}. "
+            "Pass a PIL image (any mode is converted), or convert the array, e.g. "
+            "np.asarray(PIL.Image.fromarray(a).convert('RGB')); OpenCV's BGR needs a[..., ::-1]."
+        )
     return array
 
 
-def predict(predictor: Predictor | str | Path, image: str | Path | Image.Image | np.ndarray,
-            opacity: float = 0.5) -> Prediction:
+def predict(
+    predictor: Predictor | str | Path, image: str | Path | Image.Image | np.ndarray, opacity: float = 0.5
+) -> Prediction:
     """The mask and overlay of one image (a file, a PIL image or an RGB uint8 array), as predict.py writes
     them (opacity: predict.yaml's). `predictor`: a Predictor (load_predictor, built once for many images),
     or the path of a .ckpt or .onnx."""
@@ -150,5 +170,9 @@ def predict(predictor: Predictor | str | Path, image: str | Path | Image.Image |
     if not isinstance(predictor, Predictor):
         predictor = load_predictor(predictor)
     mask = predictor.predict(pixels)
-    return Prediction(mask=mask, overlay=overlay(pixels, mask, predictor.palette, opacity),
-                      class_names=list(predictor.class_names), palette=list(predictor.palette))
+    return Prediction(
+        mask=mask,
+        overlay=overlay(pixels, mask, predictor.palette, opacity),
+        class_names=list(predictor.class_names),
+        palette=list(predictor.palette),
+    )

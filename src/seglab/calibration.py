@@ -28,8 +28,9 @@ BINS = 15
 PIXELS_PER_IMAGE = 20_000
 
 
-def pixel_sample(logits: torch.Tensor, target: np.ndarray, ignore_index: int, seed: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_sample(
+    logits: torch.Tensor, target: np.ndarray, ignore_index: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (P, C) and classes (P,) of up to PIXELS_PER_IMAGE labelled pixels of one image (seeded)."""
     flat_target = torch.from_numpy(target.astype(np.int64)).reshape(-1)
     valid = torch.nonzero(flat_target != ignore_index).squeeze(1)
@@ -76,8 +77,9 @@ def calibration_error(logits: torch.Tensor, target: torch.Tensor, temperature: f
     if len(target) == 0:
         return math.nan
     probabilities = (logits / temperature).softmax(dim=1)
-    return float(multiclass_calibration_error(probabilities, target, num_classes=logits.shape[1], n_bins=BINS,
-                                              norm="l1"))
+    return float(
+        multiclass_calibration_error(probabilities, target, num_classes=logits.shape[1], n_bins=BINS, norm="l1")
+    )
 
 
 def reliability(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> list[dict]:
@@ -90,9 +92,15 @@ def reliability(logits: torch.Tensor, target: torch.Tensor, temperature: float =
     for b in range(BINS):
         inside = which == b
         count = int(inside.sum())
-        bins.append({"low": b / BINS, "high": (b + 1) / BINS, "pixels": count,
-                     "confidence": float(confidence[inside].mean()) if count else None,
-                     "accuracy": float(correct[inside].mean()) if count else None})
+        bins.append(
+            {
+                "low": b / BINS,
+                "high": (b + 1) / BINS,
+                "pixels": count,
+                "confidence": float(confidence[inside].mean()) if count else None,
+                "accuracy": float(correct[inside].mean()) if count else None,
+            }
+        )
     return bins
 
 
@@ -117,8 +125,10 @@ def calibration_summary(val: tuple, test: tuple | None) -> dict:
     summary = {"temperature": temperature, "fitted_on": "val", "pixels": int(len(val[1])), "bins": BINS}
     for name, sample in (("val", val), ("test", test)):
         if sample is not None and len(sample[1]):
-            summary[name] = {"ece_before": calibration_error(*sample), "ece_after": calibration_error(*sample,
-                                                                                                       temperature)}
+            summary[name] = {
+                "ece_before": calibration_error(*sample),
+                "ece_after": calibration_error(*sample, temperature),
+            }
     return summary
 
 
@@ -136,9 +146,11 @@ def calibrate_run(module, datamodule, checkpoints: list[Path], out: Path) -> dic
     """At the end of training: T fitted on the val split with the best weights (in `module`), the ECE before and
     after on val and test, the temperature stored in the module's metadata and in each checkpoint file, and the
     test split's reliability diagram (reliability.png) in the run folder."""
-    predictor = Predictor(TorchModel(module, next(module.parameters()).device), {**module_meta(module),
-                                                                                 "temperature": None},
-                          **module.inference)
+    predictor = Predictor(
+        TorchModel(module, next(module.parameters()).device),
+        {**module_meta(module), "temperature": None},
+        **module.inference,
+    )
     val = split_sample(predictor, datamodule.datasets["val"])
     test = split_sample(predictor, datamodule.datasets["test"]) if datamodule.splits.get("test") else None
     summary = calibration_summary(val, test)
@@ -146,8 +158,9 @@ def calibrate_run(module, datamodule, checkpoints: list[Path], out: Path) -> dic
     for path in checkpoints:
         store_temperature(path, summary)
     shown = test if test is not None and len(test[1]) else val
-    reliability_figure(*shown, summary["temperature"], f"{'test' if shown is test else 'val'} split: "
-                       "accuracy against confidence").savefig(out / "reliability.png")
+    reliability_figure(
+        *shown, summary["temperature"], f"{'test' if shown is test else 'val'} split: accuracy against confidence"
+    ).savefig(out / "reliability.png")
     return summary
 
 

@@ -105,8 +105,9 @@ class ValidationImages(pl.Callback):
 
     def __init__(self, num_images: int = 4, every_n: int = 1):
         if int(every_n) < 1:
-            raise SeglabError(f"callbacks.val_images.every_n={every_n} must be a positive integer "
-                              "(1: after every validation).")
+            raise SeglabError(
+                f"callbacks.val_images.every_n={every_n} must be a positive integer (1: after every validation)."
+            )
         self.num_images = num_images
         self.every_n = int(every_n)
         self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (image, mask, prediction) on the CPU
@@ -124,8 +125,10 @@ class ValidationImages(pl.Callback):
         if wanted <= 0 or not self._draws(trainer) or not trainer.is_global_zero:
             return
         if not isinstance(outputs, dict) or "preds" not in outputs:
-            raise SeglabError(f"callbacks.val_images needs the module's validation_step to return "
-                              f"{{'preds': classes}}; {type(pl_module).__name__}'s returned {type(outputs).__name__}.")
+            raise SeglabError(
+                f"callbacks.val_images needs the module's validation_step to return "
+                f"{{'preds': classes}}; {type(pl_module).__name__}'s returned {type(outputs).__name__}."
+            )
         # The first images of the (unshuffled, unaugmented) val split: the same ones every epoch, as validated
         # (whole images, padded to the batch's largest with the ignore index).
         images, masks = (t[:wanted].detach().cpu() for t in batch)
@@ -153,14 +156,16 @@ class ValidationImages(pl.Callback):
             logger.experiment.add_image("val/predictions", self.grid(pl_module), step, dataformats="HWC")
             self.rows = []
         if counts is not None:
-            figure = confusion_matrix_figure(counts, pl_module.class_names,
-                                             title=f"validation, epoch {trainer.current_epoch}")
+            figure = confusion_matrix_figure(
+                counts, pl_module.class_names, title=f"validation, epoch {trainer.current_epoch}"
+            )
             logger.experiment.add_figure("val/confusion_matrix", figure, step)
 
     def grid(self, pl_module: pl.LightningModule) -> np.ndarray:
         palette, ignore = pl_module.palette, pl_module.ignore_index
-        rows = [[image, colorize(mask, palette, ignore), colorize(pred, palette, ignore)]
-                for image, mask, pred in self.rows]
+        rows = [
+            [image, colorize(mask, palette, ignore), colorize(pred, palette, ignore)] for image, mask, pred in self.rows
+        ]
         gap = self.SEPARATOR
         return stack_with_gaps([stack_with_gaps(r, axis=1, gap=gap) for r in rows], axis=0, gap=gap)
 

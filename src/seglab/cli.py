@@ -24,8 +24,9 @@ from seglab.errors import SeglabError
 log = logging.getLogger("seglab")
 
 # conf/train.yaml: a resumed run writes into its own folder, its Hydra files beside the original ones.
-OmegaConf.register_new_resolver("if_resume", lambda resume, then, otherwise: then if resume else otherwise,
-                                replace=True)
+OmegaConf.register_new_resolver(
+    "if_resume", lambda resume, then, otherwise: then if resume else otherwise, replace=True
+)
 
 # Sweep job folders are named <job number>_<short_dirname of Hydra's override_dirname> (conf/train.yaml). The
 # overrides in full can pass the 255-byte limit of a file name (an Optuna trial: ten keys, 17-digit floats); the
@@ -128,8 +129,7 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig, metric: str | 
         log.error("job failed: %s", e if known else traceback.format_exc())
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(
-            json.dumps({"status": "failed", "error": user_message(e)}, indent=2) + "\n")
+        (out / "metrics.json").write_text(json.dumps({"status": "failed", "error": user_message(e)}, indent=2) + "\n")
         return None
     # None, not NaN, for a job without a finite value: the Optuna sweeper records None as a failed trial and
     # goes on, while a NaN makes its study.tell raise and ends the whole search.

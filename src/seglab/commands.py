@@ -26,34 +26,41 @@ from seglab.config import CONF_DIR
 
 def hydra_command(config_name: str, task: Callable[[], Callable], metric: bool = False) -> Callable[[], None]:
     """A @hydra.main entry over conf/<config_name>.yaml running task()(cfg) as the scripts do (run_task)."""
+
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def main(cfg: DictConfig) -> float | None:
         return run_task(task(), cfg, metric=cfg.monitor.metric if metric else None)
+
     return main
 
 
 def _train():
     from seglab.train import train
+
     return train
 
 
 def _evaluate():
     from seglab.evaluate import evaluate
+
     return evaluate
 
 
 def _predict():
     from seglab.predict import predict
+
     return predict
 
 
 def _export():
     from seglab.export import export
+
     return export
 
 
 def _serve():
     from seglab.serve import serve
+
     return serve
 
 
@@ -68,13 +75,22 @@ serve_main = hydra_command("serve", _serve)
 def _module(name: str) -> Callable[[], object]:
     def main():
         from importlib import import_module
+
         return import_module(name).main()
+
     return main
 
 
-COMMANDS = {"train": train_main, "evaluate": evaluate_main, "predict": predict_main, "export": export_main,
-            "serve": serve_main, "rank": _module("seglab.rank"), "review": _module("seglab.review"),
-            "report": _module("seglab.data.report")}
+COMMANDS = {
+    "train": train_main,
+    "evaluate": evaluate_main,
+    "predict": predict_main,
+    "export": export_main,
+    "serve": serve_main,
+    "rank": _module("seglab.rank"),
+    "review": _module("seglab.review"),
+    "report": _module("seglab.data.report"),
+}
 
 
 # Lightning's DDP starts the other processes by running sys.argv again, which no longer names the command.

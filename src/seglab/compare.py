@@ -32,8 +32,10 @@ def finished_jobs(sweep_dir: Path) -> list[tuple[Path, dict]]:
             if m.get("status") == "ok" and m.get("checkpoint"):
                 jobs.append((job, m))
     if not jobs:
-        raise SeglabError(f"{sweep_dir} has no finished jobs (folders with a metrics.json whose status is ok). "
-                          "Give the folder train.py -m printed as the sweep folder.")
+        raise SeglabError(
+            f"{sweep_dir} has no finished jobs (folders with a metrics.json whose status is ok). "
+            "Give the folder train.py -m printed as the sweep folder."
+        )
     return jobs
 
 
@@ -45,9 +47,18 @@ def evaluate_job(job: Path, checkpoint: str, mode: str, flip: bool, device: str)
     out = evaluation_dir(job, mode, flip)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())  # evaluated before: keep, never overwrite
-    cfg = compose_config("evaluate", overrides=[f"ckpt_path={quoted(checkpoint)}", f"inference.mode={mode}",
-                                                f"inference.flip={flip}", f"device={device}",
-                                                f"paths.output_dir={quoted(out)}", "num_overlays=2", "worst_k=2"])
+    cfg = compose_config(
+        "evaluate",
+        overrides=[
+            f"ckpt_path={quoted(checkpoint)}",
+            f"inference.mode={mode}",
+            f"inference.flip={flip}",
+            f"device={device}",
+            f"paths.output_dir={quoted(out)}",
+            "num_overlays=2",
+            "worst_k=2",
+        ],
+    )
     started = time.perf_counter()
     result = evaluate(cfg)
     result["seconds_per_image"] = (time.perf_counter() - started) / max(result["images"], 1)
@@ -62,23 +73,25 @@ def compare(sweep_dir: Path, modes: list[str], flip: bool = False, device: str =
             result = evaluate_job(job, metrics["checkpoint"], mode, flip, device)
             per_class = {f"IoU {name}": fmt(r["IoU"]) for name, r in result["per_class"].items()}
             folders[len(rows)] = evaluation_dir(job, mode, flip)
-            rows.append({
-                "_index": len(rows),
-                "job": job_label(job),
-                "inference": mode + (" + flip" if flip else ""),
-                "test mIoU": fmt(result["mIoU"]),
-                "95 %": interval_text((result.get("uncertainty") or {}).get("mIoU")).partition(" ")[2],
-                "vs first (paired)": "",
-                # Predicting the test split's most frequent class everywhere (seglab.models.trivial); its flag.
-                "trivial mIoU": fmt(result["diagnosis"]["trivial"].get("mIoU")),
-                "flag": "" if result["diagnosis"]["verdict"] == "ok" else result["diagnosis"]["verdict"],
-                **per_class,
-                "mean acc": fmt(result["mAcc"]),
-                "pixel acc": fmt(result["pixel_acc"]),
-                "val mIoU (training)": fmt(metrics["best_val"].get("val/mIoU")),
-                "best epoch": str(metrics.get("best_epoch", "")),
-                "s / image": fmt(result.get("seconds_per_image"), ".2f"),
-            })
+            rows.append(
+                {
+                    "_index": len(rows),
+                    "job": job_label(job),
+                    "inference": mode + (" + flip" if flip else ""),
+                    "test mIoU": fmt(result["mIoU"]),
+                    "95 %": interval_text((result.get("uncertainty") or {}).get("mIoU")).partition(" ")[2],
+                    "vs first (paired)": "",
+                    # Predicting the test split's most frequent class everywhere (seglab.models.trivial); its flag.
+                    "trivial mIoU": fmt(result["diagnosis"]["trivial"].get("mIoU")),
+                    "flag": "" if result["diagnosis"]["verdict"] == "ok" else result["diagnosis"]["verdict"],
+                    **per_class,
+                    "mean acc": fmt(result["mAcc"]),
+                    "pixel acc": fmt(result["pixel_acc"]),
+                    "val mIoU (training)": fmt(metrics["best_val"].get("val/mIoU")),
+                    "best epoch": str(metrics.get("best_epoch", "")),
+                    "s / image": fmt(result.get("seconds_per_image"), ".2f"),
+                }
+            )
     rows.sort(key=lambda r: -float(r["test mIoU"] or "-inf"))
     for row, (cell, _) in zip(rows, versus_first([folders[r["_index"]] / "per_image.npz" for r in rows]), strict=True):
         row["vs first (paired)"] = cell

@@ -20,8 +20,10 @@ def compose_config(name: str, overrides: Sequence[str] = (), return_hydra_config
     """conf/<name>.yaml with Hydra overrides, as the scripts would compose it; with return_hydra_config, its
     `hydra` node too (run folder settings; its runtime values exist only under @hydra.main)."""
     if not CONF_DIR.is_dir():
-        raise SeglabError(f"seglab reads its configs from {CONF_DIR}, which does not exist: reinstall seglab "
-                          "(pip install .), or in a checkout on a file system without links, copy conf/ there.")
+        raise SeglabError(
+            f"seglab reads its configs from {CONF_DIR}, which does not exist: reinstall seglab "
+            "(pip install .), or in a checkout on a file system without links, copy conf/ there."
+        )
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 

@@ -41,8 +41,14 @@ class PredictorCalibration:
 
     def __init__(self, reference: Predictor, images: Iterator[np.ndarray], input_name: str, count: int | None = None):
         self.recorder = InputRecorder(len(reference.class_names))
-        self.predictor = Predictor(self.recorder, reference.meta, mode=reference.mode, flip=reference.flip,
-                                   overlap=reference.overlap, tile_batch=reference.tile_batch)
+        self.predictor = Predictor(
+            self.recorder,
+            reference.meta,
+            mode=reference.mode,
+            flip=reference.flip,
+            overlap=reference.overlap,
+            tile_batch=reference.tile_batch,
+        )
         self.images, self.input_name, self.fed, self.shapes = images, input_name, 0, set()
         self.count, self.left_in_range = count, None  # None: no range, every image
 
@@ -79,23 +85,40 @@ def quantize_int8(fp32_path: Path, output: Path, reader: PredictorCalibration, s
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     op_types = list(settings.op_types) if settings.op_types else None
     try:
-        quantize_static(str(prepared), str(output), reader, quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=False,
-                        per_channel=bool(settings.per_channel), op_types_to_quantize=op_types,
-                        calibrate_method=CalibrationMethod[settings.calibrate_method],
-                        extra_options={"CalibStridedMinMax": 1} if reader.count else {})  # one image per pass
+        quantize_static(
+            str(prepared),
+            str(output),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            reduce_range=False,
+            per_channel=bool(settings.per_channel),
+            op_types_to_quantize=op_types,
+            calibrate_method=CalibrationMethod[settings.calibrate_method],
+            extra_options={"CalibStridedMinMax": 1} if reader.count else {},
+        )  # one image per pass
     except ValueError:
         if len(reader.shapes) < 2:
             raise
         # The histogram calibrators stack every input's activations into one array.
         shapes = ", ".join("x".join(map(str, shape)) for shape in sorted(reader.shapes)[:3])
-        raise SeglabError(f"quantization.calibrate_method={settings.calibrate_method} needs calibration inputs of "
-                          f"one shape, but the training images give several ({shapes}, ...: images of different "
-                          "aspect ratios predicted whole). Use quantization.calibrate_method=MinMax.") from None
+        raise SeglabError(
+            f"quantization.calibrate_method={settings.calibrate_method} needs calibration inputs of "
+            f"one shape, but the training images give several ({shapes}, ...: images of different "
+            "aspect ratios predicted whole). Use quantization.calibrate_method=MinMax."
+        ) from None
     prepared.unlink()
-    return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "activations": "uint8",
-            "weights": "int8", "per_channel": bool(settings.per_channel), "reduce_range": False,
-            "op_types": op_types or "all ONNX Runtime quantises", "calibrate_method": settings.calibrate_method}
+    return {
+        "method": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "activations": "uint8",
+        "weights": "int8",
+        "per_channel": bool(settings.per_channel),
+        "reduce_range": False,
+        "op_types": op_types or "all ONNX Runtime quantises",
+        "calibrate_method": settings.calibrate_method,
+    }
 
 
 def convert_fp16(fp32_path: Path, output: Path) -> dict:
@@ -117,8 +140,11 @@ def convert_openvino(fp32_path: Path, output: Path) -> dict:
     import openvino as ov
 
     ov.save_model(ov.convert_model(str(fp32_path)), str(output), compress_to_fp16=False)
-    return {"method": "openvino.convert_model of the fp32 ONNX graph", "weights": "fp32",
-            "openvino_version": ov.get_version()}
+    return {
+        "method": "openvino.convert_model of the fp32 ONNX graph",
+        "weights": "fp32",
+        "openvino_version": ov.get_version(),
+    }
 
 
 def quantize_openvino(fp32_path: Path, output: Path, reader: PredictorCalibration, settings: DictConfig) -> dict:
@@ -130,10 +156,20 @@ def quantize_openvino(fp32_path: Path, output: Path, reader: PredictorCalibratio
     import openvino as ov
 
     inputs = list(iter(reader.get_next, None))  # NNCF walks the data set more than once: held in memory
-    quantized = nncf.quantize(ov.convert_model(str(fp32_path)), nncf.Dataset(inputs),
-                              preset=nncf.QuantizationPreset(settings.preset), subset_size=len(inputs),
-                              fast_bias_correction=bool(settings.fast_bias_correction))
+    quantized = nncf.quantize(
+        ov.convert_model(str(fp32_path)),
+        nncf.Dataset(inputs),
+        preset=nncf.QuantizationPreset(settings.preset),
+        subset_size=len(inputs),
+        fast_bias_correction=bool(settings.fast_bias_correction),
+    )
     ov.save_model(quantized, str(output), compress_to_fp16=False)
-    return {"method": "nncf.quantize (post-training, OpenVINO backend)", "preset": settings.preset,
-            "fast_bias_correction": bool(settings.fast_bias_correction), "activations": "int8",
-            "weights": "int8 per channel", "nncf_version": nncf.__version__, "openvino_version": ov.get_version()}
+    return {
+        "method": "nncf.quantize (post-training, OpenVINO backend)",
+        "preset": settings.preset,
+        "fast_bias_correction": bool(settings.fast_bias_correction),
+        "activations": "int8",
+        "weights": "int8 per channel",
+        "nncf_version": nncf.__version__,
+        "openvino_version": ov.get_version(),
+    }

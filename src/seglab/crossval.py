@@ -48,8 +48,10 @@ def cross_validate(cfg: DictConfig, run: Callable[[DictConfig], dict]) -> dict:
     table, summary = write_summary(out, [f"fold{i}" for i in range(folds)], results)
     metrics = {"status": "ok", "cv": summary, "folds": [str(out / f"fold{i}") for i in range(folds)]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"\nseglab cross-validation summary ({folds} folds by {cfg.data.split_by}; {out / 'cv_summary.md'})\n"
-          f"{table}", flush=True)
+    print(
+        f"\nseglab cross-validation summary ({folds} folds by {cfg.data.split_by}; {out / 'cv_summary.md'})\n{table}",
+        flush=True,
+    )
     return metrics
 
 
@@ -57,9 +59,11 @@ def fold_values(metrics: dict) -> dict[str, float | None]:
     """The per-fold numbers the summary averages, from a fold's metrics.json."""
     test = (metrics.get("uncertainty") or {}).get("test") or {}
     val = metrics.get("best_val") or {}
-    values = {"test mIoU": (test.get("mIoU") or {}).get("value"),
-              "unseen test mIoU": ((test.get("unseen") or {}).get("mIoU") or {}).get("value"),
-              "val mIoU": val.get("val/mIoU")}
+    values = {
+        "test mIoU": (test.get("mIoU") or {}).get("value"),
+        "unseen test mIoU": ((test.get("unseen") or {}).get("mIoU") or {}).get("value"),
+        "val mIoU": val.get("val/mIoU"),
+    }
     for name, entry in (test.get("IoU") or {}).items():
         values[f"test IoU {name}"] = entry.get("value")
     return values
@@ -68,8 +72,11 @@ def fold_values(metrics: dict) -> dict[str, float | None]:
 def spread(values: Sequence[float | None]) -> dict:
     """Mean and sample standard deviation over the folds that have the value (None: a fold without it)."""
     found = [v for v in values if v is not None and math.isfinite(v)]
-    return {"mean": float(np.mean(found)) if found else None,
-            "sd": float(np.std(found, ddof=1)) if len(found) > 1 else None, "folds": list(values)}
+    return {
+        "mean": float(np.mean(found)) if found else None,
+        "sd": float(np.std(found, ddof=1)) if len(found) > 1 else None,
+        "folds": list(values),
+    }
 
 
 def mean_sd(values: Sequence[float | None]) -> str:
@@ -81,8 +88,9 @@ def mean_sd(values: Sequence[float | None]) -> str:
     return f"{entry['mean']:.3f} +- {sd}" + (f" ({found} folds)" if found < len(values) else "")
 
 
-def write_summary(folder: Path, names: Sequence[str], results: Sequence[dict], stem: str = "cv_summary"
-                  ) -> tuple[str, dict]:
+def write_summary(
+    folder: Path, names: Sequence[str], results: Sequence[dict], stem: str = "cv_summary"
+) -> tuple[str, dict]:
     """cv_summary.md/.csv: a row per fold (test mIoU with its interval, unseen, val) and mean +- sd (sample
     standard deviation over folds)."""
     rows, per_fold = [], []
@@ -93,10 +101,16 @@ def write_summary(folder: Path, names: Sequence[str], results: Sequence[dict], s
         values = fold_values(metrics)
         per_fold.append(values)
         test = metrics["uncertainty"]["test"]
-        rows.append({"fold": name, "test images": str(test["images"]), "test mIoU": interval_text(test["mIoU"]),
-                     "unseen test mIoU": interval_text(test["unseen"]["mIoU"]) + f" ({test['unseen']['images']})",
-                     "val mIoU": f"{values['val mIoU']:.3f}" if values["val mIoU"] is not None else "-",
-                     **{k: "-" if v is None else f"{v:.3f}" for k, v in values.items() if k.startswith("test IoU")}})
+        rows.append(
+            {
+                "fold": name,
+                "test images": str(test["images"]),
+                "test mIoU": interval_text(test["mIoU"]),
+                "unseen test mIoU": interval_text(test["unseen"]["mIoU"]) + f" ({test['unseen']['images']})",
+                "val mIoU": f"{values['val mIoU']:.3f}" if values["val mIoU"] is not None else "-",
+                **{k: "-" if v is None else f"{v:.3f}" for k, v in values.items() if k.startswith("test IoU")},
+            }
+        )
     keys = list(dict.fromkeys(k for v in per_fold for k in v))
     summary = {k: spread([v.get(k) for v in per_fold]) for k in keys}
     rows.append({"fold": "mean +- sd", **{k: mean_sd([v.get(k) for v in per_fold]) for k in keys}})

@@ -42,8 +42,9 @@ RESOLUTIONS = {
 }
 
 
-def build_datamodule(module: SegmentationModule, ckpt_path: str, overrides: dict | None = None,
-                     splits_file: Path | None = None) -> SegmentationDataModule:
+def build_datamodule(
+    module: SegmentationModule, ckpt_path: str, overrides: dict | None = None, splits_file: Path | None = None
+) -> SegmentationDataModule:
     """The run's own data config, with the user's data.* overrides (None values keep the run's); what the model
     was trained with (image size, normalisation, ignore index) always comes from the checkpoint."""
     meta = module.meta
@@ -125,16 +126,20 @@ def format_table(result: dict) -> str:
     uncertainty = result["uncertainty"]
     lines = [f"  {'class':<{width}}  " + "  ".join(f"{c:>9}" for c in columns) + f"  {'pixels':>7}  IoU 95 % interval"]
     for name, r in result["per_class"].items():
-        lines.append(f"  {name:<{width}}  " + "  ".join(f"   {fmt(r[c])}" for c in columns)
-                     + f"  {100 * r['pixel_share']:6.2f}%  {interval_text(uncertainty['IoU'][name])}")
+        lines.append(
+            f"  {name:<{width}}  "
+            + "  ".join(f"   {fmt(r[c])}" for c in columns)
+            + f"  {100 * r['pixel_share']:6.2f}%  {interval_text(uncertainty['IoU'][name])}"
+        )
     unseen = uncertainty["unseen"]
     lines += [
         "",
         f"  mIoU {interval_text(uncertainty['mIoU'])} over {units_text(uncertainty['images'], uncertainty['units'])} "
         f"(95 % bootstrap; without background {result['mIoU_no_background']:.4f})",
         f"  unseen mIoU {interval_text(unseen['mIoU'])} on the {unseen['images']} images with no copy or look-alike "
-        "in train" if unseen["images"] else
-        f"  unseen mIoU: none of the {uncertainty['images']} images is unseen (each has a copy or look-alike in "
+        "in train"
+        if unseen["images"]
+        else f"  unseen mIoU: none of the {uncertainty['images']} images is unseen (each has a copy or look-alike in "
         "train); for an honest split: data.resplit=true data.split_by=scene",
         f"  mean acc {interval_text(uncertainty['mAcc'])}   pixel acc {interval_text(uncertainty['pixel_acc'])}",
         f"  mDice {result['mDice']:.4f} (without background {result['mDice_no_background']:.4f})   "
@@ -142,22 +147,34 @@ def format_table(result: dict) -> str:
     ]
     trivial = result["diagnosis"]["trivial"]
     if trivial:
-        lines.append(f"  predicting {trivial['class']} everywhere: mIoU "
-                     f"{interval_text(uncertainty.get('trivial', {}).get('mIoU'))}   mean acc "
-                     f"{trivial['mAcc']:.4f}   pixel acc {trivial['pixel_acc']:.4f}")
+        lines.append(
+            f"  predicting {trivial['class']} everywhere: mIoU "
+            f"{interval_text(uncertainty.get('trivial', {}).get('mIoU'))}   mean acc "
+            f"{trivial['mAcc']:.4f}   pixel acc {trivial['pixel_acc']:.4f}"
+        )
     calibration = result.get("calibration")
     if calibration:
         now = ", fitted now on val" if calibration["fitted_now"] else ""
-        lines.append(f"  calibration: ECE {calibration['ece_before']:.4f} (softmax) -> {calibration['ece_after']:.4f} "
-                     f"(T = {calibration['temperature']:.3f}{now}; reliability.png)")
+        lines.append(
+            f"  calibration: ECE {calibration['ece_before']:.4f} (softmax) -> {calibration['ece_after']:.4f} "
+            f"(T = {calibration['temperature']:.3f}{now}; reliability.png)"
+        )
     lines += [f"  {line}" for line in describe(result["diagnosis"])]
     return "\n".join(lines)
 
 
 def save_panel(predictor: Predictor, dataset, index, title, path, opacity) -> None:
     image, target = dataset.load(index)
-    fig = panel_figure(image, target, predictor.predict(image), predictor.class_names, predictor.palette,
-                       predictor.ignore_index, title=title, opacity=opacity)
+    fig = panel_figure(
+        image,
+        target,
+        predictor.predict(image),
+        predictor.class_names,
+        predictor.palette,
+        predictor.ignore_index,
+        title=title,
+        opacity=opacity,
+    )
     fig.savefig(path)
 
 
@@ -186,9 +203,11 @@ def calibrated(cfg: DictConfig, predictor: Predictor, datamodule) -> dict:
     """calibrate=true: the temperature fitted on the val split of the checkpoint's data, stored in the checkpoint
     (the file replaced atomically) and used from here on."""
     if Path(cfg.ckpt_path).suffix in EXPORT_MODELS:
-        raise SeglabError(f"calibrate=true stores the temperature in a checkpoint; {cfg.ckpt_path} is an export. "
-                          "Calibrate its .ckpt (python evaluate.py ckpt_path=<.ckpt> calibrate=true), then export "
-                          "it again.")
+        raise SeglabError(
+            f"calibrate=true stores the temperature in a checkpoint; {cfg.ckpt_path} is an export. "
+            "Calibrate its .ckpt (python evaluate.py ckpt_path=<.ckpt> calibrate=true), then export "
+            "it again."
+        )
     predictor.temperature = 1.0
     summary = calibration_summary(split_sample(predictor, datamodule.datasets["val"]), None)
     store_temperature(cfg.ckpt_path, summary)
@@ -200,11 +219,16 @@ def calibrated(cfg: DictConfig, predictor: Predictor, datamodule) -> dict:
 def calibration_report(predictor: Predictor, samples: list, split: str, out: Path, fitted: dict | None) -> dict:
     """The split's ECE with the plain softmax and with the model's temperature; reliability.png."""
     logits, target = torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
-    reliability_figure(logits, target, predictor.temperature,
-                       f"{split} split: accuracy against confidence").savefig(out / "reliability.png")
-    return {"temperature": predictor.temperature, "pixels": int(len(target)),
-            "ece_before": calibration_error(logits, target),
-            "ece_after": calibration_error(logits, target, predictor.temperature), "fitted_now": fitted}
+    reliability_figure(logits, target, predictor.temperature, f"{split} split: accuracy against confidence").savefig(
+        out / "reliability.png"
+    )
+    return {
+        "temperature": predictor.temperature,
+        "pixels": int(len(target)),
+        "ece_before": calibration_error(logits, target),
+        "ece_after": calibration_error(logits, target, predictor.temperature),
+        "fitted_now": fitted,
+    }
 
 
 def load_model(cfg: DictConfig, device: torch.device):
@@ -212,11 +236,14 @@ def load_model(cfg: DictConfig, device: torch.device):
     Predictor). An export has no module to run at the model's resolution: it is scored as users get it."""
     if Path(cfg.ckpt_path).suffix in EXPORT_MODELS:
         if cfg.resolution != "original":
-            raise SeglabError(f"resolution={cfg.resolution} needs the checkpoint's module; an export "
-                              f"({cfg.ckpt_path}) is evaluated at resolution=original.")
+            raise SeglabError(
+                f"resolution={cfg.resolution} needs the checkpoint's module; an export "
+                f"({cfg.ckpt_path}) is evaluated at resolution=original."
+            )
         predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
-        holder = SimpleNamespace(meta=predictor.meta, class_names=predictor.class_names,
-                                 ignore_index=predictor.ignore_index)
+        holder = SimpleNamespace(
+            meta=predictor.meta, class_names=predictor.class_names, ignore_index=predictor.ignore_index
+        )
         return holder, predictor
     module = load_checkpoint(cfg.ckpt_path, map_location=device)
     return module, Predictor(TorchModel(module, device), module_meta(module), **cfg.inference)
@@ -224,8 +251,10 @@ def load_model(cfg: DictConfig, device: torch.device):
 
 def evaluate(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise SeglabError("ckpt_path is required: python evaluate.py "
-                          "ckpt_path=<run folder>/checkpoints/<name>.ckpt (or an export: .onnx, .xml)")
+        raise SeglabError(
+            "ckpt_path is required: python evaluate.py "
+            "ckpt_path=<run folder>/checkpoints/<name>.ckpt (or an export: .onnx, .xml)"
+        )
     if cfg.split not in SPLITS:
         raise SeglabError(f"split={cfg.split!r} is not one of {SPLITS}.")
     if cfg.resolution not in RESOLUTIONS:
@@ -234,8 +263,9 @@ def evaluate(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     module, predictor = load_model(cfg, device)
-    datamodule = build_datamodule(module, cfg.ckpt_path, OmegaConf.to_container(cfg.data, resolve=True),
-                                  splits_file=out / "splits.json")
+    datamodule = build_datamodule(
+        module, cfg.ckpt_path, OmegaConf.to_container(cfg.data, resolve=True), splits_file=out / "splits.json"
+    )
     datamodule.setup("test")
     dataset = datamodule.datasets[cfg.split]
     names, n, ignore = module.class_names, len(module.class_names), module.ignore_index
@@ -243,8 +273,13 @@ def evaluate(cfg: DictConfig) -> dict:
     fitted = calibrated(cfg, predictor, datamodule) if cfg.calibrate else None
     metrics = segmentation_metrics(n, ignore)
     confusions, modes, sampled = [], {}, []
-    log.info("Evaluating %s on the %s split (%d images) at %s", cfg.ckpt_path, cfg.split, len(dataset),
-             RESOLUTIONS[cfg.resolution])
+    log.info(
+        "Evaluating %s on the %s split (%d images) at %s",
+        cfg.ckpt_path,
+        cfg.split,
+        len(dataset),
+        RESOLUTIONS[cfg.resolution],
+    )
     with torch.no_grad():
         if cfg.resolution == "model":
             module.inference = {**module.inference, **OmegaConf.to_container(cfg.inference)}  # as the Predictor
@@ -257,10 +292,13 @@ def evaluate(cfg: DictConfig) -> dict:
     confusions = np.stack(confusions) if confusions else np.zeros((0, n, n), np.int64)
     image_iou = [float(v) for v in scores(confusions)["mIoU"]]
     samples = datamodule.splits[cfg.split]
-    per_image = {"confusion": confusions, "images": [datamodule.relative(s.image) for s in samples],
-                 "units": [datamodule.scene_of(s) for s in samples],
-                 # Training images are seen by definition; val/test: no copy or look-alike in train.
-                 "unseen": datamodule.unseen(cfg.split) if cfg.split != "train" else [False] * len(samples)}
+    per_image = {
+        "confusion": confusions,
+        "images": [datamodule.relative(s.image) for s in samples],
+        "units": [datamodule.scene_of(s) for s in samples],
+        # Training images are seen by definition; val/test: no copy or look-alike in train.
+        "unseen": datamodule.unseen(cfg.split) if cfg.split != "train" else [False] * len(samples),
+    }
     save_per_image(out / "per_image.npz", **{cfg.split: per_image})
 
     values = metrics.compute()
@@ -307,19 +345,32 @@ def evaluate(cfg: DictConfig) -> dict:
     overlays = out / "overlays"
     overlays.mkdir(exist_ok=True)
     for i in range(min(cfg.num_overlays, len(dataset))):
-        save_panel(predictor, dataset, i, f"{image_names[i]}   mIoU {image_iou[i]:.3f}",
-                   overlays / f"{i:03d}_{Path(image_names[i]).stem}.png", cfg.opacity)
+        save_panel(
+            predictor,
+            dataset,
+            i,
+            f"{image_names[i]}   mIoU {image_iou[i]:.3f}",
+            overlays / f"{i:03d}_{Path(image_names[i]).stem}.png",
+            cfg.opacity,
+        )
     # Images whose pixels are all ignored have no IoU and cannot be among the worst.
     ranked = sorted((i for i, v in enumerate(image_iou) if not math.isnan(v)), key=image_iou.__getitem__)
     result["worst"] = [{"image": image_names[i], "mIoU": image_iou[i]} for i in ranked[: cfg.worst_k]]
     for rank, i in enumerate(ranked[: cfg.worst_k], start=1):
-        save_panel(predictor, dataset, i,
-                   f"worst #{rank}: {image_names[i]}   mIoU {image_iou[i]:.3f}",
-                   overlays / f"worst{rank:02d}_{Path(image_names[i]).stem}.png", cfg.opacity)
+        save_panel(
+            predictor,
+            dataset,
+            i,
+            f"worst #{rank}: {image_names[i]}   mIoU {image_iou[i]:.3f}",
+            overlays / f"worst{rank:02d}_{Path(image_names[i]).stem}.png",
+            cfg.opacity,
+        )
 
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nseglab evaluation: {cfg.ckpt_path}\n"
-          f"  {cfg.split} split of {datamodule.root}, {len(dataset)} images, "
-          f"metrics at {RESOLUTIONS[cfg.resolution]}\n\n{format_table(result)}\n\n  outputs: {out}",
-          flush=True)
+    print(
+        f"\nseglab evaluation: {cfg.ckpt_path}\n"
+        f"  {cfg.split} split of {datamodule.root}, {len(dataset)} images, "
+        f"metrics at {RESOLUTIONS[cfg.resolution]}\n\n{format_table(result)}\n\n  outputs: {out}",
+        flush=True,
+    )
     return result

@@ -77,13 +77,23 @@ def export_onnx(module: SegmentationModule, path: Path, opset: int) -> None:
         # The torch.export-based exporter (dynamo=True), torch's default since 2.9: the TorchScript exporter
         # (dynamo=False) is deprecated. One file (external_data=False): the model and its weights travel
         # together, and even ResNet-101 stays far below protobuf's 2 GB limit.
-        torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset,
-                          input_names=["image"], output_names=["logits"], dynamic_shapes=(dims,),
-                          external_data=False, verbose=False)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=(dims,),
+            external_data=False,
+            verbose=False,
+        )
     except Exception as e:  # noqa: BLE001 - any exporter failure: say which model and keep nothing half-written
         path.unlink(missing_ok=True)
-        raise SeglabError(f"ONNX export of {module.meta.get('config', {}).get('model', {}).get('arch')} failed: "
-                          f"{first_line(e)}") from None
+        raise SeglabError(
+            f"ONNX export of {module.meta.get('config', {}).get('model', {}).get('arch')} failed: {first_line(e)}"
+        ) from None
 
 
 def cached_trace(path: Path, cached: Path, trace) -> bool:
@@ -122,12 +132,16 @@ def resolve_output(cfg: DictConfig) -> Path:
     suffix = SUFFIXES[cfg.format]
     output = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{suffix}"
     if output.suffix != suffix:
-        raise SeglabError(f"output={str(output)!r} must be a file name ending in {suffix} for format={cfg.format} "
-                          "(its sidecar JSON is written beside it with the same name).")
+        raise SeglabError(
+            f"output={str(output)!r} must be a file name ending in {suffix} for format={cfg.format} "
+            "(its sidecar JSON is written beside it with the same name)."
+        )
     taken = [p for p in (*model_files(output), output.with_suffix(".json")) if p.exists()]
     if taken:
-        raise SeglabError(f"{taken[0]} already exists; an export is never overwritten. Choose another "
-                          f"output=<file>{suffix} or move the old export away.")
+        raise SeglabError(
+            f"{taken[0]} already exists; an export is never overwritten. Choose another "
+            f"output=<file>{suffix} or move the old export away."
+        )
     return output
 
 
@@ -144,27 +158,35 @@ def labelled_data(cfg: DictConfig, module: SegmentationModule, ckpt: Path):
 
 def validate(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt_path"):
-        raise SeglabError("ckpt_path is required: python export.py ckpt_path=<run folder>/checkpoints/<name>.ckpt "
-                          "[format=onnx|openvino] [output=<file>.onnx|.xml] [precision=fp32|fp16|int8]")
+        raise SeglabError(
+            "ckpt_path is required: python export.py ckpt_path=<run folder>/checkpoints/<name>.ckpt "
+            "[format=onnx|openvino] [output=<file>.onnx|.xml] [precision=fp32|fp16|int8]"
+        )
     if cfg.format not in PRECISIONS:
         raise SeglabError(f"format={cfg.format!r} is not supported; choose one of {list(PRECISIONS)}.")
     if cfg.precision not in PRECISIONS[cfg.format]:
-        raise SeglabError(f"precision={cfg.precision!r} is not supported for format={cfg.format}; choose one of "
-                          f"{list(PRECISIONS[cfg.format])}.")
+        raise SeglabError(
+            f"precision={cfg.precision!r} is not supported for format={cfg.format}; choose one of "
+            f"{list(PRECISIONS[cfg.format])}."
+        )
     if cfg.opset < 17:
         # Opset 17 added LayerNormalization (SegFormer's norm as one op); bilinear Resize with half_pixel
         # coordinates (PyTorch's align_corners=False) is older.
         raise SeglabError(f"opset={cfg.opset} is too old: use 17 or later (default 18).")
     if cfg.precision == "int8":
         if cfg.quantization.calibration_images < 1:
-            raise SeglabError(f"quantization.calibration_images={cfg.quantization.calibration_images} must be at "
-                              "least 1.")
+            raise SeglabError(
+                f"quantization.calibration_images={cfg.quantization.calibration_images} must be at least 1."
+            )
         if cfg.quantization.calibrate_method not in CALIBRATE_METHODS:
-            raise SeglabError(f"quantization.calibrate_method={cfg.quantization.calibrate_method!r} is not one of "
-                              f"{list(CALIBRATE_METHODS)}.")
+            raise SeglabError(
+                f"quantization.calibrate_method={cfg.quantization.calibrate_method!r} is not one of "
+                f"{list(CALIBRATE_METHODS)}."
+            )
         if cfg.quantization.nncf.preset not in NNCF_PRESETS:
-            raise SeglabError(f"quantization.nncf.preset={cfg.quantization.nncf.preset!r} is not one of "
-                              f"{list(NNCF_PRESETS)}.")
+            raise SeglabError(
+                f"quantization.nncf.preset={cfg.quantization.nncf.preset!r} is not one of {list(NNCF_PRESETS)}."
+            )
 
 
 def convert(cfg: DictConfig, fp32_path: Path, reference: Predictor, data) -> tuple[Path, dict | None]:
@@ -182,8 +204,12 @@ def convert(cfg: DictConfig, fp32_path: Path, reference: Predictor, data) -> tup
         else:
             model_path = work / "int8.onnx"
             conversion = quantize_int8(fp32_path, model_path, reader, cfg.quantization)
-        return model_path, {**conversion, "calibration_split": "train", "calibration_images": count,
-                            "calibration_inputs": reader.fed}
+        return model_path, {
+            **conversion,
+            "calibration_split": "train",
+            "calibration_images": count,
+            "calibration_inputs": reader.fed,
+        }
     if cfg.format == "openvino":
         return work / "fp32.xml", convert_openvino(fp32_path, work / "fp32.xml")
     if precision == "fp16":
@@ -202,8 +228,10 @@ def export(cfg: DictConfig) -> dict:
     data = labelled_data(cfg, module, ckpt)
     if data is None and precision != "fp32":
         root = cfg.data_root or module.meta.get("config", {}).get("data", {}).get("root")
-        raise SeglabError(f"precision={precision} needs the checkpoint's labelled data (calibration and the mask "
-                          f"check), but {root} is not there. Give its folder with data_root=<export folder>.")
+        raise SeglabError(
+            f"precision={precision} needs the checkpoint's labelled data (calibration and the mask "
+            f"check), but {root} is not there. Give its folder with data_root=<export folder>."
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     digest = sha256(ckpt)
     log.info("exporting %s -> %s (%s, opset %d, %s)", ckpt, output, cfg.format, cfg.opset, precision)
@@ -213,29 +241,46 @@ def export(cfg: DictConfig) -> dict:
         work = Path(work)
         fp32_path = work / "fp32.onnx"
         if cfg.trace_cache:
-            from_cache = cached_trace(fp32_path, trace_cache_path(digest, cfg.opset),
-                                      lambda path: export_onnx(module, path, cfg.opset))
+            from_cache = cached_trace(
+                fp32_path, trace_cache_path(digest, cfg.opset), lambda path: export_onnx(module, path, cfg.opset)
+            )
         else:
             export_onnx(module, fp32_path, cfg.opset)
             from_cache = False
 
         image, image_name = parity_image(cfg, module)
-        traced = Predictor(OnnxModel(fp32_path), reference.meta, mode=reference.mode, flip=reference.flip,
-                           overlap=reference.overlap)
-        parity = check_parity(reference, traced, image, image_name, cfg.parity.rtol, cfg.parity.min_agreement,
-                              cfg.parity.seed)
+        traced = Predictor(
+            OnnxModel(fp32_path), reference.meta, mode=reference.mode, flip=reference.flip, overlap=reference.overlap
+        )
+        parity = check_parity(
+            reference, traced, image, image_name, cfg.parity.rtol, cfg.parity.min_agreement, cfg.parity.seed
+        )
         model_path, conversion = convert(cfg, fp32_path, reference, data)
         masks_cfg = cfg.parity.masks
         if data is None:
             parity["masks"] = {"skipped": "the checkpoint's data is not there (data_root=<folder> gives it)"}
             log.warning("mask check skipped: no labelled data (give data_root=<folder>)")
         else:
-            candidate = traced if model_path == fp32_path else Predictor(
-                RUNTIMES[cfg.format](model_path), reference.meta, mode=reference.mode, flip=reference.flip,
-                overlap=reference.overlap)
-            parity["masks"] = check_masks(reference, candidate, data.datasets[masks_cfg.split], masks_cfg.split,
-                                          f"{cfg.format} {precision}", masks_cfg.max_miou_drop,
-                                          masks_cfg.min_agreement)
+            candidate = (
+                traced
+                if model_path == fp32_path
+                else Predictor(
+                    RUNTIMES[cfg.format](model_path),
+                    reference.meta,
+                    mode=reference.mode,
+                    flip=reference.flip,
+                    overlap=reference.overlap,
+                )
+            )
+            parity["masks"] = check_masks(
+                reference,
+                candidate,
+                data.datasets[masks_cfg.split],
+                masks_cfg.split,
+                f"{cfg.format} {precision}",
+                masks_cfg.max_miou_drop,
+                masks_cfg.min_agreement,
+            )
         sidecar = {
             **{k: v for k, v in reference.meta.items() if k != "source"},
             "palette": [list(c) for c in reference.palette],
@@ -258,8 +303,13 @@ def export(cfg: DictConfig) -> dict:
             os.replace(source, target)  # an IR's .bin before its .xml: a visible .xml always has its weights
         os.replace(sidecar_tmp, output.with_suffix(".json"))
     report(output, cfg.format, precision, sidecar, from_cache)
-    return {"output": str(output), "sidecar": str(output.with_suffix(".json")), "format": cfg.format,
-            "precision": precision, "parity": parity}
+    return {
+        "output": str(output),
+        "sidecar": str(output.with_suffix(".json")),
+        "format": cfg.format,
+        "precision": precision,
+        "parity": parity,
+    }
 
 
 def report(output: Path, fmt: str, precision: str, sidecar: dict, from_cache: bool) -> None:
@@ -267,15 +317,22 @@ def report(output: Path, fmt: str, precision: str, sidecar: dict, from_cache: bo
     worst = max(c["max_abs_diff"] for c in parity["checks"])
     agree = min(c["class_agreement"] for c in parity["checks"])
     masks = parity["masks"]
-    masks_line = (f"  masks ({fmt} {precision}) on the {masks['split']} split ({masks['images']} images): mIoU "
-                  f"{masks['mIoU_export']:.4f} (fp32 PyTorch {masks['mIoU_pytorch']:.4f}, drop "
-                  f"{masks['mIoU_drop']:.4f}), {100 * masks['agreement']:.2f}% of pixels agree with PyTorch\n"
-                  if "skipped" not in masks else f"  masks: not checked ({masks['skipped']})\n")
+    masks_line = (
+        f"  masks ({fmt} {precision}) on the {masks['split']} split ({masks['images']} images): mIoU "
+        f"{masks['mIoU_export']:.4f} (fp32 PyTorch {masks['mIoU_pytorch']:.4f}, drop "
+        f"{masks['mIoU_drop']:.4f}), {100 * masks['agreement']:.2f}% of pixels agree with PyTorch\n"
+        if "skipped" not in masks
+        else f"  masks: not checked ({masks['skipped']})\n"
+    )
     files = " + ".join(f.name for f in model_files(output)[1:] + [output.with_suffix(".json")])
-    print(f"\nseglab export: {output} (+ {files}), {fmt} {precision}, "
-          f"{sidecar['size_bytes'] / 2**20:.1f} MiB" + (", fp32 graph from the trace cache" if from_cache else "")
-          + "\n"
-          f"  parity PyTorch vs ONNX Runtime on {len(parity['checks'])} inputs: max |logit diff| {worst:.2e}, "
-          f"classes agree on {100 * agree:.3f}% of pixels"
-          + (" (the fp32 ONNX graph)" if precision != "fp32" or fmt != "onnx" else "") + "\n" + masks_line
-          + f"  use it: python predict.py ckpt_path={output} input=...   |   make serve CKPT={output}", flush=True)
+    print(
+        f"\nseglab export: {output} (+ {files}), {fmt} {precision}, "
+        f"{sidecar['size_bytes'] / 2**20:.1f} MiB" + (", fp32 graph from the trace cache" if from_cache else "") + "\n"
+        f"  parity PyTorch vs ONNX Runtime on {len(parity['checks'])} inputs: max |logit diff| {worst:.2e}, "
+        f"classes agree on {100 * agree:.3f}% of pixels"
+        + (" (the fp32 ONNX graph)" if precision != "fp32" or fmt != "onnx" else "")
+        + "\n"
+        + masks_line
+        + f"  use it: python predict.py ckpt_path={output} input=...   |   make serve CKPT={output}",
+        flush=True,
+    )

@@ -17,6 +17,7 @@ from seglab.models.module import SegmentationModule, segmentation_metrics
 
 PARITY_BATCH = 2  # a batch of another size than 1: the exported graph's dynamic batch axis is exercised
 
+
 def parity_sizes(image_size: int) -> list[tuple[int, int, int]]:
     """(batch, height, width) of the random inputs: the training size, and a non-square, odd-sized one
     in another batch size, so the dynamic axes and the resize back to the input are both exercised."""
@@ -32,8 +33,12 @@ def parity_image(cfg: DictConfig, module: SegmentationModule) -> tuple[np.ndarra
     if root and Path(root).is_dir():
         for path in sorted(Path(root).rglob("*")):
             # Hidden folders hold seglab's mask cache, not images.
-            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.endswith(MASK_SUFFIX) and path.is_file() \
-                    and not any(part.startswith(".") for part in path.relative_to(root).parts):
+            if (
+                path.suffix.lower() in IMAGE_SUFFIXES
+                and not path.name.endswith(MASK_SUFFIX)
+                and path.is_file()
+                and not any(part.startswith(".") for part in path.relative_to(root).parts)
+            ):
                 return load_image(path), str(path)
     size = 2 * int(module.meta["image_size"])
     # Non-square, so the pre-processing's resize and the resize back both change the aspect ratio.
@@ -51,20 +56,38 @@ def logit_difference(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
     }
 
 
-def check_parity(reference: Predictor, candidate: Predictor, image: np.ndarray, image_name: str,
-                 rtol: float, min_agreement: float, seed: int) -> dict:
+def check_parity(
+    reference: Predictor,
+    candidate: Predictor,
+    image: np.ndarray,
+    image_name: str,
+    rtol: float,
+    min_agreement: float,
+    seed: int,
+) -> dict:
     """PyTorch vs ONNX Runtime on random normalised batches (the networks alone) and on a real image (the
     whole Predictor path: scale, normalise, network, resize back). Raises SeglabError beyond tolerance."""
     generator = torch.Generator().manual_seed(seed)
     checks = []
     for batch, height, width in parity_sizes(reference.image_size):
         x = torch.randn(batch, 3, height, width, generator=generator)
-        checks.append({"input": f"random {batch}x3x{height}x{width}",
-                       **logit_difference(reference.model(x).cpu(), candidate.model(x).cpu())})
-    checks.append({"input": f"image {image_name} ({image.shape[1]}x{image.shape[0]})",
-                   **logit_difference(reference.logits(image), candidate.logits(image))})
-    failed = [c for c in checks if c["max_abs_diff"] > rtol * max(1.0, c["max_abs_logit"])
-              or c["class_agreement"] < min_agreement]
+        checks.append(
+            {
+                "input": f"random {batch}x3x{height}x{width}",
+                **logit_difference(reference.model(x).cpu(), candidate.model(x).cpu()),
+            }
+        )
+    checks.append(
+        {
+            "input": f"image {image_name} ({image.shape[1]}x{image.shape[0]})",
+            **logit_difference(reference.logits(image), candidate.logits(image)),
+        }
+    )
+    failed = [
+        c
+        for c in checks
+        if c["max_abs_diff"] > rtol * max(1.0, c["max_abs_logit"]) or c["class_agreement"] < min_agreement
+    ]
     result = {"rtol": rtol, "min_agreement": min_agreement, "checks": checks, "passed": not failed}
     if failed:
         worst = failed[0]
@@ -84,14 +107,21 @@ def add_masks(metrics, truth: np.ndarray, prediction: np.ndarray) -> None:
 
 ADVICE = {  # what to try when an export's masks fail the check, by "<format> <precision>"
     "onnx int8": "Try another quantization.calibrate_method (MinMax, Entropy, Percentile), fewer quantization.op_types "
-                 "(Conv only), more quantization.calibration_images, or precision=fp16.",
+    "(Conv only), more quantization.calibration_images, or precision=fp16.",
     "openvino int8": "Try the other quantization.nncf.preset (mixed, performance), more "
-                     "quantization.calibration_images, or precision=fp32.",
+    "quantization.calibration_images, or precision=fp32.",
 }
 
 
-def check_masks(reference: Predictor, candidate: Predictor, dataset, split: str, precision: str,
-                max_miou_drop: float, min_agreement: float) -> dict:
+def check_masks(
+    reference: Predictor,
+    candidate: Predictor,
+    dataset,
+    split: str,
+    precision: str,
+    max_miou_drop: float,
+    min_agreement: float,
+) -> dict:
     """The exported model against the ground truth and against the fp32 PyTorch model, mask by mask, on a split's
     real images at their own resolution (the Predictor's whole path, as evaluate.py and predict.py run it).
     agreement: the share of pixels where both models predict the same class. Raises SeglabError beyond tolerance."""
@@ -107,10 +137,15 @@ def check_masks(reference: Predictor, candidate: Predictor, dataset, split: str,
     truth = {k: m.compute() for k, m in vs_truth.items()}
     agreement = vs_pytorch.compute()
     result = {
-        "split": split, "images": len(dataset), "pixels": int(agreement["confmat"].sum()),
-        "mIoU_pytorch": float(truth["pytorch"]["mIoU"]), "mIoU_export": float(truth["export"]["mIoU"]),
-        "agreement": float(agreement["pixel_acc"]), "mIoU_vs_pytorch": float(agreement["mIoU"]),
-        "max_mIoU_drop": max_miou_drop, "min_agreement": min_agreement,
+        "split": split,
+        "images": len(dataset),
+        "pixels": int(agreement["confmat"].sum()),
+        "mIoU_pytorch": float(truth["pytorch"]["mIoU"]),
+        "mIoU_export": float(truth["export"]["mIoU"]),
+        "agreement": float(agreement["pixel_acc"]),
+        "mIoU_vs_pytorch": float(agreement["mIoU"]),
+        "max_mIoU_drop": max_miou_drop,
+        "min_agreement": min_agreement,
     }
     result["mIoU_drop"] = result["mIoU_pytorch"] - result["mIoU_export"]
     result["passed"] = bool(result["mIoU_drop"] <= max_miou_drop and result["agreement"] >= min_agreement)
@@ -120,5 +155,6 @@ def check_masks(reference: Predictor, candidate: Predictor, dataset, split: str,
             f"({len(dataset)} images): mIoU {result['mIoU_export']:.4f} vs {result['mIoU_pytorch']:.4f} (drop "
             f"{result['mIoU_drop']:.4f}, allowed {max_miou_drop}), {100 * result['agreement']:.2f}% of pixels agree "
             f"(required {100 * min_agreement:.2f}%). The export was removed. "
-            + ADVICE.get(precision, "Export in fp32, or report the model and these numbers."))
+            + ADVICE.get(precision, "Export in fp32, or report the model and these numbers.")
+        )
     return result

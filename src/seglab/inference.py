@@ -66,8 +66,12 @@ class TorchModel:
 
 def module_meta(module) -> dict:
     """What a Predictor reads from a checkpoint's module: its stored metadata, classes, palette, ignore index."""
-    return {**module.meta, "class_names": module.class_names, "palette": module.palette,
-            "ignore_index": module.ignore_index}
+    return {
+        **module.meta,
+        "class_names": module.class_names,
+        "palette": module.palette,
+        "ignore_index": module.ignore_index,
+    }
 
 
 class Preprocess:
@@ -84,8 +88,15 @@ class Preprocess:
 class Predictor:
     """Built once from a model and its metadata (classes, palette, normalisation, sizes)."""
 
-    def __init__(self, model: Model, meta: dict, mode: str = "auto", flip: bool = False,
-                 overlap: float = 1 / 3, tile_batch: int = 8):
+    def __init__(
+        self,
+        model: Model,
+        meta: dict,
+        mode: str = "auto",
+        flip: bool = False,
+        overlap: float = 1 / 3,
+        tile_batch: int = 8,
+    ):
         if mode not in MODES:
             raise SeglabError(f"inference.mode={mode!r} is not one of {MODES}.")
         if not 0 <= overlap < 1:
@@ -101,14 +112,20 @@ class Predictor:
         self.temperature = float(meta.get("temperature") or 1.0)
         self.mode, self.flip, self.overlap, self.tile_batch = mode, bool(flip), float(overlap), int(tile_batch)
         geometry = {"kind": "scale_crop" if self.base_size else "stretch"}
-        self.transform = build_transforms(self.image_size, meta["mean"], meta["std"], base_size=self.base_size,
-                                          geometry=geometry)
+        self.transform = build_transforms(
+            self.image_size, meta["mean"], meta["std"], base_size=self.base_size, geometry=geometry
+        )
         self.preprocess = Preprocess(self.transform)
 
     def settings(self) -> dict:
         """How predictions were made; stored with evaluation results."""
-        return {"mode": self.mode, "flip": self.flip, "tile": self.image_size, "overlap": self.overlap,
-                "base_size": self.base_size}
+        return {
+            "mode": self.mode,
+            "flip": self.flip,
+            "tile": self.image_size,
+            "overlap": self.overlap,
+            "base_size": self.base_size,
+        }
 
     def resolve_mode(self, height: int, width: int) -> str:
         """auto: tiles when the scaled image does not fit one training-size tile, else the whole image."""
@@ -164,13 +181,16 @@ class Predictor:
         """Class-index mask (H, W) uint8 of an RGB uint8 image (H, W, 3)."""
         return class_mask(self.logits(image))
 
-    def predict_batch(self, images: list[np.ndarray], probabilities: bool | list[bool] = False
-                      ) -> list[tuple[np.ndarray, torch.Tensor | None]]:
+    def predict_batch(
+        self, images: list[np.ndarray], probabilities: bool | list[bool] = False
+    ) -> list[tuple[np.ndarray, torch.Tensor | None]]:
         """(mask, class probabilities or None) per image, as predict() and predict_with_probabilities() give them,
         from one batched pass (logits_batch). `probabilities`: for all images, or one flag per image."""
         wanted = probabilities if isinstance(probabilities, list) else [probabilities] * len(images)
-        return [(class_mask(logits), self.probabilities(logits) if want else None)
-                for logits, want in zip(self.logits_batch(images), wanted, strict=True)]
+        return [
+            (class_mask(logits), self.probabilities(logits) if want else None)
+            for logits, want in zip(self.logits_batch(images), wanted, strict=True)
+        ]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities (C, H, W) of logits (C, H, W), with the model's temperature."""
@@ -244,9 +264,19 @@ def execution_providers(device: torch.device, available: list[str]) -> list:
         if "CUDAExecutionProvider" in available:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
         if "TensorrtExecutionProvider" in available:
-            providers.insert(0, ("TensorrtExecutionProvider", {
-                "device_id": index, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(TENSORRT_CACHE),
-                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(TENSORRT_CACHE)}))
+            providers.insert(
+                0,
+                (
+                    "TensorrtExecutionProvider",
+                    {
+                        "device_id": index,
+                        "trt_engine_cache_enable": True,
+                        "trt_engine_cache_path": str(TENSORRT_CACHE),
+                        "trt_timing_cache_enable": True,
+                        "trt_timing_cache_path": str(TENSORRT_CACHE),
+                    },
+                ),
+            )
     return providers
 
 
@@ -267,9 +297,11 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's own exceptions: not a model it can run
-            raise SeglabError(f"{path} is not an ONNX model ONNX Runtime can load "
-                              f"({first_line(e)}). "
-                              "Export it again with python export.py ckpt_path=<checkpoint>.") from None
+            raise SeglabError(
+                f"{path} is not an ONNX model ONNX Runtime can load "
+                f"({first_line(e)}). "
+                "Export it again with python export.py ckpt_path=<checkpoint>."
+            ) from None
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,8 +333,10 @@ class OpenVinoModel:
         path = Path(path)
         again = "export it again with python export.py ckpt_path=<checkpoint> format=openvino."
         if not path.with_suffix(".bin").is_file():
-            raise SeglabError(f"{path.with_suffix('.bin')} is missing: an OpenVINO model is its .xml (the graph) and "
-                              f"its .bin (the weights) side by side. Copy the .bin with the .xml, or {again}")
+            raise SeglabError(
+                f"{path.with_suffix('.bin')} is missing: an OpenVINO model is its .xml (the graph) and "
+                f"its .bin (the weights) side by side. Copy the .bin with the .xml, or {again}"
+            )
         try:
             # Read as XML first: OpenVINO would offer a file that is not IR to each of its other front ends
             # (TensorFlow's logs its own parse errors), then name none of the reasons.
@@ -310,14 +344,18 @@ class OpenVinoModel:
                 raise ValueError("its root element is not <net>")
             self.core = openvino_core()
             self.model = self.core.read_model(str(path))
-            self.config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32",
-                           "PERFORMANCE_HINT": "LATENCY"}
+            self.config = {
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                "INFERENCE_PRECISION_HINT": "f32",
+                "PERFORMANCE_HINT": "LATENCY",
+            }
             self.compiled = self.core.compile_model(self.model, "CPU", self.config)
         except Exception as e:  # noqa: BLE001 - XML's, OpenVINO's RuntimeError (and others): not an IR it can run
             # OpenVINO's message starts with where it was raised; the reason is its last line.
             reason = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-            raise SeglabError(f"{path} is not an OpenVINO model OpenVINO can load ({reason[0].strip()}): "
-                              f"{again}") from None
+            raise SeglabError(
+                f"{path} is not an OpenVINO model OpenVINO can load ({reason[0].strip()}): {again}"
+            ) from None
         self.request = self.compiled.create_infer_request()
         self.seen: dict[tuple[int, ...], int] = {}
         self.static: dict[tuple[int, ...], object] = {}
@@ -355,26 +393,36 @@ def read_sidecar(path: Path) -> dict:
     """The metadata export.py wrote beside an .onnx or .xml model (same name, .json)."""
     sidecar = path.with_suffix(".json")
     if not path.is_file():
-        raise SeglabError(f"Exported model {path} does not exist. Export one with python export.py "
-                          f"ckpt_path=<checkpoint> output=<file>{path.suffix}.")
+        raise SeglabError(
+            f"Exported model {path} does not exist. Export one with python export.py "
+            f"ckpt_path=<checkpoint> output=<file>{path.suffix}."
+        )
     try:
         meta = json.loads(sidecar.read_text())
     except FileNotFoundError:
-        raise SeglabError(f"{sidecar} is missing: an exported model needs its sidecar JSON (classes, palette, "
-                          "normalisation, sizes) beside it. Copy it with the "
-                          f"{path.suffix}, or export again.") from None
+        raise SeglabError(
+            f"{sidecar} is missing: an exported model needs its sidecar JSON (classes, palette, "
+            "normalisation, sizes) beside it. Copy it with the "
+            f"{path.suffix}, or export again."
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SeglabError(f"{sidecar} is not valid JSON ({e}). Export the model again.") from None
-    missing = [k for k in ("class_names", "palette", "ignore_index", "mean", "std", "image_size")
-               if not isinstance(meta, dict) or k not in meta]
+    missing = [
+        k
+        for k in ("class_names", "palette", "ignore_index", "mean", "std", "image_size")
+        if not isinstance(meta, dict) or k not in meta
+    ]
     if missing:
-        raise SeglabError(f"{sidecar} lacks {', '.join(missing)}: it is not a seglab export's sidecar. "
-                          "Export the model again with export.py.")
+        raise SeglabError(
+            f"{sidecar} lacks {', '.join(missing)}: it is not a seglab export's sidecar. "
+            "Export the model again with export.py."
+        )
     return meta
 
 
-def load_predictor(path: str | Path, device: str = "auto", mode: str = "auto", flip: bool = False,
-                   overlap: float = 1 / 3) -> Predictor:
+def load_predictor(
+    path: str | Path, device: str = "auto", mode: str = "auto", flip: bool = False, overlap: float = 1 / 3
+) -> Predictor:
     """A Predictor over a seglab checkpoint (.ckpt) or an export of one (.onnx, or OpenVINO's .xml + .bin, with its
     sidecar .json)."""
     path = Path(path)
@@ -383,6 +431,10 @@ def load_predictor(path: str | Path, device: str = "auto", mode: str = "auto", f
         meta = {**read_sidecar(path), "source": str(path)}
         return Predictor(EXPORT_MODELS[path.suffix](path, torch_device), meta, mode=mode, flip=flip, overlap=overlap)
     module = load_checkpoint(path, map_location=torch_device)
-    meta = {**module_meta(module), "architecture": module.meta["config"]["model"]["arch"], "format": "pytorch",
-            "source": str(path)}
+    meta = {
+        **module_meta(module),
+        "architecture": module.meta["config"]["model"]["arch"],
+        "format": "pytorch",
+        "source": str(path),
+    }
     return Predictor(TorchModel(module, torch_device), meta, mode=mode, flip=flip, overlap=overlap)

@@ -24,9 +24,25 @@ from seglab.tables import fmt, write_table
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "status", "best epoch", "val loss", "val mIoU", "test mIoU", "test mIoU 95 %", "vs first (paired)",
-           "unseen test mIoU", "test mDice", "trivial mIoU", "flag", "test mAcc", "test pixel acc", "train images/s",
-           "epochs", "wall s"]
+COLUMNS = [
+    "job",
+    "status",
+    "best epoch",
+    "val loss",
+    "val mIoU",
+    "test mIoU",
+    "test mIoU 95 %",
+    "vs first (paired)",
+    "unseen test mIoU",
+    "test mDice",
+    "trivial mIoU",
+    "flag",
+    "test mAcc",
+    "test pixel acc",
+    "train images/s",
+    "epochs",
+    "wall s",
+]
 
 
 def job_label(job_dir: Path, exclude_keys: Iterable[str] | None = None) -> str:
@@ -38,8 +54,11 @@ def job_label(job_dir: Path, exclude_keys: Iterable[str] | None = None) -> str:
         return job_dir.name.split("_", 1)[-1] or job_dir.name
     if exclude_keys is None:
         hydra_file = job_dir / ".hydra" / "hydra.yaml"
-        exclude_keys = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.config.override_dirname.exclude_keys",
-                                        default=[]) if hydra_file.is_file() else []
+        exclude_keys = (
+            OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.config.override_dirname.exclude_keys", default=[])
+            if hydra_file.is_file()
+            else []
+        )
     overrides = OverridesParser.create().parse_overrides(OmegaConf.to_container(OmegaConf.load(overrides_file)))
     excluded = set(exclude_keys)
     return ",".join(sorted(o.input_line for o in overrides if o.key_or_group not in excluded)) or job_dir.name
@@ -66,8 +85,11 @@ def job_row(job_dir: Path, exclude_keys: Iterable[str] = ()) -> dict[str, str]:
         "val mIoU": fmt(m["best_val"].get("val/mIoU")),
         "test mIoU": fmt(m["test"].get("test/mIoU")),
         "test mIoU 95 %": interval_only(test.get("mIoU")),
-        "unseen test mIoU": (f"{interval_text(unseen['mIoU'])} ({unseen['images']} of {test['images']})"
-                             if unseen.get("images") else ("none" if test else "")),
+        "unseen test mIoU": (
+            f"{interval_text(unseen['mIoU'])} ({unseen['images']} of {test['images']})"
+            if unseen.get("images")
+            else ("none" if test else "")
+        ),
         "test mDice": fmt(m["test"].get("test/mDice")),  # empty for jobs trained before Dice was logged
         # What predicting the test split's most frequent class everywhere scores; "trivial": no better than it.
         "trivial mIoU": fmt(m["test"].get("test/trivial_mIoU")),
@@ -112,10 +134,11 @@ def write_leaderboard(sweep_dir: Path, job_dirs: list[Path], exclude_keys: Itera
     columns = COLUMNS[:at] + class_columns + COLUMNS[at:]
     table = write_table(sweep_dir / "leaderboard", rows, columns)
     if sentences:
-        words = ("\nPaired differences on the same test images (95 % bootstrap; within noise: the interval holds "
-                 "0, so this test split cannot tell the two apart; beyond noise: it can, though another seed of "
-                 "the same settings may differ as much, docs/evaluation.md):\n"
-                 + "".join(f"- {s}\n" for s in sentences))
+        words = (
+            "\nPaired differences on the same test images (95 % bootstrap; within noise: the interval holds "
+            "0, so this test split cannot tell the two apart; beyond noise: it can, though another seed of "
+            "the same settings may differ as much, docs/evaluation.md):\n" + "".join(f"- {s}\n" for s in sentences)
+        )
         (sweep_dir / "leaderboard.md").write_text(table + words)
         table += words
     return table
@@ -141,8 +164,10 @@ def write_cv_summaries(sweep_dir: Path, job_dirs: list[Path]) -> str:
     text = ""
     groups = cv_jobs(job_dirs)
     for i, (label, jobs) in enumerate(sorted(groups.items())):
-        results = [json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file()
-                   else {"status": "failed"} for _, d in jobs]
+        results = [
+            json.loads((d / "metrics.json").read_text()) if (d / "metrics.json").is_file() else {"status": "failed"}
+            for _, d in jobs
+        ]
         stem = sweep_dir / ("cv_summary" if len(groups) == 1 else f"cv_summary_{i}")
         table, _ = write_summary(stem.parent, [name for name, _ in jobs], results, stem.name)
         text += f"\nCross-validation ({label or 'defaults'}; {stem}.md)\n{table}"
@@ -159,16 +184,24 @@ class LeaderboardCallback(Callback):
             sys.exit(1)
         # Job folders (TensorBoard's run names) start with what varies: conf/train.yaml, hydra.sweep.subdir.
         params = config.hydra.sweeper.get("params")
-        os.environ[SWEPT_KEYS] = ",".join(swept_keys(OmegaConf.to_container(config.hydra.overrides.task),
-                                                     OmegaConf.to_container(params) if params else None))
+        os.environ[SWEPT_KEYS] = ",".join(
+            swept_keys(
+                OmegaConf.to_container(config.hydra.overrides.task), OmegaConf.to_container(params) if params else None
+            )
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        job_dirs = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.split("_")[0].isdigit()),
-                          key=lambda d: int(d.name.split("_")[0]))
+        job_dirs = sorted(
+            (d for d in sweep_dir.iterdir() if d.is_dir() and d.name.split("_")[0].isdigit()),
+            key=lambda d: int(d.name.split("_")[0]),
+        )
         if not job_dirs:
             return
         table = write_leaderboard(sweep_dir, job_dirs, config.hydra.job.config.override_dirname.exclude_keys)
-        print(f"\nLeaderboard ({sweep_dir / 'leaderboard.md'}; best val mIoU first)\n{table}"
-              f"{write_cv_summaries(sweep_dir, job_dirs)}"
-              f"TensorBoard: tensorboard --logdir {sweep_dir}", flush=True)
+        print(
+            f"\nLeaderboard ({sweep_dir / 'leaderboard.md'}; best val mIoU first)\n{table}"
+            f"{write_cv_summaries(sweep_dir, job_dirs)}"
+            f"TensorBoard: tensorboard --logdir {sweep_dir}",
+            flush=True,
+        )

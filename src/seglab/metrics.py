@@ -18,16 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FEW_UNITS = 10          # below this many scenes a percentile bootstrap interval is too narrow: said with it
+FEW_UNITS = 10  # below this many scenes a percentile bootstrap interval is too narrow: said with it
 RESAMPLES = 1000
 LEVEL = 0.95
 SEED = 0
-METHOD = (f"{LEVEL:.0%} percentile bootstrap over the images, resampled by scene (a photo's copies and "
-          f"look-alikes together), {RESAMPLES} resamples, seed {SEED}")
+METHOD = (
+    f"{LEVEL:.0%} percentile bootstrap over the images, resampled by scene (a photo's copies and "
+    f"look-alikes together), {RESAMPLES} resamples, seed {SEED}"
+)
 
 
-def image_confusions(preds: torch.Tensor, targets: torch.Tensor, num_classes: int, ignore_index: int | None
-                     ) -> torch.Tensor:
+def image_confusions(
+    preds: torch.Tensor, targets: torch.Tensor, num_classes: int, ignore_index: int | None
+) -> torch.Tensor:
     """(B, C, C) int64 confusion matrices of a batch of predicted and target class maps (B, H, W), on their
     device; pixels at ignore_index (or any target value outside the classes) are left out."""
     n = num_classes
@@ -97,14 +100,18 @@ def summarise(confusions: np.ndarray, units: Sequence, class_names: Sequence[str
     confusions = np.asarray(confusions)
     point = scores(confusions.sum(axis=0)) if len(confusions) else None
     groups = unit_totals(confusions, units) if len(confusions) else np.zeros((0,))
-    resampled = scores(np.einsum("bg,gij->bij", resample_weights(len(groups), seed), groups)) \
-        if len(groups) >= 2 else None
+    resampled = (
+        scores(np.einsum("bg,gij->bij", resample_weights(len(groups), seed), groups)) if len(groups) >= 2 else None
+    )
     out = {"images": int(len(confusions)), "units": int(len(groups))}
     for key in ("mIoU", "mAcc", "pixel_acc"):
         out[key] = estimate(None if point is None else point[key], None if resampled is None else resampled[key])
-    out["IoU"] = {name: estimate(None if point is None else point["IoU"][i],
-                                 None if resampled is None else resampled["IoU"][:, i])
-                  for i, name in enumerate(class_names)}
+    out["IoU"] = {
+        name: estimate(
+            None if point is None else point["IoU"][i], None if resampled is None else resampled["IoU"][:, i]
+        )
+        for i, name in enumerate(class_names)
+    }
     return out
 
 
@@ -118,8 +125,7 @@ def trivial_confusions(confusions: np.ndarray) -> tuple[int, np.ndarray]:
     return majority, out
 
 
-def with_unseen(confusions: np.ndarray, units: Sequence, unseen: Sequence[bool], class_names: Sequence[str]
-                ) -> dict:
+def with_unseen(confusions: np.ndarray, units: Sequence, unseen: Sequence[bool], class_names: Sequence[str]) -> dict:
     """summarise() of all images, with the trivial model's mIoU beside it ("trivial"), and of the images with no
     copy or look-alike in train ("unseen")."""
     confusions = np.asarray(confusions)
@@ -132,8 +138,9 @@ def with_unseen(confusions: np.ndarray, units: Sequence, unseen: Sequence[bool],
     return out
 
 
-def paired_difference(first: np.ndarray, second: np.ndarray, units: Sequence, key: str = "mIoU",
-                      seed: int = SEED) -> dict[str, float | bool | None]:
+def paired_difference(
+    first: np.ndarray, second: np.ndarray, units: Sequence, key: str = "mIoU", seed: int = SEED
+) -> dict[str, float | bool | None]:
     """first's score minus second's on the same images (confusions (n, C, C) in the same image order), with the
     interval of the same resamples applied to both; within_noise when the interval holds 0."""
     a, b = np.asarray(first), np.asarray(second)
@@ -146,8 +153,7 @@ def paired_difference(first: np.ndarray, second: np.ndarray, units: Sequence, ke
     weights = resample_weights(len(ga), seed)
     diff = scores(np.einsum("bg,gij->bij", weights, ga))[key] - scores(np.einsum("bg,gij->bij", weights, gb))[key]
     low, high = percentile_interval(diff)
-    return {"value": value, "low": low, "high": high,
-            "within_noise": None if low is None else bool(low <= 0 <= high)}
+    return {"value": value, "low": low, "high": high, "within_noise": None if low is None else bool(low <= 0 <= high)}
 
 
 def difference_text(diff: Mapping) -> str:
@@ -221,5 +227,9 @@ def load_per_image(path: Path, split: str = "test") -> dict | None:
     with np.load(path) as f:
         if f"{split}_confusion" not in f:
             return None
-        return {"confusion": f[f"{split}_confusion"], "images": f[f"{split}_images"].tolist(),
-                "units": f[f"{split}_units"].tolist(), "unseen": f[f"{split}_unseen"].tolist()}
+        return {
+            "confusion": f[f"{split}_confusion"],
+            "images": f[f"{split}_images"].tolist(),
+            "units": f[f"{split}_units"].tolist(),
+            "unseen": f[f"{split}_unseen"].tolist(),
+        }

@@ -44,16 +44,16 @@ def plain_loop(cfg: DictConfig, out: Path, after_epoch=None) -> Path:
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_flush_denormal(True)
     geometry = {"kind": "stretch"}
-    datamodule = instantiate(cfg.data, geometry=geometry, augmentations=[A.HorizontalFlip(p=0.5)],
-                             splits_file=str(out / "splits.json"))
+    datamodule = instantiate(
+        cfg.data, geometry=geometry, augmentations=[A.HorizontalFlip(p=0.5)], splits_file=str(out / "splits.json")
+    )
     datamodule.setup("fit")
     net = instantiate(cfg.model, num_classes=datamodule.num_classes, channels_last=False, compile=False)
     criterion = nn.CrossEntropyLoss(ignore_index=datamodule.ignore_index)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     loader = datamodule.loader("train", train=True)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.max_epochs * len(loader),
-                                                      power=POWER)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.max_epochs * len(loader), power=POWER)
     trained = 0.0
     for epoch in range(cfg.max_epochs):
         net.train()
@@ -77,29 +77,43 @@ def plain_loop(cfg: DictConfig, out: Path, after_epoch=None) -> Path:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"].update({"geometry": geometry, "augmentations": []})
     config["augmentation"] = {"geometry": geometry, "train": ["HorizontalFlip(p=0.5)"]}
-    config["optimizer"] = {"_target_": "torch.optim.SGD", "lr": LR, "momentum": MOMENTUM,
-                           "weight_decay": WEIGHT_DECAY}
+    config["optimizer"] = {"_target_": "torch.optim.SGD", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY}
     checkpoint = out / "plain_loop.ckpt"
-    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-                "seglab": {"class_names": datamodule.class_names, "palette": [list(c) for c in datamodule.palette],
-                           "ignore_index": datamodule.ignore_index, "image_size": datamodule.image_size,
-                           "base_size": None, "mean": datamodule.mean, "std": datamodule.std, "config": config}},
-               checkpoint)
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "seglab": {
+                "class_names": datamodule.class_names,
+                "palette": [list(c) for c in datamodule.palette],
+                "ignore_index": datamodule.ignore_index,
+                "image_size": datamodule.image_size,
+                "base_size": None,
+                "mean": datamodule.mean,
+                "std": datamodule.std,
+                "config": config,
+            },
+        },
+        checkpoint,
+    )
     return checkpoint
 
 
 def scored(checkpoint: Path, out: Path, data_overrides: list[str]) -> dict:
     """evaluate.py on the test split at each image's original resolution."""
-    cfg = compose_config("evaluate", [f"ckpt_path={checkpoint}", f"paths.output_dir={out}", "num_overlays=2",
-                                      "worst_k=2", *data_overrides])
+    cfg = compose_config(
+        "evaluate",
+        [f"ckpt_path={checkpoint}", f"paths.output_dir={out}", "num_overlays=2", "worst_k=2", *data_overrides],
+    )
     return evaluate(cfg)
 
 
 def row(name: str, result: dict) -> str:
     uncertainty = result["uncertainty"]
     per_class = " / ".join(interval_text(v) for v in uncertainty["IoU"].values())
-    return (f"| {name} | {interval_text(uncertainty['mIoU'])} | {per_class} | {result['mAcc']:.4f} | "
-            f"{interval_text(uncertainty['trivial']['mIoU'])} |")
+    return (
+        f"| {name} | {interval_text(uncertainty['mIoU'])} | {per_class} | {result['mAcc']:.4f} | "
+        f"{interval_text(uncertainty['trivial']['mIoU'])} |"
+    )
 
 
 def paired_line(out: Path, results: dict) -> str:
@@ -111,8 +125,10 @@ def paired_line(out: Path, results: dict) -> str:
     if recipe["images"] != plain["images"]:
         return "The two were tested on different images: no paired difference."
     diff = paired_difference(recipe["confusion"], plain["confusion"], plain["units"])
-    return (f"Recipe minus plain loop, test mIoU on the same {len(plain['images'])} images: {difference_text(diff)} "
-            f"(95 % paired bootstrap): {noise_verdict(diff)}.")
+    return (
+        f"Recipe minus plain loop, test mIoU on the same {len(plain['images'])} images: {difference_text(diff)} "
+        f"(95 % paired bootstrap): {noise_verdict(diff)}."
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -123,8 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     # The data settings that evaluate.py must see too (root, cache, classes, splits); the others (image size,
     # base size, batch) are the checkpoint's, and conf/evaluate.yaml has no key for them.
     evaluate_keys = set(compose_config("evaluate", ["ckpt_path=none"]).data)
-    data_overrides = [a for a in overrides
-                      if a.startswith("data.") and a.split("=", 1)[0].removeprefix("data.") in evaluate_keys]
+    data_overrides = [
+        a for a in overrides if a.startswith("data.") and a.split("=", 1)[0].removeprefix("data.") in evaluate_keys
+    ]
     results = {}
     try:
         if not only or only[-1] == "plain":
@@ -139,10 +156,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"seglab: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     names = next(iter(results.values()))["class_names"]
-    table = "\n".join([
-        f"Test split at each image's original resolution ({' '.join(overrides)}); 95 % bootstrap intervals:", "",
-        f"| run | test mIoU | IoU {' / '.join(names)} | mean acc | predicting the majority class |",
-        "|---|---|---|---|---|", *(row(name, r) for name, r in results.items()), "", paired_line(out, results)])
+    table = "\n".join(
+        [
+            f"Test split at each image's original resolution ({' '.join(overrides)}); 95 % bootstrap intervals:",
+            "",
+            f"| run | test mIoU | IoU {' / '.join(names)} | mean acc | predicting the majority class |",
+            "|---|---|---|---|---|",
+            *(row(name, r) for name, r in results.items()),
+            "",
+            paired_line(out, results),
+        ]
+    )
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(results, indent=1) + "\n")
     print("\n" + table, flush=True)

@@ -56,19 +56,27 @@ def coco_annotations(mask: np.ndarray, image_id: int, first_id: int) -> list[dic
         for polygon in class_polygons(mask, index):
             xs, ys = polygon[0::2], polygon[1::2]
             area = 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
-            annotations.append({
-                "id": first_id + len(annotations), "image_id": image_id, "category_id": index,
-                "segmentation": [polygon], "area": round(float(area), 2),
-                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": first_id + len(annotations),
+                    "image_id": image_id,
+                    "category_id": index,
+                    "segmentation": [polygon],
+                    "area": round(float(area), 2),
+                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                    "iscrowd": 0,
+                }
+            )
     return annotations
 
 
 def coco_categories(class_names: list[str], project: str) -> list[dict]:
     """RoboFlow's categories: id 0 the project (the parent, annotated by nothing), then each class but background
     with the project as its supercategory."""
-    return [{"id": 0, "name": project, "supercategory": "none"},
-            *({"id": i, "name": name, "supercategory": project} for i, name in enumerate(class_names) if i > 0)]
+    return [
+        {"id": 0, "name": project, "supercategory": "none"},
+        *({"id": i, "name": name, "supercategory": project} for i, name in enumerate(class_names) if i > 0),
+    ]
 
 
 def write_coco(folder: Path, class_names: list[str], images: list[dict], project: str) -> Path:
@@ -82,13 +90,18 @@ def coco_document(class_names: list[str], images: list[dict], project: str) -> d
     """A COCO Segmentation file of the per-image entries that write_image returned (in order)."""
     entries, annotations = [], []
     for image_id, item in enumerate(images):
-        entries.append({"id": image_id, "file_name": item["file_name"], "width": item["width"],
-                        "height": item["height"]})
+        entries.append(
+            {"id": image_id, "file_name": item["file_name"], "width": item["width"], "height": item["height"]}
+        )
         for annotation in item["annotations"]:
             annotations.append({**annotation, "id": len(annotations), "image_id": image_id})
-    coco = {"info": {"description": f"seglab pre-annotations ({project})", "contributor": "seglab"},
-            "licenses": [], "categories": coco_categories(class_names, project), "images": entries,
-            "annotations": annotations}
+    coco = {
+        "info": {"description": f"seglab pre-annotations ({project})", "contributor": "seglab"},
+        "licenses": [],
+        "categories": coco_categories(class_names, project),
+        "images": entries,
+        "annotations": annotations,
+    }
     return coco
 
 
@@ -109,5 +122,4 @@ def write_image(fmt: str, source: Path, target: Path, name: str, mask: np.ndarra
     if fmt == "masks":
         cv2.imwrite(str(target / f"{name}{mask_suffix}"), mask)
         return {}
-    return {"file_name": copy.name, "width": width, "height": height,
-            "annotations": coco_annotations(mask, 0, 0)}
+    return {"file_name": copy.name, "width": width, "height": height, "annotations": coco_annotations(mask, 0, 0)}

@@ -64,8 +64,10 @@ def list_images(source: Path, skip: Path | None = None) -> list[Path]:
     if not source.is_dir():
         raise SeglabError(f"input={str(source)!r} does not exist. Give an image file or a folder of images.")
     found = sorted(
-        p for p in source.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        p
+        for p in source.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
         and not p.name.endswith((MASK_SUFFIX, OVERLAY_SUFFIX, CONFIDENCE_SUFFIX))
         and not (skip is not None and p.resolve().is_relative_to(skip.resolve()))
     )
@@ -122,8 +124,9 @@ def resolve_workers(num_workers, batches: int) -> int:
     if num_workers == "auto":
         return min(default_num_workers(), batches)
     if not isinstance(num_workers, int) or num_workers < 0:
-        raise SeglabError(f"num_workers={num_workers!r} must be auto or a whole number >= 0 (0: read images in "
-                          "this process).")
+        raise SeglabError(
+            f"num_workers={num_workers!r} must be auto or a whole number >= 0 (0: read images in this process)."
+        )
     return num_workers
 
 
@@ -133,8 +136,9 @@ def one_thread() -> None:
     # destroying their condition variables (glibc). OpenCV's own calls in the fork work.
 
 
-def write_outputs(target: Path, name: str, source: Path, image: np.ndarray, logits: torch.Tensor, options: dict
-                  ) -> tuple[np.ndarray, dict]:
+def write_outputs(
+    target: Path, name: str, source: Path, image: np.ndarray, logits: torch.Tensor, options: dict
+) -> tuple[np.ndarray, dict]:
     """One image's files from its logits at the network's scale; its pixel count per class and (format=coco) its
     COCO entry. As Predictor.predict / predict_with_probabilities: logits resized to the image, the mask their
     argmax, the probabilities their softmax."""
@@ -149,16 +153,17 @@ def write_outputs(target: Path, name: str, source: Path, image: np.ndarray, logi
     counts = np.bincount(mask.ravel(), minlength=logits.shape[0])
     if options["format"] != "seglab":  # an export to label from: the image and its annotations, nothing else
         labelled = mask if unsure is None else np.where(unsure, 0, mask).astype(mask.dtype)  # unsure: unlabelled
-        return counts, {"folder": target, **write_image(options["format"], source, target, name, labelled,
-                                                        MASK_SUFFIX)}
+        return counts, {"folder": target, **write_image(options["format"], source, target, name, labelled, MASK_SUFFIX)}
     if probabilities is not None:
         if options["confidence"]:
-            Image.fromarray(confidence_image(probabilities)).save(target / f"{name}{CONFIDENCE_SUFFIX}",
-                                                                  compress_level=options["png_level"])
+            Image.fromarray(confidence_image(probabilities)).save(
+                target / f"{name}{CONFIDENCE_SUFFIX}", compress_level=options["png_level"]
+            )
         if options["probabilities"]:
             np.save(target / f"{name}{PROBABILITIES_SUFFIX}", probabilities.to(torch.float16).numpy())
-    Image.fromarray(mask if unsure is None else np.where(unsure, options["unsure"], mask).astype(np.uint8)
-                    ).save(target / f"{name}{MASK_SUFFIX}")
+    Image.fromarray(mask if unsure is None else np.where(unsure, options["unsure"], mask).astype(np.uint8)).save(
+        target / f"{name}{MASK_SUFFIX}"
+    )
     blended = overlay(image, mask, options["palette"], options["opacity"])
     if unsure is not None:
         blended = hatch(blended, unsure)
@@ -176,32 +181,42 @@ def export_files(fmt: str, entries: list[dict], class_names: list[str], project:
         else:
             write_classes_csv(folder, class_names)
     if fmt == "coco":
-        return (f"a RoboFlow COCO Segmentation export: the images and {ANNOTATION_FILE} (one polygon per region, "
-                f"parent category {project!r}) in {len(folders)} folder(s)")
-    return (f"a RoboFlow Semantic Segmentation Masks export: the images, <name>{MASK_SUFFIX} and {CLASSES_CSV} in "
-            f"{len(folders)} folder(s)")
+        return (
+            f"a RoboFlow COCO Segmentation export: the images and {ANNOTATION_FILE} (one polygon per region, "
+            f"parent category {project!r}) in {len(folders)} folder(s)"
+        )
+    return (
+        f"a RoboFlow Semantic Segmentation Masks export: the images, <name>{MASK_SUFFIX} and {CLASSES_CSV} in "
+        f"{len(folders)} folder(s)"
+    )
 
 
 def predict(cfg: DictConfig) -> dict:
     missing = [k for k in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, k)]  # `???` in predict.yaml
     if missing:
         verb = "is" if len(missing) == 1 else "are"
-        raise SeglabError(f"{' and '.join(missing)} {verb} required: python predict.py "
-                          "ckpt_path=<run folder>/checkpoints/<name>.ckpt input=<image or folder> "
-                          "[output=<folder>]")
+        raise SeglabError(
+            f"{' and '.join(missing)} {verb} required: python predict.py "
+            "ckpt_path=<run folder>/checkpoints/<name>.ckpt input=<image or folder> "
+            "[output=<folder>]"
+        )
     if not 0.0 <= cfg.opacity <= 1.0:
         raise SeglabError(f"opacity={cfg.opacity} must be between 0 and 1.")
     if not isinstance(cfg.png_level, int) or not 0 <= cfg.png_level <= 9:
         raise SeglabError(f"png_level={cfg.png_level} must be a zlib level from 0 (none) to 9 (smallest files).")
     if cfg.format not in FORMATS:
-        raise SeglabError(f"format={cfg.format!r} must be one of {', '.join(FORMATS)}: seglab (masks, overlays, "
-                          "classes.csv), coco (a RoboFlow COCO Segmentation export), masks (a RoboFlow Semantic "
-                          "Segmentation Masks export).")
+        raise SeglabError(
+            f"format={cfg.format!r} must be one of {', '.join(FORMATS)}: seglab (masks, overlays, "
+            "classes.csv), coco (a RoboFlow COCO Segmentation export), masks (a RoboFlow Semantic "
+            "Segmentation Masks export)."
+        )
     if cfg.upload and cfg.format != "coco":
         raise SeglabError(f"upload={cfg.upload} sends pre-annotations as COCO polygons: add format=coco.")
     if cfg.min_confidence is not None and not 0 < cfg.min_confidence <= 1:
-        raise SeglabError(f"min_confidence={cfg.min_confidence} must be in (0, 1]: pixels whose top class "
-                          "probability is below it are marked unsure.")
+        raise SeglabError(
+            f"min_confidence={cfg.min_confidence} must be in (0, 1]: pixels whose top class "
+            "probability is below it are marked unsure."
+        )
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise SeglabError(f"batch_size={cfg.batch_size} must be a whole number >= 1 (1: one image at a time).")
     predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
@@ -219,8 +234,9 @@ def predict(cfg: DictConfig) -> dict:
             for i, (class_name, color) in enumerate(zip(predictor.class_names, predictor.palette, strict=True)):
                 writer.writerow([i, class_name, *color])
             if cfg.min_confidence is not None:
-                writer.writerow([predictor.ignore_index, f"unsure (top probability < {cfg.min_confidence})",
-                                 255, 255, 255])
+                writer.writerow(
+                    [predictor.ignore_index, f"unsure (top probability < {cfg.min_confidence})", 255, 255, 255]
+                )
 
     stems = Counter((p.parent, p.stem) for p in images)
 
@@ -231,12 +247,20 @@ def predict(cfg: DictConfig) -> dict:
         name = path.stem if stems[(path.parent, path.stem)] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
         return target, name
 
-    options = {"palette": predictor.palette, "opacity": cfg.opacity, "confidence": cfg.confidence,
-               "probabilities": cfg.probabilities, "png_level": cfg.png_level, "format": cfg.format,
-               "temperature": predictor.temperature, "min_confidence": cfg.min_confidence,
-               "unsure": predictor.ignore_index}
-    pixels = np.zeros(len(predictor.class_names) + (cfg.min_confidence is not None and cfg.format == "seglab"),
-                      np.int64)
+    options = {
+        "palette": predictor.palette,
+        "opacity": cfg.opacity,
+        "confidence": cfg.confidence,
+        "probabilities": cfg.probabilities,
+        "png_level": cfg.png_level,
+        "format": cfg.format,
+        "temperature": predictor.temperature,
+        "min_confidence": cfg.min_confidence,
+        "unsure": predictor.ignore_index,
+    }
+    pixels = np.zeros(
+        len(predictor.class_names) + (cfg.min_confidence is not None and cfg.format == "seglab"), np.int64
+    )
     entries: list[dict] = []
 
     def collect(batch_files: list[Future]) -> None:
@@ -245,13 +269,17 @@ def predict(cfg: DictConfig) -> dict:
             pixels += counts
             entries.append(entry)
 
-    loader = DataLoader(ImageFiles(images, predictor.preprocess), batch_sampler=batches, num_workers=workers,
-                        collate_fn=as_list)
+    loader = DataLoader(
+        ImageFiles(images, predictor.preprocess), batch_sampler=batches, num_workers=workers, collate_fn=as_list
+    )
     # Resizing the logits back, the argmax, the overlay and PNG encoding take ~40x the network's time on a 2048 px
     # photo (docs/deployment.md): with workers they run in as many writer processes, fed the logits at the
     # network's scale; without, in one thread beside the network. At most workers + 1 batches wait for them.
-    files = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=one_thread)
-             if workers else ThreadPoolExecutor(1, thread_name_prefix="seglab-write"))
+    files = (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=one_thread)
+        if workers
+        else ThreadPoolExecutor(1, thread_name_prefix="seglab-write")
+    )
     with files:
         pending: list[list[Future]] = []
         for batch in loader:
@@ -262,8 +290,12 @@ def predict(cfg: DictConfig) -> dict:
             logits = predictor.batch_logits(list(inputs), None)
             if len(pending) > workers:
                 collect(pending.pop(0))
-            pending.append([files.submit(write_outputs, *destination(images[i]), images[i], image.numpy(), one,
-                                         options) for i, image, one in zip(indices, decoded, logits, strict=True)])
+            pending.append(
+                [
+                    files.submit(write_outputs, *destination(images[i]), images[i], image.numpy(), one, options)
+                    for i, image, one in zip(indices, decoded, logits, strict=True)
+                ]
+            )
             for i, image in zip(indices, decoded, strict=True):
                 log.info("%s: %dx%d", images[i], image.shape[1], image.shape[0])
         for batch_files in pending:
@@ -278,16 +310,31 @@ def predict(cfg: DictConfig) -> dict:
     if cfg.format != "seglab":
         written = [export_files(cfg.format, entries, predictor.class_names, project)]
     if cfg.upload:
-        items = [(e["folder"] / e["file_name"], json.dumps(coco_document(predictor.class_names, [e], project)))
-                 for e in entries]
+        items = [
+            (e["folder"] / e["file_name"], json.dumps(coco_document(predictor.class_names, [e], project)))
+            for e in entries
+        ]
         batch = f"seglab pre-annotations {out.resolve().name}"
-        written.append(f"uploaded to RoboFlow project {cfg.upload} as predictions, batch {batch!r}: "
-                       f"{upload_images(cfg.upload, items, batch)} image(s)")
+        written.append(
+            f"uploaded to RoboFlow project {cfg.upload} as predictions, batch {batch!r}: "
+            f"{upload_images(cfg.upload, items, batch)} image(s)"
+        )
     if cfg.confidence:
         written.append(f"confidence: <name>{CONFIDENCE_SUFFIX} (top class probability, 0-255 = 0-1)")
     if cfg.probabilities:
         written.append(f"probabilities: <name>{PROBABILITIES_SUFFIX} (float16, classes x height x width)")
-    print(f"\nseglab prediction: {len(images)} image(s) -> {out}\n" + "".join(f"  {w}\n" for w in written)
-          + "  predicted pixel share: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items()), flush=True)
-    return {"images": len(images), "output": str(out), "pixel_share": share, "inference": predictor.settings(),
-            "batches": len(batches), "num_workers": workers}
+    print(
+        f"\nseglab prediction: {len(images)} image(s) -> {out}\n"
+        + "".join(f"  {w}\n" for w in written)
+        + "  predicted pixel share: "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items()),
+        flush=True,
+    )
+    return {
+        "images": len(images),
+        "output": str(out),
+        "pixel_share": share,
+        "inference": predictor.settings(),
+        "batches": len(batches),
+        "num_workers": workers,
+    }

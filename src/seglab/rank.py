@@ -41,9 +41,13 @@ def uncertainty(predictor: Predictor, image: np.ndarray, min_confidence: float) 
     classes = probabilities.shape[0]
     entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=0) / math.log(classes)
     mirrored = class_mask(predictor.logits(np.ascontiguousarray(image[:, ::-1])))[:, ::-1]
-    return {"entropy": float(entropy.mean()), "unsure": float((probabilities.max(dim=0).values < min_confidence)
-                                                               .float().mean()),
-            "flip": float((mirrored != mask).mean()), "mask": mask, "probabilities": probabilities}
+    return {
+        "entropy": float(entropy.mean()),
+        "unsure": float((probabilities.max(dim=0).values < min_confidence).float().mean()),
+        "flip": float((mirrored != mask).mean()),
+        "mask": mask,
+        "probabilities": probabilities,
+    }
 
 
 def ranked(rows: list[dict], by: str) -> list[dict]:
@@ -54,11 +58,22 @@ def ranked(rows: list[dict], by: str) -> list[dict]:
 
 def sheet(rows: list[dict], pictures: dict[str, tuple], palette, path: Path) -> Path:
     """A PNG with a row per image: the image, its prediction over it, its confidence (white: certain)."""
-    picture_sheet([(f"{rank}. {row['file']}  entropy {row['entropy']:.3f}  unsure {row['unsure']:.3f}  flip "
-                    f"{row['flip']:.3f}", [image, overlay(image, mask, palette, 0.5),
-                                           np.repeat(confidence_image(probabilities)[..., None], 3, 2)])
-                   for rank, row in enumerate(rows, 1)
-                   for image, mask, probabilities in [pictures[row["file"]]]], path)
+    picture_sheet(
+        [
+            (
+                f"{rank}. {row['file']}  entropy {row['entropy']:.3f}  unsure {row['unsure']:.3f}  flip "
+                f"{row['flip']:.3f}",
+                [
+                    image,
+                    overlay(image, mask, palette, 0.5),
+                    np.repeat(confidence_image(probabilities)[..., None], 3, 2),
+                ],
+            )
+            for rank, row in enumerate(rows, 1)
+            for image, mask, probabilities in [pictures[row["file"]]]
+        ],
+        path,
+    )
     return path
 
 
@@ -69,17 +84,24 @@ def label_batch(cfg: DictConfig, source: Path, files: list[str], out: Path) -> d
             link = Path(tmp) / name
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink((source / name).resolve() if source.is_dir() else source.resolve(), link)
-        settings = [f"ckpt_path={quoted(cfg.ckpt_path)}", f"input={quoted(tmp)}", f"output={quoted(out)}",
-                    f"format={cfg.format}", f"device={cfg.device}",
-                    *(f"inference.{k}={v}" for k, v in cfg.inference.items())]
+        settings = [
+            f"ckpt_path={quoted(cfg.ckpt_path)}",
+            f"input={quoted(tmp)}",
+            f"output={quoted(out)}",
+            f"format={cfg.format}",
+            f"device={cfg.device}",
+            *(f"inference.{k}={v}" for k, v in cfg.inference.items()),
+        ]
         return predict(compose_config("predict", settings))
 
 
 def rank(cfg: DictConfig) -> dict:
     missing = [k for k in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, k)]
     if missing:
-        raise SeglabError(f"{' and '.join(missing)} required: python -m seglab.rank ckpt_path=<checkpoint or export> "
-                          "input=<folder of unlabelled images> [top=20]")
+        raise SeglabError(
+            f"{' and '.join(missing)} required: python -m seglab.rank ckpt_path=<checkpoint or export> "
+            "input=<folder of unlabelled images> [top=20]"
+        )
     if cfg.by not in MEASURES:
         raise SeglabError(f"by={cfg.by!r} must be one of {', '.join(MEASURES)}.")
     if cfg.format not in (None, "coco", "masks"):
@@ -98,11 +120,12 @@ def rank(cfg: DictConfig) -> dict:
         with torch.inference_mode():
             found = uncertainty(predictor, image, cfg.min_confidence)
         name = path.relative_to(source).as_posix() if source.is_dir() else path.name
-        rows.append({"file": name, **{m: found[m] for m in MEASURES}, "width": image.shape[1],
-                     "height": image.shape[0]})
+        rows.append(
+            {"file": name, **{m: found[m] for m in MEASURES}, "width": image.shape[1], "height": image.shape[0]}
+        )
         pictures[name] = (image, found["mask"], found["probabilities"])
         if len(pictures) > cfg.top:  # only the top so far: the sheet shows the top images
-            keep = {r["file"] for r in ranked(rows, cfg.by)[:cfg.top]}
+            keep = {r["file"] for r in ranked(rows, cfg.by)[: cfg.top]}
             pictures = {k: v for k, v in pictures.items() if k in keep}
     order = ranked(rows, cfg.by)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,11 +134,13 @@ def rank(cfg: DictConfig) -> dict:
         writer.writeheader()
         for i, row in enumerate(order, 1):
             writer.writerow({"rank": i, **{k: (f"{v:.6f}" if k in MEASURES else v) for k, v in row.items()}})
-    top = order[:cfg.top]
+    top = order[: cfg.top]
     sheet(top, pictures, predictor.palette, out / "sheet.png")
     result = {"images": len(rows), "top": [r["file"] for r in top], "by": cfg.by, "output": str(out)}
-    lines = [f"seglab rank: {len(rows)} image(s) by {cfg.by}, most unsure first -> {out / 'ranking.csv'}",
-             f"  the top {len(top)}: {out / 'sheet.png'} (image | prediction | confidence)"]
+    lines = [
+        f"seglab rank: {len(rows)} image(s) by {cfg.by}, most unsure first -> {out / 'ranking.csv'}",
+        f"  the top {len(top)}: {out / 'sheet.png'} (image | prediction | confidence)",
+    ]
     if cfg.format:
         result["batch"] = label_batch(cfg, source, result["top"], out / "batch")
         lines.append(f"  their pre-annotations ({cfg.format}), ready to upload: {out / 'batch'}")

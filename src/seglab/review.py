@@ -35,15 +35,17 @@ from seglab.evaluate import build_datamodule
 from seglab.models.checkpoint import load_checkpoint
 from seglab.viz import SHEET_WIDTH, overlay, picture_sheet
 
-GRID = 64           # px: every held-out image on one grid for cleanlab's dataset-wide thresholds
+GRID = 64  # px: every held-out image on one grid for cleanlab's dataset-wide thresholds
 OUTLINE = (255, 255, 0)
 
 
 def best_checkpoint(run: Path) -> Path:
     found = sorted((run / "checkpoints").glob("best-*.ckpt"))
     if not found:
-        raise SeglabError(f"{run / 'checkpoints'} holds no best-*.ckpt: give run= a train.py run folder (or a "
-                          "cross-validation run's folder, with fold0/ ...).")
+        raise SeglabError(
+            f"{run / 'checkpoints'} holds no best-*.ckpt: give run= a train.py run folder (or a "
+            "cross-validation run's folder, with fold0/ ...)."
+        )
     return found[-1]
 
 
@@ -93,10 +95,17 @@ def summarised(file: str, fold: str, label: np.ndarray, probabilities: np.ndarra
     from cleanlab.segmentation.rank import get_label_quality_scores
 
     scores, _ = get_label_quality_scores(label[None], probabilities[None], verbose=False)
-    return {"file": file, "fold": fold, "score": float(scores[0]), "shape": label.shape, "source": source,
-            "grid_label": cv2.resize(label.astype(np.uint8), (GRID, GRID), interpolation=cv2.INTER_NEAREST),
-            "grid_probabilities": np.stack([cv2.resize(p, (GRID, GRID), interpolation=cv2.INTER_AREA)
-                                            for p in probabilities])}
+    return {
+        "file": file,
+        "fold": fold,
+        "score": float(scores[0]),
+        "shape": label.shape,
+        "source": source,
+        "grid_label": cv2.resize(label.astype(np.uint8), (GRID, GRID), interpolation=cv2.INTER_NEAREST),
+        "grid_probabilities": np.stack(
+            [cv2.resize(p, (GRID, GRID), interpolation=cv2.INTER_AREA) for p in probabilities]
+        ),
+    }
 
 
 def fold_items(fold: str, run: Path, heldout: Path) -> list[dict]:
@@ -148,18 +157,34 @@ def sheet(items: list[dict], path: Path) -> Path:
         palette = run_model(item["source"][0])[0].palette
         height, width = label.shape
         size = (SHEET_WIDTH, max(1, round(height * SHEET_WIDTH / width)))
-        pictures[rank] = [cv2.resize(outlined(part, suspect_mask(item)), size, interpolation=cv2.INTER_AREA)
-                          for part in (image, overlay(image, label.astype(np.uint8), palette, 0.5),
-                                       overlay(image, probabilities.argmax(axis=0).astype(np.uint8), palette, 0.5))]
-    picture_sheet([(f"{rank}. {item['file']}  score {item['score']:.3f}  suspect {item['suspect_share']:.3f}  "
-                    "(image | label | model)", pictures[rank]) for rank, item in enumerate(items, 1)], path)
+        pictures[rank] = [
+            cv2.resize(outlined(part, suspect_mask(item)), size, interpolation=cv2.INTER_AREA)
+            for part in (
+                image,
+                overlay(image, label.astype(np.uint8), palette, 0.5),
+                overlay(image, probabilities.argmax(axis=0).astype(np.uint8), palette, 0.5),
+            )
+        ]
+    picture_sheet(
+        [
+            (
+                f"{rank}. {item['file']}  score {item['score']:.3f}  suspect {item['suspect_share']:.3f}  "
+                "(image | label | model)",
+                pictures[rank],
+            )
+            for rank, item in enumerate(items, 1)
+        ],
+        path,
+    )
     return path
 
 
 def review(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "run"):
-        raise SeglabError("run= is required: python -m seglab.review run=<train.py run folder> (a cross-validation "
-                          "run, python train.py cv.folds=5, reviews every image)")
+        raise SeglabError(
+            "run= is required: python -m seglab.review run=<train.py run folder> (a cross-validation "
+            "run, python train.py cv.folds=5, reviews every image)"
+        )
     if not isinstance(cfg.top, int) or cfg.top < 1:
         raise SeglabError(f"top={cfg.top!r} must be a whole number >= 1.")
     run = Path(cfg.run)
@@ -167,8 +192,11 @@ def review(cfg: DictConfig) -> dict:
         raise SeglabError(f"run={str(run)!r} is not a folder: give a train.py run folder.")
     out = Path(cfg.output) if cfg.output else default_run_dir("outputs/review")
     out.mkdir(parents=True, exist_ok=True)
-    items = [item for fold, fold_run, heldout in held_out(run, out / "heldout")
-             for item in fold_items(fold, fold_run, heldout)]
+    items = [
+        item
+        for fold, fold_run, heldout in held_out(run, out / "heldout")
+        for item in fold_items(fold, fold_run, heldout)
+    ]
     if not items:
         raise SeglabError(f"No held-out images found for {run}.")
     scored(items)
@@ -177,13 +205,15 @@ def review(cfg: DictConfig) -> dict:
         writer = csv.writer(fh)
         writer.writerow(["rank", "file", "score", "suspect_share", "fold"])
         for rank, item in enumerate(items, 1):
-            writer.writerow([rank, item["file"], f"{item['score']:.6f}", f"{item['suspect_share']:.6f}",
-                             item["fold"]])
-    sheet(items[:cfg.top], out / "sheet.png")
+            writer.writerow([rank, item["file"], f"{item['score']:.6f}", f"{item['suspect_share']:.6f}", item["fold"]])
+    sheet(items[: cfg.top], out / "sheet.png")
     run_model.cache_clear()
-    print(f"seglab review: {len(items)} labelled image(s), most likely wrong first -> {out / 'review.csv'}\n"
-          f"  the top {min(cfg.top, len(items))}: {out / 'sheet.png'} (image | label | model, suspect regions "
-          "outlined)", flush=True)
+    print(
+        f"seglab review: {len(items)} labelled image(s), most likely wrong first -> {out / 'review.csv'}\n"
+        f"  the top {min(cfg.top, len(items))}: {out / 'sheet.png'} (image | label | model, suspect regions "
+        "outlined)",
+        flush=True,
+    )
     return {"images": len(items), "ranking": [i["file"] for i in items], "output": str(out)}
 
 

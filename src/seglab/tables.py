@@ -19,9 +19,13 @@ def fmt(value, spec: str = ".4f", missing: str = "") -> str:
 def text_table(rows: Sequence[Sequence[str]], indent: str = "  ", right: bool = True) -> str:
     """Aligned plain text: the first column left, the others right (numbers) or left (right=False: text)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(indent + "  ".join(c.ljust(w) if i == 0 or not right else c.rjust(w)
-                                        for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
-                     for r in rows)
+    return "\n".join(
+        indent
+        + "  ".join(
+            c.ljust(w) if i == 0 or not right else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    )
 
 
 def markdown_table(rows: Sequence[dict[str, str]], columns: Sequence[str]) -> str:

@@ -106,8 +106,12 @@ def unfinished_mlflow_run(logger_cfg: DictConfig) -> str | None:
     experiment = client.get_experiment_by_name(logger_cfg.get("experiment_name", "lightning_logs"))
     if experiment is None:
         return None
-    runs = client.search_runs([experiment.experiment_id], f"tags.run_dir = '{run_dir}' and "
-                              "attributes.status != 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.run_dir = '{run_dir}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -120,8 +124,9 @@ def tracker_rows(loggers: Sequence[Logger]) -> list[tuple[str, str]]:
         elif isinstance(logger, CSVLogger):
             rows.append(("CSV", str(Path(logger.log_dir) / "metrics.csv")))
         elif isinstance(logger, MLFlowLogger):
-            rows.append(("MLflow", f"mlflow ui --backend-store-uri {logger.experiment.tracking_uri} (run "
-                                   f"{logger.run_id})"))
+            rows.append(
+                ("MLflow", f"mlflow ui --backend-store-uri {logger.experiment.tracking_uri} (run {logger.run_id})")
+            )
         elif isinstance(logger, WandbLogger):
             run = logger.experiment
             rows.append(("W&B", f"wandb sync {Path(run.dir).parent}" if run.offline else run.url))
@@ -133,8 +138,11 @@ def finish_trackers(loggers: Sequence[Logger], config: dict, metrics: dict) -> N
     params = flatten(config)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab shows each run's config beside these results
-            hp_metrics = {f"hp/{k}": v for k, v in {**metrics["best_val"], **metrics["test"]}.items()
-                          if k.endswith(("loss", "mIoU", "mDice", "mAcc", "pixel_acc"))}
+            hp_metrics = {
+                f"hp/{k}": v
+                for k, v in {**metrics["best_val"], **metrics["test"]}.items()
+                if k.endswith(("loss", "mIoU", "mDice", "mAcc", "pixel_acc"))
+            }
             logger.log_hyperparams(params, metrics=hp_metrics)
         else:
             logger.log_hyperparams(params)

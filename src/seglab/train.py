@@ -76,8 +76,10 @@ def check_config(cfg: DictConfig) -> None:
     accelerator = trainer.get("accelerator")
     on_cpu = accelerator == "cpu" or accelerator == "auto" and not torch.cuda.is_available()
     if trainer.get("sync_batchnorm") and on_cpu:
-        raise SeglabError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is GPU-only). For DDP on "
-                          "CPU processes set trainer.sync_batchnorm=false.")
+        raise SeglabError(
+            "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is GPU-only). For DDP on "
+            "CPU processes set trainer.sync_batchnorm=false."
+        )
 
 
 def resumed_config(cfg: DictConfig) -> DictConfig:
@@ -86,8 +88,10 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
     last = run_dir / "checkpoints" / "last.ckpt"
     saved = run_dir / ".hydra" / "config.yaml"
     if not last.is_file() or not saved.is_file():
-        raise SeglabError(f"resume={cfg.resume!r}: expected a run folder with checkpoints/last.ckpt and "
-                          ".hydra/config.yaml (the folder train.py printed as 'run folder').")
+        raise SeglabError(
+            f"resume={cfg.resume!r}: expected a run folder with checkpoints/last.ckpt and "
+            ".hydra/config.yaml (the folder train.py printed as 'run folder')."
+        )
     original = OmegaConf.load(saved)
     from hydra.core.hydra_config import HydraConfig
 
@@ -97,8 +101,9 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
         if key == "resume" or key.startswith("hydra."):
             continue
         if OmegaConf.is_config(OmegaConf.select(original, key)):
-            raise SeglabError(f"'{item}' changes a config group; a resumed run keeps its groups. "
-                              "Start a new run instead.")
+            raise SeglabError(
+                f"'{item}' changes a config group; a resumed run keeps its groups. Start a new run instead."
+            )
         OmegaConf.update(original, key, yaml.safe_load(value) if value else None, force_add=True)
     original.resume = str(run_dir)
     original.paths.output_dir = str(run_dir)
@@ -120,72 +125,118 @@ def prepare_data_once(trainer: pl.Trainer, datamodule) -> None:
         trainer.strategy.barrier("seglab.prepare_data")
 
 
-def exact_test_metrics(cfg: DictConfig, trainer: pl.Trainer, module: SegmentationModule, datamodule,
-                      best_path: str) -> dict[str, float]:
+def exact_test_metrics(
+    cfg: DictConfig, trainer: pl.Trainer, module: SegmentationModule, datamodule, best_path: str
+) -> dict[str, float]:
     """Test metrics of a DDP run, exact: Lightning's DistributedSampler would pad the test split with repeated
     images to divide it evenly between processes, so the first process alone scores every image once."""
     # torchmetrics synchronises whenever a process group exists; the others have left it.
     torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return {}
-    tester: pl.Trainer = instantiate(cfg.trainer, devices=1, num_nodes=1, strategy="auto", sync_batchnorm=False,
-                                     logger=trainer.loggers, callbacks=[], enable_checkpointing=False)
+    tester: pl.Trainer = instantiate(
+        cfg.trainer,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
+        sync_batchnorm=False,
+        logger=trainer.loggers,
+        callbacks=[],
+        enable_checkpointing=False,
+    )
     # Test scalars at the step training ended, as in a single-process run (a new trainer starts at 0).
     tester.fit_loop.epoch_loop._batches_that_stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
     return tester.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
 
 
-def split_scores(module: SegmentationModule, datamodule, best_epoch: int | None, single_process: bool, out: Path
-                 ) -> dict:
+def split_scores(
+    module: SegmentationModule, datamodule, best_epoch: int | None, single_process: bool, out: Path
+) -> dict:
     """Test (and the best epoch's validation) scores with their intervals, on all images and on the unseen ones,
     from the per-image confusion matrices, which go into per_image.npz (seglab.metrics)."""
-    confusions = {"test": module.image_confusion.get("test"),
-                  "val": module.val_image_confusion.get(best_epoch) if single_process else None}
+    confusions = {
+        "test": module.image_confusion.get("test"),
+        "val": module.val_image_confusion.get(best_epoch) if single_process else None,
+    }
     found = {}
     for split, confusion in confusions.items():
         if confusion is None:
             continue
         samples = datamodule.splits[split][: len(confusion)]  # trainer.limit_*_batches scores the first ones
-        found[split] = {"confusion": confusion, "images": [datamodule.relative(s.image) for s in samples],
-                        "units": [datamodule.scene_of(s) for s in samples],
-                        "unseen": datamodule.unseen(split)[: len(confusion)]}
+        found[split] = {
+            "confusion": confusion,
+            "images": [datamodule.relative(s.image) for s in samples],
+            "units": [datamodule.scene_of(s) for s in samples],
+            "unseen": datamodule.unseen(split)[: len(confusion)],
+        }
     save_per_image(out / "per_image.npz", **found)
-    return {"method": METHOD, **{split: with_unseen(d["confusion"], d["units"], d["unseen"], datamodule.class_names)
-                                 for split, d in found.items()}}
+    return {
+        "method": METHOD,
+        **{
+            split: with_unseen(d["confusion"], d["units"], d["unseen"], datamodule.class_names)
+            for split, d in found.items()
+        },
+    }
 
 
 def score_rows(uncertainty: dict, best: dict) -> list[tuple[str, str]]:
     """The summary's lines for the scores: each with its interval and on how many images; the unseen score."""
     test = uncertainty.get("test")
     val = uncertainty.get("val")
-    rows = [("val mIoU", interval_text(val["mIoU"]) + f" ({val['images']} images, best epoch; unseen: "
-             + (f"{interval_text(val['unseen']['mIoU'])} on {val['unseen']['images']})" if val["unseen"]["images"]
-                else "none)") if val else f"{best.get('val/mIoU', math.nan):.3f}")]
+    rows = [
+        (
+            "val mIoU",
+            interval_text(val["mIoU"])
+            + f" ({val['images']} images, best epoch; unseen: "
+            + (
+                f"{interval_text(val['unseen']['mIoU'])} on {val['unseen']['images']})"
+                if val["unseen"]["images"]
+                else "none)"
+            )
+            if val
+            else f"{best.get('val/mIoU', math.nan):.3f}",
+        )
+    ]
     if not test:
         return rows
     trivial = test.get("trivial", {})
     rows += [
-        ("test mIoU", f"{interval_text(test['mIoU'])} over {units_text(test['images'], test['units'])} "
-                      f"(95 % bootstrap; predicting {trivial.get('class', '?')} everywhere: "
-                      f"{interval_text(trivial.get('mIoU'))})"),
+        (
+            "test mIoU",
+            f"{interval_text(test['mIoU'])} over {units_text(test['images'], test['units'])} "
+            f"(95 % bootstrap; predicting {trivial.get('class', '?')} everywhere: "
+            f"{interval_text(trivial.get('mIoU'))})",
+        ),
         ("test IoU", ", ".join(f"{name} {interval_text(v)}" for name, v in test["IoU"].items())),
     ]
     unseen = test["unseen"]
     if unseen["images"]:
-        rows.append(("unseen test mIoU", f"{interval_text(unseen['mIoU'])} on the {unseen['images']} of "
-                                         f"{test['images']} test images with no copy or look-alike in train"))
+        rows.append(
+            (
+                "unseen test mIoU",
+                f"{interval_text(unseen['mIoU'])} on the {unseen['images']} of "
+                f"{test['images']} test images with no copy or look-alike in train",
+            )
+        )
     else:
-        rows.append(("unseen test mIoU", f"none: every one of the {test['images']} test images has a copy or a "
-                                         "look-alike in train (video frames?); for test images the model never saw "
-                                         "anything like: data.resplit=true data.split_by=scene"))
+        rows.append(
+            (
+                "unseen test mIoU",
+                f"none: every one of the {test['images']} test images has a copy or a "
+                "look-alike in train (video frames?); for test images the model never saw "
+                "anything like: data.resplit=true data.split_by=scene",
+            )
+        )
     return rows
 
 
 def refuse_existing_run(out: Path) -> None:
     """A new run never writes into another run's folder (seglab.api checks before it writes the config there)."""
     if (out / "metrics.json").exists() or (out / "checkpoints").exists():
-        raise SeglabError(f"{out} already holds a run; it is left as it is. Choose another folder "
-                          f"(hydra.run.dir=...), or continue that run with resume={out}.")
+        raise SeglabError(
+            f"{out} already holds a run; it is left as it is. Choose another folder "
+            f"(hydra.run.dir=...), or continue that run with resume={out}."
+        )
 
 
 def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler=None) -> dict:
@@ -218,8 +269,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     callbacks += list(extra_callbacks)
     loggers = build_loggers(cfg, resume_from)
     # The trainer first: it knows this process's rank, which decides who builds the mask cache and who writes.
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
-                                      **({"profiler": profiler} if profiler is not None else {}))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, **({"profiler": profiler} if profiler is not None else {})
+    )
     prepare_data_once(trainer, datamodule)
     datamodule.setup("fit")
     data_line = ""
@@ -228,10 +280,12 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         report = build_report(datamodule)
         write_summary(report, out)
         leaks, near = report["leaks"]["used"], report["lookalikes"]["used"]
-        data_line = (f"{report['files']} files of {report['photos']} photos; val/test images sharing a photo with "
-                     f"train: {leaks['val_with_copy_in_train']}/{leaks['test_with_copy_in_train']}, with a copy or "
-                     f"look-alike there: {near['val_near_train']}/{near['test_near_train']} "
-                     f"(report.md in the run folder)")
+        data_line = (
+            f"{report['files']} files of {report['photos']} photos; val/test images sharing a photo with "
+            f"train: {leaks['val_with_copy_in_train']}/{leaks['test_with_copy_in_train']}, with a copy or "
+            f"look-alike there: {near['val_near_train']}/{near['test_near_train']} "
+            f"(report.md in the run folder)"
+        )
         print(f"seglab data: {data_line}", flush=True)
     module = build_module(cfg, datamodule)
 
@@ -252,13 +306,15 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     best = history.best(cfg.monitor.metric, cfg.monitor.mode) if history else {}
     speed = next((c for c in callbacks if isinstance(c, TrainSpeed)), None)
     test_miou = float(test.get("test/mIoU", math.nan))
-    diagnosis = diagnose(module.confusion["test"].numpy(), datamodule.class_names, test_miou) \
-        if "test" in module.confusion else {}
+    diagnosis = (
+        diagnose(module.confusion["test"].numpy(), datamodule.class_names, test_miou)
+        if "test" in module.confusion
+        else {}
+    )
     uncertainty = split_scores(module, datamodule, best.get("epoch"), trainer.world_size == 1, out)
     calibration = None
     if cfg.get("calibrate", True) and best_path and datamodule.splits.get("val"):  # before heldout/: calibrated
-        calibration = calibrate_run(module, datamodule, [Path(best_path), Path(best_path).with_name("last.ckpt")],
-                                    out)
+        calibration = calibrate_run(module, datamodule, [Path(best_path), Path(best_path).with_name("last.ckpt")], out)
     if datamodule.cv_folds:
         crossval.write_heldout(module, datamodule, out / "heldout")
     metrics = {
@@ -280,7 +336,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         "leaks": datamodule.leak_counts(),
         "lookalikes": datamodule.near_counts(),
         "cv": {"folds": datamodule.cv_folds, "fold": datamodule.cv_fold, "by": datamodule.split_by}
-        if datamodule.cv_folds else None,
+        if datamodule.cv_folds
+        else None,
         "checkpoint": best_path,
         "last_checkpoint": str(Path(best_path).with_name("last.ckpt")) if best_path else "",
         "class_names": datamodule.class_names,
@@ -307,6 +364,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         *trackers,
     ]
     verdict = describe(diagnosis) if diagnosis else []
-    print("\nseglab training summary\n" + text_table(rows, right=False) + "".join(f"\n  {line}" for line in verdict),
-          flush=True)
+    print(
+        "\nseglab training summary\n" + text_table(rows, right=False) + "".join(f"\n  {line}" for line in verdict),
+        flush=True,
+    )
     return metrics

@@ -21,8 +21,7 @@ IGNORE_COLOR = (255, 255, 255)
 ERROR_COLOR = (255, 0, 0)
 
 
-def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int | None = None
-             ) -> np.ndarray:
+def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int | None = None) -> np.ndarray:
     """Class-index mask -> RGB uint8 in the palette; ignored (and unknown) indices are white."""
     lut = np.full((256, 3), IGNORE_COLOR, np.uint8)
     lut[: len(palette)] = np.asarray(palette, np.uint8)
@@ -81,10 +80,12 @@ def error_map(image: np.ndarray, pred: np.ndarray, target: np.ndarray, ignore_in
 def _legend_handles(indices, class_names, palette) -> list[Patch]:
     # Overlays leave background pixels untinted: a hatched patch, not the palette's black (or the white
     # of ignored pixels).
-    return [Patch(facecolor="none", edgecolor="grey", hatch="////", label=f"{class_names[i]} (untinted)")
-            if i == 0
-            else Patch(facecolor=np.asarray(palette[i]) / 255, edgecolor="black", label=class_names[i])
-            for i in indices]
+    return [
+        Patch(facecolor="none", edgecolor="grey", hatch="////", label=f"{class_names[i]} (untinted)")
+        if i == 0
+        else Patch(facecolor=np.asarray(palette[i]) / 255, edgecolor="black", label=class_names[i])
+        for i in indices
+    ]
 
 
 def panel_figure(
@@ -147,8 +148,15 @@ def confusion_matrix_figure(counts: np.ndarray, class_names: Sequence[str], titl
     ax.set_ylabel("ground truth")
     if n <= 25:  # beyond that the numbers no longer fit their cells
         for (row, col), value in np.ndenumerate(rates):
-            ax.text(col, row, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
-                    color="white" if value > 0.5 else "black")
+            ax.text(
+                col,
+                row,
+                f"{100 * value:.1f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if value > 0.5 else "black",
+            )
     ax.set_title(title or "confusion matrix (% of each true class)")
     return fig
 

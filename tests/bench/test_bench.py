@@ -15,8 +15,13 @@ def reject_non_json(constant: str):
 @pytest.mark.slow  # ~30 s: dataset, two Lightning fits, model variants and two evaluate() runs
 def test_bench_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "seglab.bench", "--quick", "--out", str(out)],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "seglab.bench", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text(), parse_constant=reject_non_json)
 
@@ -31,8 +36,16 @@ def test_bench_quick_writes_json(tmp_path):
     assert data["mask_cache"]["second_setup_rasterised"] == 0  # the second run reads every mask from the cache
     steps = [s["step"] for s in data["steps"]]
     # The default recipe (conf/augmentation/scale_crop.yaml): geometry, augmentations, normalisation.
-    assert steps[2:] == ["LongestMaxSize", "PadIfNeeded", "ClassAwareCrop", "HorizontalFlip",
-                         "RandomBrightnessContrast", "GaussNoise", "Normalize", "ToTensorV2"]
+    assert steps[2:] == [
+        "LongestMaxSize",
+        "PadIfNeeded",
+        "ClassAwareCrop",
+        "HorizontalFlip",
+        "RandomBrightnessContrast",
+        "GaussNoise",
+        "Normalize",
+        "ToTensorV2",
+    ]
     assert all(s["ms_per_image"] > 0 for s in data["steps"] if s["ms_per_image"] is not None)
 
     # Train images 1 and 2 carry RLE annotations (seglab.data.synthetic): the other 8 are all polygons.
@@ -53,16 +66,27 @@ def test_bench_quick_writes_json(tmp_path):
     runs = results["evaluate"]["runs"]
     assert (runs["train"]["images"], runs["test"]["images"]) == (8, 1)
 
-    assert set(results["targets"]) == {"data_images_per_s", "loop_ratio", "loop_steps_with_sync",
-                                       "cuda_train_images_per_s", "fit_steps_share", "fit_feed_speedup",
-                                       "fit_ceiling_ratio"}
+    assert set(results["targets"]) == {
+        "data_images_per_s",
+        "loop_ratio",
+        "loop_steps_with_sync",
+        "cuda_train_images_per_s",
+        "fit_steps_share",
+        "fit_feed_speedup",
+        "fit_ceiling_ratio",
+    }
     assert "1. Data pipeline" in run.stdout and "Targets" in run.stdout
 
 
 def test_bench_only_runs_the_sections_asked_for(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "seglab.bench", "--quick", "--only", "masks", "--out", str(out)],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "seglab.bench", "--quick", "--only", "masks", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text())
     assert set(results) == {"machine", "settings", "masks", "targets"}
@@ -73,8 +97,13 @@ def test_bench_only_runs_the_sections_asked_for(tmp_path):
 
 def test_bench_fit_section_times_a_real_run(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "seglab.bench", "--quick", "--only", "fit", "--out", str(out)],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "seglab.bench", "--quick", "--only", "fit", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(out.read_text(), parse_constant=reject_non_json)
     assert set(results) == {"machine", "settings", "fit", "targets"}
@@ -87,10 +116,17 @@ def test_bench_fit_section_times_a_real_run(tmp_path):
     assert fit["setup_s"] > 0 and fit["ceiling_images_per_s"] > 0
     # Every per-epoch cost was found in the profile: each of these did work in every epoch.
     costs = fit["per_epoch_s"]
-    assert set(costs) == {"validation_pass", "val_steps", "metric_compute", "image_panels", "checkpoint_save",
-                          "early_stopping"}
-    assert all(costs[k] > 0 for k in ("validation_pass", "val_steps", "metric_compute", "image_panels",
-                                      "checkpoint_save"))
+    assert set(costs) == {
+        "validation_pass",
+        "val_steps",
+        "metric_compute",
+        "image_panels",
+        "checkpoint_save",
+        "early_stopping",
+    }
+    assert all(
+        costs[k] > 0 for k in ("validation_pass", "val_steps", "metric_compute", "image_panels", "checkpoint_save")
+    )
     assert costs["val_steps"] < costs["validation_pass"]
     feed = fit["feed"]
     assert feed["images"] == 10 and feed["speedup"] == feed["epoch1_s"] / feed["epoch2_s"]

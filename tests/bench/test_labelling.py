@@ -16,14 +16,15 @@ from seglab.data.synthetic import generate_dataset
 def masks_by_split(source, cache) -> dict[str, dict[str, np.ndarray]]:
     """split -> image file name -> its label mask as seglab reads it (COCO rasterised, or the PNG's values)."""
     rasterised = build_mask_cache(source, cache, "smaller_on_top", 255) if source.coco_files else {}
-    return {split: {s.name: read_mask(rasterised[s.image] if s.mask is None else s.mask) for s in samples}
-            for split, samples in source.samples.items()}
+    return {
+        split: {s.name: read_mask(rasterised[s.image] if s.mask is None else s.mask) for s in samples}
+        for split, samples in source.samples.items()
+    }
 
 
 @pytest.mark.parametrize("fmt", ["coco", "masks", "yolo"])
 def test_a_subset_keeps_the_chosen_training_images_with_their_labels_and_valid_test_whole(fmt, tmp_path):
-    export = generate_dataset(tmp_path / "export", num_images=12, size=64, seed=5, splits=(0.5, 0.25, 0.25),
-                              fmt=fmt)
+    export = generate_dataset(tmp_path / "export", num_images=12, size=64, seed=5, splits=(0.5, 0.25, 0.25), fmt=fmt)
     source = discover(export, cache_dir=tmp_path / "yolo")
     pool = training_pool(source)
     assert len(pool) == 6
@@ -52,8 +53,9 @@ def test_the_ranked_arm_labels_the_rankings_top_and_the_random_arm_a_draw_from_t
     export = generate_dataset(tmp_path / "export", num_images=16, size=64, seed=5, splits=(0.625, 0.1875, 0.1875))
     out = tmp_path / "out"
     settings = ["debug=fast", "model=deeplabv3_mobilenet_v3_large", "data.image_size=64", "max_epochs=1"]
-    [result] = main(["--export", str(export), "--start", "3", "--budget", "3", "--seeds", "7", "--out", str(out),
-                     *settings])
+    [result] = main(
+        ["--export", str(export), "--start", "3", "--budget", "3", "--seeds", "7", "--out", str(out), *settings]
+    )
     chosen = json.loads((out / "seed7" / "chosen.json").read_text())
     assert chosen == result["chosen"]
     pool = training_pool(discover(export))
@@ -62,8 +64,11 @@ def test_the_ranked_arm_labels_the_rankings_top_and_the_random_arm_a_draw_from_t
     assert sorted(ranking) == sorted(set(pool) - set(chosen["start"]))  # every unlabelled training image, once
     assert chosen["ranked"] == ranking[:3]
     assert set(chosen["random"]) <= set(ranking) and len(set(chosen["random"])) == 3
-    for arm, expected in (("start", chosen["start"]), ("ranked", chosen["start"] + chosen["ranked"]),
-                          ("random", chosen["start"] + chosen["random"])):
+    for arm, expected in (
+        ("start", chosen["start"]),
+        ("ranked", chosen["start"] + chosen["ranked"]),
+        ("random", chosen["start"] + chosen["random"]),
+    ):
         splits = json.loads((out / "seed7" / arm / "splits.json").read_text())
         assert sorted(name.split("/")[-1] for name in splits["train"]) == sorted(expected), arm
         metrics = json.loads((out / "seed7" / arm / "metrics.json").read_text())
@@ -75,6 +80,7 @@ def test_the_ranked_arm_labels_the_rankings_top_and_the_random_arm_a_draw_from_t
     assert row["seed"] == "7" and row["labelled"] == "3 + 3"
     # A second sitting reads the finished runs back instead of training again.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("seed7/*/metrics.json")}
-    assert main(["--export", str(export), "--start", "3", "--budget", "3", "--seeds", "7", "--out", str(out),
-                 *settings]) == [result]
+    assert main(
+        ["--export", str(export), "--start", "3", "--budget", "3", "--seeds", "7", "--out", str(out), *settings]
+    ) == [result]
     assert {p: p.stat().st_mtime_ns for p in out.glob("seed7/*/metrics.json")} == stamps

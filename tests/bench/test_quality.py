@@ -43,14 +43,33 @@ def fetched(tmp_path, demo_root):
     top_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=top, capture_output=True, text=True).stdout.strip()
     shutil.copytree(top, sources / "acme" / "top-repo")  # a plain clone, as a user's git clone leaves it
     manifest = tmp_path / "yardstick.json"
-    manifest.write_text(json.dumps([
-        {"name": "shapes", "kind": "synthetic shapes", "repository": "acme/shapes-repo", "commit": first,
-         "folder": "datasets/shapes", "licence": "CC BY 4.0"},
-        {"name": "top", "kind": "synthetic shapes", "repository": "acme/top-repo", "commit": top_commit,
-         "folder": ["train", "valid", "test"], "licence": "CC BY 4.0"},
-        {"name": "tiny-dense", "kind": "generated dense", "generate": {"num_images": 10, "size": 96, "seed": 3,
-                                                                       "mode": "dense"}},
-    ]))
+    manifest.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "shapes",
+                    "kind": "synthetic shapes",
+                    "repository": "acme/shapes-repo",
+                    "commit": first,
+                    "folder": "datasets/shapes",
+                    "licence": "CC BY 4.0",
+                },
+                {
+                    "name": "top",
+                    "kind": "synthetic shapes",
+                    "repository": "acme/top-repo",
+                    "commit": top_commit,
+                    "folder": ["train", "valid", "test"],
+                    "licence": "CC BY 4.0",
+                },
+                {
+                    "name": "tiny-dense",
+                    "kind": "generated dense",
+                    "generate": {"num_images": 10, "size": 96, "seed": 3, "mode": "dense"},
+                },
+            ]
+        )
+    )
     return {"manifest": manifest, "sources": sources, "exports": tmp_path / "exports", "demo": demo_root}
 
 
@@ -66,13 +85,28 @@ def test_layout_takes_each_export_at_its_commit_and_generates_the_others(fetched
 
 @pytest.mark.slow  # two tiny trainings (train.py and the plain loop) and their evaluations
 def test_runs_are_scored_tabulated_and_kept_for_the_next_sitting(fetched, tmp_path, capsys):
-    args = ["--manifest", str(fetched["manifest"]), "--exports", str(fetched["exports"]), "--only", "shapes",
-            "--recipes", "plain", "default", "--out", str(tmp_path / "quality"), "debug=fast", "max_epochs=2"]
+    args = [
+        "--manifest",
+        str(fetched["manifest"]),
+        "--exports",
+        str(fetched["exports"]),
+        "--only",
+        "shapes",
+        "--recipes",
+        "plain",
+        "default",
+        "--out",
+        str(tmp_path / "quality"),
+        "debug=fast",
+        "max_epochs=2",
+    ]
     main(["layout", "--sources", str(fetched["sources"]), *args[:4]])
     results = main(["run", *args])
     out = tmp_path / "quality"
-    assert [(r["recipe"], r["epochs"], len(r["validation_curve"])) for r in results] == [("plain", 2, 2),
-                                                                                          ("default", 2, 2)]
+    assert [(r["recipe"], r["epochs"], len(r["validation_curve"])) for r in results] == [
+        ("plain", 2, 2),
+        ("default", 2, 2),
+    ]
     with (out / "quality.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["recipe"] for r in rows] == ["plain", "default"]
@@ -81,8 +115,9 @@ def test_runs_are_scored_tabulated_and_kept_for_the_next_sitting(fetched, tmp_pa
         assert row["test mIoU"] == interval_text(evaluated["uncertainty"]["mIoU"])  # the images' own size
         assert row["test images"] == "2" and row["seed"] == "42" and row["commit"] == result["commit"]
         assert "threads" in row["machine"]
-    plain, default = (load_per_image(out / "shapes" / f"{r}-seed42" / "evaluate" / "per_image.npz")
-                      for r in ("plain", "default"))
+    plain, default = (
+        load_per_image(out / "shapes" / f"{r}-seed42" / "evaluate" / "per_image.npz") for r in ("plain", "default")
+    )
     diff = paired_difference(default["confusion"], plain["confusion"], plain["units"])
     assert rows[1]["vs plain (paired)"].startswith(f"{diff['value']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]")
     with Image.open(out / "quality.png") as picture:

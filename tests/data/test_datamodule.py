@@ -15,8 +15,7 @@ from seglab.errors import SeglabError
 
 
 def make_datamodule(root, tmp_path, **kwargs):
-    kwargs = {"image_size": 32, "num_workers": 0, "batch_size": 2, "cache_dir": str(tmp_path / "cache"),
-              **kwargs}
+    kwargs = {"image_size": 32, "num_workers": 0, "batch_size": 2, "cache_dir": str(tmp_path / "cache"), **kwargs}
     return SegmentationDataModule(root=str(root), **kwargs)
 
 
@@ -120,8 +119,7 @@ def test_splits_file_lists_paths_relative_to_root(demo_root, tmp_path):
     dm = make_datamodule(demo_root, tmp_path, resplit=True, splits_file=str(splits_file))
     dm.setup()
     written = json.loads(splits_file.read_text())
-    assert list(written) == ["train", "val", "test", "split_by", "cv", "groups", "scenes", "shared_in_export",
-                             "unseen"]
+    assert list(written) == ["train", "val", "test", "split_by", "cv", "groups", "scenes", "shared_in_export", "unseen"]
     splits = {k: written[k] for k in ("train", "val", "test")}
     assert splits == {k: [f"{s.image.parent.name}/{s.image.name}" for s in v] for k, v in dm.splits.items()}
     assert sum(len(v) for v in splits.values()) == 20

@@ -38,8 +38,9 @@ def relative_splits(dm) -> dict[str, list[str]]:
 def cached_exports(exports_dir: Path) -> list[str]:
     """The unpacked exports in the cache (not its lock files or temporary folders)."""
     folder = exports_dir / "exports"
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if folder.is_dir() else []
+    return (
+        sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
+    )
 
 
 @pytest.mark.parametrize(("fmt", "prefix"), [("coco", ""), ("masks", ""), ("coco", "my-export/")])
@@ -51,8 +52,9 @@ def test_a_zipped_export_reads_exactly_as_its_folder(fmt, prefix, exports, tmp_p
 
     unpacked = tmp_path / "cache" / "exports" / file_digest(archive)[:DIGEST_CHARS]
     assert from_zip.root == (unpacked / "my-export" if prefix else unpacked)
-    assert from_zip.source.layout == from_folder.source.layout == \
-        {"coco": "roboflow_coco", "masks": "roboflow_masks"}[fmt]
+    assert (
+        from_zip.source.layout == from_folder.source.layout == {"coco": "roboflow_coco", "masks": "roboflow_masks"}[fmt]
+    )
     assert from_zip.class_names == from_folder.class_names == ["background", "disc", "triangle"]
     assert relative_splits(from_zip) == relative_splits(from_folder)
     assert [len(v) for v in from_zip.splits.values()] == [8, 1, 1]
@@ -63,8 +65,9 @@ def test_a_zipped_export_reads_exactly_as_its_folder(fmt, prefix, exports, tmp_p
     assert sum(int((m > 0).sum()) for m in zipped.values()) > 0  # the masks hold objects, not only background
     # The mask and image caches live beside the unpacked export, as they do for any folder.
     assert from_zip.cache_dir == from_zip.root / ".seglab_cache"
-    assert sorted(p.name for p in from_zip.cache_dir.iterdir()) == \
-        sorted(p.name for p in (tmp_path / "folder-cache").iterdir())  # masks (COCO) and copy fingerprints
+    assert sorted(p.name for p in from_zip.cache_dir.iterdir()) == sorted(
+        p.name for p in (tmp_path / "folder-cache").iterdir()
+    )  # masks (COCO) and copy fingerprints
 
 
 def test_a_second_use_does_not_unpack_again_whatever_the_zips_name(exports, tmp_path):
@@ -91,8 +94,9 @@ def test_a_run_killed_while_unpacking_leaves_no_partial_export(exports, tmp_path
     folder = unpack_export(archive, cache)
     assert not stale.exists()
     assert folder == cache / "exports" / digest
-    assert sorted(p.name for p in (folder / "train").iterdir()) == \
-        sorted(p.name for p in (exports["masks"] / "train").iterdir())
+    assert sorted(p.name for p in (folder / "train").iterdir()) == sorted(
+        p.name for p in (exports["masks"] / "train").iterdir()
+    )
 
 
 def symlink_entry(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
@@ -102,14 +106,17 @@ def symlink_entry(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
     return info, target.encode()
 
 
-@pytest.mark.parametrize(("entry", "problem"), [
-    ("../evil.txt", "would be written outside the folder"),
-    ("train/../../evil.txt", "would be written outside the folder"),
-    ("/tmp/evil.txt", "would be written outside the folder"),
-    ("C:/evil.txt", "would be written outside the folder"),
-    ("..\\evil.txt", "would be written outside the folder"),
-    ("train/link.jpg", "is a symbolic link"),
-])
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("../evil.txt", "would be written outside the folder"),
+        ("train/../../evil.txt", "would be written outside the folder"),
+        ("/tmp/evil.txt", "would be written outside the folder"),
+        ("C:/evil.txt", "would be written outside the folder"),
+        ("..\\evil.txt", "would be written outside the folder"),
+        ("train/link.jpg", "is a symbolic link"),
+    ],
+)
 def test_entries_that_leave_the_folder_or_link_out_are_refused(entry, problem, exports, tmp_path):
     archive = zip_folder(exports["coco"], tmp_path / "export.zip")
     with zipfile.ZipFile(archive, "a") as zf:
@@ -137,8 +144,11 @@ def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path):
 def test_a_corrupt_or_truncated_zip_is_one_clear_error(exports, tmp_path):
     garbage = tmp_path / "garbage.zip"
     garbage.write_bytes(b"this is not a zip file, just text")
-    with pytest.raises(SeglabError, match=r"garbage\.zip is not a zip archive that can be read \(File is not a zip "
-                                          r"file\)\. Download the export from RoboFlow again"):
+    with pytest.raises(
+        SeglabError,
+        match=r"garbage\.zip is not a zip archive that can be read \(File is not a zip "
+        r"file\)\. Download the export from RoboFlow again",
+    ):
         SegmentationDataModule(root=str(garbage), exports_dir=str(tmp_path / "cache"))
 
     whole = zip_folder(exports["coco"], tmp_path / "whole.zip").read_bytes()
@@ -158,11 +168,15 @@ def test_a_damaged_entry_found_while_unpacking_leaves_nothing_behind(exports, tm
     at = data.index(b"A" * 1000)
     data[at + 500] = ord("B")  # the last entry no longer matches its CRC-32: found only after the first is written
     archive.write_bytes(bytes(data))
-    with pytest.raises(SeglabError, match=r"damaged\.zip is not a zip archive that can be read \(Bad CRC-32 for "
-                                          r"file 'train/zz_last\.txt'\)"):
+    with pytest.raises(
+        SeglabError,
+        match=r"damaged\.zip is not a zip archive that can be read \(Bad CRC-32 for "
+        r"file 'train/zz_last\.txt'\)",
+    ):
         unpack_export(archive, tmp_path / "cache")
     assert list((tmp_path / "cache" / "exports").iterdir()) == [
-        tmp_path / "cache" / "exports" / f"{file_digest(archive)[:DIGEST_CHARS]}.lock"]
+        tmp_path / "cache" / "exports" / f"{file_digest(archive)[:DIGEST_CHARS]}.lock"
+    ]
 
 
 def test_a_zip_without_an_export_names_what_it_holds(tmp_path):
@@ -170,8 +184,11 @@ def test_a_zip_without_an_export_names_what_it_holds(tmp_path):
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("holiday/beach.jpg", b"...")
         zf.writestr("notes.txt", b"...")
-    with pytest.raises(SeglabError, match=r"photos\.zip holds no RoboFlow export: expected train/ valid/ test/ "
-                                          r"folders .* it holds holiday/, notes\.txt\. Export the dataset"):
+    with pytest.raises(
+        SeglabError,
+        match=r"photos\.zip holds no RoboFlow export: expected train/ valid/ test/ "
+        r"folders .* it holds holiday/, notes\.txt\. Export the dataset",
+    ):
         unpack_export(archive, tmp_path / "cache")
     assert cached_exports(tmp_path / "cache") == []
 
@@ -183,9 +200,12 @@ def test_evaluate_reads_a_zip_named_in_the_checkpoints_config(exports, compose_t
     # What build_datamodule reads from a checkpoint: its meta (the run's resolved config) and the class names.
     checkpoint = types.SimpleNamespace(
         meta={"config": {"data": data}, "image_size": 32, "base_size": 64, "mean": data["mean"], "std": data["std"]},
-        class_names=["background", "disc", "triangle"], ignore_index=255)
-    evaluate_cfg = OmegaConf.create({"data": {"root": None, "exports_dir": None},
-                                     "paths": {"output_dir": str(tmp_path)}})
+        class_names=["background", "disc", "triangle"],
+        ignore_index=255,
+    )
+    evaluate_cfg = OmegaConf.create(
+        {"data": {"root": None, "exports_dir": None}, "paths": {"output_dir": str(tmp_path)}}
+    )
     dm = build_datamodule(checkpoint, "run/checkpoints/best.ckpt", dict(evaluate_cfg.data))
     dm.setup("test")
     assert dm.root == tmp_path / "cache" / "exports" / file_digest(archive)[:DIGEST_CHARS]

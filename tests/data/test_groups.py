@@ -122,19 +122,31 @@ def test_roboflow_copies_group_by_name_in_both_formats(tmp_path):
 @pytest.mark.parametrize("fmt", ["coco", "masks"])
 def test_no_split_seglab_makes_puts_a_photo_on_two_sides(fmt, tmp_path):
     # 30 photos x 3 files in train/, 4 in valid/, no test/: the test split is carved off train.
-    root = generate_dataset(tmp_path / "export", num_images=34, size=48, seed=1, copies=3, fmt=fmt,
-                            splits=(30 / 34, 4 / 34, 0.0))
+    root = generate_dataset(
+        tmp_path / "export", num_images=34, size=48, seed=1, copies=3, fmt=fmt, splits=(30 / 34, 4 / 34, 0.0)
+    )
     assert not (root / "test").exists()
     for resplit in (False, True):
         splits_file = tmp_path / f"splits-{resplit}.json"
-        dm = SegmentationDataModule(root=str(root), image_size=32, num_workers=0, batch_size=2, resplit=resplit,
-                                    cache_dir=str(tmp_path / "cache"), splits_file=str(splits_file))
+        dm = SegmentationDataModule(
+            root=str(root),
+            image_size=32,
+            num_workers=0,
+            batch_size=2,
+            resplit=resplit,
+            cache_dir=str(tmp_path / "cache"),
+            splits_file=str(splits_file),
+        )
         dm.setup()
         photos = {s: {p.image.name.split("_jpg.rf.")[0] for p in dm.splits[s]} for s in ("train", "val", "test")}
         assert not photos["train"] & photos["val"] and not photos["train"] & photos["test"]
         assert not photos["val"] & photos["test"]
-        assert dm.leak_counts() == {"val_with_copy_in_train": 0, "test_with_copy_in_train": 0,
-                                    "test_with_copy_in_val": 0, "photos_shared_by_export_splits": 0}
+        assert dm.leak_counts() == {
+            "val_with_copy_in_train": 0,
+            "test_with_copy_in_train": 0,
+            "test_with_copy_in_val": 0,
+            "photos_shared_by_export_splits": 0,
+        }
         sizes = [len(dm.splits[s]) for s in ("train", "val", "test")]
         if resplit:  # 94 files, 75/9/10 by photo: as close as whole photos (3 or 1 files) allow
             assert sum(sizes) == 94 and abs(sizes[0] - 75) <= 1 and abs(sizes[1] - 9) <= 1
@@ -150,28 +162,47 @@ def test_no_split_seglab_makes_puts_a_photo_on_two_sides(fmt, tmp_path):
 
 def test_a_photo_in_several_export_splits_is_moved_reported_or_refused(tmp_path):
     root = generate_dataset(tmp_path / "export", num_images=10, size=48, seed=3, copies=2, shared=1)
-    shared = {folder: sorted(p.relative_to(root).as_posix() for p in root.glob(f"{folder}/img_0000_jpg.rf.*.jpg"))
-              for folder in ("train", "valid", "test")}
+    shared = {
+        folder: sorted(p.relative_to(root).as_posix() for p in root.glob(f"{folder}/img_0000_jpg.rf.*.jpg"))
+        for folder in ("train", "valid", "test")
+    }
     assert [len(v) for v in shared.values()] == [2, 1, 1]
 
     def datamodule(policy):
-        return SegmentationDataModule(root=str(root), image_size=32, num_workers=0, batch_size=2,
-                                      shared_photos=policy, cache_dir=str(tmp_path / "cache"))
+        return SegmentationDataModule(
+            root=str(root),
+            image_size=32,
+            num_workers=0,
+            batch_size=2,
+            shared_photos=policy,
+            cache_dir=str(tmp_path / "cache"),
+        )
 
     moved = datamodule("move")
     moved.setup()
     assert sorted(moved.relative(s.image) for s in moved.splits["train"] if "img_0000_" in s.name) == sorted(
-        sum(shared.values(), []))
+        sum(shared.values(), [])
+    )
     assert not any("img_0000_" in s.name for s in moved.splits["val"] + moved.splits["test"])
     assert {k: sorted(v) for k, v in moved.shared_in_export["img_0000_jpg"].items()} == {
-        "train": shared["train"], "val": shared["valid"], "test": shared["test"]}
+        "train": shared["train"],
+        "val": shared["valid"],
+        "test": shared["test"],
+    }
     assert list(moved.shared_in_export) == ["img_0000_jpg"]
     assert moved.leak_counts()["photos_shared_by_export_splits"] == 1
 
     kept = datamodule("warn")
     kept.setup()
-    assert kept.leak_counts() == {"val_with_copy_in_train": 1, "test_with_copy_in_train": 1,
-                                  "test_with_copy_in_val": 1, "photos_shared_by_export_splits": 1}
-    with pytest.raises(Exception, match=r"1 photo\(s\) of .* have copies in more than one .* img_0000_jpg: "
-                                        r"train 2, val 1, test 1.*data.shared_photos=move"):
+    assert kept.leak_counts() == {
+        "val_with_copy_in_train": 1,
+        "test_with_copy_in_train": 1,
+        "test_with_copy_in_val": 1,
+        "photos_shared_by_export_splits": 1,
+    }
+    with pytest.raises(
+        Exception,
+        match=r"1 photo\(s\) of .* have copies in more than one .* img_0000_jpg: "
+        r"train 2, val 1, test 1.*data.shared_photos=move",
+    ):
         datamodule("error").setup()

@@ -35,8 +35,9 @@ def hand_made(tmp_path, target_hw, cache=True):
     image[..., 1] = 50
     mask = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 1, 1], [2, 2, 1, 1]], np.uint8)
     items = [write_pair(tmp_path / "data", "a", image, mask)]
-    return SegmentationDataset(items, Raw(), prescale=lambda h, w: target_hw,
-                               image_cache=ImageCache(tmp_path / "cache") if cache else None)
+    return SegmentationDataset(
+        items, Raw(), prescale=lambda h, w: target_hw, image_cache=ImageCache(tmp_path / "cache") if cache else None
+    )
 
 
 def test_shrinking_averages_areas_and_masks_take_the_nearest_class(tmp_path):
@@ -59,8 +60,14 @@ def test_enlarging_is_bilinear(tmp_path):
 def test_cached_and_uncached_loads_are_identical(demo_root, tmp_path):
     datasets = {}
     for name, cache in (("plain", False), ("cached", True)):
-        dm = SegmentationDataModule(root=str(demo_root), image_size=40, num_workers=0, batch_size=2,
-                                    cache_dir=str(tmp_path / name), image_cache=cache)
+        dm = SegmentationDataModule(
+            root=str(demo_root),
+            image_size=40,
+            num_workers=0,
+            batch_size=2,
+            cache_dir=str(tmp_path / name),
+            image_cache=cache,
+        )
         dm.setup()
         datasets[name] = dm.datasets["train"]
     plain, cached = datasets["plain"], datasets["cached"]
@@ -81,8 +88,9 @@ def test_cached_and_uncached_loads_are_identical(demo_root, tmp_path):
 def test_cache_invalidates_when_an_image_changes(demo_root, tmp_path):
     root = tmp_path / "export"
     shutil.copytree(demo_root, root)
-    dm = SegmentationDataModule(root=str(root), image_size=32, num_workers=0, batch_size=2,
-                                cache_dir=str(tmp_path / "cache"))
+    dm = SegmentationDataModule(
+        root=str(root), image_size=32, num_workers=0, batch_size=2, cache_dir=str(tmp_path / "cache")
+    )
     dm.setup()
     dataset = dm.datasets["train"]
     before = dataset.load_prescaled(3)[0]
@@ -100,8 +108,9 @@ def test_cache_invalidates_when_an_image_changes(demo_root, tmp_path):
 
 
 def test_two_workers_fill_one_cache(demo_root, tmp_path):
-    dm = SegmentationDataModule(root=str(demo_root), image_size=48, num_workers=0, batch_size=2,
-                                cache_dir=str(tmp_path / "cache"))
+    dm = SegmentationDataModule(
+        root=str(demo_root), image_size=48, num_workers=0, batch_size=2, cache_dir=str(tmp_path / "cache")
+    )
     dm.setup()
     dataset = dm.datasets["train"]
     dataset.transform = Raw()
@@ -162,16 +171,18 @@ def test_cached_masks_follow_the_mask_file_and_the_class_mapping(tmp_path):
     # A PNG-mask export whose _classes.csv maps value 2 to class 1: same file, another cached mask.
     lut = np.full(65536, -1, np.int32)
     lut[[0, 1, 2]] = [0, 2, 1]
-    remapped = SegmentationDataset(dataset.items, Raw(), lut=lut, prescale=dataset.prescale,
-                                   image_cache=dataset.image_cache)
+    remapped = SegmentationDataset(
+        dataset.items, Raw(), lut=lut, prescale=dataset.prescale, image_cache=dataset.image_cache
+    )
     assert remapped.load_prescaled(0)[1].tolist() == [[1, 1], [1, 1]]
     assert dataset.load_prescaled(0)[1].tolist() == [[2, 2], [2, 2]]
 
 
 def test_scale_crop_prescale_only_drops_what_no_scale_uses(demo_root, tmp_path):
     geometry = {"kind": "scale_crop", "scales": [0.5, 1.0, 2.0]}
-    dm = SegmentationDataModule(root=str(demo_root), image_size=40, base_size=100, geometry=geometry,
-                                cache_dir=str(tmp_path))
+    dm = SegmentationDataModule(
+        root=str(demo_root), image_size=40, base_size=100, geometry=geometry, cache_dir=str(tmp_path)
+    )
     train, evaluation = dm.prescale(train=True), dm.prescale(train=False)
     # Training rescales the long side to at most 100 x 2.0 = 200; evaluation to base_size 100.
     assert train(300, 150) == (200, 100) and train(150, 90) == (150, 90)

@@ -21,8 +21,9 @@ from seglab.errors import SeglabError
 def video_root(tmp_path_factory):
     """Shaped like the real export that lost its splits: 300 frames of 3 scenes, RoboFlow's random split (240
     train frames written 3 times each, 30 valid, 30 test), RoboFlow names with extra.name."""
-    return generate_dataset(tmp_path_factory.mktemp("video"), num_images=300, size=96, seed=0, mode="video",
-                            copies=3, extra_name=True)
+    return generate_dataset(
+        tmp_path_factory.mktemp("video"), num_images=300, size=96, seed=0, mode="video", copies=3, extra_name=True
+    )
 
 
 def datamodule(root, tmp_path, **kwargs):
@@ -30,8 +31,10 @@ def datamodule(root, tmp_path, **kwargs):
 
 
 def test_a_video_export_keeps_its_val_and_test_splits(video_root, tmp_path):
-    own = {s: len(list((video_root / d).glob("*.jpg"))) for s, d in (("train", "train"), ("val", "valid"),
-                                                                       ("test", "test"))}
+    own = {
+        s: len(list((video_root / d).glob("*.jpg")))
+        for s, d in (("train", "train"), ("val", "valid"), ("test", "test"))
+    }
     assert own == {"train": 720, "val": 30, "test": 30}
     dm = datamodule(video_root, tmp_path)
     # Consecutive frames hash within a few bits of each other; they chained whole scenes into one "photo" and the
@@ -68,8 +71,15 @@ def test_scenes_never_chain_through_a_video(video_root, tmp_path):
 def test_bounded_scenes_take_each_photo_to_the_nearest_centre():
     # a-b-c-d-e: each within 4 bits of the next and 8 of the one after; a and d are not look-alikes (12 bits).
     near = {}
-    for x, y, bits in (("a", "b", 4), ("b", "c", 4), ("c", "d", 4), ("d", "e", 4), ("a", "c", 8), ("b", "d", 8),
-                       ("c", "e", 8)):
+    for x, y, bits in (
+        ("a", "b", 4),
+        ("b", "c", 4),
+        ("c", "d", 4),
+        ("d", "e", 4),
+        ("a", "c", 8),
+        ("b", "d", 8),
+        ("c", "e", 8),
+    ):
         near.setdefault(x, {})[y] = bits
         near.setdefault(y, {})[x] = bits
     assert bounded_scenes(list("edcba"), near) == {"a": "a", "b": "a", "c": "a", "d": "d", "e": "d"}
@@ -79,8 +89,12 @@ def test_bounded_scenes_take_each_photo_to_the_nearest_centre():
 def test_different_roboflow_names_are_never_copies_however_alike(tmp_path):
     photo = render_dense(np.random.default_rng([5, 0]), 256).pixels
     darker = np.clip(photo * 0.9, 0, 255).astype(np.uint8)  # within the copy hash distance of the photo
-    for name, pixels in (("frame1_jpg.rf.aa.jpg", photo), ("frame2_jpg.rf.bb.jpg", darker),
-                         ("frame1.jpg", photo[:, ::-1]), ("frame2.jpg", darker[:, ::-1])):
+    for name, pixels in (
+        ("frame1_jpg.rf.aa.jpg", photo),
+        ("frame2_jpg.rf.bb.jpg", darker),
+        ("frame1.jpg", photo[:, ::-1]),
+        ("frame2.jpg", darker[:, ::-1]),
+    ):
         Image.fromarray(pixels).save(tmp_path / name)
     named = [Sample(tmp_path / n) for n in ("frame1_jpg.rf.aa.jpg", "frame2_jpg.rf.bb.jpg")]
     result = group_samples(named, tmp_path / "c1", features=False)

@@ -18,16 +18,19 @@ def rasterize(annotations, height, width, overlap="smaller_on_top", category_ind
 
 def test_rectangle_polygon_fills_half_open_pixel_range():
     mask, skipped = rasterize([annotation(0, 0, 1, [rectangle(2, 2, 6, 5)])], 8, 10)
-    expected = np.array([
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 1, 1, 1, 1, 0, 0, 0, 0],
-        [0, 0, 1, 1, 1, 1, 0, 0, 0, 0],
-        [0, 0, 1, 1, 1, 1, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    ], np.uint8)
+    expected = np.array(
+        [
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 1, 1, 1, 1, 0, 0, 0, 0],
+            [0, 0, 1, 1, 1, 1, 0, 0, 0, 0],
+            [0, 0, 1, 1, 1, 1, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ],
+        np.uint8,
+    )
     assert mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, expected)
     assert skipped == 0
@@ -36,28 +39,34 @@ def test_rectangle_polygon_fills_half_open_pixel_range():
 def test_all_polygons_of_one_annotation_are_drawn():
     segmentation = [rectangle(2, 2, 6, 5), rectangle(7, 0, 9, 2)]
     mask, _ = rasterize([annotation(0, 0, 2, segmentation)], 8, 10)
-    expected = np.array([
-        [0, 0, 0, 0, 0, 0, 0, 2, 2, 0],
-        [0, 0, 0, 0, 0, 0, 0, 2, 2, 0],
-        [0, 0, 2, 2, 2, 2, 0, 0, 0, 0],
-        [0, 0, 2, 2, 2, 2, 0, 0, 0, 0],
-        [0, 0, 2, 2, 2, 2, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    ], np.uint8)
+    expected = np.array(
+        [
+            [0, 0, 0, 0, 0, 0, 0, 2, 2, 0],
+            [0, 0, 0, 0, 0, 0, 0, 2, 2, 0],
+            [0, 0, 2, 2, 2, 2, 0, 0, 0, 0],
+            [0, 0, 2, 2, 2, 2, 0, 0, 0, 0],
+            [0, 0, 2, 2, 2, 2, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ],
+        np.uint8,
+    )
     np.testing.assert_array_equal(mask, expected)
 
 
 @pytest.mark.parametrize("as_text", [True, False], ids=["counts-str", "counts-bytes"])
 def test_compressed_rle_decodes_to_the_encoded_array(as_text):
-    binary = np.array([
-        [0, 1, 1, 0, 0, 0],
-        [0, 1, 0, 0, 1, 0],
-        [0, 0, 0, 1, 1, 0],
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 1],
-    ], np.uint8)
+    binary = np.array(
+        [
+            [0, 1, 1, 0, 0, 0],
+            [0, 1, 0, 0, 1, 0],
+            [0, 0, 0, 1, 1, 0],
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 1],
+        ],
+        np.uint8,
+    )
     rle = mask_utils.encode(np.asfortranarray(binary))
     counts = rle["counts"].decode("ascii") if as_text else rle["counts"]  # JSON files hold text
     segmentation = {"size": [5, 6], "counts": counts}
@@ -69,12 +78,15 @@ def test_uncompressed_rle_runs_go_down_columns():
     # 4x3, column-major: 1 off, 2 on (col 0 rows 1-2), 3 off, 2 on (col 1 rows 2-3), 4 off.
     segmentation = {"size": [4, 3], "counts": [1, 2, 3, 2, 4]}
     mask, _ = rasterize([annotation(0, 0, 1, segmentation)], 4, 3)
-    expected = np.array([
-        [0, 0, 0],
-        [1, 0, 0],
-        [1, 1, 0],
-        [0, 1, 0],
-    ], np.uint8)
+    expected = np.array(
+        [
+            [0, 0, 0],
+            [1, 0, 0],
+            [1, 1, 0],
+            [0, 1, 0],
+        ],
+        np.uint8,
+    )
     np.testing.assert_array_equal(mask, expected)
 
 
@@ -153,6 +165,7 @@ def test_category_mapped_to_background_draws_nothing():
 
 
 # --- images -------------------------------------------------------------------------------------
+
 
 def test_grayscale_image_loads_as_equal_rgb_channels(tmp_path):
     gray = np.array([[0, 50, 100], [150, 200, 255]], np.uint8)

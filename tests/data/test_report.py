@@ -18,18 +18,24 @@ from seglab.metrics import interval_text
 
 
 def test_annotation_checks_name_degenerate_outside_and_overlapping_annotations(tmp_path):
-    images = [{"id": 1, "file_name": "a.png", "width": 10, "height": 10},
-              {"id": 2, "file_name": "b.png", "width": 10, "height": 10}]
+    images = [
+        {"id": 1, "file_name": "a.png", "width": 10, "height": 10},
+        {"id": 2, "file_name": "b.png", "width": 10, "height": 10},
+    ]
     anns = [
         annotation(11, 1, 1, [rectangle(0, 0, 4, 4)]),
-        annotation(12, 1, 1, [rectangle(3, 3, 6, 6)]),          # overlaps 11 in pixel (3, 3)
-        annotation(13, 1, 1, [[1.0, 1.0, 2.0, 2.0]]),           # two points: nothing to draw
-        annotation(14, 1, 1, [rectangle(8, 0, 13, 2)]),          # reaches 3 px past the right edge
+        annotation(12, 1, 1, [rectangle(3, 3, 6, 6)]),  # overlaps 11 in pixel (3, 3)
+        annotation(13, 1, 1, [[1.0, 1.0, 2.0, 2.0]]),  # two points: nothing to draw
+        annotation(14, 1, 1, [rectangle(8, 0, 13, 2)]),  # reaches 3 px past the right edge
         annotation(21, 2, 1, [rectangle(0, 0, 2, 2)]),
-        annotation(22, 2, 1, [rectangle(5, 5, 7, 7)]),          # touches nothing
+        annotation(22, 2, 1, [rectangle(5, 5, 7, 7)]),  # touches nothing
     ]
-    write_coco(tmp_path / "data" / "_annotations.coco.json", images, anns,
-               [{"id": 1, "name": "thing", "supercategory": "none"}])
+    write_coco(
+        tmp_path / "data" / "_annotations.coco.json",
+        images,
+        anns,
+        [{"id": 1, "name": "thing", "supercategory": "none"}],
+    )
     for name in ("a.png", "b.png"):
         Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "data" / name)
     source = discover(tmp_path / "data")
@@ -47,28 +53,41 @@ def export(tmp_path_factory):
 
 
 def test_report_counts_files_photos_leaks_and_class_pixels(export, tmp_path):
-    dm = SegmentationDataModule(root=str(export), image_size=32, num_workers=0, batch_size=2,
-                                cache_dir=str(tmp_path / "cache"))
+    dm = SegmentationDataModule(
+        root=str(export), image_size=32, num_workers=0, batch_size=2, cache_dir=str(tmp_path / "cache")
+    )
     report = build_report(dm)
     split = report["splits"]
     # The shared photo's 4 files are moved into train: train 22 files of 11 photos... 10 photos x 2 + 2 moved.
     assert {s: (split[s]["files"], split[s]["photos"], split[s]["copies"]) for s in split} == {
-        "train": (22, 10, 12), "val": (2, 2, 0), "test": (2, 2, 0)}
+        "train": (22, 10, 12),
+        "val": (2, 2, 0),
+        "test": (2, 2, 0),
+    }
     assert report["files"] == 26 and report["photos"] == 14
-    assert report["leaks"]["used"] == {"val_with_copy_in_train": 0, "test_with_copy_in_train": 0,
-                                       "test_with_copy_in_val": 0, "photos_shared_by_export_splits": 1}
-    assert report["leaks"]["export_splits"] == {"val_with_copy_in_train": 1, "test_with_copy_in_train": 1,
-                                                "test_with_copy_in_val": 1}
+    assert report["leaks"]["used"] == {
+        "val_with_copy_in_train": 0,
+        "test_with_copy_in_train": 0,
+        "test_with_copy_in_val": 0,
+        "photos_shared_by_export_splits": 1,
+    }
+    assert report["leaks"]["export_splits"] == {
+        "val_with_copy_in_train": 1,
+        "test_with_copy_in_train": 1,
+        "test_with_copy_in_val": 1,
+    }
     assert report["leaks"]["by_file"] == {}  # the export's own folders: seglab split nothing
     for name in ("train", "val", "test"):
         masks = [dm.datasets[name].load_mask(i) for i in range(len(dm.datasets[name]))]
         pixels = np.bincount(np.concatenate([m.ravel() for m in masks]), minlength=3)[:3]
         shares = dict(zip(dm.class_names, pixels / pixels.sum(), strict=True))
         assert split[name]["pixel_share"] == pytest.approx(shares)
-        assert split[name]["images_with"] == {c: sum(int((m == i).any()) for m in masks)
-                                              for i, c in enumerate(dm.class_names) if i}
-        assert split[name]["without_objects"] == [dm.relative(s.image) for s, m in
-                                                  zip(dm.splits[name], masks, strict=True) if not m.any()]
+        assert split[name]["images_with"] == {
+            c: sum(int((m == i).any()) for m in masks) for i, c in enumerate(dm.class_names) if i
+        }
+        assert split[name]["without_objects"] == [
+            dm.relative(s.image) for s, m in zip(dm.splits[name], masks, strict=True) if not m.any()
+        ]
         # The trivial model's mIoU (the majority class everywhere) from the same pixels, with its interval.
         trivial = split[name]["trivial"]
         present = int((pixels > 0).sum())
@@ -76,8 +95,10 @@ def test_report_counts_files_photos_leaks_and_class_pixels(export, tmp_path):
         assert trivial["mIoU"]["value"] == pytest.approx(pixels.max() / pixels.sum() / present)
         assert trivial["mIoU"]["low"] <= trivial["mIoU"]["value"] <= trivial["mIoU"]["high"]
     text = format_report(report)
-    assert f"Predicting {split['test']['trivial']['class']} everywhere scores test mIoU " \
+    assert (
+        f"Predicting {split['test']['trivial']['class']} everywhere scores test mIoU "
         f"{interval_text(split['test']['trivial']['mIoU'])}" in text
+    )
     assert "| seglab's splits (used) | 0 | 0 | 0 |" in text
     assert "| the export's own folders, as exported | 1 | 1 | 1 |" in text
     assert re.search(r"- img_0000_jpg: train: .*; val: valid/img_0000_jpg\.rf\.[0-9a-f]+\.jpg; test: ", text)
@@ -92,14 +113,21 @@ def test_report_counts_files_photos_leaks_and_class_pixels(export, tmp_path):
 
 def test_report_command_writes_text_json_sheet_and_a_self_contained_page(export, tmp_path, capsys):
     out = tmp_path / "report"
-    result = main([f"data.root={export}", f"data.cache_dir={tmp_path / 'cache'}", f"out={out}",
-                   "data.num_workers=0", "data.shared_photos=warn"])
+    result = main(
+        [
+            f"data.root={export}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"out={out}",
+            "data.num_workers=0",
+            "data.shared_photos=warn",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| seglab's splits (used) | 1 | 1 | 1 |" in printed  # warn: left where the export put them
     assert (out / "report.md").read_text() in printed
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(result))
     page = (out / "report.html").read_text()
-    assert "<table>" in page and "src=\"http" not in page and "<script" not in page
+    assert "<table>" in page and 'src="http' not in page and "<script" not in page
     pictures = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert 1 <= len(pictures) <= 12
     first = Image.open(io.BytesIO(base64.b64decode(pictures[0])))

@@ -107,19 +107,26 @@ def test_read_classes_csv_skips_header_and_strips_names(tmp_path):
 
 def test_masks_pair_with_images_by_stem_not_sorted_order(tmp_path):
     # Images sort a.png < a_b.png, masks sort a_b_mask.png < a_mask.png: pairing by position would swap.
-    write_mask_split(tmp_path / "train", {"a.png": (image_of(10), flat_mask(1)),
-                                          "a_b.png": (image_of(20), flat_mask(2))})
+    write_mask_split(
+        tmp_path / "train", {"a.png": (image_of(10), flat_mask(1)), "a_b.png": (image_of(20), flat_mask(2))}
+    )
     write_mask_split(tmp_path / "valid", {"v.png": (image_of(30), flat_mask(0))})
     write_mask_split(tmp_path / "test", {"t.png": (image_of(40), flat_mask(1))})
     source = discover(tmp_path)
     assert source.layout == "roboflow_masks"
     assert [(s.image.name, s.mask.name) for s in source.samples["train"]] == [
-        ("a.png", "a_mask.png"), ("a_b.png", "a_b_mask.png")]
+        ("a.png", "a_mask.png"),
+        ("a_b.png", "a_b_mask.png"),
+    ]
     dm = SegmentationDataModule(root=str(tmp_path), image_size=4, num_workers=0, batch_size=1)
     dm.setup()
     masks = masks_by_name(dm)
     assert {name: np.unique(m).tolist() for name, m in masks.items()} == {
-        "a.png": [1], "a_b.png": [2], "v.png": [0], "t.png": [1]}
+        "a.png": [1],
+        "a_b.png": [2],
+        "v.png": [0],
+        "t.png": [1],
+    }
 
 
 def test_mask_values_follow_selected_classes(tmp_path):
@@ -127,8 +134,9 @@ def test_mask_values_follow_selected_classes(tmp_path):
     for folder in ("train", "valid", "test"):
         write_mask_split(tmp_path / folder, {"x.png": (np.zeros((2, 3, 3), np.uint8), mask)})
     # One photo (identical files) in all three splits: kept there, as the test is about the masks' values.
-    dm = SegmentationDataModule(root=str(tmp_path), classes=["triangle"], image_size=4, num_workers=0,
-                                batch_size=1, shared_photos="warn")
+    dm = SegmentationDataModule(
+        root=str(tmp_path), classes=["triangle"], image_size=4, num_workers=0, batch_size=1, shared_photos="warn"
+    )
     dm.setup()
     assert dm.class_names == ["background", "triangle"]
     np.testing.assert_array_equal(dm.datasets["train"].load(0)[1], [[0, 0, 1], [1, 0, 0]])
@@ -154,6 +162,7 @@ def test_image_without_mask_is_listed(tmp_path):
 
 
 # --- one dataset in all three layouts -----------------------------------------------------------
+
 
 def write_flat_coco(demo_root, out):
     """All splits of the RoboFlow COCO export merged into one annotations.json beside all images."""
@@ -183,8 +192,9 @@ def write_mask_export(coco_dm, out):
 
 def test_coco_roboflow_coco_and_mask_exports_load_identical_masks(demo_root, tmp_path):
     def datamodule(root, cache):
-        dm = SegmentationDataModule(root=str(root), image_size=64, num_workers=0, batch_size=2,
-                                    cache_dir=str(tmp_path / cache))
+        dm = SegmentationDataModule(
+            root=str(root), image_size=64, num_workers=0, batch_size=2, cache_dir=str(tmp_path / cache)
+        )
         dm.setup()
         return dm
 

@@ -38,9 +38,7 @@ def test_split_does_not_depend_on_input_order():
     assert split_items(list(reversed(ITEMS)), (0.8, 0.1, 0.1), 7) == split_items(ITEMS, (0.8, 0.1, 0.1), 7)
 
 
-@pytest.mark.parametrize(
-    ("n", "sizes"), [(100, (80, 10, 10)), (20, (16, 2, 2)), (7, (6, 1, 0)), (1, (1, 0, 0))]
-)
+@pytest.mark.parametrize(("n", "sizes"), [(100, (80, 10, 10)), (20, (16, 2, 2)), (7, (6, 1, 0)), (1, (1, 0, 0))])
 def test_split_sizes_round_train_and_val_and_give_test_the_rest(n, sizes):
     assert split_sizes(n, (0.8, 0.1, 0.1)) == sizes
 
@@ -91,17 +89,20 @@ def test_one_file_per_photo_gives_the_split_by_file():
     # Data without copies is split exactly as before grouping: the published results' splits stay.
     ordered = shuffled(ITEMS, 42)
     assert split_items(ITEMS, (0.8, 0.1, 0.1), 42, group_of=lambda x: x) == {
-        "train": ordered[:80], "val": ordered[80:90], "test": ordered[90:]}
+        "train": ordered[:80],
+        "val": ordered[80:90],
+        "test": ordered[90:],
+    }
     carved, rest = carve(ITEMS, 10, 42)
     assert carved == ordered[:10] and rest == ordered[10:]
 
 
 def test_take_stops_where_the_next_group_would_overshoot_more():
     groups = [[1, 2, 3], [4, 5, 6], [7], [8, 9, 10]]
-    assert take(groups, 5) == 2   # 6 is 1 off, 3 is 2 off
-    assert take(groups, 4) == 1   # 3 is 1 off, 6 is 2 off
-    assert take(groups, 7) == 3   # 3, 6, 7: exactly
-    assert take(groups, 1) == 1   # at least one group when the target is not 0
+    assert take(groups, 5) == 2  # 6 is 1 off, 3 is 2 off
+    assert take(groups, 4) == 1  # 3 is 1 off, 6 is 2 off
+    assert take(groups, 7) == 3  # 3, 6, 7: exactly
+    assert take(groups, 1) == 1  # at least one group when the target is not 0
     assert take(groups, 0) == 0
 
 
@@ -110,10 +111,16 @@ def test_resolve_shared_moves_a_photo_into_its_first_split_or_refuses():
     moved, report = resolve_shared(splits, photo_of, "move", "export")
     assert moved == {"train": ["a_copy0", "b_copy0", "a_copy1"], "val": ["c_copy0", "c_copy1"], "test": ["d_copy0"]}
     assert report == {"a": {"train": ["a_copy0"], "val": ["a_copy1"]}, "c": {"val": ["c_copy0"], "test": ["c_copy1"]}}
-    assert leak_counts(splits, photo_of) == {"val_with_copy_in_train": 1, "test_with_copy_in_train": 0,
-                                             "test_with_copy_in_val": 1}
-    assert leak_counts(moved, photo_of) == {"val_with_copy_in_train": 0, "test_with_copy_in_train": 0,
-                                            "test_with_copy_in_val": 0}
+    assert leak_counts(splits, photo_of) == {
+        "val_with_copy_in_train": 1,
+        "test_with_copy_in_train": 0,
+        "test_with_copy_in_val": 1,
+    }
+    assert leak_counts(moved, photo_of) == {
+        "val_with_copy_in_train": 0,
+        "test_with_copy_in_train": 0,
+        "test_with_copy_in_val": 0,
+    }
     kept, _ = resolve_shared(splits, photo_of, "warn", "export")
     assert kept == splits
     with pytest.raises(SeglabError, match=r"2 photo\(s\) of export .* a: train 1, val 1; c: val 1, test 1"):

@@ -66,9 +66,7 @@ def test_layout_matches_roboflow_export(dataset):
     for split in SPLIT_NAMES:
         coco = load_coco(dataset, split)
         counts[split] = len(coco["images"])
-        assert sorted(p.name for p in (dataset / split).glob("*.jpg")) == sorted(
-            i["file_name"] for i in coco["images"]
-        )
+        assert sorted(p.name for p in (dataset / split).glob("*.jpg")) == sorted(i["file_name"] for i in coco["images"])
         for image in coco["images"]:
             assert name_pattern.fullmatch(image["file_name"])
             with Image.open(dataset / split / image["file_name"]) as pil_image:
@@ -190,9 +188,7 @@ def test_later_object_is_drawn_on_top(dataset):
 
 def test_object_scale_sets_object_size(tmp_path):
     def mean_area_fraction(object_scale: float) -> float:
-        root = generate_dataset(
-            tmp_path / str(object_scale), NUM_IMAGES, SIZE, seed=0, object_scale=object_scale
-        )
+        root = generate_dataset(tmp_path / str(object_scale), NUM_IMAGES, SIZE, seed=0, object_scale=object_scale)
         areas = [a["area"] for split in SPLIT_NAMES for a in load_coco(root, split)["annotations"]]
         return float(np.mean(areas)) / SIZE**2
 
@@ -286,8 +282,16 @@ def test_refresh_keeps_an_up_to_date_dataset_and_replaces_a_stale_one(tmp_path, 
 @pytest.fixture(scope="module")
 def dense_copies(tmp_path_factory) -> Path:
     """Dense mode, 3 files per training photo, extra.name recorded, one photo shared with valid/ and test/."""
-    return generate_dataset(tmp_path_factory.mktemp("dense"), num_images=10, size=256, seed=5, mode="dense",
-                            copies=3, extra_name=True, shared=1)
+    return generate_dataset(
+        tmp_path_factory.mktemp("dense"),
+        num_images=10,
+        size=256,
+        seed=5,
+        mode="dense",
+        copies=3,
+        extra_name=True,
+        shared=1,
+    )
 
 
 def test_copies_are_named_as_roboflow_names_them(dense_copies):

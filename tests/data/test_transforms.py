@@ -66,8 +66,12 @@ def next_to_boundary(mask: np.ndarray) -> np.ndarray:
     """Pixels with a 4-neighbour of a different value."""
     padded = np.pad(mask, 1, mode="edge")
     centre = padded[1:-1, 1:-1]
-    return ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
-            | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
+    return (
+        (padded[:-2, 1:-1] != centre)
+        | (padded[2:, 1:-1] != centre)
+        | (padded[1:-1, :-2] != centre)
+        | (padded[1:-1, 2:] != centre)
+    )
 
 
 def test_rotation_pads_mask_with_ignore_and_keeps_alignment(l_shape):
@@ -152,8 +156,9 @@ def test_scale_crop_rescales_keeping_the_aspect_ratio():
 def test_scale_crop_pads_small_images_with_the_ignore_index():
     image, mask = coordinate_image(20, 30)
     image[..., 2] = 200  # blue marks real pixels; padding is 0
-    transform = build_transforms(32, (0, 0, 0), (1, 1, 1), train=True, base_size=30, geometry=SCALE_CROP,
-                                 ignore_index=250)
+    transform = build_transforms(
+        32, (0, 0, 0), (1, 1, 1), train=True, base_size=30, geometry=SCALE_CROP, ignore_index=250
+    )
     out_image, out_mask = apply(transform, image, mask)
     real = np.round(out_image[2]) == 200
     assert real.sum() == 20 * 30 and (out_mask == 250).sum() == 32 * 32 - 20 * 30
@@ -234,8 +239,10 @@ def test_validation_at_base_scale_keeps_the_aspect_ratio():
 
 
 def test_pad_collate_pads_masks_with_ignore_index():
-    batch = [(torch.ones(3, 4, 6), torch.ones(4, 6, dtype=torch.uint8)),
-             (torch.full((3, 5, 3), 2.0), torch.full((5, 3), 2, dtype=torch.uint8))]
+    batch = [
+        (torch.ones(3, 4, 6), torch.ones(4, 6, dtype=torch.uint8)),
+        (torch.full((3, 5, 3), 2.0), torch.full((5, 3), 2, dtype=torch.uint8)),
+    ]
     images, masks = pad_collate(batch, ignore_index=200)
     assert images.shape == (2, 3, 5, 6) and masks.shape == (2, 5, 6) and masks.dtype == torch.uint8
     assert (masks[0, :4, :6] == 1).all() and (masks[0, 4:] == 200).all()

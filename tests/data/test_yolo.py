@@ -16,8 +16,9 @@ from seglab.errors import SeglabError
 def exports(tmp_path_factory):
     """The same 20 generated photos as a COCO Segmentation and as a YOLOv8 Segmentation export."""
     root = tmp_path_factory.mktemp("yolo")
-    return {fmt: generate_dataset(root / fmt, num_images=20, size=64, seed=0, fmt=fmt, copies=2)
-            for fmt in ("coco", "yolo")}
+    return {
+        fmt: generate_dataset(root / fmt, num_images=20, size=64, seed=0, fmt=fmt, copies=2) for fmt in ("coco", "yolo")
+    }
 
 
 def datamodule(root, tmp_path, **kwargs):
@@ -26,10 +27,14 @@ def datamodule(root, tmp_path, **kwargs):
 
 def test_a_yolo_export_gives_the_masks_of_the_same_coco_export(exports, tmp_path):
     coco, yolo = datamodule(exports["coco"], tmp_path / "c"), datamodule(exports["yolo"], tmp_path / "y")
-    assert yolo.source.layout == "roboflow_yolo" and yolo.class_names == coco.class_names == ["background", "disc",
-                                                                                             "triangle"]
-    assert {s: sorted(x.image.name for x in v) for s, v in yolo.splits.items()} == \
-        {s: sorted(x.image.name for x in v) for s, v in coco.splits.items()}
+    assert yolo.source.layout == "roboflow_yolo" and yolo.class_names == coco.class_names == [
+        "background",
+        "disc",
+        "triangle",
+    ]
+    assert {s: sorted(x.image.name for x in v) for s, v in yolo.splits.items()} == {
+        s: sorted(x.image.name for x in v) for s, v in coco.splits.items()
+    }
     expected, got = masks_by_name(coco), masks_by_name(yolo)
     assert sorted(got) == sorted(expected)
     assert all(np.array_equal(got[name], expected[name]) for name in expected)  # pixel for pixel
@@ -53,8 +58,10 @@ def test_labels_are_read_again_only_when_they_change(exports, tmp_path):
     first = discover(root, cache_dir=tmp_path / "cache")
     assert len(first.samples["train"]) == 32
     converted = sorted((tmp_path / "cache" / "yolo").glob("*.json"))
-    assert len(converted) == 3 and discover(root, cache_dir=tmp_path / "cache").coco_files.keys() == \
-        first.coco_files.keys()
+    assert (
+        len(converted) == 3
+        and discover(root, cache_dir=tmp_path / "cache").coco_files.keys() == first.coco_files.keys()
+    )
     label = sorted((root / "train" / "labels").glob("*.txt"))[3]
     label.write_text("1 0.1 0.1 0.5 0.1 0.5 0.5\n")  # one triangle instead
     again = discover(root, cache_dir=tmp_path / "cache")
@@ -65,12 +72,15 @@ def test_labels_are_read_again_only_when_they_change(exports, tmp_path):
     assert coco.annotations[image_id][0]["category_id"] == 2  # class 1 of data.yaml: triangle
 
 
-@pytest.mark.parametrize("line,message", [
-    ("0 0.5 0.5 0.2 0.2", "is a detection label (a class and a box), not a polygon"),
-    ("0 0.1 0.1 0.5 0.1 0.5", "has 5 coordinates; a polygon needs 3 or more x y pairs"),
-    ("7 0.1 0.1 0.5 0.1 0.5 0.5", "has class 7, but data.yaml names 2 classes"),
-    ("disc 0.1 0.1 0.5 0.1 0.5 0.5", "is not 'class x1 y1 x2 y2 ...' (numbers)"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("0 0.5 0.5 0.2 0.2", "is a detection label (a class and a box), not a polygon"),
+        ("0 0.1 0.1 0.5 0.1 0.5", "has 5 coordinates; a polygon needs 3 or more x y pairs"),
+        ("7 0.1 0.1 0.5 0.1 0.5 0.5", "has class 7, but data.yaml names 2 classes"),
+        ("disc 0.1 0.1 0.5 0.1 0.5 0.5", "is not 'class x1 y1 x2 y2 ...' (numbers)"),
+    ],
+)
 def test_a_broken_label_file_is_named_with_its_line(exports, tmp_path, line, message):
     root = tmp_path / "export"
     shutil.copytree(exports["yolo"], root)

@@ -54,10 +54,13 @@ def test_truncated_checkpoint(trained_run, tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("content", [
-    {"weight": torch.zeros(2)},  # a plain state dict, e.g. torchvision's weights
-    {"state_dict": {"net.w": torch.zeros(2)}, "epoch": 3},  # a Lightning checkpoint of another project
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"weight": torch.zeros(2)},  # a plain state dict, e.g. torchvision's weights
+        {"state_dict": {"net.w": torch.zeros(2)}, "epoch": 3},  # a Lightning checkpoint of another project
+    ],
+)
 def test_torch_file_that_is_not_a_seglab_checkpoint(tmp_path, content):
     path = tmp_path / "other.pt"
     torch.save(content, path)
@@ -107,13 +110,27 @@ class Inodes(pl.Callback):
 
 def scripted_fit(tmp_path, model, io: AtomicCheckpointIO, callback: pl.Callback, train_batches: int):
     """Four epochs of `model` checkpointed as conf/callbacks/default.yaml does (best by val/loss, and last)."""
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="best-epoch{epoch:03d}",
-                                 auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=1,
-                                 save_last=True)
-    trainer = pl.Trainer(max_epochs=4, limit_train_batches=train_batches, limit_val_batches=1,
-                         num_sanity_val_steps=0, callbacks=[checkpoint, callback], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, plugins=[io],
-                         default_root_dir=tmp_path)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path / "checkpoints",
+        filename="best-epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor="val/loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+    )
+    trainer = pl.Trainer(
+        max_epochs=4,
+        limit_train_batches=train_batches,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoint, callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[io],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model)
     return checkpoint
 
@@ -121,8 +138,9 @@ def scripted_fit(tmp_path, model, io: AtomicCheckpointIO, callback: pl.Callback,
 def test_best_and_last_are_one_file_when_the_epoch_is_the_best(tmp_path):
     dirpath = tmp_path / "checkpoints"
     inodes = Inodes()
-    checkpoint = scripted_fit(tmp_path, ScriptedLoss([3.0, 1.0, 2.0, 1.5]), AtomicCheckpointIO(), inodes,
-                              train_batches=2)
+    checkpoint = scripted_fit(
+        tmp_path, ScriptedLoss([3.0, 1.0, 2.0, 1.5]), AtomicCheckpointIO(), inodes, train_batches=2
+    )
 
     # Epochs 0 and 1 improve (one file, two names); 2 and 3 do not (last.ckpt written on its own).
     assert inodes.linked == [True, True, False, False]
@@ -165,8 +183,9 @@ def test_background_writes_save_the_state_of_their_epoch_in_order(tmp_path):
     dirpath = tmp_path / "checkpoints"
     weights = WeightsAtValidation()
     # Each write takes longer than an epoch's steps.
-    scripted_fit(tmp_path, SlowScriptedLoss([3.0, 1.0, 2.0, 1.5]), AtomicCheckpointIO(background=True), weights,
-                 train_batches=4)
+    scripted_fit(
+        tmp_path, SlowScriptedLoss([3.0, 1.0, 2.0, 1.5]), AtomicCheckpointIO(background=True), weights, train_batches=4
+    )
 
     # Epoch 0's best was removed only after its write (and the link to it) finished: no file left behind.
     assert sorted(p.name for p in dirpath.iterdir()) == ["best-epoch001.ckpt", "last.ckpt"]

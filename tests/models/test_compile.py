@@ -18,8 +18,13 @@ def test_compiled_run_checkpoints_resumes_and_loads_into_an_eager_model(compose_
     torch._dynamo.reset()
     counters.clear()
     # Batches of 3 in training, the 2 validation images in one batch of 2: two shapes, train and eval mode.
-    overrides = ["model=deeplabv3_mobilenet_v3_large", "model.compile=true", "batch_size=3",
-                 "trainer.limit_train_batches=2", "trainer.limit_test_batches=null"]
+    overrides = [
+        "model=deeplabv3_mobilenet_v3_large",
+        "model.compile=true",
+        "batch_size=3",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_test_batches=null",
+    ]
     cfg = compose_train(*overrides)
     run = train(cfg)
     assert counters["stats"]["unique_graphs"] >= 2  # it really trained and validated compiled graphs

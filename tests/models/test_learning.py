@@ -13,16 +13,26 @@ class LossRecorder(pl.Callback):
 
 
 def test_overfitting_four_images_lowers_the_loss(compose_train):
-    cfg = compose_train("model=deeplabv3_mobilenet_v3_large", "augmentation=none", "batch_size=4",
-                        "optimizer.lr=1e-3", "seed=0")
+    cfg = compose_train(
+        "model=deeplabv3_mobilenet_v3_large", "augmentation=none", "batch_size=4", "optimizer.lr=1e-3", "seed=0"
+    )
     pl.seed_everything(0)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module = build_module(cfg, datamodule)
     recorder = LossRecorder()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=30, overfit_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[recorder])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=30,
+        overfit_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[recorder],
+    )
     trainer.fit(module, datamodule=datamodule)
     assert len(recorder.losses) == 30
     first, last = recorder.losses[0], sum(recorder.losses[-5:]) / 5

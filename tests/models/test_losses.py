@@ -23,8 +23,9 @@ def test_every_issue_loss_is_an_option():
 
 @pytest.fixture(scope="module")
 def demo_datamodule(demo_root, tmp_path_factory):
-    dm = SegmentationDataModule(root=str(demo_root), image_size=64, num_workers=0, batch_size=2,
-                                cache_dir=str(tmp_path_factory.mktemp("cache")))
+    dm = SegmentationDataModule(
+        root=str(demo_root), image_size=64, num_workers=0, batch_size=2, cache_dir=str(tmp_path_factory.mktemp("cache"))
+    )
     dm.setup()
     return dm
 
@@ -66,7 +67,7 @@ def test_dice_ce_is_the_sum_of_its_terms(compose_train, demo_datamodule):
     target = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(2))
     target[0, 0] = IGNORE
     ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE)
-    probs = logits.softmax(1).permute(0, 2, 3, 1)[target != IGNORE]          # (P, 3)
+    probs = logits.softmax(1).permute(0, 2, 3, 1)[target != IGNORE]  # (P, 3)
     onehot = torch.nn.functional.one_hot(target[target != IGNORE], 3).float()
     dice = -torch.log(2 * (probs * onehot).sum(0) / (probs + onehot).sum(0))  # smp log_loss: per class over the batch
     torch.testing.assert_close(criterion(logits, target), ce + dice.mean())
@@ -94,8 +95,10 @@ def test_log_dice_keeps_a_gradient_for_an_improbable_small_class(compose_train, 
 
 # --- median-frequency class weights on a constructed split ---------------------------------------------
 
-CATEGORIES = [{"id": 0, "name": "proj", "supercategory": "none"},
-              *({"id": i, "name": n, "supercategory": "proj"} for i, n in ((1, "a"), (2, "b"), (3, "c")))]
+CATEGORIES = [
+    {"id": 0, "name": "proj", "supercategory": "none"},
+    *({"id": i, "name": n, "supercategory": "proj"} for i, n in ((1, "a"), (2, "b"), (3, "c"))),
+]
 
 
 def write_split(root: Path, split: str, images: list[list[tuple[int, list[float]]]]) -> None:
@@ -115,16 +118,21 @@ def write_split(root: Path, split: str, images: list[list[tuple[int, list[float]
 @pytest.fixture
 def counted_split(tmp_path) -> SegmentationDataModule:
     root = tmp_path / "export"
-    write_split(root, "train", [
-        [(1, rectangle(0, 0, 5, 2))],                            # a: 10 px, background 90
-        [(1, rectangle(0, 0, 4, 4)), (2, rectangle(2, 2, 6, 6))],  # a 12, b 12, overlap 4 px ignored, bg 72
-        [],                                                      # background 100
-    ])
+    write_split(
+        root,
+        "train",
+        [
+            [(1, rectangle(0, 0, 5, 2))],  # a: 10 px, background 90
+            [(1, rectangle(0, 0, 4, 4)), (2, rectangle(2, 2, 6, 6))],  # a 12, b 12, overlap 4 px ignored, bg 72
+            [],  # background 100
+        ],
+    )
     # Val and test are full of "a" and "c": they must not count.
     for split in ("valid", "test"):
         write_split(root, split, [[(1, rectangle(0, 0, 10, 5)), (3, rectangle(0, 5, 10, 10))]])
-    dm = SegmentationDataModule(root=str(root), overlap="ignore", image_size=10, num_workers=0, batch_size=1,
-                                cache_dir=str(tmp_path / "cache"))
+    dm = SegmentationDataModule(
+        root=str(root), overlap="ignore", image_size=10, num_workers=0, batch_size=1, cache_dir=str(tmp_path / "cache")
+    )
     dm.setup()
     return dm
 
@@ -147,8 +155,10 @@ def test_median_frequency_weights_equal_the_hand_computed_values(counted_split, 
         criterion = build_criterion(cfg.loss, counted_split)
     assert isinstance(criterion, torch.nn.CrossEntropyLoss) and criterion.ignore_index == IGNORE
     torch.testing.assert_close(criterion.weight, torch.tensor(expected, dtype=torch.float32))
-    assert "Class weights (loss.class_weights=median_frequency): background 0.1412, a 1.1136, b 1.0000, " \
-           "c 1.0000" in caplog.text
+    assert (
+        "Class weights (loss.class_weights=median_frequency): background 0.1412, a 1.1136, b 1.0000, "
+        "c 1.0000" in caplog.text
+    )
     assert "weight" not in criterion.state_dict()  # recomputed at start: checkpoints stay loss-agnostic
     # The weights weigh: three pixels (background, a, b) whose true class gets probability 1/2, 1/4, 1/4.
     logits = torch.tensor([[np.log(3.0), 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]).float().T.reshape(1, 4, 1, 3)

@@ -50,8 +50,11 @@ def test_dice_precision_recall_share_the_accuracy_counts():
     metrics = segmentation_metrics(num_classes=3, ignore_index=IGNORE)
     metrics.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))
     groups = sorted(sorted(g) for g in metrics.compute_groups.values())
-    assert groups == [["Dice", "mAcc", "mDice", "mPrecision", "mRecall", "precision", "recall"],
-                      ["IoU", "confmat", "mIoU"], ["pixel_acc"]]
+    assert groups == [
+        ["Dice", "mAcc", "mDice", "mPrecision", "mRecall", "precision", "recall"],
+        ["IoU", "confmat", "mIoU"],
+        ["pixel_acc"],
+    ]
 
 
 def test_absent_class_does_not_drag_miou_to_zero():

@@ -25,14 +25,15 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 LOSSES = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
 LIGHT = {"deeplabv3_mobilenet_v3_large", "segformer"}
-MATRIX = [pytest.param(m, loss, id=f"{m}-{loss}",
-                       marks=() if m in LIGHT or loss == "ce" else pytest.mark.slow)
-          for m in MODELS for loss in LOSSES]
+MATRIX = [
+    pytest.param(m, loss, id=f"{m}-{loss}", marks=() if m in LIGHT or loss == "ce" else pytest.mark.slow)
+    for m in MODELS
+    for loss in LOSSES
+]
 
 
 def test_matrix_covers_the_issue():
-    assert {"deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large",
-            "segformer"} <= set(MODELS)
+    assert {"deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "segformer"} <= set(MODELS)
     assert {"ce", "ce_weighted", "dice_ce", "focal", "lovasz"} <= set(LOSSES)
 
 
@@ -44,8 +45,9 @@ def test_one_training_and_one_validation_step(model, loss, compose_train):
     pl.seed_everything(0)
     module = build_module(cfg, datamodule)
     before = {n: p.detach().clone() for n, p in module.net.named_parameters()}
-    trainer = pl.Trainer(accelerator="cpu", fast_dev_run=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.fit(module, datamodule=datamodule)
 
     metrics = trainer.callback_metrics
@@ -75,13 +77,27 @@ def test_train_with_segformer_and_weighted_ce_writes_metrics(compose_train, tmp_
 
     # evaluate.py and predict.py take the SegFormer checkpoint as they take a DeepLabV3 one.
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        eval_cfg = compose("evaluate", overrides=[f"ckpt_path={metrics['checkpoint']}", "resolution=model",
-                                                  "device=cpu", f"paths.output_dir={tmp_path / 'eval'}"])
+        eval_cfg = compose(
+            "evaluate",
+            overrides=[
+                f"ckpt_path={metrics['checkpoint']}",
+                "resolution=model",
+                "device=cpu",
+                f"paths.output_dir={tmp_path / 'eval'}",
+            ],
+        )
         image = tmp_path / "new" / "odd.png"
         image.parent.mkdir()
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(image)
-        predict_cfg = compose("predict", overrides=[f"ckpt_path={metrics['checkpoint']}", f"input={image}",
-                                                    "device=cpu", f"output={tmp_path / 'pred'}"])
+        predict_cfg = compose(
+            "predict",
+            overrides=[
+                f"ckpt_path={metrics['checkpoint']}",
+                f"input={image}",
+                "device=cpu",
+                f"output={tmp_path / 'pred'}",
+            ],
+        )
     assert evaluate(eval_cfg)["mIoU"] == pytest.approx(metrics["test"]["test/mIoU"], abs=1e-6)
     predict(predict_cfg)
     mask = np.asarray(Image.open(tmp_path / "pred" / "odd_mask.png"))

@@ -32,8 +32,9 @@ def torch_home(tmp_path, monkeypatch):
 
 def random_voc_mobilenet() -> dict:
     torch.manual_seed(123)
-    return segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21,
-                                                     aux_loss=True).state_dict()
+    return segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    ).state_dict()
 
 
 def test_torchvision_weights_come_from_the_torch_hub_cache(torch_home):
@@ -52,10 +53,13 @@ def test_torchvision_weights_come_from_the_torch_hub_cache(torch_home):
     assert out["out"].shape == out["aux"].shape == (1, 3, 64, 64)
 
 
-@pytest.mark.parametrize(("kwargs", "setting"), [
-    ({"weights": COCO_VOC}, "model.weights"),
-    ({"weights_backbone": "IMAGENET1K_V1"}, "model.weights_backbone"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [
+        ({"weights": COCO_VOC}, "model.weights"),
+        ({"weights_backbone": "IMAGENET1K_V1"}, "model.weights_backbone"),
+    ],
+)
 def test_offline_download_names_file_target_and_the_way_out(kwargs, setting, torch_home, monkeypatch):
     def offline(url, dst, *args, **kwargs):
         raise urllib.error.URLError("offline")
@@ -143,8 +147,10 @@ def test_segformer_offline_error_says_where_the_hub_files_go(hf_offline_cache):
     message = str(info.value)
     assert "weights file model.safetensors" in message and "offline" in message
     repo = "https://huggingface.co/smp-hub/mit_b0.imagenet"
-    assert f"put config.json and model.safetensors from {repo}/tree/{hf_offline_cache.name} " \
-           f"into {hf_offline_cache}" in message
+    assert (
+        f"put config.json and model.safetensors from {repo}/tree/{hf_offline_cache.name} "
+        f"into {hf_offline_cache}" in message
+    )
     assert "model.weights_backbone=null" in message and "model.weights_path=<file>" in message
 
 
@@ -162,8 +168,9 @@ def test_segformer_encoder_weights_from_a_local_safetensors_file(tmp_path, hf_of
     encoder = random_mit_b0_encoder()
     save_file(encoder, tmp_path / "model.safetensors")
     # weights_path replaces the download (the hub cache is empty and offline).
-    net = build_network("segformer_mit_b0", num_classes=3, weights_backbone="imagenet",
-                        weights_path=str(tmp_path / "model.safetensors"))
+    net = build_network(
+        "segformer_mit_b0", num_classes=3, weights_backbone="imagenet", weights_path=str(tmp_path / "model.safetensors")
+    )
     prefixed = {f"encoder.{k}": v for k, v in encoder.items()}
     assert assert_same_tensors(prefixed, net.state_dict(), "encoder.") == len(encoder)
 

@@ -34,8 +34,13 @@ def test_batched_slide_equals_sliding_each_image_and_covers_every_pixel():
 
 
 def module(mode: str) -> SegmentationModule:
-    return SegmentationModule(TinyNet(), ["background", "thing"], ignore_index=255, meta={"image_size": 32},
-                              inference={"mode": mode, "overlap": 1 / 3, "flip": False})
+    return SegmentationModule(
+        TinyNet(),
+        ["background", "thing"],
+        ignore_index=255,
+        meta={"image_size": 32},
+        inference={"mode": mode, "overlap": 1 / 3, "flip": False},
+    )
 
 
 def test_validation_sees_larger_images_as_training_size_tiles_in_auto_mode():

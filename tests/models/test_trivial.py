@@ -21,7 +21,8 @@ def miou(counts: np.ndarray) -> float:
 
 def test_trivial_scores_are_those_of_predicting_the_majority_class_everywhere():
     assert trivial_scores(GOOD, NAMES) == pytest.approx(
-        {"class": "background", "mIoU": 0.8 / 3, "mAcc": 1 / 3, "pixel_acc": 0.8})
+        {"class": "background", "mIoU": 0.8 / 3, "mAcc": 1 / 3, "pixel_acc": 0.8}
+    )
     # torchmetrics scores the same for a prediction of background everywhere (its mIoU policy included).
     target = torch.tensor([0] * 80 + [1] * 15 + [2] * 5 + [255] * 7)[None]
     values = segmentation_metrics(3, 255)

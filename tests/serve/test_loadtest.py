@@ -14,8 +14,9 @@ def test_summary_counts_and_percentiles():
 
 @pytest.mark.slow  # a real uvicorn process per model and timed client load
 def test_load_test_against_a_real_server(trained_run, capsys):
-    rows = main([trained_run["checkpoint"], "--clients", "1", "2", "--seconds", "2", "--size", "64",
-                 "--batching", "both"])
+    rows = main(
+        [trained_run["checkpoint"], "--clients", "1", "2", "--seconds", "2", "--size", "64", "--batching", "both"]
+    )
     assert [(r["batching"], r["clients"]) for r in rows] == [("on", 1), ("on", 2), ("off", 1), ("off", 2)]
     assert all(r["ok"] > 0 and r["errors"] == {} and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in rows)
     out = capsys.readouterr().out

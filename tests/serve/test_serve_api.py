@@ -38,15 +38,26 @@ def expected(predictor, trained_run, photo, tmp_path_factory) -> dict:
     """What predict.py writes for the photo, and what the Predictor returns for it."""
     out = tmp_path_factory.mktemp("predicted")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("predict", overrides=["device=cpu", f"ckpt_path={trained_run['checkpoint']}",
-                                            f"input={photo}", f"output={out}", "confidence=true",
-                                            "probabilities=true"])
+        cfg = compose(
+            "predict",
+            overrides=[
+                "device=cpu",
+                f"ckpt_path={trained_run['checkpoint']}",
+                f"input={photo}",
+                f"output={out}",
+                "confidence=true",
+                "probabilities=true",
+            ],
+        )
     predict(cfg)
     image = load_image(photo)
-    return {"image": image, "mask": predictor.predict(image),
-            "predict_py_mask": np.asarray(Image.open(out / "photo_mask.png")),
-            "predict_py_confidence": np.asarray(Image.open(out / "photo_confidence.png")),
-            "predict_py_probabilities": np.load(out / "photo_probabilities.npy")}
+    return {
+        "image": image,
+        "mask": predictor.predict(image),
+        "predict_py_mask": np.asarray(Image.open(out / "photo_mask.png")),
+        "predict_py_confidence": np.asarray(Image.open(out / "photo_confidence.png")),
+        "predict_py_probabilities": np.load(out / "photo_probabilities.npy"),
+    }
 
 
 def upload(client, data: bytes, name="photo.png", content_type="image/png", **params):
@@ -70,8 +81,9 @@ def test_mask_is_predict_py_output(client, photo, expected):
 def test_overlay_is_the_viz_overlay(client, predictor, photo, expected):
     response = upload(client, photo.read_bytes(), format="overlay", opacity=0.3)
     assert response.status_code == 200
-    np.testing.assert_array_equal(decode_png(response.content),
-                                  overlay(expected["image"], expected["mask"], predictor.palette, 0.3))
+    np.testing.assert_array_equal(
+        decode_png(response.content), overlay(expected["image"], expected["mask"], predictor.palette, 0.3)
+    )
 
 
 def test_confidence_and_probabilities_are_predict_py_output(client, predictor, photo, expected):
@@ -135,7 +147,8 @@ def test_polygons_keep_holes():
     assert sorted(map(tuple, polygons[0].exterior)) == [(10, 10), (10, 29), (29, 10), (29, 29)]
     # The hole's boundary runs through the ring pixels 4-adjacent to it: the hole's corners are cut.
     assert [sorted(map(tuple, h)) for h in polygons[0].holes] == [
-        [(14, 15), (14, 24), (15, 14), (15, 25), (24, 14), (24, 25), (25, 15), (25, 24)]]
+        [(14, 15), (14, 24), (15, 14), (15, 25), (24, 14), (24, 25), (25, 15), (25, 24)]
+    ]
     assert sorted(map(tuple, polygons[1].exterior)) == [(18, 18), (18, 21), (21, 18), (21, 21)]
     assert polygons[1].holes == []
 
@@ -191,8 +204,11 @@ def test_serve_settings_errors(trained_run):
         bad = compose("serve", overrides=[f"ckpt_path={trained_run['checkpoint']}", "limits.queue_size=0"])
     with pytest.raises(SeglabError, match=r"ckpt_path is required: python serve.py ckpt_path="):
         serve(missing)
-    with pytest.raises(SeglabError, match=r"Invalid limits in conf/serve.yaml: queue_size: Input should be greater "
-                                          r"than or equal to 1"):
+    with pytest.raises(
+        SeglabError,
+        match=r"Invalid limits in conf/serve.yaml: queue_size: Input should be greater "
+        r"than or equal to 1",
+    ):
         serve(bad)
 
 
@@ -213,29 +229,58 @@ def test_bad_inputs_get_their_status_and_message(client, photo):
     buffer = io.BytesIO()
     Image.fromarray(big).save(buffer, format="PNG")
     cases = {
-        "oversize body": (upload(client, buffer.getvalue()), 413,
-                          "larger than the server's limit of 0.25 MiB (limits.max_body_mb)"),
+        "oversize body": (
+            upload(client, buffer.getvalue()),
+            413,
+            "larger than the server's limit of 0.25 MiB (limits.max_body_mb)",
+        ),
         "oversize streamed body": (
-            client.post("/v1/segment", content=iter([buffer.getvalue()[:200_000], buffer.getvalue()[200_000:]]),
-                        headers={"content-type": "application/json"}), 413, "larger than the server's limit"),
-        "text file": (upload(client, b"hello, not an image\n", "notes.txt", "text/plain"), 415,
-                      "not an image this server can read"),
-        "truncated png": (upload(client, photo.read_bytes()[: len(photo.read_bytes()) // 2]), 400,
-                          "The image is corrupt or truncated"),
-        "pixel limit": (upload(client, png_header_claiming(2000, 1000)), 413,
-                        "The image is 2000x1000 = 2000000 pixels, above the server's limit of 1000000"),
-        "decompression bomb": (upload(client, png_header_claiming(30_000, 30_000)), 413,
-                               "The image is too large to decode safely"),
+            client.post(
+                "/v1/segment",
+                content=iter([buffer.getvalue()[:200_000], buffer.getvalue()[200_000:]]),
+                headers={"content-type": "application/json"},
+            ),
+            413,
+            "larger than the server's limit",
+        ),
+        "text file": (
+            upload(client, b"hello, not an image\n", "notes.txt", "text/plain"),
+            415,
+            "not an image this server can read",
+        ),
+        "truncated png": (
+            upload(client, photo.read_bytes()[: len(photo.read_bytes()) // 2]),
+            400,
+            "The image is corrupt or truncated",
+        ),
+        "pixel limit": (
+            upload(client, png_header_claiming(2000, 1000)),
+            413,
+            "The image is 2000x1000 = 2000000 pixels, above the server's limit of 1000000",
+        ),
+        "decompression bomb": (
+            upload(client, png_header_claiming(30_000, 30_000)),
+            413,
+            "The image is too large to decode safely",
+        ),
         "empty file": (upload(client, b""), 400, "The image is empty (0 bytes)"),
-        "no image field": (client.post("/v1/segment", files={"photo": ("p.png", photo.read_bytes())}), 400,
-                           "no file field 'image'"),
+        "no image field": (
+            client.post("/v1/segment", files={"photo": ("p.png", photo.read_bytes())}),
+            400,
+            "no file field 'image'",
+        ),
         "bad base64": (client.post("/v1/segment", json={"image": "not base64!"}), 400, "not valid base64"),
         "json without image": (client.post("/v1/segment", json={"picture": "x"}), 400, "no string field 'image'"),
-        "invalid json": (client.post("/v1/segment", content=b"{oops", headers={"content-type": "application/json"}),
-                         400, "The JSON body is invalid"),
-        "other content type": (client.post("/v1/segment", content=photo.read_bytes(),
-                                           headers={"content-type": "image/png"}), 415,
-                               "Content-Type 'image/png' is not accepted"),
+        "invalid json": (
+            client.post("/v1/segment", content=b"{oops", headers={"content-type": "application/json"}),
+            400,
+            "The JSON body is invalid",
+        ),
+        "other content type": (
+            client.post("/v1/segment", content=photo.read_bytes(), headers={"content-type": "image/png"}),
+            415,
+            "Content-Type 'image/png' is not accepted",
+        ),
     }
     for name, (response, status, message) in cases.items():
         assert (name, response.status_code) == (name, status)
@@ -271,14 +316,21 @@ def test_full_queue_answers_503_with_retry_after(predictor, photo, expected, liv
     app = create_app(held, ServeSettings(queue_size=1, retry_after_s=2))
     with live_server(app) as url:
         first = {}
-        thread = threading.Thread(target=lambda: first.update(response=httpx.post(
-            f"{url}/v1/segment?format=mask", files={"image": ("photo.png", photo.read_bytes())}, timeout=60)))
+        thread = threading.Thread(
+            target=lambda: first.update(
+                response=httpx.post(
+                    f"{url}/v1/segment?format=mask", files={"image": ("photo.png", photo.read_bytes())}, timeout=60
+                )
+            )
+        )
         thread.start()
         assert held.entered.wait(60)
         busy = httpx.post(f"{url}/v1/segment", files={"image": ("photo.png", photo.read_bytes())}, timeout=60)
         assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
-        assert busy.json()["detail"] == ("The model is busy: 1 requests are already running on or waiting for it "
-                                         "(limits.queue_size). Retry after 2 s.")
+        assert busy.json()["detail"] == (
+            "The model is busy: 1 requests are already running on or waiting for it "
+            "(limits.queue_size). Retry after 2 s."
+        )
         assert httpx.get(f"{url}/ready").status_code == 503
         held.release.set()
         thread.join(60)
@@ -304,16 +356,19 @@ def test_concurrent_requests_are_batched_and_get_the_sequential_masks(predictor,
     # Eight images in three sizes; the first request holds the model until the other seven wait in the queue,
     # which then runs them as batches of at most batch_size = 4.
     demo = [load_image(p) for p in sorted(demo_root.rglob("*.jpg"))[:4]]
-    images = demo + [np.concatenate([d, d[:, :32]], axis=1) for d in demo[:2]] + [d[:48, :40].copy()
-                                                                                   for d in demo[2:4]]
+    images = demo + [np.concatenate([d, d[:, :32]], axis=1) for d in demo[:2]] + [d[:48, :40].copy() for d in demo[2:4]]
     expected = [predictor.predict(image) for image in images]
     held = HeldPredictor(predictor)
     app = create_app(held, ServeSettings(queue_size=8, batch_size=4, batch_wait_ms=50))
     responses: dict[int, httpx.Response] = {}
 
     def send(i: int, fmt: str) -> None:
-        responses[i] = httpx.post(f"{url}/v1/segment", params={"format": fmt},
-                                  files={"image": (f"{i}.png", png(images[i]), "image/png")}, timeout=120)
+        responses[i] = httpx.post(
+            f"{url}/v1/segment",
+            params={"format": fmt},
+            files={"image": (f"{i}.png", png(images[i]), "image/png")},
+            timeout=120,
+        )
 
     with live_server(app) as url:
         first = threading.Thread(target=send, args=(0, "mask"))
@@ -339,7 +394,8 @@ def test_concurrent_requests_are_batched_and_get_the_sequential_masks(predictor,
                 if result["rle"] is not None:
                     np.testing.assert_array_equal(
                         mask_utils.decode({"size": result["rle"]["size"], "counts": result["rle"]["counts"].encode()}),
-                        (expected[i] == index).astype(np.uint8))
+                        (expected[i] == index).astype(np.uint8),
+                    )
         else:
             np.testing.assert_array_equal(decode_png(response.content), expected[i])
             assert 'batch;desc="' in response.headers["server-timing"]
@@ -351,8 +407,9 @@ def test_a_full_queue_still_answers_503_while_a_batch_runs(predictor, photo, exp
     responses = []
 
     def send() -> None:
-        responses.append(httpx.post(f"{url}/v1/segment?format=mask",
-                                    files={"image": ("photo.png", photo.read_bytes())}, timeout=60))
+        responses.append(
+            httpx.post(f"{url}/v1/segment?format=mask", files={"image": ("photo.png", photo.read_bytes())}, timeout=60)
+        )
 
     with live_server(app) as url:
         threads = [threading.Thread(target=send)]
@@ -375,8 +432,9 @@ def test_a_full_queue_still_answers_503_while_a_batch_runs(predictor, photo, exp
         np.testing.assert_array_equal(decode_png(response.content), expected["mask"])
 
 
-def test_min_confidence_marks_the_same_unsure_pixels_as_predict_py(client, predictor, trained_run, photo, expected,
-                                                                  tmp_path):
+def test_min_confidence_marks_the_same_unsure_pixels_as_predict_py(
+    client, predictor, trained_run, photo, expected, tmp_path
+):
     from seglab.viz import hatch
 
     image = expected["image"]
@@ -387,8 +445,11 @@ def test_min_confidence_marks_the_same_unsure_pixels_as_predict_py(client, predi
     assert 0.2 < unsure.mean() < 0.8
     data = photo.read_bytes()
     answer = upload(client, data, min_confidence=threshold).json()
-    assert answer["unsure"] == {"min_confidence": threshold, "pixels": int(unsure.sum()),
-                                "area_share": pytest.approx(float(unsure.mean()))}
+    assert answer["unsure"] == {
+        "min_confidence": threshold,
+        "pixels": int(unsure.sum()),
+        "area_share": pytest.approx(float(unsure.mean())),
+    }
     assert sum(c["pixels"] for c in answer["classes"]) == mask.size  # unsure pixels still count in their class
     assert upload(client, data).json()["unsure"] is None
     served = decode_png(upload(client, data, format="mask", min_confidence=threshold).content)
@@ -400,11 +461,20 @@ def test_min_confidence_marks_the_same_unsure_pixels_as_predict_py(client, predi
     assert upload(client, data, min_confidence=0).status_code == 422
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("predict", overrides=["device=cpu", f"ckpt_path={trained_run['checkpoint']}", f"input={photo}",
-                                            f"output={tmp_path}", f"min_confidence={threshold}"])
+        cfg = compose(
+            "predict",
+            overrides=[
+                "device=cpu",
+                f"ckpt_path={trained_run['checkpoint']}",
+                f"input={photo}",
+                f"output={tmp_path}",
+                f"min_confidence={threshold}",
+            ],
+        )
     result = predict(cfg)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "photo_mask.png")), served)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "photo_overlay.png")), striped)
     assert result["pixel_share"]["unsure"] == pytest.approx(float(unsure.mean()))
-    assert (tmp_path / "classes.csv").read_text().splitlines()[-1] == \
-        f"255,unsure (top probability < {threshold}),255,255,255"
+    assert (tmp_path / "classes.csv").read_text().splitlines()[
+        -1
+    ] == f"255,unsure (top probability < {threshold}),255,255,255"

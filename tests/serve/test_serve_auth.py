@@ -37,10 +37,17 @@ def bearer(token: str) -> dict[str, str]:
 def test_closed_paths_answer_401_without_the_token(locked, photo):
     missing = locked.get("/v1/model")
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
-    assert missing.json()["detail"].startswith("This server requires a token: send the header Authorization: "
-                                               "Bearer <token>.")
-    for headers in (bearer("wrong-token"), bearer(TOKEN[:-1]), bearer(TOKEN + "x"), {"Authorization": TOKEN},
-                    {"Authorization": f"Basic {TOKEN}"}, bearer(TOKEN.upper())):
+    assert missing.json()["detail"].startswith(
+        "This server requires a token: send the header Authorization: Bearer <token>."
+    )
+    for headers in (
+        bearer("wrong-token"),
+        bearer(TOKEN[:-1]),
+        bearer(TOKEN + "x"),
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+        bearer(TOKEN.upper()),
+    ):
         wrong = locked.get("/v1/model", headers=headers)
         assert wrong.status_code == 401, headers
         assert wrong.headers["www-authenticate"] == 'Bearer error="invalid_token"'
@@ -55,8 +62,12 @@ def test_closed_paths_answer_401_without_the_token(locked, photo):
 def test_the_token_opens_them_and_the_page_and_probes_stay_open(locked, predictor, photo):
     assert locked.get("/v1/model", headers=bearer(TOKEN)).json()["class_names"] == predictor.class_names
     assert locked.get("/v1/model", headers={"Authorization": f"bearer  {TOKEN}"}).status_code == 200  # RFC 7235
-    response = locked.post("/v1/segment", params={"format": "mask"}, headers=bearer(TOKEN),
-                           files={"image": ("photo.png", photo.read_bytes(), "image/png")})
+    response = locked.post(
+        "/v1/segment",
+        params={"format": "mask"},
+        headers=bearer(TOKEN),
+        files={"image": ("photo.png", photo.read_bytes(), "image/png")},
+    )
     assert response.status_code == 200
     assert locked.get("/openapi.json", headers=bearer(TOKEN)).status_code == 200
     for path in ("/", "/static/app.js", "/static/style.css", "/health", "/ready"):
@@ -87,7 +98,9 @@ def test_without_a_token_the_app_is_open(predictor):
 def test_where_the_token_comes_from(tmp_path):
     run = tmp_path / "run"
     assert access_token("auto", "127.0.0.1", None, run, environ={}) == (
-        None, "access: no token (host=127.0.0.1 is loopback: only users of this machine can connect)")
+        None,
+        "access: no token (host=127.0.0.1 is loopback: only users of this machine can connect)",
+    )
     assert not run.exists()  # nothing generated
     for host in ("127.0.0.1", "0.0.0.0"):  # a token given is required on loopback too
         token, line = access_token("auto", host, None, run, environ={TOKEN_ENV: TOKEN})
@@ -108,14 +121,17 @@ def test_a_needed_token_is_generated_into_a_file_only_its_owner_reads(tmp_path, 
     assert access_token(auth, host, None, tmp_path / "other", environ={})[0] != token
 
 
-@pytest.mark.parametrize(("auth", "token_file", "environ", "message"), [
-    ("off", None, {}, r"auth='off' is not one of \('auto', 'required'\)"),
-    ("auto", "token.txt", {TOKEN_ENV: TOKEN}, r"A token is given twice, in SEGLAB_TOKEN and in token_file="),
-    ("auto", "missing.txt", {}, r"token_file='.*missing.txt' does not exist"),
-    ("auto", None, {TOKEN_ENV: "short"}, r"The token in SEGLAB_TOKEN must be at least 16 visible ASCII characters"),
-    ("auto", None, {TOKEN_ENV: "has a space in it 0123"}, r"must be at least 16 visible ASCII characters"),
-    ("auto", "empty.txt", {}, r"The token in .*empty.txt must be at least 16"),
-])
+@pytest.mark.parametrize(
+    ("auth", "token_file", "environ", "message"),
+    [
+        ("off", None, {}, r"auth='off' is not one of \('auto', 'required'\)"),
+        ("auto", "token.txt", {TOKEN_ENV: TOKEN}, r"A token is given twice, in SEGLAB_TOKEN and in token_file="),
+        ("auto", "missing.txt", {}, r"token_file='.*missing.txt' does not exist"),
+        ("auto", None, {TOKEN_ENV: "short"}, r"The token in SEGLAB_TOKEN must be at least 16 visible ASCII characters"),
+        ("auto", None, {TOKEN_ENV: "has a space in it 0123"}, r"must be at least 16 visible ASCII characters"),
+        ("auto", "empty.txt", {}, r"The token in .*empty.txt must be at least 16"),
+    ],
+)
 def test_token_settings_that_cannot_work(tmp_path, auth, token_file, environ, message):
     (tmp_path / "token.txt").write_text(TOKEN)
     (tmp_path / "empty.txt").write_text("\n")
@@ -125,8 +141,10 @@ def test_token_settings_that_cannot_work(tmp_path, auth, token_file, environ, me
 
 def test_a_token_on_the_command_line_is_refused(trained_run, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("serve", overrides=[f"ckpt_path={trained_run['checkpoint']}", f"+token={TOKEN}",
-                                          f"paths.output_dir={tmp_path}"])
+        cfg = compose(
+            "serve",
+            overrides=[f"ckpt_path={trained_run['checkpoint']}", f"+token={TOKEN}", f"paths.output_dir={tmp_path}"],
+        )
     with pytest.raises(SeglabError, match=r"Give the token in the environment variable SEGLAB_TOKEN or in a file"):
         serve(cfg)
 
@@ -136,9 +154,23 @@ def test_serve_py_with_auth_required_on_loopback(trained_run, predictor, photo, 
     port, run_dir = free_port(), tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}  # no token given: serve.py makes one
     server = subprocess.Popen(
-        [sys.executable, "serve.py", f"ckpt_path={trained_run['checkpoint']}", "host=127.0.0.1", f"port={port}",
-         "device=cpu", "auth=required", "log_level=warning", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "serve.py",
+            f"ckpt_path={trained_run['checkpoint']}",
+            "host=127.0.0.1",
+            f"port={port}",
+            "device=cpu",
+            "auth=required",
+            "log_level=warning",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, server, timeout=180)  # /ready is open
@@ -154,8 +186,9 @@ def test_serve_py_with_auth_required_on_loopback(trained_run, predictor, photo, 
         assert httpx.get(f"{url}/v1/model", headers=bearer(token)).json()["class_names"] == predictor.class_names
         answer = httpx.post(f"{url}/v1/segment?format=mask", files=upload, headers=bearer(token), timeout=60)
         assert answer.status_code == 200
-        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(answer.content))),
-                                      predictor.predict(load_image(photo)))
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(io.BytesIO(answer.content))), predictor.predict(load_image(photo))
+        )
     finally:
         server.terminate()
         stdout, stderr = server.communicate(timeout=60)

@@ -21,7 +21,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 pytestmark = pytest.mark.skipif(
     not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
     reason="needs Debian's chromium and chromedriver: as root, apt-get update && apt-get install -y chromium "
-           "chromium-driver (.ci/run does this)",
+    "chromium-driver (.ci/run does this)",
 )
 
 
@@ -32,8 +32,13 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1280,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     yield driver
@@ -62,12 +67,14 @@ def test_page_segments_an_uploaded_image(browser, live_server, predictor, photo)
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#legend tbody tr")) == 3)
         assert browser.find_element(By.ID, "model-info").text.startswith(
-            "deeplabv3_mobilenet_v3_large (pytorch fp32, served by PyTorch), 3 classes")
+            "deeplabv3_mobilenet_v3_large (pytorch fp32, served by PyTorch), 3 classes"
+        )
         browser.find_element(By.ID, "file").send_keys(str(photo))
         wait.until(lambda b: b.find_element(By.ID, "overlay").get_attribute("data-ready") == "true")
 
         size = browser.execute_script(
-            "const i = document.getElementById('overlay'); return [i.naturalWidth, i.naturalHeight];")
+            "const i = document.getElementById('overlay'); return [i.naturalWidth, i.naturalHeight];"
+        )
         assert size == [96, 64] == [image.shape[1], image.shape[0]]
         rows = browser.find_elements(By.CSS_SELECTOR, "#legend tbody tr")
         assert [r.get_attribute("data-class-name") for r in rows] == ["background", "disc", "triangle"]
@@ -95,7 +102,8 @@ def test_page_segments_an_uploaded_image(browser, live_server, predictor, photo)
 
         # The page asked for nothing outside this server.
         hosts = browser.execute_script(
-            "return performance.getEntriesByType('resource').map(e => new URL(e.name).host);")
+            "return performance.getEntriesByType('resource').map(e => new URL(e.name).host);"
+        )
         assert set(hosts) <= {url.removeprefix("http://")}
 
 

@@ -35,32 +35,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m seglab.bench", description=seglab.bench.__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, help="model input size (default 513 on CUDA, 128 on CPU)")
     parser.add_argument("--data-size", type=int, help="image size of the data pipeline section (default 513)")
-    parser.add_argument("--model", help="conf/model option (default deeplabv3_resnet50 on CUDA, "
-                        "deeplabv3_mobilenet_v3_large on CPU)")
+    parser.add_argument(
+        "--model", help="conf/model option (default deeplabv3_resnet50 on CUDA, deeplabv3_mobilenet_v3_large on CPU)"
+    )
     parser.add_argument("--batch-size", type=int, help="default 8 on CUDA (as conf/train.yaml), 2 on CPU")
     parser.add_argument("--images", type=int, default=48, help="synthetic images to generate")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (loop and model)")
     # Compiling DeepLab's training graph takes minutes on a small CPU (13 min on a busy 2-core one).
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="include a torch.compile variant (default: on CUDA, off on CPU and with --quick)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="include a torch.compile variant (default: on CUDA, off on CPU and with --quick)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
-                        help=f"run only these sections ({', '.join(SECTIONS)}; evaluate needs loop's checkpoint)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        metavar="SECTION",
+        help=f"run only these sections ({', '.join(SECTIONS)}; evaluate needs loop's checkpoint)",
+    )
     parser.add_argument("--fit-epochs", type=int, default=3, help="epochs of the fit section")
     parser.add_argument("--fit-images", type=int, default=48, help="images of the fit section's export")
-    parser.add_argument("--fit-data-size", type=int, default=2048,
-                        help="long side of the fit section's JPEGs (default 2048)")
+    parser.add_argument(
+        "--fit-data-size", type=int, default=2048, help="long side of the fit section's JPEGs (default 2048)"
+    )
     parser.add_argument("--out", default="bench.json")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes, one repeat, one thread, no compile: checks that it runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, one repeat, one thread, no compile: checks that it runs"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml")
     args = parser.parse_args(argv)
     quick = args.quick
     args.size = args.size or (64 if quick else 513 if cuda else 128)
     args.data_size = args.data_size or (64 if quick else 513)
-    args.model = args.model or ("deeplabv3_resnet50" if cuda and not quick
-                                else "deeplabv3_mobilenet_v3_large")
+    args.model = args.model or ("deeplabv3_resnet50" if cuda and not quick else "deeplabv3_mobilenet_v3_large")
     args.batch_size = args.batch_size or (8 if cuda else 2)
     if quick:
         args.images, args.repeats, args.steps = min(args.images, 10), 1, min(args.steps, 3)
@@ -98,8 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
             if "masks" in only:
                 datamodule = instantiate(data_cfg.data)
                 datamodule.setup("fit")
-                results["masks"] = bench_masks(datamodule.source, data_cfg.data.overlap, data_cfg.data.ignore_index,
-                                               args.repeats)
+                results["masks"] = bench_masks(
+                    datamodule.source, data_cfg.data.overlap, data_cfg.data.ignore_index, args.repeats
+                )
 
             def cfg_for(overrides: list[str]) -> DictConfig:
                 return bench_config(root, work, args.size, [*common, *overrides])
@@ -110,20 +122,26 @@ def main(argv: list[str] | None = None) -> dict:
                 model_data.setup("fit")
             if "loop" in only:
                 print(f"[bench] training loop at {args.size} px ...", file=sys.stderr, flush=True)
-                results["loop"], checkpoint = bench_loop(model_cfg, model_data, args.steps, args.repeats,
-                                                         args.batch_size, device, work)
+                results["loop"], checkpoint = bench_loop(
+                    model_cfg, model_data, args.steps, args.repeats, args.batch_size, device, work
+                )
             if "model" in only:
                 print(f"[bench] model variants at {args.size} px ...", file=sys.stderr, flush=True)
                 results["model_image_size"] = args.size
-                results["model"] = bench_model(cfg_for, model_data, args.steps, args.repeats, args.batch_size,
-                                               device, args.compile)
+                results["model"] = bench_model(
+                    cfg_for, model_data, args.steps, args.repeats, args.batch_size, device, args.compile
+                )
             if "evaluate" in only:
                 print("[bench] evaluation ...", file=sys.stderr, flush=True)
-                results["evaluate"] = bench_evaluate(checkpoint, f"{model_cfg.model.arch} at {args.size} px", root,
-                                                     work, device, args.repeats)
+                results["evaluate"] = bench_evaluate(
+                    checkpoint, f"{model_cfg.model.arch} at {args.size} px", root, work, device, args.repeats
+                )
         if "fit" in only:
-            print(f"[bench] fit of {args.fit_epochs} epochs at {args.size} px over {args.fit_data_size} px JPEGs ...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[bench] fit of {args.fit_epochs} epochs at {args.size} px over {args.fit_data_size} px JPEGs ...",
+                file=sys.stderr,
+                flush=True,
+            )
             results["fit"] = bench_fit(args, work, device)
 
     results["machine"]["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

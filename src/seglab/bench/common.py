@@ -24,8 +24,11 @@ from seglab.tables import fmt
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu,
@@ -59,19 +62,22 @@ def timed(fn, device: torch.device | None = None) -> float:
 
 
 def bench_config(root: Path, work: Path, image_size: int, overrides: list[str]) -> DictConfig:
-    cfg = compose_config("train", overrides=[
-        f"data.root={root}",
-        f"data.cache_dir={work / 'cache'}",
-        f"data.image_size={image_size}",
-        # The default's ratio of base scale to crop (1024 / 513 ~ 2) at every --data-size.
-        f"data.base_size={2 * image_size}",
-        "data.num_workers=0",  # every section measures one process
-        f"paths.output_dir={work / 'run'}",
-        "model.weights=null",
-        "model.weights_backbone=null",
-        "scheduler=none",
-        *overrides,
-    ])
+    cfg = compose_config(
+        "train",
+        overrides=[
+            f"data.root={root}",
+            f"data.cache_dir={work / 'cache'}",
+            f"data.image_size={image_size}",
+            # The default's ratio of base scale to crop (1024 / 513 ~ 2) at every --data-size.
+            f"data.base_size={2 * image_size}",
+            "data.num_workers=0",  # every section measures one process
+            f"paths.output_dir={work / 'run'}",
+            "model.weights=null",
+            "model.weights_backbone=null",
+            "scheduler=none",
+            *overrides,
+        ],
+    )
     resolve_runtime(cfg)  # trainer.precision / model.channels_last `auto` -> this machine's values
     return cfg
 
@@ -99,9 +105,13 @@ def plain_step(module, optimizer, batch, device: torch.device, precision) -> Non
 
 def random_batches(n: int, batch_size: int, size: int, num_classes: int) -> list[tuple]:
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch_size, 3, size, size, generator=g),
-             torch.randint(0, num_classes, (batch_size, size, size), generator=g, dtype=torch.uint8))
-            for _ in range(n)]
+    return [
+        (
+            torch.randn(batch_size, 3, size, size, generator=g),
+            torch.randint(0, num_classes, (batch_size, size, size), generator=g, dtype=torch.uint8),
+        )
+        for _ in range(n)
+    ]
 
 
 def number(value, spec: str = ".1f") -> str:

@@ -36,8 +36,13 @@ def bench_data(cfg: DictConfig, repeats: int) -> dict:
 
     def rasterised(i: int) -> tuple[np.ndarray, np.ndarray]:
         s = samples[i]
-        mask, _ = rasterize_annotations(source.coco_files[s.annotation_file].annotations[s.image_id], *s.size,
-                                        source.category_index[s.annotation_file], overlap, ignore_index)
+        mask, _ = rasterize_annotations(
+            source.coco_files[s.annotation_file].annotations[s.image_id],
+            *s.size,
+            source.category_index[s.annotation_file],
+            overlap,
+            ignore_index,
+        )
         return load_image(s.image, expected_hw=s.size), mask
 
     def decode_item(i: int):
@@ -62,8 +67,12 @@ def bench_data(cfg: DictConfig, repeats: int) -> dict:
         "cached_images_per_s": float(per_s["cached"][0]),
         "decode_images_per_cpu_s": float(per_s["decode"][1]),
         "cached_images_per_cpu_s": float(per_s["cached"][1]),
-        "mask_cache": {"first_setup_s": first_s, "first_setup_rasterised": built,
-                       "second_setup_s": second_s, "second_setup_rasterised": rebuilt},
+        "mask_cache": {
+            "first_setup_s": first_s,
+            "first_setup_rasterised": built,
+            "second_setup_s": second_s,
+            "second_setup_rasterised": rebuilt,
+        },
         "steps": augmentation_steps(dataset, rasterised, repeats),
     }
 
@@ -94,10 +103,17 @@ def augmentation_steps(dataset, rasterised, repeats: int) -> list[dict]:
                 data = t(**data)
                 spent[r, k] += clocks() - start
     ms = np.median(spent, axis=0) / n * 1e3
-    return [{"step": name, "p": p, "ms_applied": float(wall), "cpu_ms_applied": float(cpu),
-             "ms_per_image": None if p is None else float(wall * p),
-             "cpu_ms_per_image": None if p is None else float(cpu * p)}
-            for name, p, (wall, cpu) in zip(names, probs, ms, strict=True)]
+    return [
+        {
+            "step": name,
+            "p": p,
+            "ms_applied": float(wall),
+            "cpu_ms_applied": float(cpu),
+            "ms_per_image": None if p is None else float(wall * p),
+            "cpu_ms_per_image": None if p is None else float(cpu * p),
+        }
+        for name, p, (wall, cpu) in zip(names, probs, ms, strict=True)
+    ]
 
 
 def report_data(data: dict) -> list[str]:
@@ -105,16 +121,31 @@ def report_data(data: dict) -> list[str]:
     return [
         f"1. Data pipeline: one worker, {data['image_size']}x{data['image_size']}, train augmentation, "
         f"{data['images']} images",
-        table([
-            ["", "images/s", "images per CPU-s"],
-            ["masks rasterised from COCO every item", number(data["decode_images_per_s"]),
-             number(data["decode_images_per_cpu_s"])],
-            ["masks from the cache", number(data["cached_images_per_s"]), number(data["cached_images_per_cpu_s"])],
-        ]),
+        table(
+            [
+                ["", "images/s", "images per CPU-s"],
+                [
+                    "masks rasterised from COCO every item",
+                    number(data["decode_images_per_s"]),
+                    number(data["decode_images_per_cpu_s"]),
+                ],
+                ["masks from the cache", number(data["cached_images_per_s"]), number(data["cached_images_per_cpu_s"])],
+            ]
+        ),
         f"  mask cache: first setup rasterised {cache['first_setup_rasterised']} masks in "
         f"{cache['first_setup_s']:.2f} s; second setup rasterised {cache['second_setup_rasterised']} in "
         f"{cache['second_setup_s']:.2f} s",
-        table([["step (each forced to apply)", "p", "ms applied", "ms/image", "CPU ms/image"]] + [
-            [s["step"], number(s["p"], ".2f"), number(s["ms_applied"], ".2f"), number(s["ms_per_image"], ".2f"),
-             number(s["cpu_ms_per_image"], ".2f")] for s in data["steps"]]),
+        table(
+            [["step (each forced to apply)", "p", "ms applied", "ms/image", "CPU ms/image"]]
+            + [
+                [
+                    s["step"],
+                    number(s["p"], ".2f"),
+                    number(s["ms_applied"], ".2f"),
+                    number(s["ms_per_image"], ".2f"),
+                    number(s["cpu_ms_per_image"], ".2f"),
+                ]
+                for s in data["steps"]
+            ]
+        ),
     ]

@@ -52,8 +52,9 @@ def split_images(model: Path, root: Path, split: str) -> tuple[list[np.ndarray],
     """The split's images and masks, as the export's own run split its data (the sidecar carries its config)."""
     predictor = load_predictor(model, device="cpu")
     # What build_datamodule reads from a checkpoint's module, here from the sidecar.
-    holder = SimpleNamespace(meta=predictor.meta, class_names=predictor.class_names,
-                             ignore_index=predictor.ignore_index)
+    holder = SimpleNamespace(
+        meta=predictor.meta, class_names=predictor.class_names, ignore_index=predictor.ignore_index
+    )
     datamodule = build_datamodule(holder, str(model), {"root": str(root)})
     datamodule.setup("test")
     dataset = datamodule.datasets[split]
@@ -64,8 +65,9 @@ def network_inputs(first: Predictor, images: list[np.ndarray]) -> list[torch.Ten
     """The network's own inputs for these images (tiles, batches), to time the network apart from pre-processing
     and resizing back."""
     recorder = InputRecorder(len(first.class_names))
-    feeder = Predictor(recorder, first.meta, mode=first.mode, flip=first.flip, overlap=first.overlap,
-                       tile_batch=first.tile_batch)
+    feeder = Predictor(
+        recorder, first.meta, mode=first.mode, flip=first.flip, overlap=first.overlap, tile_batch=first.tile_batch
+    )
     for image in images:
         feeder.logits(image)
     return [torch.from_numpy(x) for x in recorder.inputs]
@@ -85,33 +87,43 @@ def bench_exports(models: list[Path], root: Path, split: str, repeats: int) -> l
                 start = time.perf_counter()
                 predictor.predict(image)
                 latencies[k].append(time.perf_counter() - start)
-            seconds[k].append(sum(latencies[k][-len(images):]))
+            seconds[k].append(sum(latencies[k][-len(images) :]))
             start = time.perf_counter()
             for x in inputs:
                 predictor.model(x)
             network_s[k].append(time.perf_counter() - start)
     rows = []
-    for model, predictor, got, times, network, latency in zip(models, predictors, masks, seconds, network_s,
-                                                               latencies, strict=True):
+    for model, predictor, got, times, network, latency in zip(
+        models, predictors, masks, seconds, network_s, latencies, strict=True
+    ):
         vs_truth, vs_first = segmentation_metrics(n, ignore), segmentation_metrics(n, None)
         for target, first_mask, mask in zip(targets, masks[0], got, strict=True):
             add_masks(vs_truth, target, mask)
             add_masks(vs_first, first_mask, mask)
         vs_truth, vs_first = vs_truth.compute(), vs_first.compute()
         p50, p95 = np.percentile(latency, [50, 95])
-        rows.append({"model": str(model), "runtime": predictor.model.runtime,
-                     "precision": predictor.meta.get("precision", "fp32"),
-                     "size_mb": sum(f.stat().st_size for f in model_files(model)) / 2**20, "images": len(images),
-                     "images_per_s": len(images) / statistics.median(times), "latency_p50_ms": 1e3 * float(p50),
-                     "latency_p95_ms": 1e3 * float(p95),
-                     "network_images_per_s": len(images) / statistics.median(network),
-                     "mIoU": float(vs_truth["mIoU"]), "agreement_with_first": float(vs_first["pixel_acc"])})
+        rows.append(
+            {
+                "model": str(model),
+                "runtime": predictor.model.runtime,
+                "precision": predictor.meta.get("precision", "fp32"),
+                "size_mb": sum(f.stat().st_size for f in model_files(model)) / 2**20,
+                "images": len(images),
+                "images_per_s": len(images) / statistics.median(times),
+                "latency_p50_ms": 1e3 * float(p50),
+                "latency_p95_ms": 1e3 * float(p95),
+                "network_images_per_s": len(images) / statistics.median(network),
+                "mIoU": float(vs_truth["mIoU"]),
+                "agreement_with_first": float(vs_first["pixel_acc"]),
+            }
+        )
     for row in rows:
         row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
         row["network_speedup"] = row["network_images_per_s"] / rows[0]["network_images_per_s"]
         row["mIoU_drop"] = rows[0]["mIoU"] - row["mIoU"]
-        row["passes_checks"] = bool(row["mIoU_drop"] <= CHECKS["max_miou_drop"]
-                                    and row["agreement_with_first"] >= CHECKS["min_agreement"])
+        row["passes_checks"] = bool(
+            row["mIoU_drop"] <= CHECKS["max_miou_drop"] and row["agreement_with_first"] >= CHECKS["min_agreement"]
+        )
     return rows
 
 
@@ -122,11 +134,13 @@ def recommend(rows: list[dict]) -> str:
         return "no export passes the mask checks against the first"
     best = max(passing, key=lambda r: r["images_per_s"])
     met = "met" if best["speedup"] >= TARGETS["speedup"] else "NOT met"
-    return (f"use {best['model']} ({best['runtime']} {best['precision']}): the fastest that passes the mask checks "
-            f"(mIoU drop {best['mIoU_drop']:+.4f} <= {CHECKS['max_miou_drop']}, "
-            f"{100 * best['agreement_with_first']:.2f}% agree >= {100 * CHECKS['min_agreement']:.0f}%), "
-            f"{best['images_per_s']:.2f} images/s = "
-            f"{best['speedup']:.2f}x the first export; target >= {TARGETS['speedup']}x: {met}")
+    return (
+        f"use {best['model']} ({best['runtime']} {best['precision']}): the fastest that passes the mask checks "
+        f"(mIoU drop {best['mIoU_drop']:+.4f} <= {CHECKS['max_miou_drop']}, "
+        f"{100 * best['agreement_with_first']:.2f}% agree >= {100 * CHECKS['min_agreement']:.0f}%), "
+        f"{best['images_per_s']:.2f} images/s = "
+        f"{best['speedup']:.2f}x the first export; target >= {TARGETS['speedup']}x: {met}"
+    )
 
 
 def fill_photos(folder: Path, root: Path, count: int, size: int) -> list[Path]:
@@ -135,13 +149,19 @@ def fill_photos(folder: Path, root: Path, count: int, size: int) -> list[Path]:
     photos = sorted(folder.glob("*.jpg"))
     if len(photos) >= count:
         return photos[:count]
-    sources = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                     and not p.name.endswith(MASK_SUFFIX) and not any(s.startswith(".") for s in p.parts))
+    sources = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not p.name.endswith(MASK_SUFFIX)
+        and not any(s.startswith(".") for s in p.parts)
+    )
     for i, source in enumerate(sources[:count]):
         image = Image.fromarray(load_image(source))
         scale = size / max(image.size)
         image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC).save(
-            folder / f"photo_{i:03d}.jpg", quality=90)
+            folder / f"photo_{i:03d}.jpg", quality=90
+        )
     return sorted(folder.glob("*.jpg"))[:count]
 
 
@@ -151,14 +171,30 @@ def bench_predict(model: Path, photos: Path, repeats: int, variants: dict[str, l
     with tempfile.TemporaryDirectory(prefix="seglab-predict-bench-") as tmp:
         for r in range(repeats):
             for name, overrides in variants.items():
-                cfg = compose_config("predict", overrides=[f"ckpt_path={model}", f"input={photos}", "device=cpu",
-                                                           f"output={Path(tmp) / f'{name}-{r}'}", *overrides])
+                cfg = compose_config(
+                    "predict",
+                    overrides=[
+                        f"ckpt_path={model}",
+                        f"input={photos}",
+                        "device=cpu",
+                        f"output={Path(tmp) / f'{name}-{r}'}",
+                        *overrides,
+                    ],
+                )
                 start = time.perf_counter()
                 with contextlib.redirect_stdout(io.StringIO()):
                     predict(cfg)
                 seconds[name].append(time.perf_counter() - start)
-    rows = [{"variant": name, "overrides": " ".join(variants[name]) or "(predict.yaml defaults)", "images": count,
-             "images_per_s": count / statistics.median(times), "runs_s": times} for name, times in seconds.items()]
+    rows = [
+        {
+            "variant": name,
+            "overrides": " ".join(variants[name]) or "(predict.yaml defaults)",
+            "images": count,
+            "images_per_s": count / statistics.median(times),
+            "runs_s": times,
+        }
+        for name, times in seconds.items()
+    ]
     for row in rows:
         row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
     return rows
@@ -189,28 +225,70 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.section == "exports":
         rows = bench_exports(args.models, args.data, args.split, args.repeats)
-        print(f"seglab deploy bench: exports on the {args.split} split ({rows[0]['images']} images at their own size), "
-              f"{torch.get_num_threads()} threads, median of {args.repeats}\n" + text_table(
-                  [["export", "runtime", "precision", "MiB", "images/s", "x first", "p50 ms", "p95 ms", "network only",
-                    "x first", "mIoU", "drop", "agreement", "checks"]]
-                  + [[Path(r["model"]).name, r["runtime"], r["precision"], f"{r['size_mb']:.1f}",
-                      f"{r['images_per_s']:.2f}", f"{r['speedup']:.2f}", f"{r['latency_p50_ms']:.0f}",
-                      f"{r['latency_p95_ms']:.0f}", f"{r['network_images_per_s']:.2f}", f"{r['network_speedup']:.2f}",
-                      f"{r['mIoU']:.4f}", f"{r['mIoU_drop']:+.4f}", f"{100 * r['agreement_with_first']:.2f}%",
-                      "pass" if r["passes_checks"] else "FAIL"] for r in rows]))
+        print(
+            f"seglab deploy bench: exports on the {args.split} split ({rows[0]['images']} images at their own size), "
+            f"{torch.get_num_threads()} threads, median of {args.repeats}\n"
+            + text_table(
+                [
+                    [
+                        "export",
+                        "runtime",
+                        "precision",
+                        "MiB",
+                        "images/s",
+                        "x first",
+                        "p50 ms",
+                        "p95 ms",
+                        "network only",
+                        "x first",
+                        "mIoU",
+                        "drop",
+                        "agreement",
+                        "checks",
+                    ]
+                ]
+                + [
+                    [
+                        Path(r["model"]).name,
+                        r["runtime"],
+                        r["precision"],
+                        f"{r['size_mb']:.1f}",
+                        f"{r['images_per_s']:.2f}",
+                        f"{r['speedup']:.2f}",
+                        f"{r['latency_p50_ms']:.0f}",
+                        f"{r['latency_p95_ms']:.0f}",
+                        f"{r['network_images_per_s']:.2f}",
+                        f"{r['network_speedup']:.2f}",
+                        f"{r['mIoU']:.4f}",
+                        f"{r['mIoU_drop']:+.4f}",
+                        f"{100 * r['agreement_with_first']:.2f}%",
+                        "pass" if r["passes_checks"] else "FAIL",
+                    ]
+                    for r in rows
+                ]
+            )
+        )
         print(recommend(rows))
         result = {"exports": rows}
     else:
         if args.data:
             fill_photos(args.photos, args.data, args.count, args.size)
-        rows = bench_predict(args.model, args.photos, args.repeats,
-                             {"one at a time": ["batch_size=1", "num_workers=0"], "batched": []})
-        print(f"seglab deploy bench: predict.py over {rows[0]['images']} photos in {args.photos}, median of "
-              f"{args.repeats}\n" + text_table([["variant", "overrides", "images/s", "x one at a time"]] + [
-                  [r["variant"], r["overrides"], f"{r['images_per_s']:.2f}", f"{r['speedup']:.2f}"] for r in rows]))
+        rows = bench_predict(
+            args.model, args.photos, args.repeats, {"one at a time": ["batch_size=1", "num_workers=0"], "batched": []}
+        )
+        print(
+            f"seglab deploy bench: predict.py over {rows[0]['images']} photos in {args.photos}, median of "
+            f"{args.repeats}\n"
+            + text_table(
+                [["variant", "overrides", "images/s", "x one at a time"]]
+                + [[r["variant"], r["overrides"], f"{r['images_per_s']:.2f}", f"{r['speedup']:.2f}"] for r in rows]
+            )
+        )
         speedup = rows[-1]["speedup"]
-        print(f"target >= {TARGETS['predict_speedup']}x: {speedup:.2f}x "
-              f"({'met' if speedup >= TARGETS['predict_speedup'] else 'NOT met'})")
+        print(
+            f"target >= {TARGETS['predict_speedup']}x: {speedup:.2f}x "
+            f"({'met' if speedup >= TARGETS['predict_speedup'] else 'NOT met'})"
+        )
         result = {"predict": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,11 +19,20 @@ def bench_evaluate(checkpoint: Path, model: str, root: Path, work: Path, device,
 
     runs = {}
     for split in ("test", "train"):
-        cfg = compose_config("evaluate", overrides=[
-            f"ckpt_path={checkpoint}", f"data.root={root}", f"data.cache_dir={work / 'cache'}",
-            "data.num_workers=0", f"split={split}", "num_overlays=0", "worst_k=0",
-            f"device={device}", f"paths.output_dir={work / 'evaluate' / split}",
-        ])
+        cfg = compose_config(
+            "evaluate",
+            overrides=[
+                f"ckpt_path={checkpoint}",
+                f"data.root={root}",
+                f"data.cache_dir={work / 'cache'}",
+                "data.num_workers=0",
+                f"split={split}",
+                "num_overlays=0",
+                "worst_k=0",
+                f"device={device}",
+                f"paths.output_dir={work / 'evaluate' / split}",
+            ],
+        )
         result = {}
 
         def run(cfg=cfg, result=result):
@@ -46,6 +55,10 @@ def bench_evaluate(checkpoint: Path, model: str, root: Path, work: Path, device,
 def report_evaluate(evaluation: dict) -> list[str]:
     return [
         f"5. Evaluation (seglab.evaluate, resolution=original): {evaluation['model']}",
-        table([["per image", f"{number(evaluation['s_per_image'], '.4f')} s"],
-               ["fixed per run", f"{number(evaluation['fixed_s'], '.2f')} s"]]),
+        table(
+            [
+                ["per image", f"{number(evaluation['s_per_image'], '.4f')} s"],
+                ["fixed per run", f"{number(evaluation['fixed_s'], '.2f')} s"],
+            ]
+        ),
     ]

@@ -96,8 +96,12 @@ def feed_epochs(cfg: DictConfig, work: Path) -> dict:
     out = {}
     for image_cache in (True, False):
         data = copy.deepcopy(cfg.data)
-        data.cache_dir, data.image_cache, data.num_workers, data.splits_file = \
-            str(work / "feed_cache"), image_cache, 0, None
+        data.cache_dir, data.image_cache, data.num_workers, data.splits_file = (
+            str(work / "feed_cache"),
+            image_cache,
+            0,
+            None,
+        )
         datamodule = instantiate(data)
         datamodule.setup("fit")
         dataset = datamodule.datasets["train"]
@@ -120,9 +124,18 @@ def bench_fit(args, work: Path, device: torch.device) -> dict:
     # The generator's hard mode: JPEG photos of varied sizes and aspect ratios, the long side up to --fit-data-size.
     root = generate_dataset(work / "fit_data", num_images=args.fit_images, size=args.fit_data_size, seed=0, mode="hard")
     sizes = [Image.open(p).size for p in sorted((root / "train").glob("*.jpg"))]
-    cfg = bench_config(root, work / "fit", args.size, [
-        f"model={args.model}", f"max_epochs={args.fit_epochs}", f"batch_size={args.batch_size}",
-        "callbacks.progress_bar.refresh_rate=0", *args.overrides])
+    cfg = bench_config(
+        root,
+        work / "fit",
+        args.size,
+        [
+            f"model={args.model}",
+            f"max_epochs={args.fit_epochs}",
+            f"batch_size={args.batch_size}",
+            "callbacks.progress_bar.refresh_rate=0",
+            *args.overrides,
+        ],
+    )
     cfg.data.num_workers = None  # the default: one worker per core, as a user's run has
     clock, profiler = FitClock(device), SimpleProfiler()
     started = time.perf_counter()
@@ -143,10 +156,12 @@ def bench_fit(args, work: Path, device: torch.device) -> dict:
         "image_panels": hook_total(durations, "[Callback]ValidationImages", (".on_validation_epoch_end",)),
         # ModelCheckpoint and EarlyStopping act at the end of the training epoch when validation runs every
         # epoch, else at the end of validation.
-        "checkpoint_save": hook_total(durations, "[Callback]ModelCheckpoint", (".on_validation_end",
-                                                                             ".on_train_epoch_end")),
-        "early_stopping": hook_total(durations, "[Callback]EarlyStopping", (".on_validation_end",
-                                                                          ".on_train_epoch_end")),
+        "checkpoint_save": hook_total(
+            durations, "[Callback]ModelCheckpoint", (".on_validation_end", ".on_train_epoch_end")
+        ),
+        "early_stopping": hook_total(
+            durations, "[Callback]EarlyStopping", (".on_validation_end", ".on_train_epoch_end")
+        ),
     }
     costs = {k: v / epochs for k, v in totals.items()}
     print("[bench] fit: bare-model ceiling and feeding cost ...", file=sys.stderr, flush=True)
@@ -195,20 +210,25 @@ def report_fit(fit: dict) -> list[str]:
         f"{fit['export_images']} JPEGs ({', '.join(fit['export_sizes'][:4])}"
         f"{', ...' if len(fit['export_sizes']) > 4 else ''}), {fit['num_workers']} workers; runtime "
         + ", ".join(f"{k} {v}" for k, v in fit["runtime"].items()),
-        table([
-            ["wall time, start to end of fit", f"{fit['wall_s']:.1f} s"],
-            ["  of which setup (data, masks, model)", f"{fit['setup_s']:.1f} s"],
-            ["  inside training steps", f"{fit['steps_s']:.1f} s (share {fit['steps_share']:.3f})"],
-            ["test pass and report after the fit", f"{fit['test_and_report_s']:.1f} s"],
-            ["train images/s end to end", number(fit["images_per_s_end_to_end"])],
-            ["train images/s steady (epochs 2+, TrainSpeed)", number(fit["steady_images_per_s"])],
-            ["train images/s inside steps", number(fit["steps_images_per_s"])],
-            ["bare-model ceiling (data on the device)", number(fit["ceiling_images_per_s"])],
-            ["seglab steady / ceiling", number(fit["ceiling_ratio"], ".3f")],
-            ["warm-up (first epoch beyond steady rate)", f"{number(fit['warmup_s'])} s"],
-        ]),
-        "  per epoch, waiting for data: " + " ".join(f"{w:.2f}" for w in fit["data_wait_s_per_epoch"])
-        + " s; inside steps: " + " ".join(f"{w:.2f}" for w in fit["steps_s_per_epoch"]) + " s",
+        table(
+            [
+                ["wall time, start to end of fit", f"{fit['wall_s']:.1f} s"],
+                ["  of which setup (data, masks, model)", f"{fit['setup_s']:.1f} s"],
+                ["  inside training steps", f"{fit['steps_s']:.1f} s (share {fit['steps_share']:.3f})"],
+                ["test pass and report after the fit", f"{fit['test_and_report_s']:.1f} s"],
+                ["train images/s end to end", number(fit["images_per_s_end_to_end"])],
+                ["train images/s steady (epochs 2+, TrainSpeed)", number(fit["steady_images_per_s"])],
+                ["train images/s inside steps", number(fit["steps_images_per_s"])],
+                ["bare-model ceiling (data on the device)", number(fit["ceiling_images_per_s"])],
+                ["seglab steady / ceiling", number(fit["ceiling_ratio"], ".3f")],
+                ["warm-up (first epoch beyond steady rate)", f"{number(fit['warmup_s'])} s"],
+            ]
+        ),
+        "  per epoch, waiting for data: "
+        + " ".join(f"{w:.2f}" for w in fit["data_wait_s_per_epoch"])
+        + " s; inside steps: "
+        + " ".join(f"{w:.2f}" for w in fit["steps_s_per_epoch"])
+        + " s",
         f"  per epoch ({fit['validations']} validations in {fit['epochs']} epochs), s: "
         + ", ".join(f"{k.replace('_', ' ')} {number(v, '.3f')}" for k, v in costs.items()),
         f"  feeding one epoch ({feed['images']} images, one process): cache empty {feed['epoch1_s']:.2f} s, "

@@ -41,8 +41,10 @@ ARMS = ("start", "ranked", "random")
 def training_pool(source: Source) -> list[str]:
     """The training images' file names: the names the subsets keep or leave out."""
     if "train" not in source.samples:
-        raise SeglabError(f"{source.root} has no train/ folder of its own: the labelling bench keeps the export's "
-                          "valid/ and test/ whole and draws from its train/ (a RoboFlow export's layout).")
+        raise SeglabError(
+            f"{source.root} has no train/ folder of its own: the labelling bench keeps the export's "
+            "valid/ and test/ whole and draws from its train/ (a RoboFlow export's layout)."
+        )
     names = [s.name for s in source.samples["train"]]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -89,8 +91,17 @@ def train_arm(data: Path, run_dir: Path, seed: int, settings: list[str]) -> dict
     if metrics_file.is_file() and json.loads(metrics_file.read_text()).get("status") == "ok":
         return json.loads(metrics_file.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)  # a run that stopped half-way starts again
-    cfg = compose_config("train", [*BUDGET, f"data.root={quoted(data)}", f"data.cache_dir={quoted(run_dir / 'cache')}",
-                                   f"seed={seed}", *settings, f"paths.output_dir={quoted(run_dir)}"])
+    cfg = compose_config(
+        "train",
+        [
+            *BUDGET,
+            f"data.root={quoted(data)}",
+            f"data.cache_dir={quoted(run_dir / 'cache')}",
+            f"seed={seed}",
+            *settings,
+            f"paths.output_dir={quoted(run_dir)}",
+        ],
+    )
     return train(cfg)
 
 
@@ -100,8 +111,19 @@ def ranked_rest(checkpoint: Path, source: Source, rest: list[str], by: str, budg
     with tempfile.TemporaryDirectory() as tmp:
         for name in rest:
             link(by_name[name], Path(tmp) / name)
-        found = rank(compose_config("rank", [f"ckpt_path={quoted(checkpoint)}", f"input={quoted(tmp)}",
-                                             f"output={quoted(out)}", f"top={budget}", f"by={by}", "device=cpu"]))
+        found = rank(
+            compose_config(
+                "rank",
+                [
+                    f"ckpt_path={quoted(checkpoint)}",
+                    f"input={quoted(tmp)}",
+                    f"output={quoted(out)}",
+                    f"top={budget}",
+                    f"by={by}",
+                    "device=cpu",
+                ],
+            )
+        )
     return found["top"]
 
 
@@ -109,36 +131,55 @@ def run_seed(source: Source, seed: int, start: int, budget: int, by: str, settin
     """One seed of the comparison: the start model, the ranking, both arms; chosen.json records the draws."""
     pool = training_pool(source)
     if start + budget > len(pool):
-        raise SeglabError(f"--start {start} + --budget {budget} exceed the {len(pool)} training images of "
-                          f"{source.root}.")
+        raise SeglabError(
+            f"--start {start} + --budget {budget} exceed the {len(pool)} training images of {source.root}."
+        )
     work = out / f"seed{seed}"
     draw = random.Random(seed)
     chosen = {"start": sorted(draw.sample(pool, start))}
     rest = sorted(set(pool) - set(chosen["start"]))
     chosen["random"] = sorted(draw.sample(rest, budget))
-    runs = {"start": train_arm(write_subset(source, work / "data" / "start", set(chosen["start"])),
-                               work / "start", seed, settings)}
+    runs = {
+        "start": train_arm(
+            write_subset(source, work / "data" / "start", set(chosen["start"])), work / "start", seed, settings
+        )
+    }
     chosen["ranked"] = ranked_rest(Path(runs["start"]["checkpoint"]), source, rest, by, budget, work / "rank")
     for arm in ("ranked", "random"):
         subset = write_subset(source, work / "data" / arm, set(chosen["start"]) | set(chosen[arm]))
         runs[arm] = train_arm(subset, work / arm, seed, settings)
     (work / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     (_, _), (_, diff) = versus_first([work / "random" / "per_image.npz", work / "ranked" / "per_image.npz"])
-    return {"seed": seed, "start": start, "budget": budget, "by": by, "chosen": chosen, "difference": diff,
-            "test": {arm: runs[arm]["uncertainty"]["test"]["mIoU"] for arm in ARMS},
-            "epochs": {arm: f"{runs[arm]['epochs_run']} (best {runs[arm]['best_epoch']})" for arm in ARMS}}
+    return {
+        "seed": seed,
+        "start": start,
+        "budget": budget,
+        "by": by,
+        "chosen": chosen,
+        "difference": diff,
+        "test": {arm: runs[arm]["uncertainty"]["test"]["mIoU"] for arm in ARMS},
+        "epochs": {arm: f"{runs[arm]['epochs_run']} (best {runs[arm]['best_epoch']})" for arm in ARMS},
+    }
 
 
 def table(out: Path, results: list[dict], settings: list[str]) -> str:
-    rows = [{"seed": str(r["seed"]), "labelled": f"{r['start']} + {r['budget']}",
-             **{f"{arm} test mIoU": interval_text(r["test"][arm]) for arm in ARMS},
-             "ranked - random (paired)": difference_text(r["difference"]) if r["difference"] else "-",
-             "verdict": noise_verdict(r["difference"]) if r["difference"] else "-",
-             "epochs (start, ranked, random)": ", ".join(r["epochs"][a] for a in ARMS)} for r in results]
+    rows = [
+        {
+            "seed": str(r["seed"]),
+            "labelled": f"{r['start']} + {r['budget']}",
+            **{f"{arm} test mIoU": interval_text(r["test"][arm]) for arm in ARMS},
+            "ranked - random (paired)": difference_text(r["difference"]) if r["difference"] else "-",
+            "verdict": noise_verdict(r["difference"]) if r["difference"] else "-",
+            "epochs (start, ranked, random)": ", ".join(r["epochs"][a] for a in ARMS),
+        }
+        for r in results
+    ]
     text = write_table(out / "labelling", rows, list(rows[0]))
     facts = machine()
-    note = (f"\nranked by {results[0]['by']}; settings: {' '.join([*BUDGET, *settings])}; commit {commit()}; "
-            f"{facts['cpu']}, {facts['torch_threads']} threads\n")
+    note = (
+        f"\nranked by {results[0]['by']}; settings: {' '.join([*BUDGET, *settings])}; commit {commit()}; "
+        f"{facts['cpu']}, {facts['torch_threads']} threads\n"
+    )
     (out / "labelling.md").write_text(text + note)
     return text + note
 

@@ -103,8 +103,9 @@ class StepProfile(pl.Callback):
 
     def syncs_per_batch(self) -> list[int]:
         events = self.profiler.events()
-        batches = sorted((e.time_range.start, e.time_range.end) for e in events
-                         if e.name.startswith("seglab.bench.batch"))
+        batches = sorted(
+            (e.time_range.start, e.time_range.end) for e in events if e.name.startswith("seglab.bench.batch")
+        )
         syncs = [e.time_range.start for e in events if e.name in self.SYNCS]
         return [sum(start <= t < end for t in syncs) for start, end in batches]
 
@@ -125,7 +126,7 @@ def bench_loop(cfg: DictConfig, datamodule, steps: int, repeats: int, batch_size
     for _ in range(repeats):
         both = PlainStepFirst(plain_module, cfg, loader, device)
         trainer = lightning_fit(lightning_module, cfg, loader, device, both)
-        lightning, plain = np.array(both.lightning[warmup:]), np.array(both.plain[warmup:len(both.lightning)])
+        lightning, plain = np.array(both.lightning[warmup:]), np.array(both.plain[warmup : len(both.lightning)])
         timed_steps["lightning"] += lightning.tolist()
         timed_steps["plain"] += plain.tolist()
         ratios.append(float(np.median(lightning[:, 0]) / np.median(plain[:, 0])))
@@ -180,12 +181,18 @@ def report_loop(loop: dict) -> list[str]:
         f"3. Training loop: {loop['model']}, {loop['image_size']}x{loop['image_size']}, batch "
         f"{loop['batch_size']}, {loop['precision']}, {loop['device']} ({loop['threads']} threads); median of "
         f"{loop['steps_per_run']} steps x {loop['runs']} runs, interleaved step by step",
-        table([
-            ["", "s/step", "CPU s/step"],
-            ["Lightning", number(loop["lightning_s_per_step"], ".4f"), number(loop["lightning_cpu_s_per_step"], ".4f")],
-            ["plain PyTorch", number(loop["plain_s_per_step"], ".4f"), number(loop["plain_cpu_s_per_step"], ".4f")],
-            ["ratio", number(loop["ratio"], ".3f"), number(loop["cpu_ratio"], ".3f")],
-        ]),
+        table(
+            [
+                ["", "s/step", "CPU s/step"],
+                [
+                    "Lightning",
+                    number(loop["lightning_s_per_step"], ".4f"),
+                    number(loop["lightning_cpu_s_per_step"], ".4f"),
+                ],
+                ["plain PyTorch", number(loop["plain_s_per_step"], ".4f"), number(loop["plain_cpu_s_per_step"], ".4f")],
+                ["ratio", number(loop["ratio"], ".3f"), number(loop["cpu_ratio"], ".3f")],
+            ]
+        ),
         f"  median of the step-by-step ratios {number(loop['paired_ratio'], '.3f')}; ratio per run: "
         + " ".join(number(r, ".3f") for r in loop["ratio_per_run"]),
         f"  host syncs that Lightning + SegmentationModule add, step by step: "

@@ -25,16 +25,17 @@ def bench_masks(source, overlap: str, ignore_index: int, repeats: int) -> dict:
 
     variants = {"polygon": images} | {
         name: [(h, w, c, as_format(a, h, w, encode)) for h, w, c, a in images]
-        for name, encode in (("compressed_rle", mask_to_compressed_rle),
-                             ("uncompressed_rle", mask_to_uncompressed_rle))
+        for name, encode in (("compressed_rle", mask_to_compressed_rle), ("uncompressed_rle", mask_to_uncompressed_rle))
     }
     annotations = sum(len(a) for *_, a in images)
     out = {"images": len(images), "annotations": annotations}
     for name, items in variants.items():
         s = statistics.median(
-            timed(lambda items=items: [rasterize_annotations(a, h, w, c, overlap, ignore_index)
-                                       for h, w, c, a in items])
-            for _ in range(repeats))
+            timed(
+                lambda items=items: [rasterize_annotations(a, h, w, c, overlap, ignore_index) for h, w, c, a in items]
+            )
+            for _ in range(repeats)
+        )
         out[name] = {"masks_per_s": len(items) / s, "annotations_per_s": annotations / s}
     return out
 
@@ -42,7 +43,14 @@ def bench_masks(source, overlap: str, ignore_index: int, repeats: int) -> dict:
 def report_masks(masks: dict) -> list[str]:
     return [
         f"2. Mask rasterisation: {masks['images']} images, {masks['annotations']} annotations",
-        table([[name, f"{number(masks[name]['masks_per_s'], '.0f')} masks/s",
-                f"{number(masks[name]['annotations_per_s'], '.0f')} annotations/s"]
-               for name in ("polygon", "compressed_rle", "uncompressed_rle")]),
+        table(
+            [
+                [
+                    name,
+                    f"{number(masks[name]['masks_per_s'], '.0f')} masks/s",
+                    f"{number(masks[name]['annotations_per_s'], '.0f')} annotations/s",
+                ]
+                for name in ("polygon", "compressed_rle", "uncompressed_rle")
+            ]
+        ),
     ]

@@ -28,8 +28,10 @@ def variant_overrides(device: torch.device, compile_: bool) -> dict[str, list[st
         "bf16-mixed + channels_last": [*mixed, *last],
     }
     if compile_:
-        variants["bf16-mixed + channels_last + compile"] = [*variants["bf16-mixed + channels_last"],
-                                                            "model.compile=true"]
+        variants["bf16-mixed + channels_last + compile"] = [
+            *variants["bf16-mixed + channels_last"],
+            "model.compile=true",
+        ]
     return variants
 
 
@@ -53,16 +55,18 @@ def bench_variant(cfg: DictConfig, datamodule, batches, steps: int, repeats: int
         torch.cuda.reset_peak_memory_stats(device)
     # The first steps include torch.compile's compilation and cudnn's autotuning.
     row["warmup_s"] = timed(lambda: train(3), device)
-    row["train_images_per_s"] = steps * batch_size / statistics.median(
-        timed(lambda: train(steps), device) for _ in range(repeats))
+    row["train_images_per_s"] = (
+        steps * batch_size / statistics.median(timed(lambda: train(steps), device) for _ in range(repeats))
+    )
     if device.type == "cuda":
         row["train_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
     module.eval()
     images = [b[0].to(device) for b in batches]
     timed(lambda: infer(3), device)
-    row["inference_images_per_s"] = steps * batch_size / statistics.median(
-        timed(lambda: infer(steps), device) for _ in range(repeats))
+    row["inference_images_per_s"] = (
+        steps * batch_size / statistics.median(timed(lambda: infer(steps), device) for _ in range(repeats))
+    )
     if device.type == "cuda":
         row["inference_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
@@ -87,8 +91,19 @@ def bench_model(cfg_for, datamodule, steps: int, repeats: int, batch_size: int, 
 def report_model(rows: list[dict], settings: dict) -> list[str]:
     return [
         f"4. Model: {settings['model']}, {settings['size']}x{settings['size']}, batch {settings['batch_size']}",
-        table([["variant", "train img/s", "infer img/s", "peak MB train", "peak MB infer", "warm-up s", ""]]
-              + [[r["variant"], number(r.get("train_images_per_s")), number(r.get("inference_images_per_s")),
-                  number(r.get("train_peak_memory_mb"), ".0f"), number(r.get("inference_peak_memory_mb"), ".0f"),
-                  number(r.get("warmup_s"), ".1f"), r.get("error", "")] for r in rows]),
+        table(
+            [["variant", "train img/s", "infer img/s", "peak MB train", "peak MB infer", "warm-up s", ""]]
+            + [
+                [
+                    r["variant"],
+                    number(r.get("train_images_per_s")),
+                    number(r.get("inference_images_per_s")),
+                    number(r.get("train_peak_memory_mb"), ".0f"),
+                    number(r.get("inference_peak_memory_mb"), ".0f"),
+                    number(r.get("warmup_s"), ".1f"),
+                    r.get("error", ""),
+                ]
+                for r in rows
+            ]
+        ),
     ]

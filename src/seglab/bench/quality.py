@@ -44,8 +44,13 @@ from seglab.train import train
 
 MANIFEST = Path(__file__).resolve().parents[3] / "docs" / "yardstick.json"
 # The issue's equal budget: MobileNetV3 DeepLabV3 from scratch, 256 px, at most 30 epochs, this CPU.
-BUDGET = ["model=deeplabv3_mobilenet_v3_large", "model.weights=null", "model.weights_backbone=null",
-          "data.image_size=256", "max_epochs=30"]
+BUDGET = [
+    "model=deeplabv3_mobilenet_v3_large",
+    "model.weights=null",
+    "model.weights_backbone=null",
+    "data.image_size=256",
+    "max_epochs=30",
+]
 RECIPES = {"default": [], "original": ["recipe=original"], "plain": None}
 
 
@@ -59,8 +64,12 @@ def read_manifest(path: Path) -> list[dict]:
 
 def repository_folder(sources: Path, repository: str) -> Path | None:
     owner, name = repository.split("/", 1)
-    for candidate in (sources / f"{owner}+{name}" / "repo", sources / f"{owner}+{name}", sources / owner / name,
-                      sources / name):
+    for candidate in (
+        sources / f"{owner}+{name}" / "repo",
+        sources / f"{owner}+{name}",
+        sources / owner / name,
+        sources / name,
+    ):
         if candidate.is_dir():
             return candidate
     return None
@@ -86,8 +95,11 @@ def layout(entries: list[dict], sources: Path, exports: Path) -> list[str]:
         folder = entry.get("folder") or "."
         paths = folder if isinstance(folder, list) else [folder]
         with tempfile.TemporaryDirectory(dir=exports.parent if exports.parent.is_dir() else None) as tmp:
-            archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", entry["commit"], "--",
-                                      *paths], capture_output=True, check=False)
+            archive = subprocess.run(
+                ["git", "-C", str(repo), "archive", "--format=tar", entry["commit"], "--", *paths],
+                capture_output=True,
+                check=False,
+            )
             if archive.returncode != 0:
                 lines.append(f"{entry['name']}: git archive failed: {archive.stderr.decode()[:200]}")
                 continue
@@ -99,8 +111,12 @@ def layout(entries: list[dict], sources: Path, exports: Path) -> list[str]:
 
 
 def commit() -> str:
-    found = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
-                           capture_output=True, text=True, check=False)
+    found = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return found.stdout.strip() or "unknown"
 
 
@@ -115,6 +131,7 @@ def validation_curve(run_dir: Path) -> list[tuple[float, float]]:
 
 def plain_validation(curve: list) -> callable:
     """The plain loop's after_epoch: val mIoU at the model's input size (as its stretched training sees images)."""
+
     def after_epoch(epoch, net, datamodule, seconds):
         metrics = segmentation_metrics(datamodule.num_classes, datamodule.ignore_index)
         net.eval()
@@ -123,6 +140,7 @@ def plain_validation(curve: list) -> callable:
                 metrics.update(net(images)["out"].argmax(dim=1), masks.long())
         net.train()
         curve.append((seconds, float(metrics.compute()["mIoU"])))
+
     return after_epoch
 
 
@@ -148,11 +166,21 @@ def run_one(entry: dict, root: Path, recipe: str, seed: int, overrides: list[str
     wall = time.perf_counter() - started
     result = scored(checkpoint, run_dir / "evaluate", data)
     summary = {
-        "export": entry["name"], "kind": entry.get("kind", ""), "recipe": recipe, "seed": seed,
-        "overrides": settings + (RECIPES[recipe] or []), "commit": code, "machine": machine(),
-        "wall_s": round(wall, 1), "epochs": epochs, "best_epoch": best, "validation_curve": curve,
-        "test": result["uncertainty"], "trivial": result["uncertainty"].get("trivial"),
-        "verdict": result["diagnosis"]["verdict"], "class_names": result["class_names"],
+        "export": entry["name"],
+        "kind": entry.get("kind", ""),
+        "recipe": recipe,
+        "seed": seed,
+        "overrides": settings + (RECIPES[recipe] or []),
+        "commit": code,
+        "machine": machine(),
+        "wall_s": round(wall, 1),
+        "epochs": epochs,
+        "best_epoch": best,
+        "validation_curve": curve,
+        "test": result["uncertainty"],
+        "trivial": result["uncertainty"].get("trivial"),
+        "verdict": result["diagnosis"]["verdict"],
+        "class_names": result["class_names"],
     }
     (run_dir / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
     return json.loads((run_dir / "result.json").read_text())  # as a later sitting reads it
@@ -165,21 +193,33 @@ def table(out: Path, results: list[dict]) -> str:
         runs = [r for r in results if r["export"] == name]
         plain = [r for r in runs if r["recipe"] == "plain"]
         ordered = plain + [r for r in runs if r["recipe"] != "plain"]
-        cells = versus_first([out / name / f"{r['recipe']}-seed{r['seed']}" / "evaluate" / "per_image.npz"
-                              for r in ordered]) if plain else [("", None)] * len(ordered)
+        cells = (
+            versus_first(
+                [out / name / f"{r['recipe']}-seed{r['seed']}" / "evaluate" / "per_image.npz" for r in ordered]
+            )
+            if plain
+            else [("", None)] * len(ordered)
+        )
         for r, (cell, _) in zip(ordered, cells, strict=True):
             test = r["test"]
-            rows.append({
-                "export": name, "kind": r["kind"], "recipe": r["recipe"], "seed": str(r["seed"]),
-                "test mIoU": interval_text(test["mIoU"]),
-                "vs plain (paired)": "(plain)" if r["recipe"] == "plain" else cell,
-                "per-class IoU": ", ".join(f"{c} {interval_text(v, 2)}" for c, v in test["IoU"].items()),
-                "trivial mIoU": interval_text(r["trivial"]["mIoU"]) if r.get("trivial") else "",
-                "flag": "" if r["verdict"] == "ok" else r["verdict"],
-                "test images": str(test["images"]), "epochs": f"{r['epochs']} (best {r['best_epoch']})",
-                "wall s": f"{r['wall_s']:.0f}", "commit": r["commit"],
-                "machine": f"{r['machine']['cpu']}, {r['machine']['torch_threads']} threads",
-            })
+            rows.append(
+                {
+                    "export": name,
+                    "kind": r["kind"],
+                    "recipe": r["recipe"],
+                    "seed": str(r["seed"]),
+                    "test mIoU": interval_text(test["mIoU"]),
+                    "vs plain (paired)": "(plain)" if r["recipe"] == "plain" else cell,
+                    "per-class IoU": ", ".join(f"{c} {interval_text(v, 2)}" for c, v in test["IoU"].items()),
+                    "trivial mIoU": interval_text(r["trivial"]["mIoU"]) if r.get("trivial") else "",
+                    "flag": "" if r["verdict"] == "ok" else r["verdict"],
+                    "test images": str(test["images"]),
+                    "epochs": f"{r['epochs']} (best {r['best_epoch']})",
+                    "wall s": f"{r['wall_s']:.0f}",
+                    "commit": r["commit"],
+                    "machine": f"{r['machine']['cpu']}, {r['machine']['torch_threads']} threads",
+                }
+            )
     return write_table(out / "quality", rows, list(rows[0]) if rows else ["export"])
 
 
@@ -220,8 +260,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if not root.is_dir():
                 print(f"{entry['name']}: {root} is missing; run `layout` first (skipped)", flush=True)
                 continue
-            results += [run_one(entry, root, recipe, seed, overrides, args.out)
-                        for seed in args.seeds for recipe in args.recipes]
+            results += [
+                run_one(entry, root, recipe, seed, overrides, args.out)
+                for seed in args.seeds
+                for recipe in args.recipes
+            ]
     except SeglabError as e:
         raise SystemExit(f"seglab: error: {e}") from None
     if results:

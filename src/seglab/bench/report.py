@@ -29,13 +29,20 @@ def check_targets(results: dict) -> dict:
     cpu_128 = loop is not None and loop["device"] == "cpu" and loop["image_size"] == 128
     # (wall-clock value, CPU-time value) where the target applies to this run.
     measured = {
-        "data_images_per_s": (data["cached_images_per_s"], data["cached_images_per_cpu_s"]) if at_513
-        else (None, None),
+        "data_images_per_s": (data["cached_images_per_s"], data["cached_images_per_cpu_s"]) if at_513 else (None, None),
         "loop_ratio": (loop["ratio"], loop["cpu_ratio"]) if cpu_128 else (None, None),
         "loop_steps_with_sync": (loop["host_syncs"]["steps_with_extra_sync"] if loop else None, None),
-        "cuda_train_images_per_s": (next(
-            (r.get("train_images_per_s") for r in model
-             if r["variant"] == "bf16-mixed + channels_last" and results["model_image_size"] == 513), None), None),
+        "cuda_train_images_per_s": (
+            next(
+                (
+                    r.get("train_images_per_s")
+                    for r in model
+                    if r["variant"] == "bf16-mixed + channels_last" and results["model_image_size"] == 513
+                ),
+                None,
+            ),
+            None,
+        ),
         "fit_steps_share": (fit["steps_share"] if fit else None, None),
         "fit_feed_speedup": (fit["feed"]["speedup"] if fit else None, None),
         "fit_ceiling_ratio": (fit["ceiling_ratio"] if fit and fit["runtime"]["device"] != "cpu" else None, None),
@@ -44,8 +51,13 @@ def check_targets(results: dict) -> dict:
     for key, (op, target, what) in TARGETS.items():
         value, cpu_value = measured[key]
         met = None if value is None else (value >= target if op == ">=" else value <= target)
-        out[key] = {"what": what, "target": f"{op} {target:g}", "measured": value,
-                    "measured_cpu_time": cpu_value, "met": met}
+        out[key] = {
+            "what": what,
+            "target": f"{op} {target:g}",
+            "measured": value,
+            "measured_cpu_time": cpu_value,
+            "met": met,
+        }
     return out
 
 
@@ -57,21 +69,46 @@ def report_machine(m: dict) -> list[str]:
         f"torch {m['torch']}, torchvision {m['torchvision']}, Lightning {m['pytorch_lightning']}, "
         f"albumentations {m['albumentations']}; load average {number(m['load_average_start'], '.2f')} -> "
         f"{number(m['load_average_end'], '.2f')}",
-        *([f"BUSY MACHINE: load above {m['usable_cores']} cores, so wall-clock figures are inflated; the "
-           "CPU-time columns are closer to what a core of its own gives."] if busy else []),
+        *(
+            [
+                f"BUSY MACHINE: load above {m['usable_cores']} cores, so wall-clock figures are inflated; the "
+                "CPU-time columns are closer to what a core of its own gives."
+            ]
+            if busy
+            else []
+        ),
     ]
 
 
 def report(results: dict) -> str:
     parts = [report_machine(results["machine"])]
-    for key, section in (("data", report_data), ("masks", report_masks), ("loop", report_loop),
-                         ("evaluate", report_evaluate), ("fit", report_fit)):
+    for key, section in (
+        ("data", report_data),
+        ("masks", report_masks),
+        ("loop", report_loop),
+        ("evaluate", report_evaluate),
+        ("fit", report_fit),
+    ):
         if key in results:
             parts.append(section(results[key]))
         if key == "loop" and "model" in results:
             parts.append(report_model(results["model"], results["settings"]))
-    parts.append(["Targets", table([["", "target", "measured", "CPU time", ""]] + [
-        [k, t["target"], number(t["measured"], ".3f"), number(t["measured_cpu_time"], ".3f"),
-         {True: "met", False: "NOT met", None: "not measured here"}[t["met"]]]
-        for k, t in results["targets"].items()])])
+    parts.append(
+        [
+            "Targets",
+            table(
+                [["", "target", "measured", "CPU time", ""]]
+                + [
+                    [
+                        k,
+                        t["target"],
+                        number(t["measured"], ".3f"),
+                        number(t["measured_cpu_time"], ".3f"),
+                        {True: "met", False: "NOT met", None: "not measured here"}[t["met"]],
+                    ]
+                    for k, t in results["targets"].items()
+                ]
+            ),
+        ]
+    )
     return "\n\n".join("\n".join(lines) for lines in parts)

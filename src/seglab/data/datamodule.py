@@ -43,8 +43,10 @@ def check_folds(folds: int | None, fold: int | None) -> tuple[int | None, int | 
     if folds is None or int(folds) < 2:
         raise SeglabError(f"cv.folds={folds} must be 2 or more to run cross-validation (e.g. cv.folds=5).")
     if fold is None or not 0 <= int(fold) < int(folds):
-        raise SeglabError(f"cv.fold={fold} must be one of 0..{int(folds) - 1} with cv.folds={folds} (train.py "
-                          "runs every fold itself when cv.fold is null).")
+        raise SeglabError(
+            f"cv.fold={fold} must be one of 0..{int(folds) - 1} with cv.folds={folds} (train.py "
+            "runs every fold itself when cv.fold is null)."
+        )
     return int(folds), int(fold)
 
 
@@ -152,8 +154,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".seglab_cache"
         self.image_cache = bool(image_cache)
         if prefetch_factor is not None and int(prefetch_factor) < 1:
-            raise SeglabError(f"data.prefetch_factor={prefetch_factor} must be a positive integer or null "
-                              "(null: enough for 4 batches in flight).")
+            raise SeglabError(
+                f"data.prefetch_factor={prefetch_factor} must be a positive integer or null "
+                "(null: enough for 4 batches in flight)."
+            )
         self.prefetch_factor = int(prefetch_factor) if prefetch_factor is not None else None
         self.splits_file = Path(splits_file) if splits_file else None
         self.source: Source | None = None
@@ -180,8 +184,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         """The export's samples and classes; missing and unreadable images named first, in one line, before any
         mask is drawn or fingerprint taken."""
         if self.source is None:
-            source = discover(self.root, self.layout, self.annotation_file, self.image_dir, self.classes,
-                              self.cache_dir)
+            source = discover(
+                self.root, self.layout, self.annotation_file, self.image_dir, self.classes, self.cache_dir
+            )
             check_images(source)
             self.source = source
         return self.source
@@ -195,8 +200,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         if self.groups is None:
             source = self._source()
             samples = [s for split in source.samples.values() for s in split]
-            self.groups = group_samples(samples, self.cache_dir / "groups", root=self.root,
-                                        workers=self.num_workers, **self.group_settings)
+            self.groups = group_samples(
+                samples, self.cache_dir / "groups", root=self.root, workers=self.num_workers, **self.group_settings
+            )
         return self.groups
 
     def group_of(self, sample: Sample) -> str:
@@ -219,8 +225,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         splits = self.splits if splits is None else splits
         groups = self._groups()
         seen = {s: groups.seen_in([x.image for x in splits.get(s, [])]) for s in SPLITS[:2]}
-        return {f"{later}_near_{earlier}": sum(self.group_of(x) in seen[earlier] for x in splits.get(later, []))
-                for earlier, later in (("train", "val"), ("train", "test"), ("val", "test"))}
+        return {
+            f"{later}_near_{earlier}": sum(self.group_of(x) in seen[earlier] for x in splits.get(later, []))
+            for earlier, later in (("train", "val"), ("train", "test"), ("val", "test"))
+        }
 
     def neighbours(self, unit) -> dict[str, set[str]] | None:
         """Look-alike links between scenes where the splits keep scenes together (data.split_by=scene)."""
@@ -251,26 +259,40 @@ class SegmentationDataModule(pl.LightningDataModule):
             return self.fold_splits(unit), {}
         if "all" in own or self.resplit:
             pooled = [s for split in own.values() for s in split]
-            return split_items(pooled, self.split_ratios, self.split_seed, key=key, group_of=unit,
-                               neighbours=self.neighbours(unit)), {}
+            return split_items(
+                pooled, self.split_ratios, self.split_seed, key=key, group_of=unit, neighbours=self.neighbours(unit)
+            ), {}
         splits = {s: list(own.get(s, [])) for s in SPLITS}
         if self.split_by == "scene" and own.get("val") and own.get("test") and not quiet:
-            log.warning("data.split_by=scene shapes the splits seglab makes; %s has its own train/valid/test, used "
-                        "as they are. data.resplit=true splits it again by scene.", source.root)
+            log.warning(
+                "data.split_by=scene shapes the splits seglab makes; %s has its own train/valid/test, used "
+                "as they are. data.resplit=true splits it again by scene.",
+                source.root,
+            )
         # The export's own splits: copies of one photo are moved (data.shared_photos); look-alikes stay where the
         # user put them, reported (near_counts, the dataset report) and left out of the unseen score.
-        splits, shared = resolve_shared(splits, group_of, self.shared_photos, str(source.root),
-                                        name=lambda s: self.relative(s.image))
+        splits, shared = resolve_shared(
+            splits, group_of, self.shared_photos, str(source.root), name=lambda s: self.relative(s.image)
+        )
         for missing in ("val", "test"):
             if not splits[missing]:
                 total = sum(len(v) for v in own.values())
                 n = max(1, round(total * self.split_ratios[1 if missing == "val" else 2]))
-                splits[missing], splits["train"] = carve(splits["train"], n, self.split_seed, key=key,
-                                                         group_of=unit, neighbours=self.neighbours(unit))
+                splits[missing], splits["train"] = carve(
+                    splits["train"], n, self.split_seed, key=key, group_of=unit, neighbours=self.neighbours(unit)
+                )
                 if not quiet:
-                    log.warning("%s has no %s folder: using %d image(s) (%d %s(s)) split off the training "
-                                "data (seed %d) as the %s split.", source.root, missing, len(splits[missing]),
-                                len({unit(s) for s in splits[missing]}), self.split_by, self.split_seed, missing)
+                    log.warning(
+                        "%s has no %s folder: using %d image(s) (%d %s(s)) split off the training "
+                        "data (seed %d) as the %s split.",
+                        source.root,
+                        missing,
+                        len(splits[missing]),
+                        len({unit(s) for s in splits[missing]}),
+                        self.split_by,
+                        self.split_seed,
+                        missing,
+                    )
         return splits, shared
 
     def leak_counts(self) -> dict[str, int]:
@@ -279,8 +301,16 @@ class SegmentationDataModule(pl.LightningDataModule):
         return {**leak_counts(self.splits, self.group_of), "photos_shared_by_export_splits": len(self.shared_in_export)}
 
     def transform(self, train: bool):
-        return build_transforms(self.image_size, self.mean, self.std, self.augmentations, train=train,
-                                base_size=self.base_size, geometry=self.geometry, ignore_index=self.ignore_index)
+        return build_transforms(
+            self.image_size,
+            self.mean,
+            self.std,
+            self.augmentations,
+            train=train,
+            base_size=self.base_size,
+            geometry=self.geometry,
+            ignore_index=self.ignore_index,
+        )
 
     def prescale(self, train: bool):
         """(height, width) of an image -> the size it is resized to (once, then cached) before the transform.
@@ -305,19 +335,31 @@ class SegmentationDataModule(pl.LightningDataModule):
             return  # idempotent: Lightning calls setup for fit and again for test
         source = self._source()
         self.splits, self.shared_in_export = self.make_splits()
-        moved = (f" ({len(self.shared_in_export)} photo(s) found in several of the export's own splits were moved "
-                 "into the first of them; data.shared_photos=warn keeps them where they are)"
-                 if self.shared_in_export and self.shared_photos == "move" else "")
+        moved = (
+            f" ({len(self.shared_in_export)} photo(s) found in several of the export's own splits were moved "
+            "into the first of them; data.shared_photos=warn keeps them where they are)"
+            if self.shared_in_export and self.shared_photos == "move"
+            else ""
+        )
         check_not_empty(self.splits, str(self.root) + moved)
         if self.splits_file is not None and rank_zero_only.rank == 0:  # every DDP process makes the same splits
-            copies = {g: [self.relative(p) for p in paths] for g, paths in self._groups().members().items()
-                      if len(paths) > 1}
-            write_splits(self.splits, self.splits_file, name=lambda s: self.relative(s.image),
-                         split_by=self.split_by, cv={"folds": self.cv_folds, "fold": self.cv_fold},
-                         groups=copies, scenes=self._groups().scenes(), shared_in_export=self.shared_in_export,
-                         unseen={s: [self.relative(x.image) for x, u in zip(self.splits[s], self.unseen(s),
-                                                                             strict=True) if u]
-                                 for s in ("val", "test")})
+            copies = {
+                g: [self.relative(p) for p in paths] for g, paths in self._groups().members().items() if len(paths) > 1
+            }
+            write_splits(
+                self.splits,
+                self.splits_file,
+                name=lambda s: self.relative(s.image),
+                split_by=self.split_by,
+                cv={"folds": self.cv_folds, "fold": self.cv_fold},
+                groups=copies,
+                scenes=self._groups().scenes(),
+                shared_in_export=self.shared_in_export,
+                unseen={
+                    s: [self.relative(x.image) for x, u in zip(self.splits[s], self.unseen(s), strict=True) if u]
+                    for s in ("val", "test")
+                },
+            )
         if source.coco_files:
             masks = build_mask_cache(source, self.cache_dir, self.overlap, self.ignore_index, self.num_workers)
             items = {k: [(s.image, masks[s.image]) for s in v] for k, v in self.splits.items()}
@@ -326,12 +368,21 @@ class SegmentationDataModule(pl.LightningDataModule):
         lut = value_lut(source.mask_values)
         cache = ImageCache(self.cache_dir / "images") if self.image_cache else None
         self.datasets = {
-            split: SegmentationDataset(items[split], self.transform(train=split == "train"), lut,
-                                       prescale=self.prescale(train=split == "train"), image_cache=cache)
+            split: SegmentationDataset(
+                items[split],
+                self.transform(train=split == "train"),
+                lut,
+                prescale=self.prescale(train=split == "train"),
+                image_cache=cache,
+            )
             for split in ("train", "val", "test")
         }
-        log.info("Data: %s layout, classes %s, %s", source.layout, source.class_names,
-                 ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()))
+        log.info(
+            "Data: %s layout, classes %s, %s",
+            source.layout,
+            source.class_names,
+            ", ".join(f"{k}={len(v)}" for k, v in self.datasets.items()),
+        )
 
     def loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
@@ -340,10 +391,16 @@ class SegmentationDataModule(pl.LightningDataModule):
             # An export of a few images (RoboFlow users label 6 to start with): one batch of all of them, rather than
             # no training at all. DeepLabV3's image-level pooling normalises over the batch: two at the least.
             if len(dataset) < 2:
-                raise SeglabError(f"The train split has {len(dataset)} image(s); training needs 2 or more. Add "
-                                  "images, or move some from valid/test (data.resplit=true).")
-            log.warning("The train split has %d image(s), fewer than batch_size=%d: training on batches of %d.",
-                        len(dataset), batch_size, len(dataset))
+                raise SeglabError(
+                    f"The train split has {len(dataset)} image(s); training needs 2 or more. Add "
+                    "images, or move some from valid/test (data.resplit=true)."
+                )
+            log.warning(
+                "The train split has %d image(s), fewer than batch_size=%d: training on batches of %d.",
+                len(dataset),
+                batch_size,
+                len(dataset),
+            )
             batch_size = len(dataset)
         return DataLoader(
             dataset,
@@ -351,8 +408,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             shuffle=train,
             # Whole images at the base scale differ in size: pad them into one batch (masks with the ignore
             # index, so padding is never scored). Training crops all have the same size.
-            collate_fn=None if train or self.base_size is None else partial(pad_collate,
-                                                                            ignore_index=self.ignore_index),
+            collate_fn=None
+            if train or self.base_size is None
+            else partial(pad_collate, ignore_index=self.ignore_index),
             # DeepLabV3's ASPP pooling branch fails on a batch of one: drop the ragged last batch.
             drop_last=train,
             num_workers=self.num_workers,
@@ -360,7 +418,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             prefetch_factor=(self.prefetch_factor or default_prefetch_factor(self.num_workers))
-            if self.num_workers > 0 else None,
+            if self.num_workers > 0
+            else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -374,4 +433,3 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader("test")
-

@@ -32,9 +32,14 @@ class SegmentationDataset(Dataset):
     on disk, so each file is decoded and resized once (seglab.data.image_cache).
     """
 
-    def __init__(self, items: Sequence[tuple[Path, Path]], transform, lut: np.ndarray | None = None,
-                 prescale: Callable[[int, int], tuple[int, int]] | None = None,
-                 image_cache: ImageCache | None = None):
+    def __init__(
+        self,
+        items: Sequence[tuple[Path, Path]],
+        transform,
+        lut: np.ndarray | None = None,
+        prescale: Callable[[int, int], tuple[int, int]] | None = None,
+        image_cache: ImageCache | None = None,
+    ):
         self.items = list(items)
         self.transform = transform
         self.lut = lut
@@ -100,11 +105,16 @@ class SegmentationDataset(Dataset):
             source_hw = im.size[::-1]
         target_hw = tuple(int(v) for v in self.prescale(*source_hw))
         sizes = "x".join(str(int(v)) for v in (*source_hw, *target_hw))
-        mask = self.image_cache.load(mask_path, f"mask-{sizes}-{self._lut_key}", target_hw,
-                                     lambda: resize_mask(self.load_mask(index), target_hw))
+        mask = self.image_cache.load(
+            mask_path, f"mask-{sizes}-{self._lut_key}", target_hw, lambda: resize_mask(self.load_mask(index), target_hw)
+        )
         # The size check against the mask runs when the entry is built; the key holds both sizes.
-        image = self.image_cache.load(image_path, f"image-{sizes}-{interpolation_for(source_hw, target_hw)}",
-                                      target_hw, lambda: resize_image(self.load_image(index, source_hw), target_hw))
+        image = self.image_cache.load(
+            image_path,
+            f"image-{sizes}-{interpolation_for(source_hw, target_hw)}",
+            target_hw,
+            lambda: resize_image(self.load_image(index, source_hw), target_hw),
+        )
         return image, mask
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,8 +40,12 @@ def default_exports_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seglab"
 
 
-def resolve_root(root: str | Path, exports_dir: str | Path | None = None, roboflow: str | None = None,
-                 roboflow_format: str = "coco-segmentation") -> Path:
+def resolve_root(
+    root: str | Path,
+    exports_dir: str | Path | None = None,
+    roboflow: str | None = None,
+    roboflow_format: str = "coco-segmentation",
+) -> Path:
     """The folder to read the data from: the downloaded RoboFlow version if `roboflow` names one, else data.root
     itself, or for a .zip its unpacked copy."""
     cache = Path(exports_dir).expanduser() if exports_dir else default_exports_dir()
@@ -73,17 +77,21 @@ def unpack_export(archive: Path, exports_dir: Path) -> Path:
                 log.info("data.root=%s: unpacked into %s", archive, target)
     folder = find_export(target)
     if folder is None:  # someone changed the cache by hand
-        raise SeglabError(f"{target} (the unpacked copy of {archive}) no longer holds the export. Delete {target} "
-                          "and run again to unpack it anew.")
+        raise SeglabError(
+            f"{target} (the unpacked copy of {archive}) no longer holds the export. Delete {target} "
+            "and run again to unpack it anew."
+        )
     return folder
 
 
 def no_export_message(archive: str | Path, unpacked: Path) -> str:
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in unpacked.iterdir())
-    return (f"{archive} holds no RoboFlow export: expected train/ valid/ test/ folders (COCO Segmentation or Semantic "
-            f"Segmentation Masks) or a COCO annotation file ({', '.join(ANNOTATION_NAMES)}) at its top level or in "
-            f"its one folder; it holds {', '.join(found[:8]) or 'nothing'}{' ...' if len(found) > 8 else ''}. "
-            "Export the dataset from RoboFlow in one of those formats.")
+    return (
+        f"{archive} holds no RoboFlow export: expected train/ valid/ test/ folders (COCO Segmentation or Semantic "
+        f"Segmentation Masks) or a COCO annotation file ({', '.join(ANNOTATION_NAMES)}) at its top level or in "
+        f"its one folder; it holds {', '.join(found[:8]) or 'nothing'}{' ...' if len(found) > 8 else ''}. "
+        "Export the dataset from RoboFlow in one of those formats."
+    )
 
 
 def extract_safely(archive: Path, dest: Path) -> None:
@@ -96,17 +104,23 @@ def extract_safely(archive: Path, dest: Path) -> None:
                 check_member(archive, member)
             total = sum(m.file_size for m in members)
             if total > MAX_EXPANSION * max(archive.stat().st_size, 1):
-                raise SeglabError(f"{archive} would unpack to {total:,} bytes, more than {MAX_EXPANSION} times its "
-                                  "own size: it is not an export (a zip bomb?). Download the export again from "
-                                  "RoboFlow.")
+                raise SeglabError(
+                    f"{archive} would unpack to {total:,} bytes, more than {MAX_EXPANSION} times its "
+                    "own size: it is not an export (a zip bomb?). Download the export again from "
+                    "RoboFlow."
+                )
             free = shutil.disk_usage(dest).free
             if total > free:
-                raise SeglabError(f"{archive} unpacks to {total:,} bytes; {dest.parent} has {free:,} free. Free "
-                                  "space, or set data.exports_dir to a folder on a larger disk.")
+                raise SeglabError(
+                    f"{archive} unpacks to {total:,} bytes; {dest.parent} has {free:,} free. Free "
+                    "space, or set data.exports_dir to a folder on a larger disk."
+                )
             zf.extractall(dest)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
-        raise SeglabError(f"{archive} is not a zip archive that can be read ({first_line(e)}). Download the export "
-                          "from RoboFlow again, or point data.root at the unpacked folder.") from None
+        raise SeglabError(
+            f"{archive} is not a zip archive that can be read ({first_line(e)}). Download the export "
+            "from RoboFlow again, or point data.root at the unpacked folder."
+        ) from None
 
 
 def check_member(archive: Path, member: zipfile.ZipInfo) -> None:
@@ -120,8 +134,10 @@ def check_member(archive: Path, member: zipfile.ZipInfo) -> None:
         problem = "is encrypted"
     else:
         return
-    raise SeglabError(f"{archive}: entry {member.filename!r} {problem}; an export never holds such an entry, so the "
-                      "zip is not unpacked. Download the export again from RoboFlow.")
+    raise SeglabError(
+        f"{archive}: entry {member.filename!r} {problem}; an export never holds such an entry, so the "
+        "zip is not unpacked. Download the export again from RoboFlow."
+    )
 
 
 def roboflow_export(spec: str, fmt: str, exports_dir: Path) -> Path:
@@ -130,12 +146,16 @@ def roboflow_export(spec: str, fmt: str, exports_dir: Path) -> Path:
     without any request, also offline."""
     match = re.fullmatch(r"([\w.-]+)/([\w.-]+)/(\d+)", spec.strip("/"))
     if match is None:
-        raise SeglabError(f"data.roboflow={spec!r} is not <workspace>/<project>/<version>, the last parts of the "
-                          "version's address app.roboflow.com/<workspace>/<project>/<version>, e.g. acme/potholes/3.")
+        raise SeglabError(
+            f"data.roboflow={spec!r} is not <workspace>/<project>/<version>, the last parts of the "
+            "version's address app.roboflow.com/<workspace>/<project>/<version>, e.g. acme/potholes/3."
+        )
     if fmt not in ROBOFLOW_FORMATS:
-        raise SeglabError(f"data.roboflow_format={fmt!r} is not one of {ROBOFLOW_FORMATS}: RoboFlow's export formats "
-                          "with segmentation labels (COCO Segmentation, Semantic Segmentation Masks, YOLOv8 "
-                          "Segmentation).")
+        raise SeglabError(
+            f"data.roboflow_format={fmt!r} is not one of {ROBOFLOW_FORMATS}: RoboFlow's export formats "
+            "with segmentation labels (COCO Segmentation, Semantic Segmentation Masks, YOLOv8 "
+            "Segmentation)."
+        )
     workspace, project, version = match.groups()
     target = exports_dir / "roboflow" / workspace / project / f"{version}-{fmt}"
     if not target.is_dir():
@@ -148,8 +168,10 @@ def roboflow_export(spec: str, fmt: str, exports_dir: Path) -> Path:
                 log.info("data.roboflow=%s: downloaded into %s", spec, target)
     folder = find_export(target)
     if folder is None:
-        raise SeglabError(f"{target} (the download of data.roboflow={spec}) no longer holds the export. Delete "
-                          f"{target} and run again to download it anew.")
+        raise SeglabError(
+            f"{target} (the download of data.roboflow={spec}) no longer holds the export. Delete "
+            f"{target} and run again to download it anew."
+        )
     return folder
 
 
@@ -161,13 +183,21 @@ def download_version(workspace: str, project: str, version: int, fmt: str, locat
     def download(handle) -> None:
         versions = sorted(int(v["id"].rsplit("/", 1)[-1]) for v in handle.get_version_information())
         if version not in versions:
-            raise SeglabError(f"{name}: project {workspace}/{project} has no version {version}; its versions: "
-                              f"{', '.join(map(str, versions)) or 'none yet (generate one on app.roboflow.com)'}.")
+            raise SeglabError(
+                f"{name}: project {workspace}/{project} has no version {version}; its versions: "
+                f"{', '.join(map(str, versions)) or 'none yet (generate one on app.roboflow.com)'}."
+            )
         handle.version(version).download(fmt, location=str(location))
 
-    with_project(name, workspace, project, download, f"RoboFlow did not export version {version} as {fmt}",
-                 "Export the version in that format on app.roboflow.com, or choose the other "
-                 f"data.roboflow_format ({', '.join(ROBOFLOW_FORMATS)}).")
+    with_project(
+        name,
+        workspace,
+        project,
+        download,
+        f"RoboFlow did not export version {version} as {fmt}",
+        "Export the version in that format on app.roboflow.com, or choose the other "
+        f"data.roboflow_format ({', '.join(ROBOFLOW_FORMATS)}).",
+    )
 
 
 def upload_images(spec: str, items: list[tuple[Path, str]], batch_name: str) -> int:
@@ -176,19 +206,29 @@ def upload_images(spec: str, items: list[tuple[Path, str]], batch_name: str) -> 
     until accepted), in one upload batch. Returns the number uploaded."""
     parts = spec.split("/")
     if len(parts) != 2 or not all(parts):
-        raise SeglabError(f"upload={spec!r} is not <workspace>/<project>: the parts of the project's address "
-                          "app.roboflow.com/<workspace>/<project>.")
+        raise SeglabError(
+            f"upload={spec!r} is not <workspace>/<project>: the parts of the project's address "
+            "app.roboflow.com/<workspace>/<project>."
+        )
     name = f"upload={spec}"
 
     def upload(handle) -> None:
         for image, coco_text in items:
-            handle.single_upload(image_path=str(image), annotation_path={"name": f"{image.stem}.coco.json",
-                                                                         "rawText": coco_text},
-                                 batch_name=batch_name, is_prediction=True)
+            handle.single_upload(
+                image_path=str(image),
+                annotation_path={"name": f"{image.stem}.coco.json", "rawText": coco_text},
+                batch_name=batch_name,
+                is_prediction=True,
+            )
 
-    with_project(name, *parts, upload, "RoboFlow refused an image or its annotation",
-                 "Check the project's classes and quota on app.roboflow.com; images uploaded before this one "
-                 f"are in batch {batch_name!r}.")
+    with_project(
+        name,
+        *parts,
+        upload,
+        "RoboFlow refused an image or its annotation",
+        "Check the project's classes and quota on app.roboflow.com; images uploaded before this one "
+        f"are in batch {batch_name!r}.",
+    )
     return len(items)
 
 
@@ -210,17 +250,22 @@ def with_project(name: str, workspace: str, project: str, action, refused: str, 
 
     api_key = load_roboflow_api_key(workspace)
     if not api_key:
-        raise SeglabError(f"{name}: no RoboFlow API key. Set ROBOFLOW_API_KEY to your key (app.roboflow.com, "
-                          "Settings, API Keys) or run `roboflow login` once.")
+        raise SeglabError(
+            f"{name}: no RoboFlow API key. Set ROBOFLOW_API_KEY to your key (app.roboflow.com, "
+            "Settings, API Keys) or run `roboflow login` once."
+        )
     key_source = "ROBOFLOW_API_KEY" if os.environ.get("ROBOFLOW_API_KEY") else "`roboflow login`"
-    address = ("The workspace and project are the parts of the project's address "
-               "app.roboflow.com/<workspace>/<project>.")
+    address = "The workspace and project are the parts of the project's address app.roboflow.com/<workspace>/<project>."
     refusals = {
-        "key": (f"RoboFlow refused the API key from {key_source}",
-                "Copy the key again from app.roboflow.com (Settings, API Keys) or run `roboflow login`."),
+        "key": (
+            f"RoboFlow refused the API key from {key_source}",
+            "Copy the key again from app.roboflow.com (Settings, API Keys) or run `roboflow login`.",
+        ),
         "workspace": (f"RoboFlow has no workspace {workspace!r} that this API key can read", address),
-        "project": (f"RoboFlow has no project {project!r} in workspace {workspace!r} that this API key can read",
-                    address),
+        "project": (
+            f"RoboFlow has no project {project!r} in workspace {workspace!r} that this API key can read",
+            address,
+        ),
         "action": (refused, fix),
     }
     step = "key"
@@ -231,15 +276,19 @@ def with_project(name: str, workspace: str, project: str, action, refused: str, 
         step = "project"
         handle = handle.project(project)
         if handle.type not in (TYPE_INSTANCE_SEGMENTATION, TYPE_SEMANTIC_SEGMENTATION):
-            raise SeglabError(f"{name}: {workspace}/{project} is a RoboFlow {handle.type} project: it holds no "
-                              f"segmentation labels. Use an {TYPE_INSTANCE_SEGMENTATION} or "
-                              f"{TYPE_SEMANTIC_SEGMENTATION} project.")
+            raise SeglabError(
+                f"{name}: {workspace}/{project} is a RoboFlow {handle.type} project: it holds no "
+                f"segmentation labels. Use an {TYPE_INSTANCE_SEGMENTATION} or "
+                f"{TYPE_SEMANTIC_SEGMENTATION} project."
+            )
         step = "action"
         action(handle)
     except requests.RequestException as e:  # its message holds the request's URL, and the URL the key
-        raise SeglabError(f"{name}: cannot reach RoboFlow at {API_URL} ({without_secrets(first_line(e), api_key)}). "
-                          "Connect to the network; a downloaded version is read from the exports cache without "
-                          "one.") from None
+        raise SeglabError(
+            f"{name}: cannot reach RoboFlow at {API_URL} ({without_secrets(first_line(e), api_key)}). "
+            "Connect to the network; a downloaded version is read from the exports cache without "
+            "one."
+        ) from None
     except (RoboflowError, RuntimeError, ValueError, KeyError, OSError) as e:
         what, how = refusals[step]
         raise SeglabError(f"{name}: {what}: {without_secrets(roboflow_message(e), api_key)}. {how}") from None

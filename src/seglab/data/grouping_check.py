@@ -41,30 +41,39 @@ def score(samples, labels: dict) -> dict:
     same = truth[:, None] == truth[None, :]
     np.fill_diagonal(same, False)
     together = found[:, None] == found[None, :]
-    return {"pair_recall": float((same & together).sum() / max(same.sum(), 1)),
-            "files_with_all_copies_found": float(np.mean([(together[i] | ~same[i]).all() for i in range(len(truth))])),
-            "false_pairs": int((~(truth[:, None] == truth[None, :]) & together).sum() // 2),
-            "groups": len(set(found.tolist())), "photos": len(set(truth.tolist()))}
+    return {
+        "pair_recall": float((same & together).sum() / max(same.sum(), 1)),
+        "files_with_all_copies_found": float(np.mean([(together[i] | ~same[i]).all() for i in range(len(truth))])),
+        "false_pairs": int((~(truth[:, None] == truth[None, :]) & together).sum() // 2),
+        "groups": len(set(found.tolist())),
+        "photos": len(set(truth.tolist())),
+    }
 
 
 def check(mode: str, photos: int, copies: int, work: Path) -> dict[str, dict]:
     started = time.perf_counter()
-    root = generate_dataset(work / mode, num_images=photos, size=SIZES[mode], seed=11, mode=mode, copies=copies,
-                            splits=(1.0, 0.0, 0.0))
+    root = generate_dataset(
+        work / mode, num_images=photos, size=SIZES[mode], seed=11, mode=mode, copies=copies, splits=(1.0, 0.0, 0.0)
+    )
     generated = time.perf_counter() - started
     samples = discover(root).samples["train"]
     out = {}
-    for way, settings in (("names", {"hash_distance": None, "features": False}),
-                          ("look (hash + features)", {"names": False, "features": True}),
-                          ("hash only", {"names": False, "features": False})):
+    for way, settings in (
+        ("names", {"hash_distance": None, "features": False}),
+        ("look (hash + features)", {"names": False, "features": True}),
+        ("hash only", {"names": False, "features": False}),
+    ):
         started = time.perf_counter()
         result = group_samples(samples, work / f"cache-{mode}-{len(out)}", root=root, workers=2, **settings)
         out[way] = {**score(samples, result.of), "seconds": round(time.perf_counter() - started, 1)}
     print(f"{mode}: {len(samples)} files of {photos} photos at {SIZES[mode]} px (generated in {generated:.0f} s)")
     for way, r in out.items():
-        print(f"  {way:24s} pair recall {r['pair_recall']:.4f}  files with all copies found "
-              f"{r['files_with_all_copies_found']:.4f}  false pairs {r['false_pairs']}  groups {r['groups']} "
-              f"({r['seconds']} s)", flush=True)
+        print(
+            f"  {way:24s} pair recall {r['pair_recall']:.4f}  files with all copies found "
+            f"{r['files_with_all_copies_found']:.4f}  false pairs {r['false_pairs']}  groups {r['groups']} "
+            f"({r['seconds']} s)",
+            flush=True,
+        )
     return out
 
 
@@ -77,15 +86,20 @@ def time_report(root: Path, work: Path) -> dict[str, float]:
         with contextlib.redirect_stdout(io.StringIO()):
             report([f"data.root={root}", f"data.cache_dir={work / 'report-cache'}", f"out={work / 'report'}"])
         seconds[run] = round(time.perf_counter() - started, 1)
-    print(f"dataset report of {root.name} (data.root, {len(discover(root).samples['train'])} files): cold cache "
-          f"{seconds['cold']} s, warm cache {seconds['warm']} s", flush=True)
+    print(
+        f"dataset report of {root.name} (data.root, {len(discover(root).samples['train'])} files): cold cache "
+        f"{seconds['cold']} s, warm cache {seconds['warm']} s",
+        flush=True,
+    )
     return seconds
 
 
 # (name, photos in train/, files per training photo, photos in valid/, format): the three exports.
-LEAK_EXPORTS = (("192 files = 64 photos x 3, COCO", 64, 3, 8, "coco"),
-                ("1440 files = 480 photos x 3, PNG masks", 480, 3, 40, "masks"),
-                ("276 files = 92 photos x 3, COCO", 92, 3, 10, "coco"))
+LEAK_EXPORTS = (
+    ("192 files = 64 photos x 3, COCO", 64, 3, 8, "coco"),
+    ("1440 files = 480 photos x 3, PNG masks", 480, 3, 40, "masks"),
+    ("276 files = 92 photos x 3, COCO", 92, 3, 10, "coco"),
+)
 
 
 def leak_table(work: Path) -> list[dict]:
@@ -95,28 +109,46 @@ def leak_table(work: Path) -> list[dict]:
     rows = []
     for name, train, copies, valid, fmt in LEAK_EXPORTS:
         total = train + valid
-        root = generate_dataset(work / f"leaks-{train}", num_images=total, size=32, seed=5, copies=copies, fmt=fmt,
-                                splits=(train / total, valid / total, 0.0))
+        root = generate_dataset(
+            work / f"leaks-{train}",
+            num_images=total,
+            size=32,
+            seed=5,
+            copies=copies,
+            fmt=fmt,
+            splits=(train / total, valid / total, 0.0),
+        )
         row = {"export": name}
         for resplit in (False, True):
-            dm = SegmentationDataModule(root=str(root), image_size=32, num_workers=0, batch_size=2, resplit=resplit,
-                                        cache_dir=str(work / f"leaks-cache-{train}"))
+            dm = SegmentationDataModule(
+                root=str(root),
+                image_size=32,
+                num_workers=0,
+                batch_size=2,
+                resplit=resplit,
+                cache_dir=str(work / f"leaks-cache-{train}"),
+            )
             with contextlib.redirect_stderr(io.StringIO()):
                 dm.setup()
             file_splits = dm.make_splits(group_of=lambda s: str(s.image))[0]
             row["resplit" if resplit else "carved"] = {
-                "by_file": leak_counts(file_splits, dm.group_of), "by_photo": leak_counts(dm.splits, dm.group_of),
+                "by_file": leak_counts(file_splits, dm.group_of),
+                "by_photo": leak_counts(dm.splits, dm.group_of),
                 "file_sizes": {s: len(file_splits[s]) for s in ("val", "test")},
-                "photo_sizes": {s: len(dm.splits[s]) for s in ("val", "test")}}
+                "photo_sizes": {s: len(dm.splits[s]) for s in ("val", "test")},
+            }
         rows.append(row)
         carved, resplit = row["carved"], row["resplit"]
-        print(f"{name}: test carved off train/: by file {carved['by_file']['test_with_copy_in_train']} of "
-              f"{carved['file_sizes']['test']} test images have a copy in train, by photo "
-              f"{carved['by_photo']['test_with_copy_in_train']} of {carved['photo_sizes']['test']}; resplit=true: "
-              f"by file test {resplit['by_file']['test_with_copy_in_train']} of {resplit['file_sizes']['test']}, val "
-              f"{resplit['by_file']['val_with_copy_in_train']} of {resplit['file_sizes']['val']}; by photo test "
-              f"{resplit['by_photo']['test_with_copy_in_train']} of {resplit['photo_sizes']['test']}, val "
-              f"{resplit['by_photo']['val_with_copy_in_train']} of {resplit['photo_sizes']['val']}", flush=True)
+        print(
+            f"{name}: test carved off train/: by file {carved['by_file']['test_with_copy_in_train']} of "
+            f"{carved['file_sizes']['test']} test images have a copy in train, by photo "
+            f"{carved['by_photo']['test_with_copy_in_train']} of {carved['photo_sizes']['test']}; resplit=true: "
+            f"by file test {resplit['by_file']['test_with_copy_in_train']} of {resplit['file_sizes']['test']}, val "
+            f"{resplit['by_file']['val_with_copy_in_train']} of {resplit['file_sizes']['val']}; by photo test "
+            f"{resplit['by_photo']['test_with_copy_in_train']} of {resplit['photo_sizes']['test']}, val "
+            f"{resplit['by_photo']['val_with_copy_in_train']} of {resplit['photo_sizes']['val']}",
+            flush=True,
+        )
     return rows
 
 
@@ -126,21 +158,40 @@ def one_augmentation(name: str, shape_hw: tuple[int, int]):
 
     h, w = shape_hw
     centre = np.array([(w - 1) / 2, (h - 1) / 2])
-    linear = {"flip": [[-1, 0], [0, 1]], "quarter turn": [[0, -1], [1, 0]], "crop 15 %": np.eye(2) / 0.85,
-              "rotation 10 deg": [[np.cos(0.1745), -np.sin(0.1745)], [np.sin(0.1745), np.cos(0.1745)]],
-              "shear 8 deg": [[1, np.tan(0.1396)], [0, 1]]}.get(name, np.eye(2))
+    linear = {
+        "flip": [[-1, 0], [0, 1]],
+        "quarter turn": [[0, -1], [1, 0]],
+        "crop 15 %": np.eye(2) / 0.85,
+        "rotation 10 deg": [[np.cos(0.1745), -np.sin(0.1745)], [np.sin(0.1745), np.cos(0.1745)]],
+        "shear 8 deg": [[1, np.tan(0.1396)], [0, 1]],
+    }.get(name, np.eye(2))
     linear = np.asarray(linear, np.float64)
     out_hw = (w, h) if name == "quarter turn" else (h, w)
     target = np.array([(out_hw[1] - 1) / 2, (out_hw[0] - 1) / 2])
     matrix = np.hstack([linear, (target - linear @ centre)[:, None]])
-    return CopySettings(matrix, out_hw, brightness=1.25 if name == "brightness +25 %" else 1.0,
-                        gamma=1.15 if name == "exposure (gamma 1.15)" else 1.0,
-                        blur_sigma=1.0 if name == "blur (sigma 1 px)" else 0.0,
-                        noise=0.02 if name == "noise (2 % of pixels)" else 0.0, gray=name == "grayscale")
+    return CopySettings(
+        matrix,
+        out_hw,
+        brightness=1.25 if name == "brightness +25 %" else 1.0,
+        gamma=1.15 if name == "exposure (gamma 1.15)" else 1.0,
+        blur_sigma=1.0 if name == "blur (sigma 1 px)" else 0.0,
+        noise=0.02 if name == "noise (2 % of pixels)" else 0.0,
+        gray=name == "grayscale",
+    )
 
 
-AUGMENTATIONS = ("flip", "quarter turn", "brightness +25 %", "exposure (gamma 1.15)", "blur (sigma 1 px)",
-                 "noise (2 % of pixels)", "grayscale", "crop 15 %", "rotation 10 deg", "shear 8 deg")
+AUGMENTATIONS = (
+    "flip",
+    "quarter turn",
+    "brightness +25 %",
+    "exposure (gamma 1.15)",
+    "blur (sigma 1 px)",
+    "noise (2 % of pixels)",
+    "grayscale",
+    "crop 15 %",
+    "rotation 10 deg",
+    "shear 8 deg",
+)
 
 
 def hash_table(photos: int, modes: list[str], work: Path) -> dict[str, dict[str, list[float]]]:
@@ -164,8 +215,11 @@ def hash_table(photos: int, modes: list[str], work: Path) -> dict[str, dict[str,
                 copy = make_copy(photo, np.random.default_rng(i), one_augmentation(name, photo.pixels.shape[:2]))
                 distances.append(int(np.bitwise_count(hashes(photo.pixels)[0] ^ hashes(copy.pixels)).min()))
         table[name] = [float(np.median(distances)), float(np.percentile(distances, 90)), float(max(distances))]
-        print(f"  {name:24s} hash distance median {table[name][0]:.0f}, 90th percentile {table[name][1]:.0f}, "
-              f"max {table[name][2]:.0f}", flush=True)
+        print(
+            f"  {name:24s} hash distance median {table[name][0]:.0f}, 90th percentile {table[name][1]:.0f}, "
+            f"max {table[name][2]:.0f}",
+            flush=True,
+        )
     return table
 
 

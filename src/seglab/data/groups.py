@@ -51,16 +51,23 @@ log = logging.getLogger(__name__)
 ROBOFLOW_MARKER = ".rf."
 FEATURE_MODES = ("auto", True, False)
 SPLIT_UNITS = ("photo", "scene")
-DIHEDRAL = (None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
-            Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-            Image.Transpose.TRANSVERSE)
-HASH_INPUT = 128        # the grayscale image is read at about this long side, then area-averaged to 32 x 32 (what
-HASH_SIDE = 32          # the DCT hash reads): area averaging onto a square commutes with flips and quarter turns
-FEATURE_SIDE = 384      # SIFT on the image with this long side: copies' shared detail survives, ~30 ms a photo
+DIHEDRAL = (
+    None,
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.TRANSVERSE,
+)
+HASH_INPUT = 128  # the grayscale image is read at about this long side, then area-averaged to 32 x 32 (what
+HASH_SIDE = 32  # the DCT hash reads): area averaging onto a square commutes with flips and quarter turns
+FEATURE_SIDE = 384  # SIFT on the image with this long side: copies' shared detail survives, ~30 ms a photo
 FEATURES_PER_IMAGE = 150
-CANDIDATES = 6          # images per image whose features are checked pair by pair, by votes of nearest descriptors
+CANDIDATES = 6  # images per image whose features are checked pair by pair, by votes of nearest descriptors
 MIN_VOTES = 3
-RATIO = 0.8             # Lowe's ratio test
+RATIO = 0.8  # Lowe's ratio test
 # Copies are near-similar maps of each other: an affine fit that stretches by more than this is a false match.
 MAX_STRETCH = 2.0
 PARALLEL_FROM = 32
@@ -73,7 +80,7 @@ FLAT_STD = 2.0
 
 @dataclass
 class Groups:
-    of: dict[Path, str]                     # image path -> copy group (the photo)
+    of: dict[Path, str]  # image path -> copy group (the photo)
     links: dict[str, int] = field(default_factory=dict)  # signal -> pairs of files it joined
     scene_of: dict[Path, str] = field(default_factory=dict)  # image path -> scene (look-alike cluster)
     lookalikes: dict[str, set[str]] = field(default_factory=dict)  # copy group -> its look-alike groups
@@ -163,8 +170,11 @@ def read_gray(path: Path | io.BytesIO, side: int) -> np.ndarray:
         gray = np.asarray(im.convert("L"))
     scale = side / max(gray.shape)
     if scale < 1:
-        gray = cv2.resize(gray, (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale))),
-                          interpolation=cv2.INTER_AREA)
+        gray = cv2.resize(
+            gray,
+            (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
     return gray
 
 
@@ -214,8 +224,11 @@ def fingerprints(paths: Sequence[Path], features: bool, cache: Path, workers: in
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
     stats = [p.stat() for p in paths]
     keys = [f"{p}|{s.st_size}|{s.st_mtime_ns}|{FINGERPRINT_KEY}" for p, s in zip(paths, stats, strict=True)]
-    missing = [i for i, k in enumerate(keys) if k not in index
-               or features and not feature_path(cache, index[k]["sha1"]).is_file()]
+    missing = [
+        i
+        for i, k in enumerate(keys)
+        if k not in index or features and not feature_path(cache, index[k]["sha1"]).is_file()
+    ]
     results = forked_map(_fingerprint_job, [(paths[i], features, cache) for i in missing], workers, PARALLEL_FROM)
     for i, result in zip(missing, results, strict=True):
         index[keys[i]] = result
@@ -233,7 +246,7 @@ def hash_links(variants: np.ndarray, distance: int) -> list[tuple[int, int, int]
     n, k = variants.shape
     pairs = []
     for start in range(0, n, 256):
-        block = variants[start:start + 256, :1] ^ variants[None, :, :].reshape(1, -1)
+        block = variants[start : start + 256, :1] ^ variants[None, :, :].reshape(1, -1)
         bits = np.bitwise_count(block).reshape(len(block), n, k).min(axis=2)
         for a, b in zip(*np.nonzero(bits <= distance), strict=True):
             if start + a < b:
@@ -300,19 +313,26 @@ def feature_links(features: list[dict], min_inliers: int) -> list[tuple[int, int
         if count >= MIN_VOTES:
             best.setdefault(i, []).append((count, j))
             best.setdefault(j, []).append((count, i))
-    candidates = sorted({tuple(sorted((i, j))) for i, ranked in best.items()
-                         for _, j in sorted(ranked, key=lambda t: (-t[0], t[1]))[:CANDIDATES]})
+    candidates = sorted(
+        {
+            tuple(sorted((i, j)))
+            for i, ranked in best.items()
+            for _, j in sorted(ranked, key=lambda t: (-t[0], t[1]))[:CANDIDATES]
+        }
+    )
     matcher = cv2.BFMatcher(cv2.NORM_L2)
-    return [(i, j) for i, j in candidates
-            if max(affine_inliers(features[i], features[j], m, matcher) for m in (False, True)) >= min_inliers]
+    return [
+        (i, j)
+        for i, j in candidates
+        if max(affine_inliers(features[i], features[j], m, matcher) for m in (False, True)) >= min_inliers
+    ]
 
 
 def cached_feature_links(shas: list[str], cache: Path, min_inliers: int) -> list[tuple[int, int]]:
     """feature_links for this set of files, cached by their contents: a later run over the same files reads
     the pairs instead of matching again (seconds for a few thousand images)."""
     order = sorted(range(len(shas)), key=lambda i: shas[i])
-    key = hashlib.sha256(json.dumps([[shas[i] for i in order], min_inliers, FINGERPRINT_KEY]).encode()
-                         ).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([[shas[i] for i in order], min_inliers, FINGERPRINT_KEY]).encode()).hexdigest()[:20]
     links_file = cache / f"feature-links-{key}.json"
     if links_file.is_file():
         by_sha = json.loads(links_file.read_text())
@@ -330,9 +350,17 @@ def cached_feature_links(shas: list[str], cache: Path, min_inliers: int) -> list
     return [(position[a], position[b]) for a, b in by_sha]
 
 
-def group_samples(samples: Sequence[Sample], cache: Path, root: Path | None = None, names: bool = True,
-                  hash_distance: int | None = 4, features: str | bool = "auto", min_inliers: int = 20,
-                  lookalike_distance: int | None = 10, workers: int = 1) -> Groups:
+def group_samples(
+    samples: Sequence[Sample],
+    cache: Path,
+    root: Path | None = None,
+    names: bool = True,
+    hash_distance: int | None = 4,
+    features: str | bool = "auto",
+    min_inliers: int = 20,
+    lookalike_distance: int | None = 10,
+    workers: int = 1,
+) -> Groups:
     """Copy groups and scenes of `samples`; a group without a RoboFlow name is named after its first file
     (relative to root)."""
     if features not in FEATURE_MODES:
@@ -364,8 +392,9 @@ def group_samples(samples: Sequence[Sample], cache: Path, root: Path | None = No
     if lookalike_distance is not None:
         # Another photo of the scene as it was photographed: no flips or turns, which in brain scans or aerial
         # tiles would make unrelated photos look alike (RoboFlow's flipped copies are in the copy group anyway).
-        near_pairs += [(hashed[a], hashed[b], bits) for a, b, bits in hash_links(variants[:, :1],
-                                                                                 int(lookalike_distance))]
+        near_pairs += [
+            (hashed[a], hashed[b], bits) for a, b, bits in hash_links(variants[:, :1], int(lookalike_distance))
+        ]
     if use_features:
         matched = cached_feature_links([f["sha1"] for f in found], cache, min_inliers)
         join("features", ((a, b) for a, b in matched if unnamed[a] and unnamed[b]))
@@ -392,5 +421,4 @@ def group_samples(samples: Sequence[Sample], cache: Path, root: Path | None = No
                 near.setdefault(x, {})[y] = min(bits, near.get(x, {}).get(y, bits))
     links["look-alike"] = sum(len(v) for v in near.values()) // 2
     scene = bounded_scenes(sorted(set(of.values())), near)
-    return Groups(of, links, {path: scene[group] for path, group in of.items()},
-                  {g: set(v) for g, v in near.items()})
+    return Groups(of, links, {path: scene[group] for path, group in of.items()}, {g: set(v) for g, v in near.items()})

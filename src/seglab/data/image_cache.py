@@ -37,8 +37,7 @@ def interpolation_for(source_hw: tuple[int, int], target_hw: tuple[int, int]) ->
 def resize_image(image: np.ndarray, target_hw: tuple[int, int]) -> np.ndarray:
     if image.shape[:2] == tuple(target_hw):
         return image
-    return cv2.resize(image, (target_hw[1], target_hw[0]),
-                      interpolation=interpolation_for(image.shape[:2], target_hw))
+    return cv2.resize(image, (target_hw[1], target_hw[0]), interpolation=interpolation_for(image.shape[:2], target_hw))
 
 
 def resize_mask(mask: np.ndarray, target_hw: tuple[int, int]) -> np.ndarray:
@@ -66,8 +65,7 @@ class ImageCache:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
 
-    def load(self, path: Path, variant: str, target_hw: tuple[int, int],
-             make: Callable[[], np.ndarray]) -> np.ndarray:
+    def load(self, path: Path, variant: str, target_hw: tuple[int, int], make: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached array for (path, variant), or `make()`, stored for next time."""
         entry = self.folder / f"{fingerprint(path)}-{variant}.npy"
         try:

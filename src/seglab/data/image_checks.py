@@ -37,24 +37,34 @@ def check_images(source: Source, show: int = 5) -> None:
             if max(abs(a - b) for a, b in zip(size, sample.size, strict=True)) <= ROUNDING_PX:
                 rounded.append((sample, size))
                 continue
-            mismatched.append(f"{sample.image} is {size[1]}x{size[0]}, the annotation file says "
-                              f"{sample.size[1]}x{sample.size[0]}")
+            mismatched.append(
+                f"{sample.image} is {size[1]}x{size[0]}, the annotation file says {sample.size[1]}x{sample.size[0]}"
+            )
     problems = []
     if missing:
-        problems.append(f"{len(missing)} image file(s) listed in the annotations are missing, e.g. "
-                        + ", ".join(map(str, missing[:show])))
+        problems.append(
+            f"{len(missing)} image file(s) listed in the annotations are missing, e.g. "
+            + ", ".join(map(str, missing[:show]))
+        )
     if unreadable:
-        problems.append(f"{len(unreadable)} image file(s) cannot be read as images, e.g. "
-                        + ", ".join(map(str, unreadable[:show])))
+        problems.append(
+            f"{len(unreadable)} image file(s) cannot be read as images, e.g. " + ", ".join(map(str, unreadable[:show]))
+        )
     if mismatched:
-        problems.append(f"{len(mismatched)} image(s) differ in size from their annotation (width x height), "
-                        "e.g. " + "; ".join(mismatched[:show]))
+        problems.append(
+            f"{len(mismatched)} image(s) differ in size from their annotation (width x height), "
+            "e.g. " + "; ".join(mismatched[:show])
+        )
     if problems:
         raise SeglabError(" ".join(problems) + ". Re-export the dataset, or restore or remove those images.")
     if rounded:
         resize_to_images(source, rounded)
-        log.warning("%d image(s) are 1 pixel off the size their annotation gives (RoboFlow's rounding), e.g. %s: "
-                    "their masks are drawn at the images' own size.", len(rounded), rounded[0][0].image)
+        log.warning(
+            "%d image(s) are 1 pixel off the size their annotation gives (RoboFlow's rounding), e.g. %s: "
+            "their masks are drawn at the images' own size.",
+            len(rounded),
+            rounded[0][0].image,
+        )
 
 
 def resize_to_images(source: Source, found: list[tuple[Sample, tuple[int, int]]]) -> None:

@@ -54,8 +54,9 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray | N
         return None
     binary = mask_utils.decode(rle)
     if binary.shape != (height, width):
-        binary = np.pad(binary[:height, :width], ((0, max(0, height - binary.shape[0])),
-                                                  (0, max(0, width - binary.shape[1]))))
+        binary = np.pad(
+            binary[:height, :width], ((0, max(0, height - binary.shape[0])), (0, max(0, width - binary.shape[1])))
+        )
     return binary
 
 
@@ -94,13 +95,25 @@ def rasterize_annotations(
     return mask, degenerate
 
 
-def cache_folder(cache_dir: Path, annotation_file: Path, category_index: Mapping[int, int],
-                 overlap: str, ignore_index: int, resized: Mapping[int, tuple[int, int]] | None = None) -> Path:
+def cache_folder(
+    cache_dir: Path,
+    annotation_file: Path,
+    category_index: Mapping[int, int],
+    overlap: str,
+    ignore_index: int,
+    resized: Mapping[int, tuple[int, int]] | None = None,
+) -> Path:
     """The folder for one annotation file's masks, keyed by everything that changes their pixels (resized: images
     whose masks are drawn at their own size, not the file's)."""
     content = hashlib.sha256(annotation_file.read_bytes()).hexdigest()[:16]
-    policy = json.dumps([sorted(category_index.items()), overlap, ignore_index,
-                         *([sorted((k, list(v)) for k, v in resized.items())] if resized else [])])
+    policy = json.dumps(
+        [
+            sorted(category_index.items()),
+            overlap,
+            ignore_index,
+            *([sorted((k, list(v)) for k, v in resized.items())] if resized else []),
+        ]
+    )
     return cache_dir / f"{content}-{hashlib.sha256(policy.encode()).hexdigest()[:8]}"
 
 
@@ -136,20 +149,33 @@ def build_mask_cache(source, cache_dir: Path, overlap: str, ignore_index: int, w
     mask_paths: dict[Path, Path] = {}
     jobs = []
     for ann_path, coco in source.coco_files.items():
-        folder = cache_folder(cache_dir, ann_path, source.category_index[ann_path], overlap, ignore_index,
-                              coco.resized)
-        image_dir = {s.image_id: s.image.parent for split in source.samples.values() for s in split
-                     if s.annotation_file == ann_path}
+        folder = cache_folder(cache_dir, ann_path, source.category_index[ann_path], overlap, ignore_index, coco.resized)
+        image_dir = {
+            s.image_id: s.image.parent
+            for split in source.samples.values()
+            for s in split
+            if s.annotation_file == ann_path
+        }
         for image_id, info in coco.images.items():
             path = folder / f"{image_id}.png"
             if not path.is_file():
-                jobs.append((path, coco.annotations[image_id], int(info["height"]), int(info["width"]),
-                             source.category_index[ann_path]))
+                jobs.append(
+                    (
+                        path,
+                        coco.annotations[image_id],
+                        int(info["height"]),
+                        int(info["width"]),
+                        source.category_index[ann_path],
+                    )
+                )
             mask_paths[image_dir[image_id] / info["file_name"]] = path
     skipped = forked_map(partial(_rasterize_to_png, overlap=overlap, ignore_index=ignore_index), jobs, workers)
     if sum(skipped):
-        log.warning("Skipped %d annotation(s) with no drawable area (polygons of fewer than 3 points, "
-                    "empty or zero-area shapes).", sum(skipped))
+        log.warning(
+            "Skipped %d annotation(s) with no drawable area (polygons of fewer than 3 points, "
+            "empty or zero-area shapes).",
+            sum(skipped),
+        )
     if jobs:
         log.info("Rasterised %d mask(s) into %s", len(jobs), cache_dir)
     return mask_paths
@@ -166,15 +192,17 @@ def load_image(path: Path, expected_hw: tuple[int, int] | None = None) -> np.nda
         with Image.open(path) as im:
             im.load()
             oriented = ImageOps.exif_transpose(im)
-            if expected_hw is not None and oriented.size[::-1] != tuple(expected_hw) \
-                    and im.size[::-1] == tuple(expected_hw):
+            if (
+                expected_hw is not None
+                and oriented.size[::-1] != tuple(expected_hw)
+                and im.size[::-1] == tuple(expected_hw)
+            ):
                 oriented = im
             return np.asarray(oriented.convert("RGB"))
     except FileNotFoundError:
         raise SeglabError(f"Image file {path} is missing.") from None
     except OSError as e:
-        raise SeglabError(f"Image file {path} is unreadable or truncated ({e}). Re-export or remove it.") \
-            from None
+        raise SeglabError(f"Image file {path} is unreadable or truncated ({e}). Re-export or remove it.") from None
 
 
 def read_mask(path: Path) -> np.ndarray:

@@ -88,8 +88,12 @@ def annotation_checks(source, cache: Path) -> dict[str, dict[str, list[str]]]:
                     if isinstance(segmentation, list):
                         points = np.concatenate([np.asarray(p, np.float64) for p in segmentation if len(p) >= 6])
                         xs, ys = points[0::2], points[1::2]
-                        if (xs.min() < -OUTSIDE_TOLERANCE or ys.min() < -OUTSIDE_TOLERANCE
-                                or xs.max() > w + OUTSIDE_TOLERANCE or ys.max() > h + OUTSIDE_TOLERANCE):
+                        if (
+                            xs.min() < -OUTSIDE_TOLERANCE
+                            or ys.min() < -OUTSIDE_TOLERANCE
+                            or xs.max() > w + OUTSIDE_TOLERANCE
+                            or ys.max() > h + OUTSIDE_TOLERANCE
+                        ):
                             found["outside"].setdefault(name, []).append(str(ann.get("id")))
                     rles.append(rle)
                     ids.append(str(ann.get("id")))
@@ -102,8 +106,12 @@ def annotation_checks(source, cache: Path) -> dict[str, dict[str, list[str]]]:
                 Path(tmp).write_text(json.dumps(found))
         # The images of this file where they are (beside it in a RoboFlow export; data.image_dir or a YOLO export's
         # images/ otherwise).
-        where = {str(coco.images[x.image_id]["file_name"]): x.image for split in source.samples.values() for x in split
-                 if x.annotation_file == path}
+        where = {
+            str(coco.images[x.image_id]["file_name"]): x.image
+            for split in source.samples.values()
+            for x in split
+            if x.annotation_file == path
+        }
         for kind, by_image in found.items():
             for name, ids in by_image.items():
                 out[kind][str(where.get(name, path.parent / name))] = ids
@@ -120,9 +128,13 @@ def size_summary(sizes: list[tuple[int, int]]) -> dict:
         return {}
     long_sides = sorted(max(s) for s in sizes)
     distinct = {f"{w}x{h}" for h, w in sizes}
-    return {"long_side_min": long_sides[0], "long_side_median": long_sides[len(long_sides) // 2],
-            "long_side_max": long_sides[-1], "distinct_sizes": len(distinct),
-            "examples": sorted(distinct)[:5]}
+    return {
+        "long_side_min": long_sides[0],
+        "long_side_median": long_sides[len(long_sides) // 2],
+        "long_side_max": long_sides[-1],
+        "distinct_sizes": len(distinct),
+        "examples": sorted(distinct)[:5],
+    }
 
 
 def build_report(datamodule) -> dict:
@@ -158,8 +170,11 @@ def build_report(datamodule) -> dict:
             "sizes": size_summary(sizes),
             "pixel_share": {n: float(pixels[i] / labelled) for i, n in enumerate(names)},
             "images_with": {n: int(sum(c[i] > 0 for c in counts)) for i, n in enumerate(names[1:], 1)},
-            "without_objects": [datamodule.relative(s.image) for s, c in zip(splits[split], counts, strict=True)
-                                if not c[1:len(names)].any()],
+            "without_objects": [
+                datamodule.relative(s.image)
+                for s, c in zip(splits[split], counts, strict=True)
+                if not c[1 : len(names)].any()
+            ],
         }
     checks = annotation_checks(source, cache) if source.coco_files else {}
     pairs = lookalike_examples(datamodule)
@@ -181,21 +196,24 @@ def build_report(datamodule) -> dict:
             "used": datamodule.leak_counts(),
             "export_splits": export_split_leaks(datamodule),
             # What seglab's own split would have leaked before it grouped (only where seglab splits).
-            "by_file": leak_counts(by_file_splits(datamodule), datamodule.group_of) if seglab_splits(datamodule)
+            "by_file": leak_counts(by_file_splits(datamodule), datamodule.group_of)
+            if seglab_splits(datamodule)
             else {},
         },
         # Images with a copy or a look-alike in an earlier split (seglab.data.groups): never moved, reported.
         "lookalikes": {
             "used": datamodule.near_counts(),
             "export_splits": datamodule.near_counts({s: source.samples.get(s, []) for s in SPLITS})
-            if "all" not in source.samples else {},
+            if "all" not in source.samples
+            else {},
             "examples": [{k: v for k, v in pair.items() if not k.startswith("_")} for pair in pairs],
         },
         "_lookalike_pairs": pairs,  # (split, index) of each side, for the picture sheet
         "shared_in_export": datamodule.shared_in_export,
         "shared_photos_policy": datamodule.shared_photos,
-        "annotations": {kind: {datamodule.relative(Path(k)): v for k, v in found.items()}
-                        for kind, found in checks.items()},
+        "annotations": {
+            kind: {datamodule.relative(Path(k)): v for k, v in found.items()} for kind, found in checks.items()
+        },
         "groups": multi,
         "_counts": counts_of,  # for the picture sheet; left out of report.json
     }
@@ -226,8 +244,15 @@ def lookalike_examples(datamodule, count: int = 10) -> list[dict]:
             near = sorted(g for g in groups.lookalikes.get(group, ()) if g in train_files)
             if group not in train_files and near and len(out) < count:
                 index, name = train_files[near[0]]
-                out.append({"split": split, "image": datamodule.relative(sample.image), "train": name,
-                            "_at": (split, i), "_train_at": ("train", index)})
+                out.append(
+                    {
+                        "split": split,
+                        "image": datamodule.relative(sample.image),
+                        "train": name,
+                        "_at": (split, i),
+                        "_train_at": ("train", index),
+                    }
+                )
     return out
 
 
@@ -240,8 +265,10 @@ def split_origin(datamodule) -> str:
     own = datamodule.source.samples
     by = datamodule.split_by
     if datamodule.cv_folds:
-        return (f"every image pooled into {datamodule.cv_folds} folds by {by}, fold {datamodule.cv_fold} held out as "
-                f"test (seed {datamodule.split_seed})")
+        return (
+            f"every image pooled into {datamodule.cv_folds} folds by {by}, fold {datamodule.cv_fold} held out as "
+            f"test (seed {datamodule.split_seed})"
+        )
     if "all" in own:
         return f"one annotation file, split {datamodule.split_ratios} by {by} (seed {datamodule.split_seed})"
     if datamodule.resplit:
@@ -300,8 +327,11 @@ def main(argv: list[str] | None = None) -> dict:
     except SeglabError as e:
         print(f"seglab: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print(text + f"\nWritten to {out}: report.md, report.json, sheet.png, report.html "
-          f"({time.perf_counter() - started:.1f} s)", flush=True)
+    print(
+        text + f"\nWritten to {out}: report.md, report.json, sheet.png, report.html "
+        f"({time.perf_counter() - started:.1f} s)",
+        flush=True,
+    )
     return report
 
 

@@ -25,10 +25,26 @@ LAYOUTS = ("auto", "coco", "roboflow_coco", "roboflow_masks", "roboflow_yolo")
 
 # Fixed colours, index = class; background black. Enough for 20 classes, then it repeats.
 _PALETTE = [
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
-    (255, 215, 180), (0, 0, 128),
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
 ]
 
 
@@ -171,6 +187,7 @@ def _split_folders(root: Path) -> dict[str, Path]:
 def find_export(folder: Path) -> Path | None:
     """`folder` if it holds an export (split folders or an annotation file), else its one subfolder that does
     (an export folder zipped with its name), else None."""
+
     def holds_export(f: Path) -> bool:
         return bool(_split_folders(f)) or _find_annotation_file(f) is not None
 
@@ -183,14 +200,22 @@ def find_export(folder: Path) -> Path | None:
 
 def _coco_samples(coco: CocoFile, image_dir: Path) -> list[Sample]:
     first = next(iter(coco.images.values()), None)
-    if first is not None and not (image_dir / first["file_name"]).exists() \
-            and (image_dir / "images" / first["file_name"]).is_file():
+    if (
+        first is not None
+        and not (image_dir / first["file_name"]).exists()
+        and (image_dir / "images" / first["file_name"]).is_file()
+    ):
         # A COCO export whose images were moved into images/ beside its JSON (seen in a real export): read them there.
         log.info("%s: its images are in %s", coco.path, image_dir / "images")
         image_dir = image_dir / "images"
     return [
-        Sample(image_dir / im["file_name"], coco.path, image_id, size=(int(im["height"]), int(im["width"])),
-               original_name=uploaded_name(im))
+        Sample(
+            image_dir / im["file_name"],
+            coco.path,
+            image_id,
+            size=(int(im["height"]), int(im["width"])),
+            original_name=uploaded_name(im),
+        )
         for image_id, im in sorted(coco.images.items())
     ]
 
@@ -207,9 +232,7 @@ def _coco_source(layout: str, root: Path, files: dict[str, tuple[Path, Path]], c
     available = [name for _, name in object_categories(list(coco.values()))]
     class_names = select_classes(available, classes, root)
     index = {name: i for i, name in enumerate(class_names)}
-    category_index = {
-        f.path: {int(c["id"]): index.get(c["name"], 0) for c in f.categories} for f in coco.values()
-    }
+    category_index = {f.path: {int(c["id"]): index.get(c["name"], 0) for c in f.categories} for f in coco.values()}
     samples = {split: _coco_samples(coco[split], image_dir) for split, (_, image_dir) in files.items()}
     return Source(layout, root, class_names, samples, {f.path: f for f in coco.values()}, category_index)
 
@@ -228,7 +251,8 @@ def read_classes_csv(path: Path) -> dict[int, str]:
 
 def _mask_samples(folder: Path) -> list[Sample]:
     images = sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(MASK_SUFFIX) and not hidden(p)
     )
     samples, orphans = [], []
@@ -262,11 +286,14 @@ def _yolo_source(root: Path, folders: dict[str, Path], classes: list[str] | None
     """A YOLO segmentation export, each split read into a COCO file in the cache (seglab.data.yolo)."""
     data_yaml = yolo.find_data_yaml(root)
     if data_yaml is None:
-        raise SeglabError(f"{root} has YOLO folders (images/ and labels/) but no {' or '.join(yolo.DATA_YAML)} with "
-                          "the class names ('names: [...]'). Add it from the export, or re-export the dataset.")
+        raise SeglabError(
+            f"{root} has YOLO folders (images/ and labels/) but no {' or '.join(yolo.DATA_YAML)} with "
+            "the class names ('names: [...]'). Add it from the export, or re-export the dataset."
+        )
     names = yolo.class_names(data_yaml)
-    files = {split: (yolo.convert_split(folder, names, cache_dir), folder / "images")
-             for split, folder in folders.items()}
+    files = {
+        split: (yolo.convert_split(folder, names, cache_dir), folder / "images") for split, folder in folders.items()
+    }
     return _coco_source("roboflow_yolo", root, files, classes)
 
 
@@ -314,9 +341,7 @@ def discover(
                 f"(COCO export), {CLASSES_CSV} with <stem>{MASK_SUFFIX} files (mask export) and images/ beside "
                 "labels/ (YOLO segmentation export)."
             )
-        return _coco_source(
-            "roboflow_coco", root, {s: (coco_files[s], folders[s]) for s in folders}, classes
-        )
+        return _coco_source("roboflow_coco", root, {s: (coco_files[s], folders[s]) for s in folders}, classes)
     ann = _find_annotation_file(root)
     if ann is not None:
         images = Path(image_dir) if image_dir is not None else root

@@ -52,8 +52,9 @@ def shuffled_groups(items: Sequence, group_of: Callable[[object], Hashable], see
     return shuffled(list(groups.values()), seed, key=lambda g: key(g[0]))
 
 
-def stretches(groups: list[list], group_of: Callable[[object], Hashable],
-              neighbours: Mapping[Hashable, set] | None) -> list[list]:
+def stretches(
+    groups: list[list], group_of: Callable[[object], Hashable], neighbours: Mapping[Hashable, set] | None
+) -> list[list]:
     """The groups reordered so that look-alike neighbours follow each other: from the first group, breadth-first
     through `neighbours` (in the seeded order), then on from the next group not reached. A split that takes
     leading groups then takes a stretch of a video, which meets the rest of it only at its two ends, instead of
@@ -87,9 +88,14 @@ def take(groups: list[list], target: int) -> int:
     return count
 
 
-def split_items(items: Sequence, ratios: Sequence[float], seed: int, key=str,
-                group_of: Callable[[object], Hashable] | None = None,
-                neighbours: Mapping[Hashable, set] | None = None) -> dict[str, list]:
+def split_items(
+    items: Sequence,
+    ratios: Sequence[float],
+    seed: int,
+    key=str,
+    group_of: Callable[[object], Hashable] | None = None,
+    neighbours: Mapping[Hashable, set] | None = None,
+) -> dict[str, list]:
     """train/val/test by group, each as close to its ratio as whole groups allow (neighbouring groups together:
     stretches)."""
     group_of = group_of or key
@@ -102,8 +108,14 @@ def split_items(items: Sequence, ratios: Sequence[float], seed: int, key=str,
     return out
 
 
-def fold_items(items: Sequence, folds: int, seed: int, key=str, group_of: Callable[[object], Hashable] | None = None,
-               neighbours: Mapping[Hashable, set] | None = None) -> list[list]:
+def fold_items(
+    items: Sequence,
+    folds: int,
+    seed: int,
+    key=str,
+    group_of: Callable[[object], Hashable] | None = None,
+    neighbours: Mapping[Hashable, set] | None = None,
+) -> list[list]:
     """`folds` folds by group, each as close to an equal share as whole groups allow (neighbouring groups
     together: stretches)."""
     group_of = group_of or key
@@ -116,8 +128,14 @@ def fold_items(items: Sequence, folds: int, seed: int, key=str, group_of: Callab
     return [*out, [x for g in groups for x in g]]
 
 
-def carve(items: Sequence, n: int, seed: int, key=str, group_of: Callable[[object], Hashable] | None = None,
-          neighbours: Mapping[Hashable, set] | None = None) -> tuple[list, list]:
+def carve(
+    items: Sequence,
+    n: int,
+    seed: int,
+    key=str,
+    group_of: Callable[[object], Hashable] | None = None,
+    neighbours: Mapping[Hashable, set] | None = None,
+) -> tuple[list, list]:
     """About n items (whole groups, at least one) split off `items`: (carved, rest)."""
     group_of = group_of or key
     groups = stretches(shuffled_groups(items, group_of, seed, key), group_of, neighbours)
@@ -134,8 +152,9 @@ def shared_groups(splits: dict[str, list], group_of: Callable[[object], Hashable
     return {g: by_split for g, by_split in where.items() if len(by_split) > 1}
 
 
-def resolve_shared(splits: dict[str, list], group_of: Callable[[object], Hashable], policy: str, where: str,
-                   name=str, show: int = 5) -> tuple[dict[str, list], dict[str, dict[str, list[str]]]]:
+def resolve_shared(
+    splits: dict[str, list], group_of: Callable[[object], Hashable], policy: str, where: str, name=str, show: int = 5
+) -> tuple[dict[str, list], dict[str, dict[str, list[str]]]]:
     """The export's own splits with no photo on two sides. A group found in several splits is reported by
     name; `move` puts all its files into the first of those splits (train, then val, then test), so what is
     evaluated was never trained on; `warn` leaves it; `error` stops. Returns the splits and the shared
@@ -146,13 +165,19 @@ def resolve_shared(splits: dict[str, list], group_of: Callable[[object], Hashabl
     report = {str(g): {s: [name(x) for x in items] for s, items in by_split.items()} for g, by_split in shared.items()}
     if not shared:
         return splits, report
-    examples = "; ".join(f"{g}: " + ", ".join(f"{s} {len(v)}" for s, v in by_split.items())
-                         for g, by_split in list(report.items())[:show])
-    message = (f"{len(shared)} photo(s) of {where} have copies in more than one of the export's own splits "
-               f"(e.g. {examples}): a model would be tested on copies of photos it trained on.")
+    examples = "; ".join(
+        f"{g}: " + ", ".join(f"{s} {len(v)}" for s, v in by_split.items())
+        for g, by_split in list(report.items())[:show]
+    )
+    message = (
+        f"{len(shared)} photo(s) of {where} have copies in more than one of the export's own splits "
+        f"(e.g. {examples}): a model would be tested on copies of photos it trained on."
+    )
     if policy == "error":
-        raise SeglabError(message + " Set data.shared_photos=move to move each photo's copies into the first "
-                          "of those splits, or data.resplit=true to split the export again by photo.")
+        raise SeglabError(
+            message + " Set data.shared_photos=move to move each photo's copies into the first "
+            "of those splits, or data.resplit=true to split the export again by photo."
+        )
     if policy == "warn":
         log.warning("%s Left as they are (data.shared_photos=warn): val/test metrics are optimistic.", message)
         return splits, report
@@ -170,7 +195,8 @@ def resolve_shared(splits: dict[str, list], group_of: Callable[[object], Hashabl
                 f"data.shared_photos=move would leave the {split} split of {where} with {after} of its {before} "
                 f"images (the others have copies in an earlier split; e.g. {examples}). Choose "
                 "data.shared_photos=warn to keep the export's split (scores optimistic), or data.resplit=true "
-                "to split it again by photo (add data.split_by=scene to keep look-alike frames together).")
+                "to split it again by photo (add data.split_by=scene to keep look-alike frames together)."
+            )
     log.warning("%s Moved each photo's copies into the first of those splits (data.shared_photos=move).", message)
     return out, report
 
@@ -178,8 +204,10 @@ def resolve_shared(splits: dict[str, list], group_of: Callable[[object], Hashabl
 def leak_counts(splits: dict[str, list], group_of: Callable[[object], Hashable]) -> dict[str, int]:
     """Images of a later split that share a photo with an earlier one: what a leaky split inflates."""
     seen = {split: {group_of(x) for x in splits.get(split, [])} for split in SPLITS}
-    return {f"{later}_with_copy_in_{earlier}": sum(group_of(x) in seen[earlier] for x in splits.get(later, []))
-            for earlier, later in (("train", "val"), ("train", "test"), ("val", "test"))}
+    return {
+        f"{later}_with_copy_in_{earlier}": sum(group_of(x) in seen[earlier] for x in splits.get(later, []))
+        for earlier, later in (("train", "val"), ("train", "test"), ("val", "test"))
+    }
 
 
 def check_not_empty(splits: dict[str, list], where: str) -> None:

@@ -48,16 +48,23 @@ class ClassAwareCrop(BaseCrop):
     counted.
     """
 
-    def __init__(self, height: int, width: int, class_prob: float = 0.5, cat_max_ratio: float = 0.75,
-                 ignore_index: int = 255, max_tries: int = 10, p: float = 1.0):
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        class_prob: float = 0.5,
+        cat_max_ratio: float = 0.75,
+        ignore_index: int = 255,
+        max_tries: int = 10,
+        p: float = 1.0,
+    ):
         super().__init__(p=p)
         self.height, self.width = height, width
         self.class_prob, self.cat_max_ratio = class_prob, cat_max_ratio
         self.ignore_index, self.max_tries = ignore_index, max_tries
 
     def _random_corner(self, mask_hw: tuple[int, int]) -> tuple[int, int]:
-        return (self.py_random.randint(0, mask_hw[0] - self.height),
-                self.py_random.randint(0, mask_hw[1] - self.width))
+        return (self.py_random.randint(0, mask_hw[0] - self.height), self.py_random.randint(0, mask_hw[1] - self.width))
 
     def _acceptable(self, crop: np.ndarray) -> bool:
         # As MMSegmentation's RandomCrop: at least two classes, none above cat_max_ratio of the labelled pixels.
@@ -69,8 +76,9 @@ class ClassAwareCrop(BaseCrop):
         mask = data["mask"]
         mask_hw = mask.shape[:2]
         if self.height > mask_hw[0] or self.width > mask_hw[1]:
-            raise ValueError(f"Crop {self.height}x{self.width} is larger than the image {mask_hw}: "
-                             "pad it first (A.PadIfNeeded)")
+            raise ValueError(
+                f"Crop {self.height}x{self.width} is larger than the image {mask_hw}: pad it first (A.PadIfNeeded)"
+            )
         # The search runs over the whole rescaled mask (up to ~2048 px square) for every sample, so it uses
         # OpenCV's histogram and a flat index: 3-10x cheaper than np.bincount / np.nonzero, same values.
         present = [int(c) for c in np.flatnonzero(class_counts(mask)) if c not in (0, self.ignore_index)]
@@ -91,8 +99,9 @@ class ClassAwareCrop(BaseCrop):
         return {"crop_coords": (x0, y0, x0 + self.width, y0 + self.height)}
 
 
-def geometry_transforms(train: bool, image_size: int, base_size: int | None, geometry: Mapping,
-                        ignore_index: int) -> list[A.BasicTransform]:
+def geometry_transforms(
+    train: bool, image_size: int, base_size: int | None, geometry: Mapping, ignore_index: int
+) -> list[A.BasicTransform]:
     kind = geometry.get("kind", "stretch")
     if kind not in GEOMETRIES:
         raise ValueError(f"augmentation.geometry.kind={kind!r} is not one of {GEOMETRIES}")
@@ -107,10 +116,16 @@ def geometry_transforms(train: bool, image_size: int, base_size: int | None, geo
     sizes = sorted({max(1, round(base_size * r)) for r in geometry["scales"]})
     return [
         A.LongestMaxSize(max_size=sizes, area_for_downscale="image", **linear),
-        A.PadIfNeeded(image_size, image_size, position="random", border_mode=cv2.BORDER_CONSTANT,
-                      fill=0, fill_mask=ignore_index),
-        ClassAwareCrop(image_size, image_size, class_prob=geometry.get("class_prob", 0.5),
-                       cat_max_ratio=geometry.get("cat_max_ratio", 0.75), ignore_index=ignore_index),
+        A.PadIfNeeded(
+            image_size, image_size, position="random", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index
+        ),
+        ClassAwareCrop(
+            image_size,
+            image_size,
+            class_prob=geometry.get("class_prob", 0.5),
+            cat_max_ratio=geometry.get("cat_max_ratio", 0.75),
+            ignore_index=ignore_index,
+        ),
     ]
 
 
@@ -128,9 +143,11 @@ def build_transforms(
     """Geometry (from the data node and augmentation.geometry), then the augmentations (training only),
     then ImageNet-style normalisation. Masks are only ever resized with nearest neighbour."""
     geometry = dict(geometry or {"kind": "stretch"})
-    return A.Compose([
-        *geometry_transforms(train, image_size, base_size, geometry, ignore_index),
-        *(augmentations if train else ()),
-        A.Normalize(mean=tuple(mean), std=tuple(std)),
-        ToTensorV2(),
-    ])
+    return A.Compose(
+        [
+            *geometry_transforms(train, image_size, base_size, geometry, ignore_index),
+            *(augmentations if train else ()),
+            A.Normalize(mean=tuple(mean), std=tuple(std)),
+            ToTensorV2(),
+        ]
+    )

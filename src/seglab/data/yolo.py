@@ -59,14 +59,18 @@ def parse_label(path: Path, num_classes: int) -> list[tuple[int, list[float]]]:
         except ValueError:
             raise SeglabError(f"{where} is not 'class x1 y1 x2 y2 ...' (numbers): {line.strip()[:60]!r}.") from None
         if len(values) == 4:
-            raise SeglabError(f"{where} is a detection label (a class and a box), not a polygon: this is a YOLO "
-                              "detection export. Export the dataset as 'YOLOv8 Segmentation' (an instance "
-                              "segmentation project) or as 'COCO Segmentation'.")
+            raise SeglabError(
+                f"{where} is a detection label (a class and a box), not a polygon: this is a YOLO "
+                "detection export. Export the dataset as 'YOLOv8 Segmentation' (an instance "
+                "segmentation project) or as 'COCO Segmentation'."
+            )
         if len(values) < 6 or len(values) % 2:
             raise SeglabError(f"{where} has {len(values)} coordinates; a polygon needs 3 or more x y pairs.")
         if not 0 <= cls < num_classes:
-            raise SeglabError(f"{where} has class {cls}, but data.yaml names {num_classes} classes (0..."
-                              f"{num_classes - 1}). Re-export the dataset, or fix data.yaml's names.")
+            raise SeglabError(
+                f"{where} has class {cls}, but data.yaml names {num_classes} classes (0..."
+                f"{num_classes - 1}). Re-export the dataset, or fix data.yaml's names."
+            )
         objects.append((cls, values))
     return objects
 
@@ -83,8 +87,9 @@ def image_size(path: Path) -> tuple[int, int]:
 def convert_split(folder: Path, names: list[str], cache: Path) -> Path:
     """The split's COCO file in `cache` (written on first read, then reused while the labels, image files and
     names are unchanged). Its `file_name`s are relative to `folder/images`."""
-    images = sorted(p for p in (folder / "images").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                    and not p.name.startswith("."))  # macOS's ._photo.jpg metadata files are not images
+    images = sorted(
+        p for p in (folder / "images").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )  # macOS's ._photo.jpg metadata files are not images
     labels = {p.relative_to(folder / "labels").with_suffix(""): p for p in (folder / "labels").rglob("*.txt")}
     digest = hashlib.sha256(json.dumps([FORMAT_KEY, names]).encode())
     for image in images:
@@ -98,18 +103,34 @@ def convert_split(folder: Path, names: list[str], cache: Path) -> Path:
     coco_images, annotations = [], []
     for image_id, image in enumerate(images):
         height, width = image_size(image)
-        coco_images.append({"id": image_id, "file_name": str(image.relative_to(folder / "images")),
-                            "height": height, "width": width})
+        coco_images.append(
+            {"id": image_id, "file_name": str(image.relative_to(folder / "images")), "height": height, "width": width}
+        )
         label = labels.get(image.relative_to(folder / "images").with_suffix(""))
         for cls, values in parse_label(label, len(names)) if label else []:
             polygon = [round(v * (width if i % 2 == 0 else height), 2) for i, v in enumerate(values)]
             xs, ys = polygon[0::2], polygon[1::2]
-            annotations.append({"id": len(annotations), "image_id": image_id, "category_id": cls + 1,
-                                "segmentation": [polygon], "iscrowd": 0,
-                                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]})
+            annotations.append(
+                {
+                    "id": len(annotations),
+                    "image_id": image_id,
+                    "category_id": cls + 1,
+                    "segmentation": [polygon],
+                    "iscrowd": 0,
+                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                }
+            )
     categories = [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(names)]
     target.parent.mkdir(parents=True, exist_ok=True)
     with replacing(target) as tmp:
-        Path(tmp).write_text(json.dumps({"images": coco_images, "annotations": annotations,
-                                         "categories": categories, "info": {"converted_from": str(folder)}}))
+        Path(tmp).write_text(
+            json.dumps(
+                {
+                    "images": coco_images,
+                    "annotations": annotations,
+                    "categories": categories,
+                    "info": {"converted_from": str(folder)},
+                }
+            )
+        )
     return target

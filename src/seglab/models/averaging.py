@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def ema_with_warmup(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor,
-                    decay: float = 0.999) -> torch.Tensor:
+def ema_with_warmup(
+    averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor, decay: float = 0.999
+) -> torch.Tensor:
     """Exponential moving average whose decay warms up as timm's ModelEmaV3 does: min(decay, (1 + n) / (10 + n))
     after n updates. A fixed decay of 0.99 keeps ~half of the random initial weights after 70 steps, so a model
     trained from scratch on a few hundred images was validated as background-only (measured); warmed up, the

@@ -101,8 +101,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             try:
                 fn(*args)
             except Exception as e:  # noqa: BLE001 - reported on the training thread, with the file's name
-                error = SeglabError(f"{what} failed: {first_line(e)}. The previous file of that name, if any, "
-                                    "is unchanged.")
+                error = SeglabError(
+                    f"{what} failed: {first_line(e)}. The previous file of that name, if any, is unchanged."
+                )
                 error.__cause__ = e
                 with self._error_lock:
                     self._error = self._error or error
@@ -196,11 +197,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # weights_only: a checkpoint is data, never code; seglab stores only plain Python values in it.
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a usable checkpoint
-        raise SeglabError(f"{path} is not a readable PyTorch checkpoint (corrupt or another format: "
-                          f"{first_line(e)}).") from None
+        raise SeglabError(
+            f"{path} is not a readable PyTorch checkpoint (corrupt or another format: {first_line(e)})."
+        ) from None
     seglab = checkpoint.get("seglab") if isinstance(checkpoint, dict) else None
-    if not isinstance(checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None, dict) \
-            or not isinstance(seglab, dict) or "config" not in seglab:
+    if (
+        not isinstance(checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None, dict)
+        or not isinstance(seglab, dict)
+        or "config" not in seglab
+    ):
         raise SeglabError(
             f"{path} is a PyTorch file but not a seglab checkpoint (it lacks the stored classes and config). "
             "Use a .ckpt written by train.py; to start training from other weights use "

@@ -68,10 +68,14 @@ def class_weights(spec, datamodule) -> torch.Tensor:
         shares = ", ".join(f"{n} {100 * p / pixels.sum():.2f}%" for n, p in zip(names, pixels, strict=True))
         log.info("Train split pixels per class: %s", shares)
     else:
-        raise SeglabError(f"loss.class_weights={spec!r} must be null, median_frequency or a list of "
-                          f"{len(names)} numbers.")
-    log.info("Class weights (loss.class_weights=%s): %s", spec if isinstance(spec, str) else "list",
-             ", ".join(f"{n} {w:.4f}" for n, w in zip(names, weights, strict=True)))
+        raise SeglabError(
+            f"loss.class_weights={spec!r} must be null, median_frequency or a list of {len(names)} numbers."
+        )
+    log.info(
+        "Class weights (loss.class_weights=%s): %s",
+        spec if isinstance(spec, str) else "list",
+        ", ".join(f"{n} {w:.4f}" for n, w in zip(names, weights, strict=True)),
+    )
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -83,8 +87,10 @@ def build_criterion(loss_cfg: DictConfig, datamodule) -> nn.Module:
         return instantiate(loss_cfg.criterion)
     target = loss_cfg.criterion._target_
     if not issubclass(get_class(target), nn.CrossEntropyLoss):
-        raise SeglabError(f"loss.class_weights is passed as `weight` to torch.nn.CrossEntropyLoss; "
-                          f"loss.criterion is {target}. Use loss=ce_weighted or set loss.class_weights=null.")
+        raise SeglabError(
+            f"loss.class_weights is passed as `weight` to torch.nn.CrossEntropyLoss; "
+            f"loss.criterion is {target}. Use loss=ce_weighted or set loss.class_weights=null."
+        )
     weights = class_weights(spec, datamodule)
     criterion = instantiate(loss_cfg.criterion)
     # Recomputed from the data at every start: kept out of checkpoints (non-persistent), so that a

@@ -46,19 +46,21 @@ def segmentation_metrics(num_classes: int, ignore_index: int | None) -> MetricCo
     recall); it is kept under both names. validate_args=False keeps `update` free of host syncs.
     """
     common = {"num_classes": num_classes, "ignore_index": ignore_index, "validate_args": False}
-    return MetricCollection({
-        "mIoU": MulticlassJaccardIndex(average="macro", **common),
-        "mAcc": MulticlassAccuracy(average="macro", **common),
-        "pixel_acc": MulticlassAccuracy(average="micro", **common),
-        "mDice": MulticlassF1Score(average="macro", **common),
-        "mPrecision": MulticlassPrecision(average="macro", **common),
-        "mRecall": MulticlassRecall(average="macro", **common),
-        "IoU": MulticlassJaccardIndex(average="none", **common),
-        "Dice": MulticlassF1Score(average="none", **common),
-        "precision": MulticlassPrecision(average="none", **common),
-        "recall": MulticlassRecall(average="none", **common),
-        "confmat": MulticlassConfusionMatrix(**common),
-    })
+    return MetricCollection(
+        {
+            "mIoU": MulticlassJaccardIndex(average="macro", **common),
+            "mAcc": MulticlassAccuracy(average="macro", **common),
+            "pixel_acc": MulticlassAccuracy(average="micro", **common),
+            "mDice": MulticlassF1Score(average="macro", **common),
+            "mPrecision": MulticlassPrecision(average="macro", **common),
+            "mRecall": MulticlassRecall(average="macro", **common),
+            "IoU": MulticlassJaccardIndex(average="none", **common),
+            "Dice": MulticlassF1Score(average="none", **common),
+            "precision": MulticlassPrecision(average="none", **common),
+            "recall": MulticlassRecall(average="none", **common),
+            "confmat": MulticlassConfusionMatrix(**common),
+        }
+    )
 
 
 def scalar_metrics(values: dict[str, torch.Tensor], class_names: Sequence[str], prefix: str) -> dict[str, float]:
@@ -90,8 +92,11 @@ def use_fused(factory: Callable[..., torch.optim.Optimizer], device: torch.devic
     """Whether to pass fused=True to the optimizer partial: on CUDA and CPU, for the optimizers that have a
     fused kernel, unless the config chose (optimizer.fused=true/false; null leaves it to this)."""
     keywords = getattr(factory, "keywords", {})
-    return (device.type in FUSED_DEVICES and getattr(factory, "func", None) in FUSED_OPTIMIZERS
-            and keywords.get("fused") is None)
+    return (
+        device.type in FUSED_DEVICES
+        and getattr(factory, "func", None) in FUSED_OPTIMIZERS
+        and keywords.get("fused") is None
+    )
 
 
 class SegmentationModule(pl.LightningModule):
@@ -155,11 +160,11 @@ class SegmentationModule(pl.LightningModule):
         everywhere: what a model that learned nothing from the images reaches. Any criterion; no host sync."""
         logits = outputs["out"]
         pixels = torch.zeros(256, device=masks.device).index_add_(
-            0, masks.flatten(), torch.ones(masks.numel(), device=masks.device))[: logits.shape[1]]
+            0, masks.flatten(), torch.ones(masks.numel(), device=masks.device)
+        )[: logits.shape[1]]
         self._class_pixels = pixels if self._class_pixels is None else self._class_pixels + pixels
         prior = (self._class_pixels / self._class_pixels.sum().clamp(min=1)).clamp(min=MIN_PRIOR).log()
-        constant = {k: prior.to(v.dtype)[None, :, None, None].expand_as(v) for k, v in outputs.items()
-                    if v is not None}
+        constant = {k: prior.to(v.dtype)[None, :, None, None].expand_as(v) for k, v in outputs.items() if v is not None}
         return self.loss(constant, masks, train=True)
 
     def on_train_epoch_end(self) -> None:
@@ -178,13 +183,24 @@ class SegmentationModule(pl.LightningModule):
             below_from = None
         due = epoch + 1 >= LOSS_CHECK_EPOCHS and below_from is None
         warned = self.loss_check.get("warned", False)
-        self.loss_check = {"epoch": epoch, "loss": loss, "trivial_loss": trivial,
-                           "below_trivial_from_epoch": below_from, "ok": not due, "warned": warned or due}
+        self.loss_check = {
+            "epoch": epoch,
+            "loss": loss,
+            "trivial_loss": trivial,
+            "below_trivial_from_epoch": below_from,
+            "ok": not due,
+            "warned": warned or due,
+        }
         if due and not warned:
-            log.warning("After %d epochs the training loss (%.4f) is not below the loss of predicting the class "
-                        "frequencies everywhere (%.4f): the model has learned nothing from the images yet. Try a "
-                        "higher optimizer.lr, pretrained weights (model.weights), or check the masks "
-                        "(python -m seglab.data.report).", epoch + 1, loss, trivial)
+            log.warning(
+                "After %d epochs the training loss (%.4f) is not below the loss of predicting the class "
+                "frequencies everywhere (%.4f): the model has learned nothing from the images yet. Try a "
+                "higher optimizer.lr, pretrained weights (model.weights), or check the masks "
+                "(python -m seglab.data.report).",
+                epoch + 1,
+                loss,
+                trivial,
+            )
 
     def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits as evaluate.py and predict.py make them (seglab.inference): a batch whose images are larger than
@@ -223,15 +239,23 @@ class SegmentationModule(pl.LightningModule):
             loss = self.criterion(logits, masks)
             preds = logits.argmax(dim=1)
             self.metrics[stage].update(preds, masks)
-            self._batch_confusions[stage].append(image_confusions(preds, masks, len(self.class_names),
-                                                                  self.ignore_index))
+            self._batch_confusions[stage].append(
+                image_confusions(preds, masks, len(self.class_names), self.ignore_index)
+            )
         # Training loss per step, evaluation loss per epoch: both on the global-step axis in TensorBoard.
         # Not the per-step loss in the progress bar: Lightning turns progress-bar values into Python floats
         # after every batch, a host sync per step.
         # sync_dist: under DDP the epoch's val/test loss (a monitor) is the mean over all processes' images; one
         # all-reduce at the epoch's end.
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=stage != "train",
-                 prog_bar=stage != "train", batch_size=images.shape[0], sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=stage != "train",
+            prog_bar=stage != "train",
+            batch_size=images.shape[0],
+            sync_dist=stage != "train",
+        )
         return loss, preds
 
     def training_step(self, batch, batch_idx):

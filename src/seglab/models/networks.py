@@ -39,8 +39,10 @@ def offline_message(url: str, error: Exception, setting: str, put_it: str | None
     file = os.path.basename(url)
     if put_it is None:
         target = Path(torch.hub.get_dir()) / "checkpoints" / file
-        put_it = (f"put that file at {target} (download it from {url} on a machine with internet; "
-                  "$TORCH_HOME moves the folder)")
+        put_it = (
+            f"put that file at {target} (download it from {url} on a machine with internet; "
+            "$TORCH_HOME moves the folder)"
+        )
     return (
         f"Could not download the pretrained weights file {file} ({error}); this machine seems to be "
         f"offline. Either {put_it}, or train without it: {setting}=null. "
@@ -48,8 +50,13 @@ def offline_message(url: str, error: Exception, setting: str, put_it: str | None
     )
 
 
-def download_guard(load: Callable[[], nn.Module], url: str, setting: str, put_it: str | None = None,
-                   offline_errors: tuple[type[Exception], ...] = ()) -> nn.Module:
+def download_guard(
+    load: Callable[[], nn.Module],
+    url: str,
+    setting: str,
+    put_it: str | None = None,
+    offline_errors: tuple[type[Exception], ...] = (),
+) -> nn.Module:
     try:
         return load()
     except (urllib.error.URLError, ConnectionError, TimeoutError, *offline_errors) as e:
@@ -74,8 +81,7 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise SeglabError(f"model.weights_path={str(path)!r} holds a {type(state).__name__}, "
-                          "not a state dict.")
+        raise SeglabError(f"model.weights_path={str(path)!r} holds a {type(state).__name__}, not a state dict.")
     state = {k.removeprefix("net."): v for k, v in state.items()}
     own = model.state_dict()
     # An encoder-only file (smp's model.safetensors for MiT) names its tensors without the "encoder." prefix.
@@ -111,11 +117,11 @@ def torchvision_deeplab(
         enum = torchvision.models.get_model_weights(arch).verify(weights)
         model = download_guard(lambda: builder(weights=enum), enum.url, "model.weights")
     else:
-        enum = torchvision.models.get_model_weights(backbone).verify(weights_backbone) if weights_backbone \
-            else None
+        enum = torchvision.models.get_model_weights(backbone).verify(weights_backbone) if weights_backbone else None
         model = download_guard(
             lambda: builder(weights=None, weights_backbone=enum, num_classes=num_classes, aux_loss=True),
-            enum.url if enum else "", "model.weights_backbone",
+            enum.url if enum else "",
+            "model.weights_backbone",
         )
     _replace_last_conv(model.classifier, num_classes)
     _replace_last_conv(model.aux_classifier, num_classes)

@@ -29,8 +29,7 @@ class Segformer(smp.Segformer):
         return {"out": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
 
-def smp_segformer(arch: str, num_classes: int, weights: str | None,
-                  weights_backbone: str | None) -> nn.Module:
+def smp_segformer(arch: str, num_classes: int, weights: str | None, weights_backbone: str | None) -> nn.Module:
     encoder = SEGFORMERS[arch]
     if weights:
         raise SeglabError(
@@ -39,12 +38,10 @@ def smp_segformer(arch: str, num_classes: int, weights: str | None,
         )
     settings = smp.encoders.encoders[encoder]["pretrained_settings"]
     if weights_backbone and weights_backbone not in settings:
-        raise SeglabError(f"model.weights_backbone={weights_backbone!r} is not one of {sorted(settings)} "
-                          "or null.")
+        raise SeglabError(f"model.weights_backbone={weights_backbone!r} is not one of {sorted(settings)} or null.")
 
     def load() -> nn.Module:
-        return Segformer(encoder_name=encoder, encoder_weights=weights_backbone, classes=num_classes,
-                         upsampling=1)
+        return Segformer(encoder_name=encoder, encoder_weights=weights_backbone, classes=num_classes, upsampling=1)
 
     if not weights_backbone:
         return load()
@@ -54,8 +51,10 @@ def smp_segformer(arch: str, num_classes: int, weights: str | None,
     url = f"https://huggingface.co/{repo}/resolve/{revision}/model.safetensors"
     cache = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
     snapshot = cache / "snapshots" / revision
-    put_it = (f"put config.json and model.safetensors from https://huggingface.co/{repo}/tree/{revision} "
-              f"into {snapshot} (`hf download {repo} --revision {revision}` on a machine with internet fills "
-              f"that cache; $HF_HOME moves it), or give that model.safetensors as model.weights_path=<file>")
+    put_it = (
+        f"put config.json and model.safetensors from https://huggingface.co/{repo}/tree/{revision} "
+        f"into {snapshot} (`hf download {repo} --revision {revision}` on a machine with internet fills "
+        f"that cache; $HF_HOME moves it), or give that model.safetensors as model.weights_path=<file>"
+    )
     # huggingface_hub gives up with LocalEntryNotFoundError once its retries fail and nothing is cached.
     return download_guard(load, url, "model.weights_backbone", put_it, offline_errors=(LocalEntryNotFoundError,))

@@ -18,8 +18,9 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return sorted({min(i * stride, length - tile) for i in range(count)})
 
 
-def slide_logits(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: float,
-                 tiles_per_pass: int = 8) -> torch.Tensor:
+def slide_logits(
+    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: float, tiles_per_pass: int = 8
+) -> torch.Tensor:
     """Logits (N, C, H, W) of images x (N, 3, H, W) from tile x tile crops every tile * (1 - overlap) pixels;
     about `tiles_per_pass` crops go through `run` at once."""
     n, _, height, width = x.shape

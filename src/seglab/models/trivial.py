@@ -13,13 +13,15 @@ import numpy as np
 
 # mIoU within this of the trivial model's counts as no better (a few pixels of a class found by chance).
 MARGIN = 0.02
-DOMINANT_SHARE = 0.95     # one class predicted on this share of the pixels ...
-DOMINANT_GAP = 0.05       # ... while the ground truth has at least this much less of it
-MISSED_SHARE = 0.01       # a class predicted on fewer pixels than this share of its ground truth is "missed"
+DOMINANT_SHARE = 0.95  # one class predicted on this share of the pixels ...
+DOMINANT_GAP = 0.05  # ... while the ground truth has at least this much less of it
+MISSED_SHARE = 0.01  # a class predicted on fewer pixels than this share of its ground truth is "missed"
 
-ADVICE = ("train longer (max_epochs; no early stopping: callbacks.early_stopping=null), start from pretrained "
-          "weights (model.weights), weigh rare classes (loss=dice_ce or loss=ce_weighted), pick the checkpoint "
-          "by mIoU (monitor=miou)")
+ADVICE = (
+    "train longer (max_epochs; no early stopping: callbacks.early_stopping=null), start from pretrained "
+    "weights (model.weights), weigh rare classes (loss=dice_ce or loss=ce_weighted), pick the checkpoint "
+    "by mIoU (monitor=miou)"
+)
 
 
 def trivial_scores(counts: np.ndarray, class_names: Sequence[str]) -> dict[str, float | str]:
@@ -47,14 +49,21 @@ def diagnose(counts: np.ndarray, class_names: Sequence[str], miou: float) -> dic
     total = target.sum()
     flags = []
     if miou < trivial["mIoU"] + MARGIN:
-        flags.append(f"mIoU {miou:.4f} is no better than predicting {trivial['class']} everywhere "
-                     f"({trivial['mIoU']:.4f})")
-    flags += [f"predicts {name} on {100 * pred[i] / total:.1f} % of the pixels (the ground truth: "
-              f"{100 * target[i] / total:.1f} %)" for i, name in enumerate(class_names)
-              if pred[i] / total >= DOMINANT_SHARE and target[i] / total <= pred[i] / total - DOMINANT_GAP]
-    flags += [f"{name} covers {100 * target[i] / total:.2f} % of the ground truth but is "
-              f"{'never' if pred[i] == 0 else 'almost never'} predicted" for i, name in enumerate(class_names)
-              if target[i] > 0 and pred[i] < MISSED_SHARE * target[i]]
+        flags.append(
+            f"mIoU {miou:.4f} is no better than predicting {trivial['class']} everywhere ({trivial['mIoU']:.4f})"
+        )
+    flags += [
+        f"predicts {name} on {100 * pred[i] / total:.1f} % of the pixels (the ground truth: "
+        f"{100 * target[i] / total:.1f} %)"
+        for i, name in enumerate(class_names)
+        if pred[i] / total >= DOMINANT_SHARE and target[i] / total <= pred[i] / total - DOMINANT_GAP
+    ]
+    flags += [
+        f"{name} covers {100 * target[i] / total:.2f} % of the ground truth but is "
+        f"{'never' if pred[i] == 0 else 'almost never'} predicted"
+        for i, name in enumerate(class_names)
+        if target[i] > 0 and pred[i] < MISSED_SHARE * target[i]
+    ]
     verdict = "trivial" if flags and miou < trivial["mIoU"] + MARGIN else "warning" if flags else "ok"
     return {"trivial": trivial, "flags": flags, "verdict": verdict, "advice": ADVICE if flags else ""}
 
@@ -63,5 +72,5 @@ def describe(diagnosis: dict) -> list[str]:
     """Lines for a printed summary."""
     if diagnosis["verdict"] == "ok":
         return []
-    head = ("NO BETTER THAN A TRIVIAL MODEL" if diagnosis["verdict"] == "trivial" else "WARNING")
+    head = "NO BETTER THAN A TRIVIAL MODEL" if diagnosis["verdict"] == "trivial" else "WARNING"
     return [f"{head}: " + "; ".join(diagnosis["flags"]) + ".", f"Try: {diagnosis['advice']}."]

@@ -49,10 +49,14 @@ class ServeSettings(BaseModel):
     max_body_mb: float = Field(20.0, gt=0, description="largest request body; larger -> 413")
     max_pixels: int = Field(40_000_000, gt=0, description="largest width x height; larger -> 413")
     queue_size: int = Field(4, ge=1, description="requests running on or waiting for the model; more -> 503")
-    batch_size: int = Field(4, ge=1, description="requests the model runs as one batch (at most queue_size "
-                                                 "can be waiting); 1: one at a time")
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch that is not full waits for "
-                                                                 "requests still being received")
+    batch_size: int = Field(
+        4,
+        ge=1,
+        description="requests the model runs as one batch (at most queue_size can be waiting); 1: one at a time",
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="how long a batch that is not full waits for requests still being received"
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503")
     opacity: float = Field(0.5, ge=0, le=1, description="default overlay opacity")
 
@@ -171,9 +175,15 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = JSONResponse(status_code=413, content={"detail": (
-            f"The request body is larger than the server's limit of {self.max_bytes / MIB:g} MiB "
-            "(limits.max_body_mb). Send a smaller image (resize or JPEG-compress it).")})
+        too_large = JSONResponse(
+            status_code=413,
+            content={
+                "detail": (
+                    f"The request body is larger than the server's limit of {self.max_bytes / MIB:g} MiB "
+                    "(limits.max_body_mb). Send a smaller image (resize or JPEG-compress it)."
+                )
+            },
+        )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await too_large(scope, receive, send)
@@ -209,15 +219,20 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
             if width * height > max_pixels:
-                raise HTTPException(413, f"The image is {width}x{height} = {width * height} pixels, above the "
-                                         f"server's limit of {max_pixels} (limits.max_pixels). Resize it.")
+                raise HTTPException(
+                    413,
+                    f"The image is {width}x{height} = {width * height} pixels, above the "
+                    f"server's limit of {max_pixels} (limits.max_pixels). Resize it.",
+                )
             im.load()
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except Image.DecompressionBombError as e:  # PIL's own bomb guard, before ours if its limit is lower
         raise HTTPException(413, f"The image is too large to decode safely ({e}). Resize it.") from None
     except UnidentifiedImageError:
-        raise HTTPException(415, "The upload is not an image this server can read (JPEG, PNG, BMP, TIFF, WebP, "
-                                 "GIF). Send an image file.") from None
+        raise HTTPException(
+            415,
+            "The upload is not an image this server can read (JPEG, PNG, BMP, TIFF, WebP, GIF). Send an image file.",
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken chunks, bad headers
         raise HTTPException(400, f"The image is corrupt or truncated ({e}). Re-save or re-export it.") from None
 
@@ -229,26 +244,31 @@ async def read_upload(request: Request) -> bytes:
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
-                raise HTTPException(400, "The multipart form has no file field 'image'. Send the image as "
-                                         "-F image=@photo.jpg.")
+                raise HTTPException(
+                    400, "The multipart form has no file field 'image'. Send the image as -F image=@photo.jpg."
+                )
             return await upload.read()
     if content_type == "application/json":
         try:
             payload = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPException(400, f"The JSON body is invalid ({e}). Send {{\"image\": \"<base64>\"}}.") from None
+            raise HTTPException(400, f'The JSON body is invalid ({e}). Send {{"image": "<base64>"}}.') from None
         encoded = payload.get("image") if isinstance(payload, dict) else None
         if not isinstance(encoded, str):
-            raise HTTPException(400, "The JSON body has no string field 'image'. Send {\"image\": \"<base64>\"}.")
+            raise HTTPException(400, 'The JSON body has no string field \'image\'. Send {"image": "<base64>"}.')
         if encoded.startswith("data:") and "," in encoded:  # a data URL as browsers write them
             encoded = encoded.split(",", 1)[1]
         try:
             return base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
-            raise HTTPException(400, "The field 'image' is not valid base64. Encode the file's bytes with "
-                                     "standard base64.") from None
-    raise HTTPException(415, f"Content-Type {content_type or '(none)'!r} is not accepted. Send multipart/form-data "
-                             "with a file field 'image', or application/json {\"image\": \"<base64>\"}.")
+            raise HTTPException(
+                400, "The field 'image' is not valid base64. Encode the file's bytes with standard base64."
+            ) from None
+    raise HTTPException(
+        415,
+        f"Content-Type {content_type or '(none)'!r} is not accepted. Send multipart/form-data "
+        'with a file field \'image\', or application/json {"image": "<base64>"}.',
+    )
 
 
 def create_app(predictor: Predictor, settings: ServeSettings | None = None, token: str | None = None) -> FastAPI:
@@ -283,8 +303,14 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
         yield
         model_queue.close()
 
-    app = FastAPI(title="seglab", description="Semantic segmentation with a seglab model", version="1",
-                  docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(
+        title="seglab",
+        description="Semantic segmentation with a seglab model",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * MIB))
     if token is not None:  # added last, so outermost: a request without the token is refused before its body is read
         app.add_middleware(BearerToken, token=token)
@@ -294,8 +320,10 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         # The page fetches nothing from outside this server; the browser is told so too.
-        return FileResponse(STATIC_DIR / "index.html", headers={
-            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:"})
+        return FileResponse(
+            STATIC_DIR / "index.html",
+            headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:"},
+        )
 
     @app.get("/health")
     def health() -> Health:
@@ -303,8 +331,9 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
 
     @app.get("/ready", responses={503: {"model": Ready, "description": "the model's queue is full"}})
     def ready(response: Response) -> Ready:
-        state = Ready(ready=model_queue.pending < model_queue.size, queued=model_queue.pending,
-                      queue_size=model_queue.size)
+        state = Ready(
+            ready=model_queue.pending < model_queue.size, queued=model_queue.pending, queue_size=model_queue.size
+        )
         if not state.ready:
             response.status_code = 503
         return state
@@ -313,27 +342,40 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
     def model() -> ModelInfo:
         return info
 
-    @app.post("/v1/segment", response_model=SegmentResult, responses={
-        200: {"content": {"image/png": {}, "application/octet-stream": {}},
-              "description": "JSON (format=json), a PNG (mask, overlay, confidence) or .npy bytes (probabilities)"},
-        400: {"description": "corrupt or truncated image, bad base64 or form"},
-        413: {"description": "body or pixel count above the limits"},
-        415: {"description": "not an image, or another Content-Type"},
-        503: {"description": "the model's queue is full; retry after Retry-After seconds"},
-    })
+    @app.post(
+        "/v1/segment",
+        response_model=SegmentResult,
+        responses={
+            200: {
+                "content": {"image/png": {}, "application/octet-stream": {}},
+                "description": "JSON (format=json), a PNG (mask, overlay, confidence) or .npy bytes (probabilities)",
+            },
+            400: {"description": "corrupt or truncated image, bad base64 or form"},
+            413: {"description": "body or pixel count above the limits"},
+            415: {"description": "not an image, or another Content-Type"},
+            503: {"description": "the model's queue is full; retry after Retry-After seconds"},
+        },
+    )
     async def segment(
         request: Request,
         format: Literal["json", "mask", "overlay", "confidence", "probabilities"] = Query(
-            "json", description="json: sizes, per-class pixel counts and area share, COCO RLE and polygons; "
-                                "mask: 8-bit PNG of class indices; overlay: PNG of class colours over the image; "
-                                "confidence: 8-bit PNG of the top class's probability (0-255 = 0-1); "
-                                "probabilities: .npy float16 (classes, height, width). Probabilities are "
-                                "calibrated on the val split (temperature scaling) when the model holds a "
-                                "temperature, else the network's plain softmax"),
+            "json",
+            description="json: sizes, per-class pixel counts and area share, COCO RLE and polygons; "
+            "mask: 8-bit PNG of class indices; overlay: PNG of class colours over the image; "
+            "confidence: 8-bit PNG of the top class's probability (0-255 = 0-1); "
+            "probabilities: .npy float16 (classes, height, width). Probabilities are "
+            "calibrated on the val split (temperature scaling) when the model holds a "
+            "temperature, else the network's plain softmax",
+        ),
         opacity: float = Query(settings.opacity, ge=0, le=1, description="class colours over the image (overlay)"),
-        min_confidence: float | None = Query(None, gt=0, le=1, description="pixels whose top class probability is "
-                                             "below it are unsure: counted in json, the ignore value in mask, "
-                                             "white stripes in overlay"),
+        min_confidence: float | None = Query(
+            None,
+            gt=0,
+            le=1,
+            description="pixels whose top class probability is "
+            "below it are unsure: counted in json, the ignore value in mask, "
+            "white stripes in overlay",
+        ),
     ):
         start = time.perf_counter()
         model_queue.arriving += 1  # a batch waits for this request (batch_wait_ms) while it is read and decoded
@@ -348,15 +390,28 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
         try:
             mask, probabilities, began, done, batch = await model_queue.run((image, with_probabilities))
         except QueueFull:
-            raise HTTPException(503, f"The model is busy: {model_queue.size} requests are already running on or "
-                                     f"waiting for it (limits.queue_size). Retry after {settings.retry_after_s} s.",
-                                headers={"Retry-After": str(settings.retry_after_s)}) from None
-        timing = {"decode_ms": 1e3 * (decoded - start), "queue_ms": 1e3 * (began - decoded),
-                  "inference_ms": 1e3 * (done - began)}
+            raise HTTPException(
+                503,
+                f"The model is busy: {model_queue.size} requests are already running on or "
+                f"waiting for it (limits.queue_size). Retry after {settings.retry_after_s} s.",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ) from None
+        timing = {
+            "decode_ms": 1e3 * (decoded - start),
+            "queue_ms": 1e3 * (began - decoded),
+            "inference_ms": 1e3 * (done - began),
+        }
         unsure = None if min_confidence is None else unsure_pixels(probabilities, min_confidence)
         if format == "json":
-            result = await run_in_threadpool(segment_result, mask, predictor.class_names, predictor.palette,
-                                             {**timing, "batch": batch}, unsure, min_confidence)
+            result = await run_in_threadpool(
+                segment_result,
+                mask,
+                predictor.class_names,
+                predictor.palette,
+                {**timing, "batch": batch},
+                unsure,
+                min_confidence,
+            )
             result.timing.total_ms = 1e3 * (time.perf_counter() - start)
             return result
 
@@ -366,15 +421,18 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
             if format == "confidence":
                 return png_bytes(confidence_image(probabilities))
             if format == "mask":
-                return png_bytes(mask if unsure is None else np.where(unsure, predictor.ignore_index, mask)
-                                 .astype(np.uint8))
+                return png_bytes(
+                    mask if unsure is None else np.where(unsure, predictor.ignore_index, mask).astype(np.uint8)
+                )
             blended = overlay(image, mask, predictor.palette, opacity)
             return png_bytes(blended if unsure is None else hatch(blended, unsure))
 
         body = await run_in_threadpool(encode)
         timing["encode_ms"] = 1e3 * (time.perf_counter() - done)
-        headers = {"Server-Timing": ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timing.items())
-                   + f', batch;desc="{batch} request(s)"'}
+        headers = {
+            "Server-Timing": ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timing.items())
+            + f', batch;desc="{batch} request(s)"'
+        }
         if format == "probabilities":
             headers["Content-Disposition"] = 'attachment; filename="probabilities.npy"'
             return Response(body, media_type="application/octet-stream", headers=headers)

@@ -43,8 +43,9 @@ def read_token_file(path: Path) -> str:
     try:
         token = path.read_text().strip()
     except FileNotFoundError:
-        raise SeglabError(f"token_file={str(path)!r} does not exist. Write the token into it (one line) or leave "
-                          f"token_file unset.") from None
+        raise SeglabError(
+            f"token_file={str(path)!r} does not exist. Write the token into it (one line) or leave token_file unset."
+        ) from None
     if path.stat().st_mode & 0o077:
         log.warning("%s can be read by other users of this machine: chmod 600 %s", path, path)
     return token
@@ -62,31 +63,38 @@ def write_new_token(run_dir: Path) -> tuple[str, Path]:
     return token, path
 
 
-def access_token(auth: str, host: str, token_file: str | None, run_dir: Path,
-                 environ: Mapping[str, str] = os.environ) -> tuple[str | None, str]:
+def access_token(
+    auth: str, host: str, token_file: str | None, run_dir: Path, environ: Mapping[str, str] = os.environ
+) -> tuple[str | None, str]:
     """The token the server requires (None: no token) and a line saying so for the console; generates and writes
     one when a token is needed and none is given."""
     if auth not in AUTH_MODES:
         raise SeglabError(f"auth={auth!r} is not one of {AUTH_MODES}.")
     from_env = environ.get(TOKEN_ENV)
     if from_env is not None and token_file:
-        raise SeglabError(f"A token is given twice, in {TOKEN_ENV} and in token_file={token_file}. Give one: unset "
-                          f"{TOKEN_ENV} or leave token_file unset.")
+        raise SeglabError(
+            f"A token is given twice, in {TOKEN_ENV} and in token_file={token_file}. Give one: unset "
+            f"{TOKEN_ENV} or leave token_file unset."
+        )
     given, source = (from_env, TOKEN_ENV) if from_env is not None else (None, "")
     if token_file:
         given, source = read_token_file(Path(token_file)), str(token_file)
     if given is not None:
         if not TOKEN_PATTERN.fullmatch(given):
-            raise SeglabError(f"The token in {source} must be at least 16 visible ASCII characters without spaces. "
-                              "Make one with: python -c 'import secrets; print(secrets.token_urlsafe())'")
+            raise SeglabError(
+                f"The token in {source} must be at least 16 visible ASCII characters without spaces. "
+                "Make one with: python -c 'import secrets; print(secrets.token_urlsafe())'"
+            )
         return given, f"access: the token in {source} (send Authorization: Bearer <token>)"
     if auth == "auto" and is_loopback(host):
         return None, f"access: no token (host={host} is loopback: only users of this machine can connect)"
     token, path = write_new_token(run_dir)
     why = "auth=required" if auth == "required" else f"host={host} is reachable from other machines"
-    return token, (f"access: token required ({why}); send Authorization: Bearer <token>, the page asks for it.\n"
-                   f"  token: {token}\n"
-                   f"  (shown once; kept in {path}, readable by you only)")
+    return token, (
+        f"access: token required ({why}); send Authorization: Bearer <token>, the page asks for it.\n"
+        f"  token: {token}\n"
+        f"  (shown once; kept in {path}, readable by you only)"
+    )
 
 
 class BearerToken:
@@ -111,13 +119,17 @@ class BearerToken:
         if header is not None and self.authorised(header):
             return await self.app(scope, receive, send)
         if header is None:
-            detail = ("This server requires a token: send the header Authorization: Bearer <token>. serve.py "
-                      "printed it when it started and wrote it to the file `token` in its run folder, unless it was "
-                      f"given in {TOKEN_ENV} or token_file.")
+            detail = (
+                "This server requires a token: send the header Authorization: Bearer <token>. serve.py "
+                "printed it when it started and wrote it to the file `token` in its run folder, unless it was "
+                f"given in {TOKEN_ENV} or token_file."
+            )
             challenge = "Bearer"
         else:
-            detail = ("The token is wrong, or the header is not Authorization: Bearer <token>. Use the token serve.py "
-                      "printed when it started (or the one it was given).")
+            detail = (
+                "The token is wrong, or the header is not Authorization: Bearer <token>. Use the token serve.py "
+                "printed when it started (or the one it was given)."
+            )
             challenge = 'Bearer error="invalid_token"'  # RFC 6750 3.1
         response = JSONResponse(status_code=401, content={"detail": detail}, headers={"WWW-Authenticate": challenge})
         await response(scope, receive, send)

@@ -77,13 +77,20 @@ def mask_polygons(binary: np.ndarray) -> list[Polygon]:
         return []
     parents = hierarchy[0][:, 3]
     points = [c.reshape(-1, 2).tolist() for c in contours]
-    return [Polygon(exterior=points[i], holes=[points[j] for j in np.flatnonzero(parents == i)])
-            for i in np.flatnonzero(parents == -1)]
+    return [
+        Polygon(exterior=points[i], holes=[points[j] for j in np.flatnonzero(parents == i)])
+        for i in np.flatnonzero(parents == -1)
+    ]
 
 
-def segment_result(mask: np.ndarray, class_names: Sequence[str], palette: Sequence[Sequence[int]],
-                   timing: dict[str, float], unsure: np.ndarray | None = None,
-                   min_confidence: float | None = None) -> SegmentResult:
+def segment_result(
+    mask: np.ndarray,
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    timing: dict[str, float],
+    unsure: np.ndarray | None = None,
+    min_confidence: float | None = None,
+) -> SegmentResult:
     height, width = mask.shape
     pixels = np.bincount(mask.ravel(), minlength=len(class_names))
     classes = []
@@ -94,8 +101,20 @@ def segment_result(mask: np.ndarray, class_names: Sequence[str], palette: Sequen
             encoded = mask_utils.encode(np.asfortranarray(binary))
             rle = Rle(size=list(encoded["size"]), counts=encoded["counts"].decode("ascii"))
             polygons = mask_polygons(binary)
-        classes.append(ClassResult(index=index, name=name, color=list(color), pixels=int(pixels[index]),
-                                   area_share=float(pixels[index] / mask.size), rle=rle, polygons=polygons))
-    flagged = None if unsure is None else Unsure(min_confidence=min_confidence, pixels=int(unsure.sum()),
-                                                 area_share=float(unsure.mean()))
+        classes.append(
+            ClassResult(
+                index=index,
+                name=name,
+                color=list(color),
+                pixels=int(pixels[index]),
+                area_share=float(pixels[index] / mask.size),
+                rle=rle,
+                polygons=polygons,
+            )
+        )
+    flagged = (
+        None
+        if unsure is None
+        else Unsure(min_confidence=min_confidence, pixels=int(unsure.sum()), area_share=float(unsure.mean()))
+    )
     return SegmentResult(width=width, height=height, classes=classes, timing=Timing(**timing), unsure=flagged)

@@ -65,8 +65,9 @@ def run_clients(url: str, image: bytes, clients: int, seconds: float, fmt: str) 
             while time.monotonic() < deadline:
                 start = time.perf_counter()
                 try:
-                    status = http.post(f"{url}/v1/segment", params={"format": fmt},
-                                       files={"image": ("image.png", image, "image/png")}).status_code
+                    status = http.post(
+                        f"{url}/v1/segment", params={"format": fmt}, files={"image": ("image.png", image, "image/png")}
+                    ).status_code
                 except httpx.TransportError:
                     status = 0  # no HTTP answer at all (refused, reset, timed out)
                 own.append((time.perf_counter() - start, status))
@@ -89,7 +90,9 @@ def summarise(model: str, results: list[tuple[float, int]], seconds: float) -> d
         "requests": len(results),
         "ok": int(ok.size),
         "throughput_per_s": ok.size / seconds,
-        "p50_ms": float(percentiles[0]), "p95_ms": float(percentiles[1]), "p99_ms": float(percentiles[2]),
+        "p50_ms": float(percentiles[0]),
+        "p95_ms": float(percentiles[1]),
+        "p99_ms": float(percentiles[2]),
         "errors": {str(k): v for k, v in sorted(Counter(s for _, s in results if s != 200).items())},
     }
 
@@ -102,17 +105,34 @@ def load_model(model: str, image: bytes, args: argparse.Namespace, overrides: li
     port = free_port()
     url = f"http://{HOST}:{port}"
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [sys.executable, "-m", "seglab.commands", "serve", f"ckpt_path={Path(model).resolve()}",
-               f"host={HOST}", f"port={port}", "device=cpu", "log_level=warning",
-               f"limits.queue_size={args.queue_size}", f"hydra.run.dir={run_dir}", *overrides, *args.set]
+        cmd = [
+            sys.executable,
+            "-m",
+            "seglab.commands",
+            "serve",
+            f"ckpt_path={Path(model).resolve()}",
+            f"host={HOST}",
+            f"port={port}",
+            "device=cpu",
+            "log_level=warning",
+            f"limits.queue_size={args.queue_size}",
+            f"hydra.run.dir={run_dir}",
+            *overrides,
+            *args.set,
+        ]
         # Its own loopback server needs no token: one in the user's environment is not passed on.
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
         server = subprocess.Popen(cmd, cwd=run_dir, stdout=subprocess.DEVNULL, env=env)
         try:
             wait_ready(url, server, timeout=180)
             run_clients(url, image, 1, 1.0, args.format)  # warm-up, not counted
-            rows = [{**summarise(model, run_clients(url, image, clients, args.seconds, args.format), args.seconds),
-                     "clients": clients} for clients in args.clients]
+            rows = [
+                {
+                    **summarise(model, run_clients(url, image, clients, args.seconds, args.format), args.seconds),
+                    "clients": clients,
+                }
+                for clients in args.clients
+            ]
         finally:
             server.terminate()
             server.wait(timeout=60)
@@ -122,19 +142,37 @@ def load_model(model: str, image: bytes, args: argparse.Namespace, overrides: li
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help=".ckpt, .onnx or .xml files, each served and loaded in turn")
-    parser.add_argument("--clients", type=int, nargs="+", default=[4],
-                        help=f"concurrent clients (1-{MAX_CLIENTS}); several: each in turn, e.g. --clients 1 4 8")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        nargs="+",
+        default=[4],
+        help=f"concurrent clients (1-{MAX_CLIENTS}); several: each in turn, e.g. --clients 1 4 8",
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help=f"duration per run (at most {MAX_SECONDS})")
     parser.add_argument("--image", type=Path, help="the image every request sends (default: synthetic)")
     parser.add_argument("--size", type=int, default=256, help="side of the synthetic image")
     parser.add_argument("--format", choices=("json", "mask", "overlay", "confidence", "probabilities"), default="mask")
-    parser.add_argument("--queue-size", type=int, default=None,
-                        help="the server's limits.queue_size (default: the most --clients, so no request gets 503)")
-    parser.add_argument("--batching", choices=("on", "off", "both"), default="on",
-                        help="on: serve.yaml's limits.batch_size; off: limits.batch_size=1; both: each, and the "
-                             "ratio of their requests/s per client count")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a serve.py override, e.g. limits.batch_wait_ms=10 (repeatable)")
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=None,
+        help="the server's limits.queue_size (default: the most --clients, so no request gets 503)",
+    )
+    parser.add_argument(
+        "--batching",
+        choices=("on", "off", "both"),
+        default="on",
+        help="on: serve.yaml's limits.batch_size; off: limits.batch_size=1; both: each, and the "
+        "ratio of their requests/s per client count",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a serve.py override, e.g. limits.batch_wait_ms=10 (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     if not all(1 <= c <= MAX_CLIENTS for c in args.clients) or not 0 < args.seconds <= MAX_SECONDS:
@@ -149,9 +187,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     Image.fromarray(array).save(buffer, format="PNG")
 
     clients = "/".join(str(c) for c in args.clients)
-    print(f"seglab load test: {clients} clients x {args.seconds:g} s per model, POST /v1/segment?format="
-          f"{args.format}, {array.shape[1]}x{array.shape[0]} PNG, server on {HOST} (queue {args.queue_size}"
-          + "".join(f", {override}" for override in args.set) + ")", flush=True)
+    print(
+        f"seglab load test: {clients} clients x {args.seconds:g} s per model, POST /v1/segment?format="
+        f"{args.format}, {array.shape[1]}x{array.shape[0]} PNG, server on {HOST} (queue {args.queue_size}"
+        + "".join(f", {override}" for override in args.set)
+        + ")",
+        flush=True,
+    )
     rows = []
     variants = ("on", "off") if args.batching == "both" else (args.batching,)
     for model in args.models:
@@ -159,14 +201,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for row in load_model(model, buffer.getvalue(), args, BATCHING[batching]):
                 rows.append({**row, "batching": batching})
                 errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "none"
-                print(f"  {Path(model).name:<24} batching {batching:<3} {row['clients']:>2} clients {row['ok']:>5} ok "
-                      f"in {args.seconds:g} s = {row['throughput_per_s']:6.2f}/s   p50 {row['p50_ms']:7.1f} ms  "
-                      f"p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms   errors: {errors}", flush=True)
+                print(
+                    f"  {Path(model).name:<24} batching {batching:<3} {row['clients']:>2} clients {row['ok']:>5} ok "
+                    f"in {args.seconds:g} s = {row['throughput_per_s']:6.2f}/s   p50 {row['p50_ms']:7.1f} ms  "
+                    f"p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms   errors: {errors}",
+                    flush=True,
+                )
         if args.batching == "both":
             rate = {(r["batching"], r["clients"]): r["throughput_per_s"] for r in rows if r["model"] == model}
-            print(f"  {Path(model).name}: requests/s batched / unbatched: " + ", ".join(
-                f"{c} clients {rate[('on', c)] / rate[('off', c)]:.2f}x" if rate[("off", c)] else f"{c} clients -"
-                for c in args.clients), flush=True)
+            print(
+                f"  {Path(model).name}: requests/s batched / unbatched: "
+                + ", ".join(
+                    f"{c} clients {rate[('on', c)] / rate[('off', c)]:.2f}x" if rate[("off", c)] else f"{c} clients -"
+                    for c in args.clients
+                ),
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return rows

@@ -27,8 +27,23 @@ from seglab.data.synthetic.shapes import (
 )
 
 __all__ = [
-    "ANNOTATION_FILE", "CATEGORIES", "DEFAULT_OBJECT_SCALE", "FINGERPRINT_FILE", "MODES", "SPLIT_NAMES",
-    "build_annotation", "dataset_files", "fingerprint", "generate_dataset", "hard_layout", "main",
-    "mask_to_compressed_rle", "mask_to_uncompressed_rle", "polygon_area", "rasterize_polygon",
-    "refresh_dataset", "render_background", "split_sizes",
+    "ANNOTATION_FILE",
+    "CATEGORIES",
+    "DEFAULT_OBJECT_SCALE",
+    "FINGERPRINT_FILE",
+    "MODES",
+    "SPLIT_NAMES",
+    "build_annotation",
+    "dataset_files",
+    "fingerprint",
+    "generate_dataset",
+    "hard_layout",
+    "main",
+    "mask_to_compressed_rle",
+    "mask_to_uncompressed_rle",
+    "polygon_area",
+    "rasterize_polygon",
+    "refresh_dataset",
+    "render_background",
+    "split_sizes",
 ]

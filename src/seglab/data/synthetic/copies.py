@@ -17,21 +17,21 @@ import numpy as np
 from seglab.data.synthetic.shapes import Photo, rasterize_polygon
 
 # What each copy draws (RoboFlow's augmentation menu with the ranges its users typically choose).
-FLIP_PROB = 0.5              # horizontal; vertical with half of it
-ROT90_PROB = 0.5             # 90, 180 or 270 degrees
-CROP_PROB, CROP_MAX = 0.5, 0.2           # zoom in on up to 20 % less of each side's length, resized back
-ROTATE_PROB, ROTATE_MAX = 0.3, 12.0      # degrees
-SHEAR_PROB, SHEAR_MAX = 0.3, 10.0        # degrees, horizontal and vertical
+FLIP_PROB = 0.5  # horizontal; vertical with half of it
+ROT90_PROB = 0.5  # 90, 180 or 270 degrees
+CROP_PROB, CROP_MAX = 0.5, 0.2  # zoom in on up to 20 % less of each side's length, resized back
+ROTATE_PROB, ROTATE_MAX = 0.3, 12.0  # degrees
+SHEAR_PROB, SHEAR_MAX = 0.3, 10.0  # degrees, horizontal and vertical
 BRIGHTNESS_PROB, BRIGHTNESS_MAX = 0.5, 0.25
 EXPOSURE_PROB, EXPOSURE_MAX = 0.3, 0.15  # gamma 0.85-1.15
-BLUR_PROB, BLUR_MAX = 0.3, 1.5           # Gaussian sigma in pixels at 1024 px
-NOISE_PROB, NOISE_MAX = 0.3, 0.02        # salt and pepper, share of the pixels
+BLUR_PROB, BLUR_MAX = 0.3, 1.5  # Gaussian sigma in pixels at 1024 px
+NOISE_PROB, NOISE_MAX = 0.3, 0.02  # salt and pepper, share of the pixels
 GRAY_PROB = 0.15
 
 
 @dataclass(frozen=True)
 class CopySettings:
-    matrix: np.ndarray   # 2x3 affine map from the photo to the copy
+    matrix: np.ndarray  # 2x3 affine map from the photo to the copy
     shape_hw: tuple[int, int]
     brightness: float
     gamma: float
@@ -106,8 +106,14 @@ def make_copy(photo: Photo, rng: np.random.Generator, settings: CopySettings | N
     and clipped, objects that left the frame dropped."""
     settings = settings or draw_settings(rng, photo.pixels.shape[:2])
     height, width = settings.shape_hw
-    pixels = cv2.warpAffine(photo.pixels, settings.matrix, (width, height), flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0)).astype(np.float32)
+    pixels = cv2.warpAffine(
+        photo.pixels,
+        settings.matrix,
+        (width, height),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0),
+    ).astype(np.float32)
     if settings.gray:
         pixels[:] = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)[..., None]
     pixels = 255.0 * (np.clip(pixels * settings.brightness, 0, 255) / 255.0) ** settings.gamma
@@ -116,8 +122,9 @@ def make_copy(photo: Photo, rng: np.random.Generator, settings: CopySettings | N
     if settings.noise:
         hit = rng.random((height, width)) < settings.noise
         pixels[hit] = np.where(rng.random(int(hit.sum())) < 0.5, 0.0, 255.0)[:, None]
-    return Photo(np.clip(np.rint(pixels), 0, 255).astype(np.uint8),
-                 mapped_objects(photo.objects, settings.matrix, height, width))
+    return Photo(
+        np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mapped_objects(photo.objects, settings.matrix, height, width)
+    )
 
 
 def mapped_objects(objects: list, matrix: np.ndarray, height: int, width: int) -> list:

@@ -17,16 +17,16 @@ CATEGORIES = [
     {"id": CORRECT_ID, "name": "correct", "supercategory": "stages"},
     {"id": INCORRECT_ID, "name": "incorrect", "supercategory": "stages"},
 ]
-ASPECT = 2048 / 1570          # the real export's photos
-SEMI_MAJOR = (0.065, 0.085)   # x the long side: ~150 px at 2048 (300 px objects)
-MINOR_RATIO = (0.33, 0.45)    # semi-minor / semi-major: ~60 px at 2048
-CORRECT_PROB = 0.07           # share of objects that are "correct": ~1 % of the pixels
-OBJECTS = (18, 30)            # objects per photo: ~16 % of the pixels "incorrect"
-CLUSTERS = (2, 5)             # objects gather in 2-4 clusters, touching
-MAX_OVERLAP = 0.03            # an object may cover at most 3 % of what was drawn before (touching, not stacked)
+ASPECT = 2048 / 1570  # the real export's photos
+SEMI_MAJOR = (0.065, 0.085)  # x the long side: ~150 px at 2048 (300 px objects)
+MINOR_RATIO = (0.33, 0.45)  # semi-minor / semi-major: ~60 px at 2048
+CORRECT_PROB = 0.07  # share of objects that are "correct": ~1 % of the pixels
+OBJECTS = (18, 30)  # objects per photo: ~16 % of the pixels "incorrect"
+CLUSTERS = (2, 5)  # objects gather in 2-4 clusters, touching
+MAX_OVERLAP = 0.03  # an object may cover at most 3 % of what was drawn before (touching, not stacked)
 ATTEMPTS = 100
 ELLIPSE_VERTICES = 40
-FIELD_VALUE = (8.0, 22.0)     # the dark field's grey level, per photo
+FIELD_VALUE = (8.0, 22.0)  # the dark field's grey level, per photo
 
 
 def ellipse(centre: np.ndarray, semi_major: float, semi_minor: float, angle: float) -> np.ndarray:
@@ -36,8 +36,9 @@ def ellipse(centre: np.ndarray, semi_major: float, semi_minor: float, angle: flo
     return points @ np.array([[c, s], [-s, c]]) + centre
 
 
-def texture(rng: np.random.Generator, category_id: int, box_hw: tuple[int, int], angle: float,
-            semi_minor: float) -> np.ndarray:
+def texture(
+    rng: np.random.Generator, category_id: int, box_hw: tuple[int, int], angle: float, semi_minor: float
+) -> np.ndarray:
     """Brightness factor (h, w) of one object: the classes share colours and differ only in this."""
     height, width = box_hw
     grain = smooth_noise(rng, height, width, cells=max(2, int(max(box_hw) / 12)), channels=1)[..., 0]
@@ -59,8 +60,10 @@ def render_dense(rng: np.random.Generator, size: int) -> Photo:
     canvas += (field * 0.6) * (smooth_noise(rng, height, width, cells=4, channels=1) - 0.5)  # uneven lighting
     occupied = np.zeros((height, width), bool)
     objects: list[tuple[int, np.ndarray, np.ndarray]] = []
-    clusters = [rng.uniform([0.2 * width, 0.2 * height], [0.8 * width, 0.8 * height])
-                for _ in range(int(rng.integers(*CLUSTERS)))]
+    clusters = [
+        rng.uniform([0.2 * width, 0.2 * height], [0.8 * width, 0.8 * height])
+        for _ in range(int(rng.integers(*CLUSTERS)))
+    ]
     for _ in range(int(rng.integers(*OBJECTS))):
         category_id = CORRECT_ID if rng.random() < CORRECT_PROB else INCORRECT_ID
         semi_major = long_side * rng.uniform(*SEMI_MAJOR)
@@ -71,16 +74,20 @@ def render_dense(rng: np.random.Generator, size: int) -> Photo:
             anchor = objects[int(rng.integers(len(objects)))][1].mean(axis=0) if objects and attempt % 4 else home
             direction = rng.uniform(0, 2 * np.pi)
             centre = anchor + rng.uniform(0.6, 1.6) * (semi_major + semi_minor) / 2 * np.array(
-                [np.cos(direction), np.sin(direction)])
-            polygon = np.round(np.clip(ellipse(centre, semi_major, semi_minor, rng.uniform(0, np.pi)),
-                                       0, [width, height]), 2)
+                [np.cos(direction), np.sin(direction)]
+            )
+            polygon = np.round(
+                np.clip(ellipse(centre, semi_major, semi_minor, rng.uniform(0, np.pi)), 0, [width, height]), 2
+            )
             # Rasterised in its bounding box only (a full 2048 px frame per attempt made a photo take ~5 s).
             x0, y0 = np.floor(polygon.min(axis=0)).astype(int)
             x1, y1 = np.minimum(np.ceil(polygon.max(axis=0)).astype(int) + 1, [width, height])
             local = rasterize_polygon(polygon - [x0, y0], y1 - y0, x1 - x0).astype(bool)
             area = int(local.sum())
-            if area > 0.3 * np.pi * semi_major * semi_minor and \
-                    (local & occupied[y0:y1, x0:x1]).sum() <= MAX_OVERLAP * area:
+            if (
+                area > 0.3 * np.pi * semi_major * semi_minor
+                and (local & occupied[y0:y1, x0:x1]).sum() <= MAX_OVERLAP * area
+            ):
                 break
         else:
             continue  # crowded: one object fewer

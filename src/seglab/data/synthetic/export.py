@@ -31,7 +31,6 @@ COCO_INFO = {
 COCO_LICENSES = [{"id": 1, "url": "https://creativecommons.org/licenses/by/4.0/", "name": "CC BY 4.0"}]
 
 
-
 def mask_to_uncompressed_rle(mask: np.ndarray) -> dict:
     # COCO run lengths go down columns (Fortran order) and always start with a background run.
     flat = np.asarray(mask, dtype=np.uint8).ravel(order="F")
@@ -45,7 +44,6 @@ def mask_to_uncompressed_rle(mask: np.ndarray) -> dict:
 def mask_to_compressed_rle(mask: np.ndarray) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
 
 
 def build_annotation(
@@ -74,8 +72,9 @@ def build_annotation(
     }
 
 
-def coco_entries(photo: Photo, image_id: int, file_name: str, first_annotation_id: int, extra_name: str | None
-                 ) -> tuple[dict, list[dict]]:
+def coco_entries(
+    photo: Photo, image_id: int, file_name: str, first_annotation_id: int, extra_name: str | None
+) -> tuple[dict, list[dict]]:
     """The `images` entry (with RoboFlow's `extra.name`, the uploaded file's name, when given) and the
     `annotations` of one photo."""
     height, width = photo.pixels.shape[:2]
@@ -83,14 +82,21 @@ def coco_entries(photo: Photo, image_id: int, file_name: str, first_annotation_i
     if extra_name is not None:
         image["extra"] = {"name": extra_name}
     formats = photo.formats or ("polygon",) * len(photo.objects)
-    annotations = [build_annotation(first_annotation_id + i, image_id, category_id, polygon, mask, fmt)
-                   for i, ((category_id, polygon, mask), fmt) in enumerate(zip(photo.objects, formats, strict=True))]
+    annotations = [
+        build_annotation(first_annotation_id + i, image_id, category_id, polygon, mask, fmt)
+        for i, ((category_id, polygon, mask), fmt) in enumerate(zip(photo.objects, formats, strict=True))
+    ]
     return image, annotations
 
 
 def write_coco_file(folder: Path, categories: list[dict], images: list[dict], annotations: list[dict]) -> None:
-    coco = {"info": COCO_INFO, "licenses": COCO_LICENSES, "categories": categories, "images": images,
-            "annotations": annotations}
+    coco = {
+        "info": COCO_INFO,
+        "licenses": COCO_LICENSES,
+        "categories": categories,
+        "images": images,
+        "annotations": annotations,
+    }
     (folder / ANNOTATION_FILE).write_text(json.dumps(coco))
 
 
@@ -119,8 +125,10 @@ def write_yolo_files(folder: Path, file_name: str, photo: Photo) -> None:
     (folder / "labels").mkdir(exist_ok=True)
     Image.fromarray(photo.pixels).save(folder / "images" / file_name, quality=95)
     height, width = photo.pixels.shape[:2]
-    lines = [" ".join([str(category_id - 1), *(f"{x / width:.8f} {y / height:.8f}" for x, y in polygon)])
-             for category_id, polygon, _ in photo.objects]
+    lines = [
+        " ".join([str(category_id - 1), *(f"{x / width:.8f} {y / height:.8f}" for x, y in polygon)])
+        for category_id, polygon, _ in photo.objects
+    ]
     (folder / "labels" / (Path(file_name).stem + ".txt")).write_text("".join(line + "\n" for line in lines))
 
 
@@ -128,5 +136,7 @@ def write_data_yaml(root: Path, categories: list[dict]) -> None:
     """data.yaml as RoboFlow writes it: the splits' image folders and the class names (the parent category left
     out), class index = category id - 1."""
     names = [c["name"] for c in sorted(categories, key=lambda c: c["id"]) if c["id"] > 0]
-    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\ntest: ../test/images\n\n"
-                                    f"nc: {len(names)}\nnames: {json.dumps(names)}\n")
+    (root / "data.yaml").write_text(
+        "train: ../train/images\nval: ../valid/images\ntest: ../test/images\n\n"
+        f"nc: {len(names)}\nnames: {json.dumps(names)}\n"
+    )

@@ -42,8 +42,7 @@ def categories_of(mode: str) -> list[dict]:
     return dense.CATEGORIES if mode == "dense" else shapes.CATEGORIES
 
 
-def render(mode: str, rng: np.random.Generator, size: int, object_scale: float, fixed_case: int | None
-           ) -> shapes.Photo:
+def render(mode: str, rng: np.random.Generator, size: int, object_scale: float, fixed_case: int | None) -> shapes.Photo:
     if mode == "dense":
         return dense.render_dense(rng, size)
     return shapes.render_shapes(rng, size, object_scale, mode == "hard", fixed_case)
@@ -76,15 +75,20 @@ def generate_dataset(
         return generate_video(out, num_images, size, seed, sizes, copies, extra_name, fmt, scenes)
     fixed_cases = len(shapes.TRAIN_FIXED_LAYOUTS) if mode != "dense" else 0
     if sizes[0] < max(fixed_cases, shared, 1) or min(sizes) < 0 or copies < 1:
-        raise ValueError(f"split sizes {sizes} from {num_images} images leave no room for the fixed train cases "
-                         f"or the {shared} shared photos (copies={copies})")
+        raise ValueError(
+            f"split sizes {sizes} from {num_images} images leave no room for the fixed train cases "
+            f"or the {shared} shared photos (copies={copies})"
+        )
     categories = categories_of(mode)
     kept: list[tuple[int, shapes.Photo]] = []  # the first `shared` training photos, copied into valid/test
     wrong: list[tuple[str, str, str]] = []
     # round(wrong_labels x training photos) of them, drawn apart from the photos' own generators (the photos stay
     # as they are without the option), never a fixed case.
-    mislabelled = set(np.random.default_rng([seed, 7]).permutation(np.arange(fixed_cases, sizes[0]))
-                      [:round(wrong_labels * sizes[0])].tolist())
+    mislabelled = set(
+        np.random.default_rng([seed, 7])
+        .permutation(np.arange(fixed_cases, sizes[0]))[: round(wrong_labels * sizes[0])]
+        .tolist()
+    )
     class_ids = [c["id"] for c in categories if c["id"] > 0]
     image_index = 0
     for split_number, (split, split_size) in enumerate(zip(export.SPLIT_NAMES, sizes, strict=True)):
@@ -106,24 +110,39 @@ def generate_dataset(
             # RoboFlow augments the training split only: the photo, then copies-1 augmented copies of it.
             for k in range(1, copies if split == "train" else 1):
                 copy_rng = np.random.default_rng([seed, image_index, k])
-                files.append((f"img_{image_index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg",
-                              make_copy(photo, copy_rng), image_index))
+                files.append(
+                    (
+                        f"img_{image_index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg",
+                        make_copy(photo, copy_rng),
+                        image_index,
+                    )
+                )
             if split == "train" and position < shared:
                 kept.append((image_index, photo))
             image_index += 1
         if split != "train":
             for index, photo in kept:
                 copy_rng = np.random.default_rng([seed, index, 1000 + split_number])
-                files.append((f"img_{index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg",
-                              make_copy(photo, copy_rng), index))
+                files.append(
+                    (f"img_{index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng), index)
+                )
         write_split(folder, files, categories, fmt, extra_name)
     if wrong_labels > 0:
         write_list(out, wrong)
     return out
 
 
-def generate_video(out: Path, num_frames: int, size: int, seed: int, sizes: tuple[int, int, int], copies: int,
-                   extra_name: bool, fmt: str, scenes: int) -> Path:
+def generate_video(
+    out: Path,
+    num_frames: int,
+    size: int,
+    seed: int,
+    sizes: tuple[int, int, int],
+    copies: int,
+    extra_name: bool,
+    fmt: str,
+    scenes: int,
+) -> Path:
     """Frames split at random as RoboFlow splits (seglab.data.synthetic.video); training frames written
     `copies` times (the frame and copies-1 augmented copies)."""
     frames = video.video_frames(num_frames, size, seed, scenes)
@@ -137,16 +156,18 @@ def generate_video(out: Path, num_frames: int, size: int, seed: int, sizes: tupl
             files.append((f"{stem}_jpg.rf.{rng.bytes(4).hex()}.jpg", photo, f"{stem}.jpg"))
             for k in range(1, copies if split == "train" else 1):
                 copy_rng = np.random.default_rng([seed, index, k])
-                files.append((f"{stem}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng),
-                              f"{stem}.jpg"))
+                files.append(
+                    (f"{stem}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng), f"{stem}.jpg")
+                )
         if files:
             (out / split).mkdir(parents=True, exist_ok=True)
             write_split(out / split, files, shapes.CATEGORIES, fmt, extra_name)
     return out
 
 
-def write_split(folder: Path, files: list[tuple[str, shapes.Photo, int | str]], categories: list[dict], fmt: str,
-                extra_name: bool) -> None:
+def write_split(
+    folder: Path, files: list[tuple[str, shapes.Photo, int | str]], categories: list[dict], fmt: str, extra_name: bool
+) -> None:
     """files: (file name, photo, source photo: its index, or the uploaded file's name)."""
     images, annotations = [], []
     for image_id, (name, photo, source) in enumerate(files):
@@ -177,14 +198,19 @@ def fingerprint(**settings) -> dict:
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
-    return {"generator_sha256": digest.hexdigest(),
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+    return {
+        "generator_sha256": digest.hexdigest(),
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+    }
 
 
 def dataset_files(root: Path) -> dict[str, bytes]:
     """Relative path -> content of a generated dataset (seglab's caches and the fingerprint left out)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and ".seglab_cache" not in p.relative_to(root).parts and p.name != FINGERPRINT_FILE}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".seglab_cache" not in p.relative_to(root).parts and p.name != FINGERPRINT_FILE
+    }
 
 
 def refresh_dataset(out: Path, **settings) -> str:
@@ -210,8 +236,10 @@ def refresh_dataset(out: Path, **settings) -> str:
     stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
     out.rename(stale)
     fresh.rename(out)
-    return (f"{out} was not what this generator writes for these settings (an older generator or other "
-            f"settings): rewrote it; the old one is in {stale}")
+    return (
+        f"{out} was not what this generator writes for these settings (an older generator or other "
+        f"settings): rewrote it; the old one is in {stale}"
+    )
 
 
 def describe(out: Path) -> list[str]:
@@ -228,10 +256,15 @@ def describe(out: Path) -> list[str]:
         coco = json.loads(coco_file.read_text())
         pixels = sum(i["width"] * i["height"] for i in coco["images"])
         photos = len({i["file_name"].split(".rf.")[0] for i in coco["images"]})
-        share = {c["name"]: sum(a["area"] for a in coco["annotations"] if a["category_id"] == c["id"]) / pixels
-                 for c in coco["categories"] if c["id"] > 0}
-        lines.append(f"  {split}: {len(coco['images'])} images ({photos} photos), {len(coco['annotations'])} "
-                     "annotations, " + ", ".join(f"{k} {100 * v:.2f} % of pixels" for k, v in share.items()))
+        share = {
+            c["name"]: sum(a["area"] for a in coco["annotations"] if a["category_id"] == c["id"]) / pixels
+            for c in coco["categories"]
+            if c["id"] > 0
+        }
+        lines.append(
+            f"  {split}: {len(coco['images'])} images ({photos} photos), {len(coco['annotations'])} "
+            "annotations, " + ", ".join(f"{k} {100 * v:.2f} % of pixels" for k, v in share.items())
+        )
     return lines
 
 
@@ -241,30 +274,56 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-images", type=int, default=120, help="distinct photos (before --copies)")
     parser.add_argument("--size", type=int, default=256, help="image size (hard, dense: the largest long side)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--object-scale", type=float, default=shapes.DEFAULT_OBJECT_SCALE,
-                        help="shapes mode: typical fraction of the image covered by one object (~0.01: small)")
+    parser.add_argument(
+        "--object-scale",
+        type=float,
+        default=shapes.DEFAULT_OBJECT_SCALE,
+        help="shapes mode: typical fraction of the image covered by one object (~0.01: small)",
+    )
     parser.add_argument("--mode", choices=MODES, default="shapes")
     parser.add_argument("--hard", action="store_const", const="hard", dest="mode", help="the same as --mode hard")
-    parser.add_argument("--splits", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
-                        help="shares of the photos; a split with none gets no folder (e.g. 0.9 0.1 0: no test/)")
+    parser.add_argument(
+        "--splits",
+        type=float,
+        nargs=3,
+        default=(0.8, 0.1, 0.1),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="shares of the photos; a split with none gets no folder (e.g. 0.9 0.1 0: no test/)",
+    )
     parser.add_argument("--copies", type=int, default=1, help="files per training photo, as RoboFlow augments")
     parser.add_argument("--extra-name", action="store_true", help="record images[].extra.name (COCO)")
     parser.add_argument("--shared", type=int, default=0, help="training photos with a copy in valid/ and test/")
     parser.add_argument("--format", choices=export.FORMATS, default="coco", dest="fmt")
     parser.add_argument("--scenes", type=int, default=3, help="video mode: scenes the frames are spread over")
-    parser.add_argument("--wrong-labels", type=float, default=0.0,
-                        help="share of training photos given one wrong label (class swapped, object erased, region "
-                             "added), listed in wrong_labels.csv: to measure label review")
-    parser.add_argument("--refresh", action="store_true",
-                        help="rewrite --out only if it differs from what this generator writes (old one kept)")
+    parser.add_argument(
+        "--wrong-labels",
+        type=float,
+        default=0.0,
+        help="share of training photos given one wrong label (class swapped, object erased, region "
+        "added), listed in wrong_labels.csv: to measure label review",
+    )
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="rewrite --out only if it differs from what this generator writes (old one kept)",
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    kwargs = {"num_images": args.num_images, "size": args.size, "seed": args.seed,
-              "object_scale": args.object_scale, "splits": tuple(args.splits), "mode": args.mode,
-              "copies": args.copies, "extra_name": args.extra_name, "shared": args.shared, "fmt": args.fmt,
-              **({"scenes": args.scenes} if args.mode == "video" else {}),
-              **({"wrong_labels": args.wrong_labels} if args.wrong_labels else {})}
+    kwargs = {
+        "num_images": args.num_images,
+        "size": args.size,
+        "seed": args.seed,
+        "object_scale": args.object_scale,
+        "splits": tuple(args.splits),
+        "mode": args.mode,
+        "copies": args.copies,
+        "extra_name": args.extra_name,
+        "shared": args.shared,
+        "fmt": args.fmt,
+        **({"scenes": args.scenes} if args.mode == "video" else {}),
+        **({"wrong_labels": args.wrong_labels} if args.wrong_labels else {}),
+    }
     if args.refresh:
         print(refresh_dataset(args.out, **kwargs))
         out = args.out

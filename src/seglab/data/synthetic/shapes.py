@@ -55,6 +55,7 @@ HARD_ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9)
 CLUTTER_CORNERS = {4: 4, 6: 6}  # clutter category -id -> corners of its polygon
 CLUTTER_HUE_DEG = (-40.0, 200.0)  # the discs' and triangles' hues together
 
+
 def rasterize_polygon(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
     # Rasterise with pycocotools so image pixels agree exactly with what a COCO loader decodes.
     rles = mask_utils.frPyObjects([polygon.ravel().tolist()], height, width)
@@ -120,15 +121,14 @@ def render_background(rng: np.random.Generator, height: int, width: int) -> np.n
     return background + 40.0 * (smooth_noise(rng, height, width, cells=8, channels=3) - 0.5)
 
 
-def paint_object(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, hue_range: tuple[float, float]
-                 ) -> None:
+def paint_object(
+    rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, hue_range: tuple[float, float]
+) -> None:
     covered = mask.astype(bool)
     underneath = canvas[covered].mean(axis=0)
     best_fill, best_contrast = None, -1.0
     for _ in range(20):
-        fill = hsv_to_rgb255(
-            rng.uniform(*hue_range), rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
-        )
+        fill = hsv_to_rgb255(rng.uniform(*hue_range), rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
         contrast = float(np.linalg.norm(fill - underneath))
         if contrast > best_contrast:
             best_fill, best_contrast = fill, contrast
@@ -177,10 +177,7 @@ def place_objects(
             if force_overlap and placed and not (mask & placed[-1][2]).any():
                 continue
             still_visible = [v & ~mask.astype(bool) for v in visible]
-            if all(
-                s.sum() >= MIN_VISIBLE_FRACTION * p[2].sum()
-                for s, p in zip(still_visible, placed, strict=True)
-            ):
+            if all(s.sum() >= MIN_VISIBLE_FRACTION * p[2].sum() for s, p in zip(still_visible, placed, strict=True)):
                 break
         else:
             if force_overlap:
@@ -195,8 +192,9 @@ def place_objects(
     return placed
 
 
-def hard_layout(rng: np.random.Generator, size: int, fixed: tuple[int, ...] | None
-                ) -> tuple[tuple[int, ...], tuple[int, int]]:
+def hard_layout(
+    rng: np.random.Generator, size: int, fixed: tuple[int, ...] | None
+) -> tuple[tuple[int, ...], tuple[int, int]]:
     """Hard mode: (category ids in drawing order, clutter first; (height, width))."""
     long_side = int(size * rng.uniform(0.75, 1.0))
     short_side = int(long_side / rng.choice(HARD_ASPECTS))
@@ -212,13 +210,15 @@ def hard_layout(rng: np.random.Generator, size: int, fixed: tuple[int, ...] | No
 class Photo:
     """One rendered photo: RGB pixels and its annotated objects in drawing order, each (category id, polygon
     (k, 2) in pixels, 0/1 mask); `formats`: each object's segmentation format (None: all polygons)."""
+
     pixels: np.ndarray
     objects: list[tuple[int, np.ndarray, np.ndarray]]
     formats: tuple[str, ...] | None = None
 
 
-def render_shapes(rng: np.random.Generator, size: int, object_scale: float, hard: bool, fixed_case: int | None
-                  ) -> Photo:
+def render_shapes(
+    rng: np.random.Generator, size: int, object_scale: float, hard: bool, fixed_case: int | None
+) -> Photo:
     """A demo photo (size x size, discs and triangles) or a hard-mode photo; fixed_case: an index into
     TRAIN_FIXED_LAYOUTS."""
     if fixed_case is not None:

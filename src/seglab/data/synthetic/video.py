@@ -20,11 +20,11 @@ from seglab.data.synthetic.shapes import (
     render_background,
 )
 
-SCENE_SCALE = 2               # a scene is 2 x 2 frames; the camera's window crosses it once per scene
-OBJECTS_PER_SCENE = (8, 13)   # 8-12 objects: about 2-3 in a frame
-OBJECT_SCALE = 0.07 / SCENE_SCALE ** 2   # of the scene: ~7 % of a frame per object, as in the demo
-FLICKER = 0.03                # per-frame brightness change (auto-exposure), so no two frames are the same bytes
-SENSOR_NOISE = 3.0            # grey levels
+SCENE_SCALE = 2  # a scene is 2 x 2 frames; the camera's window crosses it once per scene
+OBJECTS_PER_SCENE = (8, 13)  # 8-12 objects: about 2-3 in a frame
+OBJECT_SCALE = 0.07 / SCENE_SCALE**2  # of the scene: ~7 % of a frame per object, as in the demo
+FLICKER = 0.03  # per-frame brightness change (auto-exposure), so no two frames are the same bytes
+SENSOR_NOISE = 3.0  # grey levels
 
 
 def render_scene(rng: np.random.Generator, size: int) -> Photo:
@@ -49,7 +49,7 @@ def frame(scene: Photo, corner: tuple[int, int], size: int, rng: np.random.Gener
     """The camera's window at `corner`: pixels cropped (with flicker and sensor noise), objects translated and
     clipped to the frame, those that left it dropped."""
     x, y = corner
-    pixels = scene.pixels[y:y + size, x:x + size] * rng.uniform(1 - FLICKER, 1 + FLICKER)
+    pixels = scene.pixels[y : y + size, x : x + size] * rng.uniform(1 - FLICKER, 1 + FLICKER)
     pixels = pixels + rng.normal(0.0, SENSOR_NOISE, pixels.shape)
     shift = np.array([[1.0, 0.0, -x], [0.0, 1.0, -y]])
     return Photo(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mapped_objects(scene.objects, shift, size, size))
