@@ -75,8 +75,9 @@ test-fast: install  ## the tests without the end-to-end script runs
 notebook: install  ## run notebooks/quickstart.ipynb top to bottom (the CPU demo); the executed copy: outputs/notebooks/
 	$(VENV)/bin/jupyter nbconvert --to notebook --execute notebooks/quickstart.ipynb --output-dir outputs/notebooks
 
-lint: install  ## ruff check (as CI and the pre-commit hook run it)
+lint: install  ## ruff check and ruff format --check (as CI and the pre-commit hooks run them)
 	$(VENV)/bin/ruff check src tests train.py evaluate.py predict.py export.py serve.py
+	$(VENV)/bin/ruff format --check src tests train.py evaluate.py predict.py export.py serve.py
 
 bench: install  ## benchmark data pipeline, training loop, model and a fit (time-to-result); writes bench.json
 	$(PY) -m seglab.bench $(ARGS)
