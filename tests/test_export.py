@@ -227,6 +227,45 @@ def test_export_parity_for_every_architecture(compose_train, tmp_path, demo_root
     np.testing.assert_array_equal(from_onnx.predict(image), from_ckpt.predict(image))
 
 
+@pytest.mark.slow  # three tiny trainings, exports and servers
+@pytest.mark.parametrize(
+    ("model", "encoder"), [("unet", "tu-resnet18"), ("fpn", "tu-efficientnet_b0"), ("upernet", "tu-convnext_atto")]
+)
+def test_smp_decoders_over_timm_encoders_train_export_and_serve(compose_train, tmp_path, demo_root, model, encoder):
+    """UNet, FPN and UPerNet (conf/model, with small encoders of the same timm families as their configs' ResNet-50,
+    EfficientNet-B0 and ConvNeXt-Tiny) go the whole way as the other networks do: trained, exported with parity,
+    and served, the served mask equal to the checkpoint's. UPerNet's graph would run at its traced size only: its
+    export is refused with the reason, and the server takes its checkpoint."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from seglab.serve.app import create_app
+    from seglab.train import train
+
+    ckpt = train(compose_train(f"model={model}", f"model.encoder={encoder}"))["checkpoint"]
+    served = ckpt
+    if model == "upernet":
+        with pytest.raises(
+            SeglabError, match=r"^upernet cannot be exported: its pyramid pooling .* ONNX Runtime fails"
+        ):
+            export(compose_export(f"ckpt_path={ckpt}", f"output={tmp_path / 'model.onnx'}"))
+        assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".model-export-*"))
+    else:
+        result = export(compose_export(f"ckpt_path={ckpt}", f"output={tmp_path / 'model.onnx'}"))
+        assert result["parity"]["passed"] and len(result["parity"]["checks"]) == 3
+        served = result["output"]
+    image_path = sorted((demo_root / "test").glob("*.jpg"))[0]
+    expected = load_predictor(ckpt, device="cpu").predict(load_image(image_path))
+    with TestClient(create_app(load_predictor(served, device="cpu"))) as client:
+        response = client.post(
+            "/v1/segment",
+            params={"format": "mask"},
+            files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")},
+        )
+    assert response.status_code == 200
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(response.content))), expected)
+
+
 @pytest.mark.slow  # ONNX export and ONNX Runtime parity of full-size networks
 def test_export_script(trained_run, tmp_path):
     output = tmp_path / "exported" / "model.onnx"

@@ -41,6 +41,7 @@ from seglab.evaluate import build_datamodule
 from seglab.export_checks import check_masks, check_parity, parity_image
 from seglab.inference import OnnxModel, OpenVinoModel, Predictor, load_predictor, model_files
 from seglab.models.module import SegmentationModule
+from seglab.models.registry import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,18 @@ def convert(cfg: DictConfig, fp32_path: Path, reference: Predictor, data) -> tup
     return fp32_path, None
 
 
+def refuse_fixed_size(module: SegmentationModule) -> None:
+    """An architecture whose exported graph would only run at the traced size is refused before any tracing."""
+    model_cfg = module.meta.get("config", {}).get("model", {})
+    arch = model_cfg.get("arch")
+    why = ARCHITECTURES[arch].fixed_size_export if arch in ARCHITECTURES else None
+    if why:
+        raise SeglabError(
+            f"{arch} cannot be exported: {why}. Serve or predict with the checkpoint itself (serve.py "
+            "ckpt_path=<.ckpt>), or train an architecture that exports (model=unet, model=fpn, model=segformer)."
+        )
+
+
 def export(cfg: DictConfig) -> dict:
     validate(cfg)
     ckpt = Path(cfg.ckpt_path)
@@ -225,6 +238,7 @@ def export(cfg: DictConfig) -> dict:
     # The reference: the checkpoint's own Predictor on the CPU, where the export traces it too.
     reference = load_predictor(ckpt, device="cpu")
     module = reference.model.module
+    refuse_fixed_size(module)
     data = labelled_data(cfg, module, ckpt)
     if data is None and precision != "fp32":
         root = cfg.data_root or module.meta.get("config", {}).get("data", {}).get("root")

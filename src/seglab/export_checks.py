@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
-from seglab.errors import SeglabError
+from seglab.errors import SeglabError, first_line
 from seglab.inference import Predictor, sample_image
 from seglab.models.module import SegmentationModule, segmentation_metrics
 
@@ -67,6 +67,18 @@ def check_parity(
 ) -> dict:
     """PyTorch vs ONNX Runtime on random normalised batches (the networks alone) and on a real image (the
     whole Predictor path: scale, normalise, network, resize back). Raises SeglabError beyond tolerance."""
+    try:
+        return parity(reference, candidate, image, image_name, rtol, min_agreement, seed)
+    except SeglabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the runtime refusing the exported graph: say so, keep nothing
+        raise SeglabError(
+            f"ONNX Runtime cannot run the exported graph ({first_line(e)}). The export was removed. Try another "
+            "opset (opset=...) or report the model and this message."
+        ) from None
+
+
+def parity(reference, candidate, image, image_name, rtol, min_agreement, seed) -> dict:
     generator = torch.Generator().manual_seed(seed)
     checks = []
     for batch, height, width in parity_sizes(reference.image_size):

@@ -18,13 +18,14 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from seglab.evaluate import evaluate
+from seglab.models.registry import ARCHITECTURES
 from seglab.predict import predict
 from seglab.train import build_module, train
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 LOSSES = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
-LIGHT = {"deeplabv3_mobilenet_v3_large", "segformer"}
+LIGHT = {"deeplabv3_mobilenet_v3_large", "segformer", "fpn"}
 MATRIX = [
     pytest.param(m, loss, id=f"{m}-{loss}", marks=() if m in LIGHT or loss == "ce" else pytest.mark.slow)
     for m in MODELS
@@ -34,6 +35,7 @@ MATRIX = [
 
 def test_matrix_covers_the_issue():
     assert {"deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "segformer"} <= set(MODELS)
+    assert {"unet", "fpn", "upernet"} <= set(MODELS)  # smp's decoders over timm's ResNet, EfficientNet, ConvNeXt
     assert {"ce", "ce_weighted", "dice_ce", "focal", "lovasz"} <= set(LOSSES)
 
 
@@ -54,7 +56,7 @@ def test_one_training_and_one_validation_step(model, loss, compose_train):
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     assert 0.0 <= float(metrics["val/mIoU"]) <= 1.0
     changed = {n.split(".")[0] for n, p in module.net.named_parameters() if not torch.equal(p, before[n])}
-    if model.startswith("segformer"):
+    if ARCHITECTURES[cfg.model.arch].family.name == "smp":
         assert changed == {"encoder", "decoder", "segmentation_head"}
     else:
         # The aux head is trained through the same criterion (loss = main + aux_weight * aux).

@@ -176,8 +176,12 @@ def test_segformer_encoder_weights_from_a_local_safetensors_file(tmp_path, hf_of
 
 
 def test_unknown_arch_and_segformer_whole_model_weights_are_refused():
-    with pytest.raises(SeglabError, match=r"model.arch='unet' is not one of \['deeplabv3_mobilenet_v3"):
+    with pytest.raises(SeglabError, match=r"model.arch='pspnet' is not one of \['deeplabv3_mobilenet_v3"):
+        build_network("pspnet", num_classes=3)
+    with pytest.raises(SeglabError, match=r"unet needs an encoder: model.encoder=tu-resnet50"):
         build_network("unet", num_classes=3)
+    with pytest.raises(SeglabError, match=r"model.encoder='tu-resnet18': deeplabv3_resnet50 has a fixed backbone"):
+        build_network("deeplabv3_resnet50", num_classes=3, encoder="tu-resnet18")
     assert {"segformer_mit_b0", "segformer_mit_b2", "deeplabv3_resnet101"} <= set(ARCHS)
     with pytest.raises(SeglabError, match="model.weights='COCO_WITH_VOC_LABELS_V1': segformer_mit_b0 has no"):
         build_network("segformer_mit_b0", num_classes=3, weights=COCO_VOC)
@@ -197,3 +201,19 @@ def test_bn_momentum_auto_follows_the_weights_from_scratch_only(tmp_path):
     assert batchnorm_momenta(fine_tuned) == {0.01, 0.1}
     assert batchnorm_momenta(build_network(MOBILENET, 3, weights=None, bn_momentum=None)) == {0.01, 0.1}
     assert batchnorm_momenta(build_network("deeplabv3_resnet50", 3, weights=None, bn_momentum="auto")) == {0.1}
+
+
+@pytest.mark.parametrize(
+    ("arch", "encoder"), [("unet", "tu-resnet18"), ("fpn", "tu-efficientnet_b0"), ("upernet", "tu-convnext_atto")]
+)
+def test_smp_decoders_over_timm_encoders_take_any_size_and_freeze_their_encoder(arch, encoder):
+    torch.manual_seed(0)
+    net = build_network(arch, num_classes=3, encoder=encoder, freeze_backbone=True).eval()
+    x = torch.randn(1, 3, 70, 45)  # no multiple of 32: padded to 96 x 64 inside, the logits cropped back
+    with torch.no_grad():
+        out = net(x)["out"]
+        padded = torch.nn.functional.pad(x, (0, 64 - 45, 0, 96 - 70))
+        expected = type(net).__mro__[2].forward(net, padded)[..., :70, :45]  # smp's own forward on the padded input
+    assert out.shape == (1, 3, 70, 45) and torch.equal(out, expected)
+    trainable = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"decoder", "segmentation_head"}
