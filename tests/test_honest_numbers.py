@@ -1,4 +1,4 @@
-"""Issue 18 end to end: a run writes the dataset report and the leak counts, and a model no better than a
+"""End to end: a run writes the dataset report and the leak counts, and a model no better than a
 trivial one is called so; one that learned is not."""
 
 import json

@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageOps
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import seglab.cli  # noqa: F401 - registers the resolvers conf/train.yaml's run folder names use
@@ -36,7 +36,7 @@ import seglab.evaluate
 import seglab.export
 import seglab.train
 from seglab.config import compose_config, default_run_dir, quoted
-from seglab.data.masks import load_image
+from seglab.data.masks import load_image, rgb_pixels
 from seglab.data.report import write_report
 from seglab.errors import SeglabError
 from seglab.inference import Predictor, load_predictor
@@ -148,8 +148,7 @@ def rgb_array(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return load_image(Path(image))
     if isinstance(image, Image.Image):
-        # As load_image reads a file: EXIF orientation applied, any mode to RGB.
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return rgb_pixels(image)
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise SeglabError(

@@ -43,7 +43,7 @@ def test_a_model_that_predicts_one_class_everywhere_is_called_trivial():
         "a covers 15.00 % of the ground truth but is never predicted",
         "b covers 5.00 % of the ground truth but is never predicted",
     ]
-    # Issue 19's collapse: one object class predicted on every pixel, the dark field included.
+    # The collapse seen on dense photos: one object class predicted on every pixel, the dark field included.
     collapsed = diagnose(ALL_A, NAMES, miou(ALL_A))
     assert collapsed["verdict"] == "trivial" and miou(ALL_A) == pytest.approx(0.05)
     assert "predicts a on 100.0 % of the pixels (the ground truth: 15.0 %)" in collapsed["flags"]

@@ -181,6 +181,12 @@ def build_mask_cache(source, cache_dir: Path, overlap: str, ignore_index: int, w
     return mask_paths
 
 
+def rgb_pixels(image: Image.Image, orient: bool = True) -> np.ndarray:
+    """An opened image as an RGB uint8 array (grayscale, RGBA and palette converted), turned as its EXIF orientation
+    says (as a viewer shows it): the one reading of pixels that files, uploads and notebook images share."""
+    return np.asarray((ImageOps.exif_transpose(image) if orient else image).convert("RGB"))
+
+
 def load_image(path: Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
     """RGB uint8 array. Grayscale, RGBA and palette images are converted.
 
@@ -191,14 +197,14 @@ def load_image(path: Path, expected_hw: tuple[int, int] | None = None) -> np.nda
     try:
         with Image.open(path) as im:
             im.load()
-            oriented = ImageOps.exif_transpose(im)
+            oriented = rgb_pixels(im)
             if (
                 expected_hw is not None
-                and oriented.size[::-1] != tuple(expected_hw)
+                and oriented.shape[:2] != tuple(expected_hw)
                 and im.size[::-1] == tuple(expected_hw)
             ):
-                oriented = im
-            return np.asarray(oriented.convert("RGB"))
+                return rgb_pixels(im, orient=False)
+            return oriented
     except FileNotFoundError:
         raise SeglabError(f"Image file {path} is missing.") from None
     except OSError as e:

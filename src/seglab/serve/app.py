@@ -31,9 +31,10 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
+from seglab.data.masks import rgb_pixels
 from seglab.inference import Predictor, confidence_image, unsure_pixels
 from seglab.serve.auth import BearerToken
 from seglab.serve.formats import SegmentResult, npy_bytes, png_bytes, segment_result
@@ -225,7 +226,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                     f"server's limit of {max_pixels} (limits.max_pixels). Resize it.",
                 )
             im.load()
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            return rgb_pixels(im)
     except Image.DecompressionBombError as e:  # PIL's own bomb guard, before ours if its limit is lower
         raise HTTPException(413, f"The image is too large to decode safely ({e}). Resize it.") from None
     except UnidentifiedImageError:

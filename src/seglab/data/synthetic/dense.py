@@ -1,5 +1,5 @@
 """Dense mode: what a microscope export looks like, the kind of data on which seglab's first default recipe
-collapsed (issue 19). Photos of ~2048 px whose background is a uniform dark field (~83 % of the pixels);
+collapsed (docs/training.md). Photos of ~2048 px whose background is a uniform dark field (~83 % of the pixels);
 dozens of large elongated objects (~300 x 120 px at 2048), touching in clusters; two classes of the same
 colours that differ only by texture: "incorrect" (smooth, granular, ~16 % of the pixels) and "correct"
 (banded across its long axis, rare: ~1 % of the pixels, in about half of the photos).
