@@ -17,11 +17,10 @@ from omegaconf import OmegaConf
 from seglab.conversions import PredictorCalibration, quantize_int8
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
-from seglab.evaluate import build_datamodule
 from seglab.export import KEEP_TRACES, cached_trace, export, trace_cache_path
 from seglab.export_checks import check_parity, parity_image
 from seglab.inference import OnnxModel, Predictor, load_predictor
-from seglab.models.checkpoint import load_checkpoint
+from seglab.models.checkpoint import build_datamodule, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 OP_TYPES = ["Conv", "Add", "Relu", "Concat"]  # conf/export.yaml quantization.op_types

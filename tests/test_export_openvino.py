@@ -16,10 +16,9 @@ from PIL import Image
 
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
-from seglab.evaluate import build_datamodule
 from seglab.export import export
 from seglab.inference import OpenVinoModel, load_predictor
-from seglab.models.checkpoint import load_checkpoint
+from seglab.models.checkpoint import build_datamodule, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

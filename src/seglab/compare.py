@@ -17,9 +17,9 @@ from pathlib import Path
 from seglab.config import compose_config, quoted
 from seglab.errors import SeglabError
 from seglab.evaluate import evaluate
-from seglab.inference import MODES
 from seglab.leaderboard import job_label
 from seglab.metrics import interval_text, versus_first
+from seglab.models.sliding import MODES
 from seglab.tables import fmt, write_table
 
 

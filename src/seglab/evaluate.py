@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seglab.calibration import (
@@ -23,12 +22,11 @@ from seglab.calibration import (
     split_sample,
     store_temperature,
 )
-from seglab.data.datamodule import SegmentationDataModule
 from seglab.errors import SeglabError
 from seglab.inference import EXPORT_MODELS, Predictor, TorchModel, load_predictor, module_meta
 from seglab.metrics import METHOD, image_confusions, interval_text, save_per_image, scores, units_text, with_unseen
-from seglab.models.checkpoint import load_checkpoint
-from seglab.models.module import SegmentationModule, segmentation_metrics
+from seglab.models.checkpoint import build_datamodule, load_checkpoint
+from seglab.models.module import segmentation_metrics
 from seglab.models.trivial import describe, diagnose
 from seglab.runtime import inference_autocast, resolve_device
 from seglab.viz import confusion_matrix_figure, panel_figure
@@ -40,40 +38,6 @@ RESOLUTIONS = {
     "original": "each image's original resolution (logits resized back), through seglab.inference",
     "model": "the model's input resolution (masks resized as validation images are, as train.py's test step)",
 }
-
-
-def build_datamodule(
-    module: SegmentationModule, ckpt_path: str, overrides: dict | None = None, splits_file: Path | None = None
-) -> SegmentationDataModule:
-    """The run's own data config, with the user's data.* overrides (None values keep the run's); what the model
-    was trained with (image size, normalisation, ignore index) always comes from the checkpoint."""
-    meta = module.meta
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if "root" in overrides and "roboflow" not in overrides:
-        overrides["roboflow"] = None  # data.root=... names the data to evaluate on, not the run's RoboFlow version
-    data = {
-        **meta["config"]["data"],
-        **overrides,
-        "image_size": meta["image_size"],
-        "base_size": meta.get("base_size"),  # absent in checkpoints of the original recipe: stretch
-        "mean": meta["mean"],
-        "std": meta["std"],
-        "ignore_index": module.ignore_index,
-        "augmentations": [],  # evaluation never augments, whichever split it reads
-        "splits_file": str(splits_file) if splits_file else None,
-    }
-    datamodule = instantiate(data)
-    if datamodule.class_names != module.class_names:
-        wanted = ",".join(module.class_names[1:])
-        given = ",".join(data["classes"]) if data.get("classes") else None
-        raise SeglabError(
-            f"The checkpoint {ckpt_path} predicts the classes {module.class_names}, but the data in "
-            f"{datamodule.root} (data.classes={f'[{given}]' if given else 'null'}) gives "
-            f"{datamodule.class_names}. "
-            f"Evaluate on the classes the model knows with data.classes=[{wanted}], or use a checkpoint "
-            "trained on these classes."
-        )
-    return datamodule
 
 
 def per_class_report(counts: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float | None]]:

@@ -37,9 +37,9 @@ from seglab.conversions import (
 )
 from seglab.data.exports import default_exports_dir
 from seglab.errors import SeglabError, first_line
-from seglab.evaluate import build_datamodule
 from seglab.export_checks import check_masks, check_parity, parity_image
 from seglab.inference import OnnxModel, OpenVinoModel, Predictor, load_predictor, model_files
+from seglab.models.checkpoint import build_datamodule
 from seglab.models.module import SegmentationModule
 from seglab.models.registry import ARCHITECTURES
 

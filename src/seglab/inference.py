@@ -26,10 +26,8 @@ import torch.nn.functional as F
 from seglab.data.transforms import base_scale_size, build_transforms
 from seglab.errors import SeglabError, first_line
 from seglab.models.checkpoint import load_checkpoint
-from seglab.models.sliding import slide_logits
+from seglab.models.sliding import InferencePolicy
 from seglab.runtime import inference_autocast, resolve_device
-
-MODES = ("auto", "whole", "slide")
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # normalised (N, 3, h, w) -> logits (N, C, h, w)
 CPU = torch.device("cpu")
@@ -97,10 +95,6 @@ class Predictor:
         overlap: float = 1 / 3,
         tile_batch: int = 8,
     ):
-        if mode not in MODES:
-            raise SeglabError(f"inference.mode={mode!r} is not one of {MODES}.")
-        if not 0 <= overlap < 1:
-            raise SeglabError(f"inference.overlap={overlap} must be at least 0 and below 1 (a share of a tile).")
         self.model, self.meta = model, dict(meta)
         self.class_names = list(meta["class_names"])
         self.palette = [tuple(c) for c in meta["palette"]]
@@ -110,6 +104,7 @@ class Predictor:
         # Temperature scaling fitted on the validation split (seglab.calibration); 1: the plain softmax (older
         # checkpoints and exports of them). Masks never depend on it.
         self.temperature = float(meta.get("temperature") or 1.0)
+        self.policy = InferencePolicy(self.image_size, mode, bool(flip), float(overlap), int(tile_batch))
         self.mode, self.flip, self.overlap, self.tile_batch = mode, bool(flip), float(overlap), int(tile_batch)
         geometry = {"kind": "scale_crop" if self.base_size else "stretch"}
         self.transform = build_transforms(
@@ -129,9 +124,7 @@ class Predictor:
 
     def resolve_mode(self, height: int, width: int) -> str:
         """auto: tiles when the scaled image does not fit one training-size tile, else the whole image."""
-        if self.mode != "auto":
-            return self.mode
-        return "slide" if max(height, width) > self.image_size else "whole"
+        return self.policy.resolve(height, width)
 
     def scaled_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) an image of this size is predicted at (what self.transform resizes it to)."""
@@ -142,16 +135,9 @@ class Predictor:
     def mode_for(self, image: np.ndarray) -> str:
         return self.resolve_mode(*self.scaled_size(*image.shape[:2]))
 
-    def _slide(self, x: torch.Tensor) -> torch.Tensor:
-        return slide_logits(self.model, x, self.image_size, self.overlap, self.tile_batch)
-
     def scaled_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (1, C, h, w) of a transformed image (1, 3, h, w), at that resolution."""
-        run = self._slide if self.resolve_mode(*x.shape[-2:]) == "slide" else self.model
-        logits = run(x)
-        if self.flip:
-            logits = (logits + run(x.flip(-1)).flip(-1)) / 2
-        return logits
+        return self.policy.logits(self.model, x)
 
     def batch_logits(self, inputs: list[torch.Tensor], sizes: list[tuple[int, int]] | None) -> list[torch.Tensor]:
         """Logits (C, H, W), float32 on the CPU, of pre-processed images (self.preprocess) at their original sizes

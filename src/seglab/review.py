@@ -31,8 +31,7 @@ from seglab.cli import run_module
 from seglab.config import default_run_dir
 from seglab.crossval import write_heldout
 from seglab.errors import SeglabError
-from seglab.evaluate import build_datamodule
-from seglab.models.checkpoint import load_checkpoint
+from seglab.models.checkpoint import build_datamodule, load_checkpoint
 from seglab.viz import SHEET_WIDTH, overlay, picture_sheet
 
 GRID = 64  # px: every held-out image on one grid for cleanlab's dataset-wide thresholds

@@ -15,7 +15,7 @@ from seglab.data.datamodule import SegmentationDataModule
 from seglab.data.exports import DIGEST_CHARS, file_digest, unpack_export
 from seglab.data.synthetic import generate_dataset
 from seglab.errors import SeglabError
-from seglab.evaluate import build_datamodule
+from seglab.models.checkpoint import build_datamodule
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.data.synthetic import generate_dataset
 from seglab.errors import SeglabError
-from seglab.evaluate import build_datamodule
+from seglab.models.checkpoint import build_datamodule
 
 API_KEY = "rf_test5Key9abc"  # the package treats a key without lower-case letters as a placeholder
 # RoboFlow's name of each format -> the generator's

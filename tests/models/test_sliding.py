@@ -1,8 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
+from seglab.errors import SeglabError
 from seglab.models.module import SegmentationModule
-from seglab.models.sliding import slide_logits
+from seglab.models.sliding import InferencePolicy, slide_logits
 
 
 class TinyNet(nn.Module):
@@ -58,3 +60,27 @@ def test_validation_sees_larger_images_as_training_size_tiles_in_auto_mode():
     flipped.inference["flip"] = True
     expected = (auto.evaluation_logits(x) + auto.evaluation_logits(x.flip(-1)).flip(-1)) / 2
     torch.testing.assert_close(flipped.evaluation_logits(x), expected)
+
+
+def test_the_policy_decides_whole_or_tiles_and_averages_the_mirror_image():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def run(t):
+        return conv(t) * t.shape[-1]  # depends on the input's width: tiles and whole images differ
+
+    x = torch.randn(2, 3, 20, 24)
+    with torch.no_grad():
+        sliding = slide_logits(run, x, 16, 0.25, 8)
+        assert InferencePolicy(tile=16, mode="auto", overlap=0.25).resolve(20, 24) == "slide"
+        assert torch.equal(InferencePolicy(tile=16, mode="auto", overlap=0.25).logits(run, x), sliding)
+        assert InferencePolicy(tile=32, mode="auto").resolve(20, 24) == "whole"
+        assert torch.equal(InferencePolicy(tile=32, mode="auto").logits(run, x), run(x))
+        assert InferencePolicy(tile=0, mode="slide").resolve(20, 24) == "whole"  # no training size known
+        mirrored = slide_logits(run, x.flip(-1), 16, 0.25, 8).flip(-1)
+        flipped = InferencePolicy(tile=16, mode="slide", overlap=0.25, flip=True).logits(run, x)
+        assert torch.allclose(flipped, (sliding + mirrored) / 2)
+    with pytest.raises(SeglabError, match=r"inference.mode='tiles' is not one of \('auto', 'whole', 'slide'\)"):
+        InferencePolicy(tile=16, mode="tiles")
+    with pytest.raises(SeglabError, match="inference.overlap=1.0 must be at least 0 and below 1"):
+        InferencePolicy(tile=16, overlap=1.0)

@@ -37,9 +37,9 @@ from seglab.config import compose_config
 from seglab.conversions import InputRecorder
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
-from seglab.evaluate import build_datamodule
 from seglab.export_checks import add_masks
 from seglab.inference import Predictor, load_predictor, model_files
+from seglab.models.checkpoint import build_datamodule
 from seglab.models.module import segmentation_metrics
 from seglab.predict import predict
 from seglab.tables import text_table

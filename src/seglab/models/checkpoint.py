@@ -1,6 +1,7 @@
 """Checkpoints, every part of writing them in one place (the atomic, background writer; the checkpoint callback
 with its best/last links; the save on Ctrl-C) and read back into a trained model with everything evaluation and
-prediction need (classes, palette, ignore index, image size, normalisation, the run's config)."""
+prediction need (classes, palette, ignore index, image size, normalisation, the run's config), with the data module
+that reads a run's data as its model expects it (build_datamodule)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning import callbacks
 
 from seglab.atomic import link_or_copy, replacing
+from seglab.data.datamodule import SegmentationDataModule
 from seglab.data.sources import make_palette
 from seglab.errors import SeglabError, first_line
 from seglab.models.module import SegmentationModule
@@ -238,3 +240,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         inference=config.get("inference"),  # validated and tested this way (absent before it was configurable)
     )
     return module.to(map_location).eval()
+
+
+def build_datamodule(
+    module: SegmentationModule, ckpt_path: str, overrides: dict | None = None, splits_file: Path | None = None
+) -> SegmentationDataModule:
+    """The run's own data config, with the user's data.* overrides (None values keep the run's); what the model
+    was trained with (image size, normalisation, ignore index) always comes from the checkpoint."""
+    meta = module.meta
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "root" in overrides and "roboflow" not in overrides:
+        overrides["roboflow"] = None  # data.root=... names the data to evaluate on, not the run's RoboFlow version
+    data = {
+        **meta["config"]["data"],
+        **overrides,
+        "image_size": meta["image_size"],
+        "base_size": meta.get("base_size"),  # absent in checkpoints of the original recipe: stretch
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "ignore_index": module.ignore_index,
+        "augmentations": [],  # evaluation never augments, whichever split it reads
+        "splits_file": str(splits_file) if splits_file else None,
+    }
+    datamodule = instantiate(data)
+    if datamodule.class_names != module.class_names:
+        wanted = ",".join(module.class_names[1:])
+        given = ",".join(data["classes"]) if data.get("classes") else None
+        raise SeglabError(
+            f"The checkpoint {ckpt_path} predicts the classes {module.class_names}, but the data in "
+            f"{datamodule.root} (data.classes={f'[{given}]' if given else 'null'}) gives "
+            f"{datamodule.class_names}. "
+            f"Evaluate on the classes the model knows with data.classes=[{wanted}], or use a checkpoint "
+            "trained on these classes."
+        )
+    return datamodule

@@ -20,7 +20,7 @@ from torchmetrics.classification import (
 
 from seglab.errors import SeglabError
 from seglab.metrics import image_confusions
-from seglab.models.sliding import slide_logits
+from seglab.models.sliding import InferencePolicy
 from seglab.models.trivial import trivial_scores
 
 log = logging.getLogger(__name__)
@@ -203,22 +203,16 @@ class SegmentationModule(pl.LightningModule):
             )
 
     def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits as evaluate.py and predict.py make them (seglab.inference): a batch whose images are larger than
-        the training crops goes through as overlapping crops in `auto` and `slide` mode, so the network (its
+        """Logits as evaluate.py and predict.py make them (the same InferencePolicy): a batch whose images are larger
+        than the training crops goes through as overlapping crops in `auto` and `slide` mode, so the network (its
         BatchNorm statistics, DeepLabV3's image-level pooling) sees what it was trained on."""
-        tile = int(self.meta.get("image_size") or 0)
-        mode = self.inference["mode"]
-        slide = tile and (mode == "slide" or mode == "auto" and max(images.shape[-2:]) > tile)
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            if slide:
-                return slide_logits(lambda t: self.net(t)["out"], x, tile, float(self.inference["overlap"]))
-            return self.net(x)["out"]
-
-        logits = run(images)
-        if self.inference["flip"]:
-            logits = (logits + run(images.flip(-1)).flip(-1)) / 2
-        return logits
+        policy = InferencePolicy(
+            tile=int(self.meta.get("image_size") or 0),
+            mode=self.inference["mode"],
+            flip=bool(self.inference["flip"]),
+            overlap=float(self.inference["overlap"]),
+        )
+        return policy.logits(lambda t: self.net(t)["out"], images)
 
     def shared_step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The loss, and in validation and test the predicted classes."""
