@@ -11,11 +11,11 @@ from seglab.metrics import (
     paired_difference,
     save_per_image,
     scores,
+    segmentation_metrics,
     summarise,
     trivial_confusions,
     with_unseen,
 )
-from seglab.models.module import segmentation_metrics
 
 
 def test_image_confusions_count_each_images_pixels_and_skip_the_ignore_index():

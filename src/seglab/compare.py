@@ -81,7 +81,7 @@ def compare(sweep_dir: Path, modes: list[str], flip: bool = False, device: str =
                     "test mIoU": fmt(result["mIoU"]),
                     "95 %": interval_text((result.get("uncertainty") or {}).get("mIoU")).partition(" ")[2],
                     "vs first (paired)": "",
-                    # Predicting the test split's most frequent class everywhere (seglab.models.trivial); its flag.
+                    # Predicting the test split's most frequent class everywhere (seglab.metrics.diagnose); its flag.
                     "trivial mIoU": fmt(result["diagnosis"]["trivial"].get("mIoU")),
                     "flag": "" if result["diagnosis"]["verdict"] == "ok" else result["diagnosis"]["verdict"],
                     **per_class,

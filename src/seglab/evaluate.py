@@ -24,10 +24,19 @@ from seglab.calibration import (
 )
 from seglab.errors import SeglabError
 from seglab.inference import EXPORT_MODELS, Predictor, TorchModel, load_predictor, module_meta
-from seglab.metrics import METHOD, image_confusions, interval_text, save_per_image, scores, units_text, with_unseen
+from seglab.metrics import (
+    METHOD,
+    describe,
+    diagnose,
+    image_confusions,
+    interval_text,
+    save_per_image,
+    scores,
+    segmentation_metrics,
+    units_text,
+    with_unseen,
+)
 from seglab.models.checkpoint import build_datamodule, load_checkpoint
-from seglab.models.module import segmentation_metrics
-from seglab.models.trivial import describe, diagnose
 from seglab.runtime import inference_autocast, resolve_device
 from seglab.viz import confusion_matrix_figure, panel_figure
 
@@ -290,7 +299,7 @@ def evaluate(cfg: DictConfig) -> dict:
         # The scores with their 95 % intervals, on all images and on those with no copy or look-alike in train.
         "uncertainty": {"method": METHOD, **with_unseen(confusions, per_image["units"], per_image["unseen"], names)},
         "class_names": names,
-        # What predicting the split's most frequent class everywhere scores, and flags (seglab.models.trivial).
+        # What predicting the split's most frequent class everywhere scores, and flags (seglab.metrics.diagnose).
         "diagnosis": diagnose(counts, names, float(values["mIoU"])),
         # Expected calibration error (resolution=original): the plain softmax and with the model's temperature.
         "calibration": calibration_report(predictor, sampled, cfg.split, out, fitted) if sampled else None,

@@ -22,10 +22,9 @@ from seglab.calibration import calibrate_run, calibration_line
 from seglab.callbacks import TrainSpeed, ValHistory
 from seglab.data.report import build_report, write_summary
 from seglab.errors import SeglabError
-from seglab.metrics import METHOD, interval_text, save_per_image, units_text, with_unseen
+from seglab.metrics import METHOD, describe, diagnose, interval_text, save_per_image, units_text, with_unseen
 from seglab.models.losses import build_criterion
 from seglab.models.module import SegmentationModule
-from seglab.models.trivial import describe, diagnose
 from seglab.runtime import resolve_runtime
 from seglab.tables import text_table
 from seglab.trackers import build_loggers, finish_trackers, tracker_rows
@@ -329,7 +328,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         "test": {k: float(v) for k, v in test.items()},
         # The scores with their 95 % intervals, on all images and on those with no copy or look-alike in train.
         "uncertainty": uncertainty,
-        # What predicting the test split's most frequent class everywhere scores, and flags (seglab.models.trivial).
+        # What predicting the test split's most frequent class everywhere scores, and flags (seglab.metrics.diagnose).
         "diagnosis": diagnosis,
         "training_loss_check": module.loss_check,
         "calibration": calibration,

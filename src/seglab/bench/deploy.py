@@ -39,8 +39,8 @@ from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.export_checks import add_masks
 from seglab.inference import Predictor, load_predictor, model_files
+from seglab.metrics import segmentation_metrics
 from seglab.models.checkpoint import build_datamodule
-from seglab.models.module import segmentation_metrics
 from seglab.predict import predict
 from seglab.tables import text_table
 

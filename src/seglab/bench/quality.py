@@ -36,8 +36,7 @@ from seglab.bench.common import machine
 from seglab.config import compose_config, quoted
 from seglab.data.synthetic import refresh_dataset
 from seglab.errors import SeglabError
-from seglab.metrics import interval_text, versus_first
-from seglab.models.module import segmentation_metrics
+from seglab.metrics import interval_text, segmentation_metrics, versus_first
 from seglab.plain_loop import plain_loop, scored
 from seglab.tables import write_table
 from seglab.train import train

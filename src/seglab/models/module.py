@@ -8,20 +8,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassJaccardIndex,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 from seglab.errors import SeglabError
-from seglab.metrics import image_confusions
+from seglab.metrics import image_confusions, scalar_metrics, segmentation_metrics
 from seglab.models.sliding import InferencePolicy
-from seglab.models.trivial import trivial_scores
 
 log = logging.getLogger(__name__)
 
@@ -34,56 +24,6 @@ LOSS_CHECK_EPOCHS = 3
 MIN_PRIOR = 1e-6
 
 
-def segmentation_metrics(num_classes: int, ignore_index: int | None) -> MetricCollection:
-    """mIoU, mean accuracy, pixel accuracy, mean Dice (F1), precision and recall, their per-class values and the
-    confusion matrix (rows ground truth). Metrics with equal states form one torchmetrics compute group, updated
-    once per step: the confusion matrix shares the IoU metrics' state, Dice, precision and recall share mean
-    accuracy's per-class counts (tp, fp, tn, fn), so they add no work per step.
-
-    Policy for absent classes (torchmetrics' macro averaging): a class with no pixel in the target and
-    none in the prediction is left out of the means instead of counting as 0; a class in only one of them counts
-    with its undefined precision or recall as 0. Mean recall equals mean accuracy (both the mean per-class
-    recall); it is kept under both names. validate_args=False keeps `update` free of host syncs.
-    """
-    common = {"num_classes": num_classes, "ignore_index": ignore_index, "validate_args": False}
-    return MetricCollection(
-        {
-            "mIoU": MulticlassJaccardIndex(average="macro", **common),
-            "mAcc": MulticlassAccuracy(average="macro", **common),
-            "pixel_acc": MulticlassAccuracy(average="micro", **common),
-            "mDice": MulticlassF1Score(average="macro", **common),
-            "mPrecision": MulticlassPrecision(average="macro", **common),
-            "mRecall": MulticlassRecall(average="macro", **common),
-            "IoU": MulticlassJaccardIndex(average="none", **common),
-            "Dice": MulticlassF1Score(average="none", **common),
-            "precision": MulticlassPrecision(average="none", **common),
-            "recall": MulticlassRecall(average="none", **common),
-            "confmat": MulticlassConfusionMatrix(**common),
-        }
-    )
-
-
-def scalar_metrics(values: dict[str, torch.Tensor], class_names: Sequence[str], prefix: str) -> dict[str, float]:
-    """Flatten computed metrics into `<stage>/<name>` floats; per-class values become `<stage>/<name>_<class>`
-    (`test/IoU_disc`, `test/Dice_disc`, `test/precision_disc`, `test/recall_disc`). The confusion matrix becomes
-    `<stage>/trivial_mIoU`: what predicting the split's most frequent class everywhere scores
-    (seglab.models.trivial), the line a model must rise above."""
-    out = {}
-    for name, value in values.items():
-        if value.ndim == 2:
-            trivial = trivial_scores(value.cpu().numpy(), class_names)
-            if trivial:
-                out[f"{prefix}/trivial_mIoU"] = float(trivial["mIoU"])
-        elif value.ndim == 0:
-            out[f"{prefix}/{name}"] = float(value)
-        else:
-            out.update({f"{prefix}/{name}_{c}": v for c, v in zip(class_names, value.tolist(), strict=True)})
-    return out
-
-
-# Optimizers with a fused kernel on CUDA and on CPU: one pass over all parameters instead of several operations
-# per tensor. On CPU the default is a Python loop over the tensors: fused Adam's step is 4-5x faster there
-# (DeepLabV3-MobileNetV3 89 -> 17 ms, ResNet-50 258 -> 64 ms, one thread), a fifth of a 128 px training step.
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 FUSED_DEVICES = ("cuda", "cpu")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from seglab.models.module import scalar_metrics, segmentation_metrics
+from seglab.metrics import scalar_metrics, segmentation_metrics
 
 IGNORE = 255
 

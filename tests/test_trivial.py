@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from seglab.models.module import scalar_metrics, segmentation_metrics
-from seglab.models.trivial import describe, diagnose, trivial_scores
+from seglab.metrics import describe, diagnose, scalar_metrics, segmentation_metrics, trivial_scores
 
 NAMES = ["background", "a", "b"]
 # Rows ground truth (80 / 15 / 5 pixels), columns prediction.
