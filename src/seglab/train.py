@@ -238,13 +238,9 @@ def refuse_existing_run(out: Path) -> None:
         )
 
 
-def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler=None) -> dict:
-    """The run: fit, test the best checkpoint, write metrics.json. `extra_callbacks` and `profiler` are for
-    seglab.bench, which times a real run from the inside. With cv.folds and no cv.fold: one run per fold and
-    their summary (seglab.crossval)."""
-    if crossval.requested(cfg):
-        return crossval.cross_validate(cfg, lambda fold_cfg: train(fold_cfg, extra_callbacks, profiler))
-    started = time.time()
+def open_run(cfg: DictConfig) -> tuple[DictConfig, str | None, Path]:
+    """The run's config (a resumed run's own), the checkpoint it resumes from, and its folder, checked and made:
+    a new run never writes into an earlier run's folder."""
     resume_from = None
     if cfg.get("resume"):
         cfg = resumed_config(cfg)
@@ -254,40 +250,51 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     if resume_from is None:
         refuse_existing_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    return cfg, resume_from, out
+
+
+def set_up_runtime(cfg: DictConfig) -> dict:
+    """Device, precision and speed settings decided once (printed), and the seed."""
     runtime = resolve_runtime(cfg)
     print("seglab runtime: " + ", ".join(f"{k} {v}" for k, v in runtime.items()), flush=True)
     # Subnormal floats (weights and Adam's moments decaying towards 0 long after convergence) make CPU
-    # arithmetic several times slower: a from-scratch MobileNetV3 had 43,640 of them after 1,250 steps, and
-    # its steps went from 143 to 195 ms. Flushed to zero, they stay at 0 and the steps at 140 ms.
+    # arithmetic several times slower; flushed to zero, they stay at 0 (docs/performance.md).
     torch.set_flush_denormal(True)
     pl.seed_everything(cfg.seed, workers=True)
+    return runtime
 
-    datamodule = instantiate(cfg.data)
-    # callbacks.<name>=null switches one off (e.g. early stopping for equal-budget comparisons).
+
+def build_trainer(cfg: DictConfig, resume_from: str | None, extra_callbacks, profiler) -> tuple[pl.Trainer, list]:
+    """The Lightning trainer with the configured callbacks (callbacks.<name>=null switches one off) and trackers."""
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] if cfg.get("callbacks") else []
     callbacks += list(extra_callbacks)
     loggers = build_loggers(cfg, resume_from)
-    # The trainer first: it knows this process's rank, which decides who builds the mask cache and who writes.
-    trainer: pl.Trainer = instantiate(
+    trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, **({"profiler": profiler} if profiler is not None else {})
     )
-    prepare_data_once(trainer, datamodule)
-    datamodule.setup("fit")
-    data_line = ""
-    if trainer.is_global_zero:
-        # The dataset report (python -m seglab.data.report) in the run folder: files vs photos, copies, leaks.
-        report = build_report(datamodule)
-        write_summary(report, out)
-        leaks, near = report["leaks"]["used"], report["lookalikes"]["used"]
-        data_line = (
-            f"{report['files']} files of {report['photos']} photos; val/test images sharing a photo with "
-            f"train: {leaks['val_with_copy_in_train']}/{leaks['test_with_copy_in_train']}, with a copy or "
-            f"look-alike there: {near['val_near_train']}/{near['test_near_train']} "
-            f"(report.md in the run folder)"
-        )
-        print(f"seglab data: {data_line}", flush=True)
-    module = build_module(cfg, datamodule)
+    return trainer, callbacks
 
+
+def data_report(trainer: pl.Trainer, datamodule, out: Path) -> str:
+    """The dataset report (python -m seglab.data.report) in the run folder, by the first process: files vs
+    photos, copies, leaks. Returns its summary line ("" in the other processes)."""
+    if not trainer.is_global_zero:
+        return ""
+    report = build_report(datamodule)
+    write_summary(report, out)
+    leaks, near = report["leaks"]["used"], report["lookalikes"]["used"]
+    line = (
+        f"{report['files']} files of {report['photos']} photos; val/test images sharing a photo with "
+        f"train: {leaks['val_with_copy_in_train']}/{leaks['test_with_copy_in_train']}, with a copy or "
+        f"look-alike there: {near['val_near_train']}/{near['test_near_train']} "
+        f"(report.md in the run folder)"
+    )
+    print(f"seglab data: {line}", flush=True)
+    return line
+
+
+def fit_and_test(cfg, trainer: pl.Trainer, module, datamodule, resume_from: str | None) -> tuple[str, dict | None]:
+    """Fit, then test the best checkpoint: its path and the test metrics (None in DDP's other processes)."""
     # weights_only: seglab checkpoints hold tensors and plain values only, so never unpickle code.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -295,35 +302,33 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
     # current_model_state) for the test; the checkpoint's state_dict, the averaged weights, is the model.
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     if trainer.world_size == 1:
-        test = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
-    else:
-        test = exact_test_metrics(cfg, trainer, module, datamodule, best_path)
-        if not trainer.is_global_zero:
-            return {"status": "ok", "rank": trainer.global_rank}  # rank 0 writes and reports
+        return best_path, trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)[0]
+    test = exact_test_metrics(cfg, trainer, module, datamodule, best_path)
+    return best_path, test if trainer.is_global_zero else None
 
+
+def run_metrics(cfg, trainer, callbacks, module, datamodule, test: dict, best_path: str, out: Path) -> dict:
+    """metrics.json's content but for timing and runtime: the best epoch, the test scores with their intervals and
+    the trivial model's, calibration (fitted now), and for a cross-validation fold its held-out probabilities."""
     history = next((c for c in callbacks if isinstance(c, ValHistory)), None)
     best = history.best(cfg.monitor.metric, cfg.monitor.mode) if history else {}
     speed = next((c for c in callbacks if isinstance(c, TrainSpeed)), None)
     test_miou = float(test.get("test/mIoU", math.nan))
-    diagnosis = (
-        diagnose(module.confusion["test"].numpy(), datamodule.class_names, test_miou)
-        if "test" in module.confusion
-        else {}
-    )
+    confusion = module.confusion.get("test")
+    diagnosis = diagnose(confusion.numpy(), datamodule.class_names, test_miou) if confusion is not None else {}
     uncertainty = split_scores(module, datamodule, best.get("epoch"), trainer.world_size == 1, out)
     calibration = None
     if cfg.get("calibrate", True) and best_path and datamodule.splits.get("val"):  # before heldout/: calibrated
         calibration = calibrate_run(module, datamodule, [Path(best_path), Path(best_path).with_name("last.ckpt")], out)
     if datamodule.cv_folds:
         crossval.write_heldout(module, datamodule, out / "heldout")
-    metrics = {
+    return {
         "status": "ok",
         "best_epoch": best.get("epoch"),
         "epochs_run": trainer.current_epoch,
         "monitor": {"metric": cfg.monitor.metric, "mode": cfg.monitor.mode},
         "train_images_per_s": speed.images_per_s if speed else None,
         "train_warmup_s": speed.warmup_s if speed else None,
-        "runtime": runtime,
         "best_val": {k: v for k, v in best.items() if k != "epoch"},
         "test": {k: float(v) for k, v in test.items()},
         # The scores with their 95 % intervals, on all images and on those with no copy or look-alike in train.
@@ -340,13 +345,11 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         "checkpoint": best_path,
         "last_checkpoint": str(Path(best_path).with_name("last.ckpt")) if best_path else "",
         "class_names": datamodule.class_names,
-        "wall_time_s": round(time.time() - started, 1),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    trackers = tracker_rows(trainer.loggers)
-    finish_trackers(trainer.loggers, OmegaConf.to_container(cfg, resolve=True), metrics)
 
+def print_summary(cfg: DictConfig, metrics: dict, module, data_line: str, out: Path, trackers: list) -> None:
+    best, uncertainty = {**metrics["best_val"], "epoch": metrics["best_epoch"]}, metrics["uncertainty"]
     rows = [
         ("best epoch", f"{metrics['best_epoch']} (by {cfg.monitor.metric}, {cfg.monitor.mode})"),
         ("val loss", f"{best.get('val/loss', math.nan):.4f}"),
@@ -356,15 +359,42 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler
         ("test pixel acc", interval_text(uncertainty.get("test", {}).get("pixel_acc"))),
         ("train images/s", f"{metrics['train_images_per_s'] or math.nan:.1f}"),
         ("training loss", loss_check_line(module.loss_check)),
-        ("calibration", calibration_line(calibration)),
+        ("calibration", calibration_line(metrics["calibration"])),
         ("data", data_line),
-        ("checkpoint", best_path),
+        ("checkpoint", metrics["checkpoint"]),
         ("run folder", str(out)),
         *trackers,
     ]
-    verdict = describe(diagnosis) if diagnosis else []
+    verdict = describe(metrics["diagnosis"]) if metrics["diagnosis"] else []
     print(
         "\nseglab training summary\n" + text_table(rows, right=False) + "".join(f"\n  {line}" for line in verdict),
         flush=True,
     )
+
+
+def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), profiler=None) -> dict:
+    """The run: fit, test the best checkpoint, write metrics.json. `extra_callbacks` and `profiler` are for
+    seglab.bench, which times a real run from the inside. With cv.folds and no cv.fold: one run per fold and
+    their summary (seglab.crossval)."""
+    if crossval.requested(cfg):
+        return crossval.cross_validate(cfg, lambda fold_cfg: train(fold_cfg, extra_callbacks, profiler))
+    started = time.time()
+    cfg, resume_from, out = open_run(cfg)
+    runtime = set_up_runtime(cfg)
+    datamodule = instantiate(cfg.data)
+    # The trainer first: it knows this process's rank, which decides who builds the mask cache and who writes.
+    trainer, callbacks = build_trainer(cfg, resume_from, extra_callbacks, profiler)
+    prepare_data_once(trainer, datamodule)
+    datamodule.setup("fit")
+    data_line = data_report(trainer, datamodule, out)
+    module = build_module(cfg, datamodule)
+    best_path, test = fit_and_test(cfg, trainer, module, datamodule, resume_from)
+    if test is None:
+        return {"status": "ok", "rank": trainer.global_rank}  # rank 0 writes and reports
+    metrics = run_metrics(cfg, trainer, callbacks, module, datamodule, test, best_path, out)
+    metrics.update(runtime=runtime, wall_time_s=round(time.time() - started, 1))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    trackers = tracker_rows(trainer.loggers)
+    finish_trackers(trainer.loggers, OmegaConf.to_container(cfg, resolve=True), metrics)
+    print_summary(cfg, metrics, module, data_line, out, trackers)
     return metrics
