@@ -430,6 +430,3 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.loader("test")
