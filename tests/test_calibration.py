@@ -103,3 +103,32 @@ def test_evaluate_calibrates_an_older_checkpoint_and_reports_the_ece(trained_run
     assert load_checkpoint(older).meta["temperature"] == temperature  # stored for every later reader
     assert fitted["mIoU"] == plain["mIoU"] and fitted["per_class"] == plain["per_class"]  # masks unchanged
     assert (tmp_path / "fitted" / "eval" / "reliability.png").is_file()
+
+
+def test_a_model_with_non_finite_logits_gets_no_temperature_and_says_why(trained_run, tmp_path):
+    """Weights blown up by training (a finite loss in training mode, inf or NaN logits through eval-mode BatchNorm):
+    the run still ends with its results; calibration says why it fitted nothing; calibrate=true refuses with it."""
+    from test_evaluate import compose_evaluate
+
+    from seglab.calibration import calibrate_run, calibration_line
+    from seglab.errors import SeglabError
+    from seglab.evaluate import evaluate
+    from seglab.models.checkpoint import build_datamodule
+
+    blown = tmp_path / "blown.ckpt"
+    checkpoint = torch.load(trained_run["checkpoint"], map_location="cpu", weights_only=True)
+    head = next(k for k in checkpoint["state_dict"] if k.startswith("net.classifier.") and k.endswith(".weight"))
+    checkpoint["state_dict"][head] = torch.full_like(checkpoint["state_dict"][head], float("inf"))
+    torch.save(checkpoint, blown)
+    before = blown.read_bytes()
+    module = load_checkpoint(blown)
+    datamodule = build_datamodule(module, str(blown))
+    datamodule.setup("test")
+    summary = calibrate_run(module, datamodule, [blown], tmp_path)
+    assert summary == {"temperature": None, "skipped": summary["skipped"]}
+    assert summary["skipped"].startswith("the model's logits on the val split are not all finite")
+    assert calibration_line(summary) == f"not fitted: {summary['skipped']}"
+    assert not (tmp_path / "reliability.png").exists() and blown.read_bytes() == before  # nothing written
+    with pytest.raises(SeglabError, match=r"^calibrate=true: the model's logits on the val split are not all finite"):
+        evaluate(compose_evaluate(tmp_path / "eval", f"ckpt_path={blown}", "calibrate=true"))
+    assert np.isnan(calibration_error(torch.full((4, 3), float("nan")), torch.tensor([0, 1, 2, 0])))

@@ -13,6 +13,7 @@ sample of each image's labelled pixels (PIXELS_PER_IMAGE), at the image's own si
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from seglab.atomic import replacing
 from seglab.inference import Predictor, TorchModel, module_meta
+
+log = logging.getLogger(__name__)
 
 BINS = 15
 PIXELS_PER_IMAGE = 20_000
@@ -73,8 +76,8 @@ def fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def calibration_error(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> float:
-    """ECE of softmax(logits / temperature) (torchmetrics, BINS bins, L1)."""
-    if len(target) == 0:
+    """ECE of softmax(logits / temperature) (torchmetrics, BINS bins, L1); NaN without pixels or finite logits."""
+    if len(target) == 0 or not finite(logits):
         return math.nan
     probabilities = (logits / temperature).softmax(dim=1)
     return float(
@@ -119,8 +122,18 @@ def reliability_figure(logits: torch.Tensor, target: torch.Tensor, temperature: 
     return fig
 
 
+NOT_FINITE = "the model's logits on the val split are not all finite (a diverged model): no temperature fitted"
+
+
+def finite(logits: torch.Tensor) -> bool:
+    return bool(torch.isfinite(logits).all())
+
+
 def calibration_summary(val: tuple, test: tuple | None) -> dict:
-    """T fitted on val, and the ECE before and after on val and (when given) test."""
+    """T fitted on val, and the ECE before and after on val and (when given) test; for a model whose logits are
+    not finite, {"temperature": None, "skipped": why} (nothing to scale: its training diverged)."""
+    if not finite(val[0]):
+        return {"temperature": None, "skipped": NOT_FINITE}
     temperature = fit_temperature(*val)
     summary = {"temperature": temperature, "fitted_on": "val", "pixels": int(len(val[1])), "bins": BINS}
     for name, sample in (("val", val), ("test", test)):
@@ -154,6 +167,9 @@ def calibrate_run(module, datamodule, checkpoints: list[Path], out: Path) -> dic
     val = split_sample(predictor, datamodule.datasets["val"])
     test = split_sample(predictor, datamodule.datasets["test"]) if datamodule.splits.get("test") else None
     summary = calibration_summary(val, test)
+    if summary.get("skipped"):
+        log.warning("Calibration skipped: %s.", summary["skipped"])
+        return summary
     module.meta["temperature"] = summary["temperature"]
     for path in checkpoints:
         store_temperature(path, summary)
@@ -168,6 +184,8 @@ def calibration_line(calibration: dict | None) -> str:
     """The summary's line: the temperature and the ECE before -> after on test (else val)."""
     if not calibration:
         return "not fitted (calibrate=false, or no val split)"
+    if calibration.get("skipped"):
+        return f"not fitted: {calibration['skipped']}"
     split = "test" if "test" in calibration else "val"
     ece = calibration.get(split)
     where = f", {split} ECE {ece['ece_before']:.4f} -> {ece['ece_after']:.4f}" if ece else ""

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from seglab.calibration import (
     calibration_error,
     calibration_summary,
+    finite,
     pixel_sample,
     reliability_figure,
     split_sample,
@@ -183,6 +184,8 @@ def calibrated(cfg: DictConfig, predictor: Predictor, datamodule) -> dict:
         )
     predictor.temperature = 1.0
     summary = calibration_summary(split_sample(predictor, datamodule.datasets["val"]), None)
+    if summary.get("skipped"):
+        raise SeglabError(f"calibrate=true: {summary['skipped']} ({cfg.ckpt_path}).")
     store_temperature(cfg.ckpt_path, summary)
     predictor.temperature = summary["temperature"]
     log.info("Calibrated: T = %.4f fitted on val, stored in %s", summary["temperature"], cfg.ckpt_path)
@@ -192,6 +195,9 @@ def calibrated(cfg: DictConfig, predictor: Predictor, datamodule) -> dict:
 def calibration_report(predictor: Predictor, samples: list, split: str, out: Path, fitted: dict | None) -> dict:
     """The split's ECE with the plain softmax and with the model's temperature; reliability.png."""
     logits, target = torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
+    if not finite(logits):
+        log.warning("No calibration report: the model's logits on the %s split are not all finite.", split)
+        return None
     reliability_figure(logits, target, predictor.temperature, f"{split} split: accuracy against confidence").savefig(
         out / "reliability.png"
     )
