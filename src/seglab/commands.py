@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from importlib import import_module
 
 import hydra
 from omegaconf import DictConfig
@@ -24,58 +25,27 @@ from seglab.cli import run_task
 from seglab.config import CONF_DIR
 
 
-def hydra_command(config_name: str, task: Callable[[], Callable], metric: bool = False) -> Callable[[], None]:
-    """A @hydra.main entry over conf/<config_name>.yaml running task()(cfg) as the scripts do (run_task)."""
+def hydra_command(name: str, metric: bool = False) -> Callable[[], None]:
+    """A @hydra.main entry over conf/<name>.yaml running seglab.<name>.<name>(cfg) as the scripts do (run_task); the
+    module is imported when the command runs: `seglab serve` does not import Lightning's trainer."""
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=name)
     def main(cfg: DictConfig) -> float | None:
-        return run_task(task(), cfg, metric=cfg.monitor.metric if metric else None)
+        task = getattr(import_module(f"seglab.{name}"), name)
+        return run_task(task, cfg, metric=cfg.monitor.metric if metric else None)
 
     return main
 
 
-def _train():
-    from seglab.train import train
-
-    return train
-
-
-def _evaluate():
-    from seglab.evaluate import evaluate
-
-    return evaluate
-
-
-def _predict():
-    from seglab.predict import predict
-
-    return predict
-
-
-def _export():
-    from seglab.export import export
-
-    return export
-
-
-def _serve():
-    from seglab.serve import serve
-
-    return serve
-
-
-# The functions are imported when their command runs: `seglab serve` does not import Lightning's trainer code.
-train_main = hydra_command("train", _train, metric=True)
-evaluate_main = hydra_command("evaluate", _evaluate)
-predict_main = hydra_command("predict", _predict)
-export_main = hydra_command("export", _export)
-serve_main = hydra_command("serve", _serve)
+train_main = hydra_command("train", metric=True)
+evaluate_main = hydra_command("evaluate")
+predict_main = hydra_command("predict")
+export_main = hydra_command("export")
+serve_main = hydra_command("serve")
 
 
 def _module(name: str) -> Callable[[], object]:
     def main():
-        from importlib import import_module
-
         return import_module(name).main()
 
     return main

@@ -105,12 +105,27 @@ class Predictor:
         # checkpoints and exports of them). Masks never depend on it.
         self.temperature = float(meta.get("temperature") or 1.0)
         self.policy = InferencePolicy(self.image_size, mode, bool(flip), float(overlap), int(tile_batch))
-        self.mode, self.flip, self.overlap, self.tile_batch = mode, bool(flip), float(overlap), int(tile_batch)
         geometry = {"kind": "scale_crop" if self.base_size else "stretch"}
         self.transform = build_transforms(
             self.image_size, meta["mean"], meta["std"], base_size=self.base_size, geometry=geometry
         )
         self.preprocess = Preprocess(self.transform)
+
+    @property
+    def mode(self) -> str:
+        return self.policy.mode
+
+    @property
+    def flip(self) -> bool:
+        return self.policy.flip
+
+    @property
+    def overlap(self) -> float:
+        return self.policy.overlap
+
+    @property
+    def tile_batch(self) -> int:
+        return self.policy.tiles_per_pass
 
     def settings(self) -> dict:
         """How predictions were made; stored with evaluation results."""

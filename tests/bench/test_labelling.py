@@ -79,8 +79,9 @@ def test_the_ranked_arm_labels_the_rankings_top_and_the_random_arm_a_draw_from_t
         [row] = list(csv.DictReader(fh))
     assert row["seed"] == "7" and row["labelled"] == "3 + 3"
     # A second sitting reads the finished runs back instead of training again.
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("seed7/*/metrics.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("seed7/*/metrics.json"), *out.glob("seed7/rank/*")]}
     assert main(
         ["--export", str(export), "--start", "3", "--budget", "3", "--seeds", "7", "--out", str(out), *settings]
     ) == [result]
-    assert {p: p.stat().st_mtime_ns for p in out.glob("seed7/*/metrics.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in [*out.glob("seed7/*/metrics.json"), *out.glob("seed7/rank/*")]} == stamps
+    assert len(stamps) == 3 + 2  # the arms' metrics, and the ranking's csv and sheet

@@ -10,7 +10,8 @@ For each seed, on an export with its own train/valid/test folders (valid and tes
    `budget` top-ranked images ("ranked") or `budget` images drawn at random from the same rest ("random").
 Each arm's test mIoU comes with its 95 % interval, and ranked minus random with its paired interval on the same test
 images. Runs go to `<out>/seed<seed>/{start,ranked,random}` (their train.py run folders): an arm whose metrics.json
-says ok is read, not trained again. The table (labelling.md/.csv) goes to `<out>`.
+says ok is read, not trained again, and the ranking (chosen.json) is not made again. The table (labelling.md/.csv)
+goes to `<out>`.
 """
 
 from __future__ import annotations
@@ -144,11 +145,15 @@ def run_seed(source: Source, seed: int, start: int, budget: int, by: str, settin
             write_subset(source, work / "data" / "start", set(chosen["start"])), work / "start", seed, settings
         )
     }
-    chosen["ranked"] = ranked_rest(Path(runs["start"]["checkpoint"]), source, rest, by, budget, work / "rank")
+    ranked_file = work / "chosen.json"  # an earlier sitting's ranking, by the same start model: not ranked again
+    if ranked_file.is_file() and json.loads(ranked_file.read_text())["start"] == chosen["start"]:
+        chosen["ranked"] = json.loads(ranked_file.read_text())["ranked"]
+    else:
+        chosen["ranked"] = ranked_rest(Path(runs["start"]["checkpoint"]), source, rest, by, budget, work / "rank")
+        ranked_file.write_text(json.dumps(chosen, indent=1) + "\n")
     for arm in ("ranked", "random"):
         subset = write_subset(source, work / "data" / arm, set(chosen["start"]) | set(chosen[arm]))
         runs[arm] = train_arm(subset, work / arm, seed, settings)
-    (work / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     (_, _), (_, diff) = versus_first([work / "random" / "per_image.npz", work / "ranked" / "per_image.npz"])
     return {
         "seed": seed,

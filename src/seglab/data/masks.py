@@ -197,14 +197,14 @@ def load_image(path: Path, expected_hw: tuple[int, int] | None = None) -> np.nda
     try:
         with Image.open(path) as im:
             im.load()
-            oriented = rgb_pixels(im)
+            oriented = ImageOps.exif_transpose(im)
             if (
                 expected_hw is not None
-                and oriented.shape[:2] != tuple(expected_hw)
+                and oriented.size[::-1] != tuple(expected_hw)
                 and im.size[::-1] == tuple(expected_hw)
             ):
-                return rgb_pixels(im, orient=False)
-            return oriented
+                oriented = im
+            return rgb_pixels(oriented, orient=False)
     except FileNotFoundError:
         raise SeglabError(f"Image file {path} is missing.") from None
     except OSError as e:

@@ -42,9 +42,8 @@ def _smp(arch, num_classes, weights, weights_backbone, aux_loss, encoder, option
     from seglab.models.smp_nets import smp_network  # smp costs ~0.5 s to import: only when used
 
     options = dict(options)
-    encoder = encoder or options.pop("encoder")
-    options.pop("encoder", None)
-    return smp_network(arch, num_classes, weights, weights_backbone, encoder=encoder, **options)  # no aux head
+    fixed = options.pop("encoder", None)  # an architecture with its own encoder (SegFormer's MiT)
+    return smp_network(arch, num_classes, weights, weights_backbone, encoder=encoder or fixed, **options)  # no aux head
 
 
 def _freeze_encoder(model: nn.Module) -> None:
