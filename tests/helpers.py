@@ -62,3 +62,18 @@ def ready_datamodule(root: Path, cache_dir: Path, **kwargs):
     )
     dm.setup("fit")
     return dm
+
+
+def served_mask(client, image_path: Path) -> np.ndarray:
+    """The mask the web API answers for an image file (format=mask), checked to be a 200."""
+    import io
+
+    from PIL import Image
+
+    response = client.post(
+        "/v1/segment",
+        params={"format": "mask"},
+        files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")},
+    )
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(response.content)))

@@ -1,5 +1,4 @@
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import served_mask
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -236,7 +236,6 @@ def test_smp_decoders_over_timm_encoders_train_export_and_serve(compose_train, t
     and served, the served mask equal to the checkpoint's. UPerNet's graph would run at its traced size only: its
     export is refused with the reason, and the server takes its checkpoint."""
     from fastapi.testclient import TestClient
-    from PIL import Image
 
     from seglab.serve.app import create_app
     from seglab.train import train
@@ -256,13 +255,7 @@ def test_smp_decoders_over_timm_encoders_train_export_and_serve(compose_train, t
     image_path = sorted((demo_root / "test").glob("*.jpg"))[0]
     expected = load_predictor(ckpt, device="cpu").predict(load_image(image_path))
     with TestClient(create_app(load_predictor(served, device="cpu"))) as client:
-        response = client.post(
-            "/v1/segment",
-            params={"format": "mask"},
-            files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")},
-        )
-    assert response.status_code == 200
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(response.content))), expected)
+        np.testing.assert_array_equal(served_mask(client, image_path), expected)
 
 
 @pytest.mark.slow  # ONNX export and ONNX Runtime parity of full-size networks
@@ -315,15 +308,7 @@ def test_predict_py_and_the_web_api_take_the_export(mobilenet_export, demo_root,
     with TestClient(create_app(load_predictor(mobilenet_export["output"], device="cpu"))) as client:
         assert client.get("/v1/model").json()["format"] == "onnx"
         image_path = sorted((demo_root / "test").glob("*.jpg"))[0]
-        response = client.post(
-            "/v1/segment",
-            params={"format": "mask"},
-            files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")},
-        )
-        assert response.status_code == 200
-        np.testing.assert_array_equal(
-            np.asarray(Image.open(io.BytesIO(response.content))), np.asarray(Image.open(outputs["ckpt"][0]))
-        )
+        np.testing.assert_array_equal(served_mask(client, image_path), np.asarray(Image.open(outputs["ckpt"][0])))
 
 
 def test_loading_a_broken_export_says_what_to_fix(mobilenet_export, tmp_path):

@@ -1,7 +1,6 @@
 """format=openvino: OpenVINO IR (fp32, and int8 by NNCF) exported from the tiny trained checkpoint, loaded by the
 Predictor, predict.py, the web API and the deploy bench as an .onnx is."""
 
-import io
 import json
 import re
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import served_mask
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -213,13 +213,7 @@ def test_predict_py_and_the_web_api_take_an_openvino_export(exports, trained_run
             info = client.get("/v1/model").json()
             assert (info["format"], info["precision"], info["runtime"]) == ("openvino", precision, "OpenVINO")
             image_path = sorted((demo_root / "test").glob("*.jpg"))[0]
-            response = client.post(
-                "/v1/segment",
-                params={"format": "mask"},
-                files={"image": (image_path.name, image_path.read_bytes(), "image/jpeg")},
-            )
-            assert response.status_code == 200
-            mask = np.asarray(Image.open(io.BytesIO(response.content)))
+            mask = served_mask(client, image_path)
             expected = np.asarray(Image.open(outputs["ckpt"][0]))
             assert (mask == expected).mean() >= (1.0 if precision == "fp32" else 0.99)
     with TestClient(create_app(load_predictor(exports["onnx"], device="cpu"))) as client:
