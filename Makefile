@@ -92,4 +92,4 @@ data-report: install  ## the dataset report (files vs photos, copies, leaks, cla
 	$(PY) -m seglab.data.report data.root=$(DATA) $(ARGS)
 
 plain-loop: install  ## a recipe against the plain-loop baseline at equal budget: make plain-loop DATA=<export> ARGS="max_epochs=30"
-	$(PY) -m seglab.plain_loop data.root=$(DATA) $(ARGS)
+	$(PY) -m seglab.bench.plain_loop data.root=$(DATA) $(ARGS)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from seglab.calibration import calibration_error, fit_temperature, pixel_sample, reliability
-from seglab.inference import Predictor, load_predictor
 from seglab.models.checkpoint import load_checkpoint
+from seglab.models.inference import Predictor, load_predictor
 
 
 def test_the_ece_by_hand():

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from seglab.inference import Predictor
+from seglab.models.inference import Predictor
 from seglab.runtime import resolve_runtime
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -17,7 +17,7 @@ SCRIPTS = {
     "predict.py": "predict",
     "export.py": "export",
     "serve.py": "serve",
-    "-m seglab.plain_loop": "train",
+    "-m seglab.bench.plain_loop": "train",
     "-m seglab.data.report": "train",
 }
 MAKE_CONFIGS = {

@@ -19,8 +19,8 @@ from seglab.data.masks import load_image
 from seglab.errors import SeglabError
 from seglab.export import KEEP_TRACES, cached_trace, export, trace_cache_path
 from seglab.export_checks import check_parity, parity_image
-from seglab.inference import OnnxModel, Predictor, load_predictor
 from seglab.models.checkpoint import build_datamodule, load_checkpoint
+from seglab.models.inference import OnnxModel, Predictor, load_predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 OP_TYPES = ["Conv", "Add", "Relu", "Concat"]  # conf/export.yaml quantization.op_types

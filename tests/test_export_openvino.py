@@ -17,8 +17,8 @@ from PIL import Image
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
 from seglab.export import export
-from seglab.inference import OpenVinoModel, load_predictor
 from seglab.models.checkpoint import build_datamodule, load_checkpoint
+from seglab.models.inference import OpenVinoModel, load_predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,7 +283,7 @@ def test_models_released_in_any_order_leave_the_process_able_to_take_signals(exp
     # exit, handled as torch's DataLoader handles its workers') crashed the process. Run apart: a crash is a result.
     script = f"""
 import faulthandler, gc, signal, subprocess
-from seglab.inference import OpenVinoModel
+from seglab.models.inference import OpenVinoModel
 faulthandler.enable()
 signal.signal(signal.SIGCHLD, lambda *args: None)
 models = [OpenVinoModel({str(exports["int8"])!r}) for _ in range(2)]

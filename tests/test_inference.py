@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seglab.errors import SeglabError
-from seglab.inference import (
+from seglab.models.inference import (
     Predictor,
     class_mask,
     confidence_image,

@@ -1,7 +1,9 @@
-"""Imports only point down the layers (ARCHITECTURE: entry points -> api/train/evaluate -> inference/models ->
-data -> runtime/viz/atomic): nothing in data/ imports models, nothing in models/ imports train, bench or serve."""
+"""Imports only point down the layers (ARCHITECTURE: entry points -> api/train/evaluate -> models (inference
+included) -> data -> runtime/viz/atomic): nothing in data/ imports models, nothing in models/ imports train, bench or
+serve; the chain of imports stays short, and so do modules and functions."""
 
 import ast
+import functools
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -17,7 +19,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
     ),
     ("seglab.data",),
     ("seglab.models",),
-    ("seglab.inference", "seglab.callbacks", "seglab.calibration", "seglab.preannotate", "seglab.trackers"),
+    ("seglab.models.inference", "seglab.callbacks", "seglab.calibration", "seglab.preannotate", "seglab.trackers"),
     (
         "seglab.train",
         "seglab.crossval",
@@ -30,7 +32,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones below
         "seglab.rank",
         "seglab.review",
         "seglab.compare",
-        "seglab.plain_loop",
+        "seglab.bench.plain_loop",
         "seglab.cli",
         "seglab.bench",
         "seglab.serve",
@@ -67,6 +69,33 @@ def test_no_import_runs_up_the_layers():
     assert upward == []
 
 
+FOLDERS = ("bench", "data", "models", "serve")  # each read as one part: its files import each other freely
+
+
+def part(module: str) -> str:
+    """The part of the house a module belongs to: its folder under seglab/ for FOLDERS, else the module."""
+    names = module.split(".")
+    return ".".join(names[:2]) if len(names) > 2 and names[1] in FOLDERS else module
+
+
+def test_the_longest_chain_of_imports_between_parts_is_seven():
+    """Floor 1 imports no other part; each part stands one floor above the highest part it imports."""
+    arrows: dict[str, set[str]] = {}
+    for path in sorted((SRC / "seglab").rglob("*.py")):
+        module = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        if module == "seglab" or module.endswith("__main__"):
+            continue
+        named = {part(n) for n in imports(path) if n != "seglab"}
+        arrows.setdefault(part(module), set()).update(named - {part(module)})
+
+    @functools.cache
+    def floor(name: str) -> int:
+        return 1 + max((floor(n) for n in arrows.get(name, ()) if n in arrows), default=0)
+
+    highest = max(arrows, key=floor)
+    assert floor(highest) <= 7, f"{highest} stands on floor {floor(highest)}: {sorted(arrows[highest])}"
+
+
 def test_no_module_is_longer_than_a_reader_can_hold():
     longest = max((len(p.read_text().splitlines()), str(p.relative_to(SRC))) for p in (SRC / "seglab").rglob("*.py"))
     assert longest[0] <= 450, f"{longest[1]} has {longest[0]} lines: split it by what its parts do"
@@ -76,7 +105,7 @@ def test_deploy_code_does_not_depend_on_the_demo_data_generator():
     deploy = [
         SRC / "seglab" / "export.py",
         SRC / "seglab" / "conversions.py",
-        SRC / "seglab" / "inference.py",
+        SRC / "seglab" / "models" / "inference.py",
         SRC / "seglab" / "predict.py",
         *(SRC / "seglab" / "serve").rglob("*.py"),
     ]

@@ -12,8 +12,8 @@ from PIL import Image
 
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
-from seglab.inference import load_predictor
 from seglab.models.checkpoint import load_checkpoint
+from seglab.models.inference import load_predictor
 from seglab.predict import predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +235,7 @@ def test_writer_processes_forked_after_opencv_used_its_threads_finish(trained_ru
     script = f"""
 import torch
 from seglab.config import compose_config
-from seglab.inference import resize_logits
+from seglab.models.inference import resize_logits
 from seglab.predict import predict
 resize_logits(torch.randn(1, 3, 256, 256), (2048, 2048))
 overrides = ["ckpt_path={trained_run["checkpoint"]}", "input={folder}", "output={tmp_path / "out"}", "device=cpu",

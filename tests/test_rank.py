@@ -15,7 +15,7 @@ from PIL import Image
 
 from seglab.config import compose_config
 from seglab.errors import SeglabError
-from seglab.inference import Predictor
+from seglab.models.inference import Predictor
 from seglab.rank import rank, ranked, uncertainty
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ from seglab.config import compose_config, default_run_dir, quoted
 from seglab.data.masks import load_image, rgb_pixels
 from seglab.data.report import write_report
 from seglab.errors import SeglabError
-from seglab.inference import Predictor, load_predictor
+from seglab.models.inference import Predictor, load_predictor
 from seglab.viz import curves_figure, overlay
 
 __all__ = [

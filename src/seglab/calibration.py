@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from seglab.atomic import replacing
-from seglab.inference import Predictor, TorchModel, module_meta
+from seglab.models.inference import Predictor, TorchModel, module_meta
 
 log = logging.getLogger(__name__)
 

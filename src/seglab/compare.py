@@ -2,7 +2,7 @@
 
     python -m seglab.compare multirun/<date>/<time> --modes whole slide [--flip]
 
-Each evaluation is evaluate.py's (at the images' original resolution, through seglab.inference), written to
+Each evaluation is evaluate.py's (at the images' original resolution, through seglab.models.inference), written to
 <job>/evaluate-<mode>/; the table goes to <sweep>/leaderboard_inference.md and .csv, best test mIoU first, each
 row with its 95 % interval and its paired difference from the first row on the same test images (seglab.metrics).
 """

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from seglab.errors import SeglabError
-from seglab.inference import Predictor
+from seglab.models.inference import Predictor
 
 
 class InputRecorder:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seglab.inference import Predictor, TorchModel, module_meta
 from seglab.metrics import interval_text
+from seglab.models.inference import Predictor, TorchModel, module_meta
 from seglab.tables import write_table
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ from seglab.calibration import (
     store_temperature,
 )
 from seglab.errors import SeglabError
-from seglab.inference import EXPORT_MODELS, Predictor, TorchModel, load_predictor, module_meta
 from seglab.metrics import (
     METHOD,
     describe,
@@ -38,6 +37,7 @@ from seglab.metrics import (
     with_unseen,
 )
 from seglab.models.checkpoint import build_datamodule, load_checkpoint
+from seglab.models.inference import EXPORT_MODELS, Predictor, TorchModel, load_predictor, module_meta
 from seglab.runtime import inference_autocast, resolve_device
 from seglab.viz import confusion_matrix_figure, panel_figure
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 RESOLUTIONS = {
-    "original": "each image's original resolution (logits resized back), through seglab.inference",
+    "original": "each image's original resolution (logits resized back), through seglab.models.inference",
     "model": "the model's input resolution (masks resized as validation images are, as train.py's test step)",
 }
 

@@ -1,5 +1,5 @@
 """export(cfg): a checkpoint -> an ONNX model (fp32, fp16 or int8) or an OpenVINO IR (fp32 or int8) plus its
-sidecar JSON, checked against PyTorch before it counts. export.py calls it; seglab.inference.load_predictor reads
+sidecar JSON, checked against PyTorch before it counts. export.py calls it; seglab.models.inference.load_predictor reads
 what it writes.
 
 Every export is first traced to an fp32 ONNX graph, whose logits must match PyTorch's (a wrong export is caught
@@ -35,11 +35,11 @@ from seglab.conversions import (
     quantize_int8,
     quantize_openvino,
 )
-from seglab.data.exports import default_exports_dir
+from seglab.data.transfer import default_exports_dir
 from seglab.errors import SeglabError, first_line
 from seglab.export_checks import check_masks, check_parity, parity_image
-from seglab.inference import OnnxModel, OpenVinoModel, Predictor, load_predictor, model_files
 from seglab.models.checkpoint import build_datamodule
+from seglab.models.inference import OnnxModel, OpenVinoModel, Predictor, load_predictor, model_files
 from seglab.models.module import SegmentationModule
 from seglab.models.registry import ARCHITECTURES
 

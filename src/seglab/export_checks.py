@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.errors import SeglabError, first_line
-from seglab.inference import Predictor, sample_image
 from seglab.metrics import segmentation_metrics
+from seglab.models.inference import Predictor, sample_image
 from seglab.models.module import SegmentationModule
 
 PARITY_BATCH = 2  # a batch of another size than 1: the exported graph's dynamic batch axis is exercised

@@ -24,11 +24,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from seglab.data.datamodule import default_num_workers
-from seglab.data.exports import upload_images
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
+from seglab.data.transfer import upload_images
 from seglab.errors import SeglabError
-from seglab.inference import (
+from seglab.models.inference import (
     Preprocess,
     calibrated_softmax,
     class_mask,

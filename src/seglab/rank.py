@@ -28,7 +28,7 @@ from seglab.cli import run_module
 from seglab.config import compose_config, default_run_dir, quoted
 from seglab.data.masks import load_image
 from seglab.errors import SeglabError
-from seglab.inference import Predictor, class_mask, confidence_image, load_predictor
+from seglab.models.inference import Predictor, class_mask, confidence_image, load_predictor
 from seglab.predict import list_images, predict
 from seglab.viz import overlay, picture_sheet
 

@@ -213,7 +213,7 @@ def closed_port() -> int:
 
 FETCH = """
 import json, sys
-from seglab.data.exports import resolve_root
+from seglab.data.transfer import resolve_root
 from seglab.errors import SeglabError
 results = []
 for spec, fmt in json.loads(sys.argv[2]):

@@ -10,7 +10,7 @@ import uvicorn
 from PIL import Image
 
 from seglab.data.masks import load_image
-from seglab.inference import load_predictor
+from seglab.models.inference import load_predictor
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from seglab.data.masks import load_image
-from seglab.inference import confidence_image
+from seglab.models.inference import confidence_image
 from seglab.serve.app import create_app
 from seglab.viz import overlay
 

@@ -38,9 +38,9 @@ from seglab.conversions import InputRecorder
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.export_checks import add_masks
-from seglab.inference import Predictor, load_predictor, model_files
 from seglab.metrics import segmentation_metrics
 from seglab.models.checkpoint import build_datamodule
+from seglab.models.inference import Predictor, load_predictor, model_files
 from seglab.predict import predict
 from seglab.tables import text_table
 

@@ -10,7 +10,7 @@ never committed) from a fetched copy of its repository (`<sources>/<owner>+<name
 `<owner>/<name>` or `<name>`: a bare git folder or a clone) into `<exports>/<name>`, and generates the synthetic
 entries. `run` trains each recipe on each export at the budget below plus the overrides: `default` (train.py as
 configured), `original` (recipe=original: the original recipe's geometry, augmentations, loss and monitor) and `plain`
-(seglab.plain_loop, torchvision's reference loop); each is scored on the test split at the images' own size
+(seglab.bench.plain_loop, torchvision's reference loop); each is scored on the test split at the images' own size
 (evaluate.py), with its 95 % interval and its paired difference from the plain loop. One run per export, recipe and
 seed, in `<out>/<export>/<recipe>-seed<seed>/`: a run whose result.json exists is read, not run again, so the table
 grows over several sittings. The table (quality.md/.csv) and a plot of validation mIoU against training time per
@@ -33,11 +33,11 @@ from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seglab.bench.common import machine
+from seglab.bench.plain_loop import plain_loop, scored
 from seglab.config import compose_config, quoted
 from seglab.data.synthetic import refresh_dataset
 from seglab.errors import SeglabError
 from seglab.metrics import interval_text, segmentation_metrics, versus_first
-from seglab.plain_loop import plain_loop, scored
 from seglab.tables import write_table
 from seglab.train import train
 

@@ -13,7 +13,6 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from seglab.data.dataset import SegmentationDataset, value_lut
-from seglab.data.exports import resolve_root
 from seglab.data.groups import SPLIT_UNITS, Groups, group_samples
 from seglab.data.image_cache import ImageCache
 from seglab.data.image_checks import check_images
@@ -30,6 +29,7 @@ from seglab.data.splits import (
     split_items,
     write_splits,
 )
+from seglab.data.transfer import resolve_root
 from seglab.data.transforms import GEOMETRIES, base_scale_size, build_transforms
 from seglab.errors import SeglabError
 
@@ -128,7 +128,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         for name, value in [*sizes, *([("data.base_size", base_size)] if scale_crop else [])]:
             if value is None or int(value) <= 0:
                 raise SeglabError(f"{name}={value} must be a positive integer.")
-        # A .zip is unpacked once, a RoboFlow version downloaded once (seglab.data.exports); from here on the root
+        # A .zip is unpacked once, a RoboFlow version downloaded once (seglab.data.transfer); from here on the root
         # is the export folder.
         self.root = resolve_root(root, exports_dir, roboflow, roboflow_format)
         self.layout, self.annotation_file, self.image_dir = layout, annotation_file, image_dir

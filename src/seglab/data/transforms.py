@@ -6,7 +6,7 @@ Two geometries (`augmentation.geometry.kind`):
 - `scale_crop` (torchvision's reference / MMSegmentation): the image keeps its aspect ratio; its long side
   is rescaled to base_size x a random ratio, then an image_size x image_size crop is taken (padded with the
   ignore index where the rescaled image is smaller). Validation, test and prediction see the whole image
-  with its long side at base_size (seglab.inference slides image_size tiles over it when it is larger).
+  with its long side at base_size (seglab.models.inference slides image_size tiles over it when it is larger).
 """
 
 from __future__ import annotations

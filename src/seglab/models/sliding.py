@@ -1,5 +1,5 @@
 """How an image goes through the network, decided once (InferencePolicy, MMSegmentation's test_cfg.mode) for
-validation in training (SegmentationModule) and for prediction (seglab.inference.Predictor): whole, or as sliding
+validation in training (SegmentationModule) and for prediction (seglab.models.inference.Predictor): whole, or as sliding
 windows (MMSegmentation's slide inference: overlapping crops of the training size, their logits averaged where they
 meet), and optionally averaged with the mirror image."""
 

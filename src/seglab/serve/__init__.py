@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import ValidationError
 
 from seglab.errors import SeglabError
-from seglab.inference import load_predictor
+from seglab.models.inference import load_predictor
 from seglab.serve.app import ServeSettings, create_app
 from seglab.serve.auth import TOKEN_ENV, access_token, is_loopback
 

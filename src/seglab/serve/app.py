@@ -35,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from seglab.data.masks import rgb_pixels
-from seglab.inference import Predictor, confidence_image, unsure_pixels
+from seglab.models.inference import Predictor, confidence_image, unsure_pixels
 from seglab.serve.auth import BearerToken
 from seglab.serve.formats import SegmentResult, npy_bytes, png_bytes, segment_result
 from seglab.viz import hatch, overlay

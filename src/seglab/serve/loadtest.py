@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from seglab.data.masks import load_image
-from seglab.inference import sample_image
+from seglab.models.inference import sample_image
 from seglab.serve.auth import TOKEN_ENV
 
 HOST = "127.0.0.1"  # never anything else: this tool must not load someone else's server

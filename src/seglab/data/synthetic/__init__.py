@@ -1,13 +1,6 @@
 """Synthetic RoboFlow-style exports: `python -m seglab.data.synthetic --help` (seglab.data.synthetic.generate)."""
 
 from seglab.data.splits import split_sizes
-from seglab.data.synthetic.export import (
-    ANNOTATION_FILE,
-    SPLIT_NAMES,
-    build_annotation,
-    mask_to_compressed_rle,
-    mask_to_uncompressed_rle,
-)
 from seglab.data.synthetic.generate import (
     FINGERPRINT_FILE,
     MODES,
@@ -16,6 +9,13 @@ from seglab.data.synthetic.generate import (
     generate_dataset,
     main,
     refresh_dataset,
+)
+from seglab.data.synthetic.layouts import (
+    ANNOTATION_FILE,
+    SPLIT_NAMES,
+    build_annotation,
+    mask_to_compressed_rle,
+    mask_to_uncompressed_rle,
 )
 from seglab.data.synthetic.shapes import (
     CATEGORIES,

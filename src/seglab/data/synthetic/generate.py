@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from seglab.data.splits import split_sizes
-from seglab.data.synthetic import dense, export, shapes, video
+from seglab.data.synthetic import dense, layouts, shapes, video
 from seglab.data.synthetic.copies import make_copy
 from seglab.data.synthetic.mislabel import mislabel, write_list
 
@@ -67,8 +67,8 @@ def generate_dataset(
     object_scale is used by the shapes mode only; scenes by the video mode only). A split with no photos gets no
     folder. wrong_labels: the share of training photos (not the fixed cases) given one wrong label
     (synthetic.mislabel), listed in wrong_labels.csv."""
-    if mode not in MODES or fmt not in export.FORMATS:
-        raise ValueError(f"mode={mode!r} must be one of {MODES} and fmt={fmt!r} one of {export.FORMATS}")
+    if mode not in MODES or fmt not in layouts.FORMATS:
+        raise ValueError(f"mode={mode!r} must be one of {MODES} and fmt={fmt!r} one of {layouts.FORMATS}")
     out = Path(out)
     sizes = split_sizes(num_images, splits)
     if mode == "video":
@@ -91,7 +91,7 @@ def generate_dataset(
     )
     class_ids = [c["id"] for c in categories if c["id"] > 0]
     image_index = 0
-    for split_number, (split, split_size) in enumerate(zip(export.SPLIT_NAMES, sizes, strict=True)):
+    for split_number, (split, split_size) in enumerate(zip(layouts.SPLIT_NAMES, sizes, strict=True)):
         if split_size == 0:
             continue
         folder = out / split
@@ -147,7 +147,7 @@ def generate_video(
     `copies` times (the frame and copies-1 augmented copies)."""
     frames = video.video_frames(num_frames, size, seed, scenes)
     where = video.roboflow_split(len(frames), sizes, seed)
-    for split_number, split in enumerate(export.SPLIT_NAMES):
+    for split_number, split in enumerate(layouts.SPLIT_NAMES):
         files = []
         for index, ((stem, photo), at) in enumerate(zip(frames, where, strict=True)):
             if at != split_number:
@@ -172,22 +172,22 @@ def write_split(
     images, annotations = [], []
     for image_id, (name, photo, source) in enumerate(files):
         if fmt == "yolo":
-            export.write_yolo_files(folder, name, photo)
+            layouts.write_yolo_files(folder, name, photo)
             continue
         Image.fromarray(photo.pixels).save(folder / name, quality=95)
         if fmt == "masks":
-            export.write_mask_files(folder, name, photo)
+            layouts.write_mask_files(folder, name, photo)
             continue
         uploaded = source if isinstance(source, str) else f"img_{source:04d}.jpg"
-        image, anns = export.coco_entries(photo, image_id, name, len(annotations), uploaded if extra_name else None)
+        image, anns = layouts.coco_entries(photo, image_id, name, len(annotations), uploaded if extra_name else None)
         images.append(image)
         annotations += anns
     if fmt == "masks":
-        export.write_classes_csv(folder, categories)
+        layouts.write_classes_csv(folder, categories)
     elif fmt == "yolo":
-        export.write_data_yaml(folder.parent, categories)
+        layouts.write_data_yaml(folder.parent, categories)
     else:
-        export.write_coco_file(folder, categories, images, annotations)
+        layouts.write_coco_file(folder, categories, images, annotations)
 
 
 FINGERPRINT_FILE = ".seglab_synthetic.json"
@@ -245,8 +245,8 @@ def refresh_dataset(out: Path, **settings) -> str:
 def describe(out: Path) -> list[str]:
     """A line per split: files, photos and the share of the pixels each class covers."""
     lines = []
-    for split in export.SPLIT_NAMES:
-        coco_file = out / split / export.ANNOTATION_FILE
+    for split in layouts.SPLIT_NAMES:
+        coco_file = out / split / layouts.ANNOTATION_FILE
         if not coco_file.is_file():
             if (out / split).is_dir():
                 images = [p for p in (out / split).rglob("*.jpg")]
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--copies", type=int, default=1, help="files per training photo, as RoboFlow augments")
     parser.add_argument("--extra-name", action="store_true", help="record images[].extra.name (COCO)")
     parser.add_argument("--shared", type=int, default=0, help="training photos with a copy in valid/ and test/")
-    parser.add_argument("--format", choices=export.FORMATS, default="coco", dest="fmt")
+    parser.add_argument("--format", choices=layouts.FORMATS, default="coco", dest="fmt")
     parser.add_argument("--scenes", type=int, default=3, help="video mode: scenes the frames are spread over")
     parser.add_argument(
         "--wrong-labels",

@@ -4,7 +4,7 @@ cross-entropy plus 0.5 x the aux head's, the last epoch's weights), against a re
 same overrides: the same network and weights, data, splits, batch size, input size and epochs. Both are scored
 on the test split at each image's original resolution (evaluate.py).
 
-    python -m seglab.plain_loop data.root=path/to/export [train.py overrides] [only=plain|recipe] [out=folder]
+    python -m seglab.bench.plain_loop data.root=path/to/export [train.py overrides] [only=plain|recipe] [out=folder]
     make plain-loop DATA=path/to/export ARGS="model=deeplabv3_mobilenet_v3_large max_epochs=30"
 
 Writes <out>/plain_loop/ (checkpoint, evaluation), <out>/recipe/ (a train.py run folder) and comparison.md.

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+from seglab.bench.plain_loop import main
 from seglab.metrics import difference_text, interval_text, load_per_image, noise_verdict, paired_difference
 from seglab.models.checkpoint import load_checkpoint
-from seglab.plain_loop import main
 
 
 @pytest.mark.slow  # ~40 s: a plain-loop fit, a train.py run and two evaluations

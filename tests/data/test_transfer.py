@@ -12,8 +12,8 @@ from helpers import masks_by_name, zip_folder
 from omegaconf import OmegaConf
 
 from seglab.data.datamodule import SegmentationDataModule
-from seglab.data.exports import DIGEST_CHARS, file_digest, unpack_export
 from seglab.data.synthetic import generate_dataset
+from seglab.data.transfer import DIGEST_CHARS, file_digest, unpack_export
 from seglab.errors import SeglabError
 from seglab.models.checkpoint import build_datamodule
 
