@@ -1,10 +1,10 @@
 """The web app: create_app(predictor, settings) -> FastAPI. No module-level model, so tests and serve.py each
 build their own app around a real Predictor (checkpoint or ONNX).
 
-Bad input never reaches the model: the body is capped before it is read (413), the image header is checked
-against a pixel limit before any pixel is decoded (413), then decoded (415 not an image, 400 corrupt or
-truncated). Requests reach the model through one worker thread and a queue of fixed length; when it is full
-the answer is 503 with Retry-After. The thread runs up to `batch_size` waiting requests as one batch
+Bad input never reaches the model (seglab.serve.uploads): the body is capped before it is read (413), the image
+header is checked against a pixel limit before any pixel is decoded (413), then decoded (415 not an image, 400
+corrupt or truncated). Requests reach the model through one worker thread and a queue of fixed length; when it
+is full the answer is 503 with Retry-After. The thread runs up to `batch_size` waiting requests as one batch
 (Predictor.predict_batch: images of one size through the network together), waiting a few milliseconds for
 requests still being received when there are any. With a token (seglab.serve.auth) every path but the page
 and the probes needs `Authorization: Bearer <token>`, checked before anything else.
@@ -13,15 +13,12 @@ and the probes needs `Authorization: Bearer <token>`, checked before anything el
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
-import json
 import queue
 import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -29,19 +26,27 @@ import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from seglab.data.masks import rgb_pixels
 from seglab.models.inference import Predictor, confidence_image, unsure_pixels
 from seglab.serve.auth import BearerToken
 from seglab.serve.formats import SegmentResult, npy_bytes, png_bytes, segment_result
+from seglab.serve.uploads import MIB, BodyLimit, decode_image, read_upload
 from seglab.viz import hatch, overlay
 
 STATIC_DIR = Path(__file__).parent / "static"
-MIB = 1 << 20
+SEGMENT_RESPONSES = {
+    200: {
+        "content": {"image/png": {}, "application/octet-stream": {}},
+        "description": "JSON (format=json), a PNG (mask, overlay, confidence) or .npy bytes (probabilities)",
+    },
+    400: {"description": "corrupt or truncated image, bad base64 or form"},
+    413: {"description": "body or pixel count above the limits"},
+    415: {"description": "not an image, or another Content-Type"},
+    503: {"description": "the model's queue is full; retry after Retry-After seconds"},
+}
 
 
 class ServeSettings(BaseModel):
@@ -165,125 +170,21 @@ def settle(future: asyncio.Future, result, error: BaseException | None) -> None:
         future.set_result(result)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body above `max_bytes` gets 413 before the app reads it, whether the client
-    announced its length or streams it in chunks. The body is held in memory, which the limit bounds."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = JSONResponse(
-            status_code=413,
-            content={
-                "detail": (
-                    f"The request body is larger than the server's limit of {self.max_bytes / MIB:g} MiB "
-                    "(limits.max_body_mb). Send a smaller image (resize or JPEG-compress it)."
-                )
-            },
-        )
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_large(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await too_large(scope, receive, send)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+def predict_batch(
+    predictor: Predictor, batch: list[tuple[np.ndarray, bool]]
+) -> list[tuple[np.ndarray, torch.Tensor | None, float, float, int]]:
+    """The model queue's run_batch: for each (image, with_probabilities) its mask and probabilities (None unless
+    asked for), with when the batch began and ended and how many requests it held."""
+    began = time.perf_counter()
+    results = predictor.predict_batch([image for image, _ in batch], [wanted for _, wanted in batch])
+    done = time.perf_counter()
+    return [(mask, probabilities, began, done, len(batch)) for mask, probabilities in results]
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """RGB uint8, read as seglab.data.masks.load_image reads files (EXIF orientation applied, any mode
-    converted), with the size checked from the header before any pixel is decoded."""
-    if not data:
-        raise HTTPException(400, "The image is empty (0 bytes). Send the file's contents.")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise HTTPException(
-                    413,
-                    f"The image is {width}x{height} = {width * height} pixels, above the "
-                    f"server's limit of {max_pixels} (limits.max_pixels). Resize it.",
-                )
-            im.load()
-            return rgb_pixels(im)
-    except Image.DecompressionBombError as e:  # PIL's own bomb guard, before ours if its limit is lower
-        raise HTTPException(413, f"The image is too large to decode safely ({e}). Resize it.") from None
-    except UnidentifiedImageError:
-        raise HTTPException(
-            415,
-            "The upload is not an image this server can read (JPEG, PNG, BMP, TIFF, WebP, GIF). Send an image file.",
-        ) from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken chunks, bad headers
-        raise HTTPException(400, f"The image is corrupt or truncated ({e}). Re-save or re-export it.") from None
-
-
-async def read_upload(request: Request) -> bytes:
-    """The image bytes of a multipart upload (field `image`) or of JSON {"image": "<base64>"}."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=8) as form:
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise HTTPException(
-                    400, "The multipart form has no file field 'image'. Send the image as -F image=@photo.jpg."
-                )
-            return await upload.read()
-    if content_type == "application/json":
-        try:
-            payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPException(400, f'The JSON body is invalid ({e}). Send {{"image": "<base64>"}}.') from None
-        encoded = payload.get("image") if isinstance(payload, dict) else None
-        if not isinstance(encoded, str):
-            raise HTTPException(400, 'The JSON body has no string field \'image\'. Send {"image": "<base64>"}.')
-        if encoded.startswith("data:") and "," in encoded:  # a data URL as browsers write them
-            encoded = encoded.split(",", 1)[1]
-        try:
-            return base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPException(
-                400, "The field 'image' is not valid base64. Encode the file's bytes with standard base64."
-            ) from None
-    raise HTTPException(
-        415,
-        f"Content-Type {content_type or '(none)'!r} is not accepted. Send multipart/form-data "
-        'with a file field \'image\', or application/json {"image": "<base64>"}.',
-    )
-
-
-def create_app(predictor: Predictor, settings: ServeSettings | None = None, token: str | None = None) -> FastAPI:
-    settings = settings or ServeSettings()
-
-    def infer(batch: list[tuple[np.ndarray, bool]]) -> list[tuple[np.ndarray, torch.Tensor | None, float, float, int]]:
-        began = time.perf_counter()
-        results = predictor.predict_batch([image for image, _ in batch], [wanted for _, wanted in batch])
-        done = time.perf_counter()
-        return [(mask, probabilities, began, done, len(batch)) for mask, probabilities in results]
-
-    model_queue = ModelQueue(settings.queue_size, infer, settings.batch_size, settings.batch_wait_ms / 1e3)
+def model_info(predictor: Predictor) -> ModelInfo:
+    """What /v1/model answers, read from the predictor and the metadata its model was saved with."""
     meta = predictor.meta
-    info = ModelInfo(
+    return ModelInfo(
         architecture=meta.get("architecture"),
         format=meta.get("format", "pytorch"),
         precision=meta.get("precision", "fp32"),
@@ -298,25 +199,67 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
         inference=predictor.settings(),
     )
 
-    # FastAPI's /docs and /redoc pages load their scripts from a CDN: only the schema is served.
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        model_queue.close()
 
-    app = FastAPI(
-        title="seglab",
-        description="Semantic segmentation with a seglab model",
-        version="1",
-        docs_url=None,
-        redoc_url=None,
-        lifespan=lifespan,
-    )
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * MIB))
-    if token is not None:  # added last, so outermost: a request without the token is refused before its body is read
-        app.add_middleware(BearerToken, token=token)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.state.queue = model_queue  # tests and the load test read the queue depth
+async def receive_image(request: Request, model_queue: ModelQueue, max_pixels: int) -> np.ndarray:
+    """The request's image, read and decoded (seglab.serve.uploads refuses bad input)."""
+    model_queue.arriving += 1  # a batch waits for this request (batch_wait_ms) while it is read and decoded
+    try:
+        data = await read_upload(request)
+        return await run_in_threadpool(decode_image, data, max_pixels)
+    finally:
+        model_queue.arriving -= 1
+
+
+async def run_model(
+    model_queue: ModelQueue, image: np.ndarray, with_probabilities: bool, retry_after_s: int
+) -> tuple[np.ndarray, torch.Tensor | None, float, float, int]:
+    """The image's result from the model queue (see predict_batch); a full queue answers 503 with Retry-After."""
+    try:
+        return await model_queue.run((image, with_probabilities))
+    except QueueFull:
+        raise HTTPException(
+            503,
+            f"The model is busy: {model_queue.size} requests are already running on or "
+            f"waiting for it (limits.queue_size). Retry after {retry_after_s} s.",
+            headers={"Retry-After": str(retry_after_s)},
+        ) from None
+
+
+def encode_answer(
+    format: str,
+    image: np.ndarray,
+    mask: np.ndarray,
+    probabilities: torch.Tensor | None,
+    unsure: np.ndarray | None,
+    predictor: Predictor,
+    opacity: float,
+) -> bytes:
+    """The body of every format but json: .npy probabilities, or a PNG of the confidence, of the mask (unsure
+    pixels set to the ignore value) or of the overlay (unsure pixels striped)."""
+    if format == "probabilities":
+        return npy_bytes(probabilities.to(torch.float16).numpy())
+    if format == "confidence":
+        return png_bytes(confidence_image(probabilities))
+    if format == "mask":
+        return png_bytes(mask if unsure is None else np.where(unsure, predictor.ignore_index, mask).astype(np.uint8))
+    blended = overlay(image, mask, predictor.palette, opacity)
+    return png_bytes(blended if unsure is None else hatch(blended, unsure))
+
+
+def file_response(format: str, body: bytes, timing: dict[str, float], batch: int) -> Response:
+    """A PNG, or the .npy probabilities as a download, with each stage's time in Server-Timing."""
+    headers = {
+        "Server-Timing": ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timing.items())
+        + f', batch;desc="{batch} request(s)"'
+    }
+    if format == "probabilities":
+        headers["Content-Disposition"] = 'attachment; filename="probabilities.npy"'
+        return Response(body, media_type="application/octet-stream", headers=headers)
+    return Response(body, media_type="image/png", headers=headers)
+
+
+def add_page_and_status_routes(app: FastAPI, model_queue: ModelQueue, info: ModelInfo) -> None:
+    """The page at /, the probes /health and /ready (503 while the model's queue is full), and /v1/model."""
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -343,20 +286,12 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
     def model() -> ModelInfo:
         return info
 
-    @app.post(
-        "/v1/segment",
-        response_model=SegmentResult,
-        responses={
-            200: {
-                "content": {"image/png": {}, "application/octet-stream": {}},
-                "description": "JSON (format=json), a PNG (mask, overlay, confidence) or .npy bytes (probabilities)",
-            },
-            400: {"description": "corrupt or truncated image, bad base64 or form"},
-            413: {"description": "body or pixel count above the limits"},
-            415: {"description": "not an image, or another Content-Type"},
-            503: {"description": "the model's queue is full; retry after Retry-After seconds"},
-        },
-    )
+
+def add_segment_route(app: FastAPI, predictor: Predictor, settings: ServeSettings, model_queue: ModelQueue) -> None:
+    """POST /v1/segment: receive and decode the image, wait for the model's turn, answer in the asked format
+    with each stage's time (in the JSON, or in Server-Timing)."""
+
+    @app.post("/v1/segment", response_model=SegmentResult, responses=SEGMENT_RESPONSES)
     async def segment(
         request: Request,
         format: Literal["json", "mask", "overlay", "confidence", "probabilities"] = Query(
@@ -379,24 +314,12 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
         ),
     ):
         start = time.perf_counter()
-        model_queue.arriving += 1  # a batch waits for this request (batch_wait_ms) while it is read and decoded
-        try:
-            data = await read_upload(request)
-            image = await run_in_threadpool(decode_image, data, settings.max_pixels)
-        finally:
-            model_queue.arriving -= 1
+        image = await receive_image(request, model_queue, settings.max_pixels)
         decoded = time.perf_counter()
         with_probabilities = format in ("confidence", "probabilities") or min_confidence is not None
-
-        try:
-            mask, probabilities, began, done, batch = await model_queue.run((image, with_probabilities))
-        except QueueFull:
-            raise HTTPException(
-                503,
-                f"The model is busy: {model_queue.size} requests are already running on or "
-                f"waiting for it (limits.queue_size). Retry after {settings.retry_after_s} s.",
-                headers={"Retry-After": str(settings.retry_after_s)},
-            ) from None
+        mask, probabilities, began, done, batch = await run_model(
+            model_queue, image, with_probabilities, settings.retry_after_s
+        )
         timing = {
             "decode_ms": 1e3 * (decoded - start),
             "queue_ms": 1e3 * (began - decoded),
@@ -415,28 +338,39 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, toke
             )
             result.timing.total_ms = 1e3 * (time.perf_counter() - start)
             return result
-
-        def encode() -> bytes:
-            if format == "probabilities":
-                return npy_bytes(probabilities.to(torch.float16).numpy())
-            if format == "confidence":
-                return png_bytes(confidence_image(probabilities))
-            if format == "mask":
-                return png_bytes(
-                    mask if unsure is None else np.where(unsure, predictor.ignore_index, mask).astype(np.uint8)
-                )
-            blended = overlay(image, mask, predictor.palette, opacity)
-            return png_bytes(blended if unsure is None else hatch(blended, unsure))
-
-        body = await run_in_threadpool(encode)
+        body = await run_in_threadpool(encode_answer, format, image, mask, probabilities, unsure, predictor, opacity)
         timing["encode_ms"] = 1e3 * (time.perf_counter() - done)
-        headers = {
-            "Server-Timing": ", ".join(f"{k.removesuffix('_ms')};dur={v:.1f}" for k, v in timing.items())
-            + f', batch;desc="{batch} request(s)"'
-        }
-        if format == "probabilities":
-            headers["Content-Disposition"] = 'attachment; filename="probabilities.npy"'
-            return Response(body, media_type="application/octet-stream", headers=headers)
-        return Response(body, media_type="image/png", headers=headers)
+        return file_response(format, body, timing, batch)
 
+
+def create_app(predictor: Predictor, settings: ServeSettings | None = None, token: str | None = None) -> FastAPI:
+    """The app around one predictor: the page, the probes, /v1/model and /v1/segment, with the settings' limits
+    and, given a token, bearer authentication on every path but the page and the probes."""
+    settings = settings or ServeSettings()
+    model_queue = ModelQueue(
+        settings.queue_size, partial(predict_batch, predictor), settings.batch_size, settings.batch_wait_ms / 1e3
+    )
+    info = model_info(predictor)
+
+    # FastAPI's /docs and /redoc pages load their scripts from a CDN: only the schema is served.
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        model_queue.close()
+
+    app = FastAPI(
+        title="seglab",
+        description="Semantic segmentation with a seglab model",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * MIB))
+    if token is not None:  # added last, so outermost: a request without the token is refused before its body is read
+        app.add_middleware(BearerToken, token=token)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.state.queue = model_queue  # tests and the load test read the queue depth
+    add_page_and_status_routes(app, model_queue, info)
+    add_segment_route(app, predictor, settings, model_queue)
     return app

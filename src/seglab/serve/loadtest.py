@@ -9,7 +9,6 @@ answers by status code.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import socket
@@ -23,11 +22,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
 from seglab.data.masks import load_image
 from seglab.models.inference import sample_image
 from seglab.serve.auth import TOKEN_ENV
+from seglab.serve.formats import png_bytes
 
 HOST = "127.0.0.1"  # never anything else: this tool must not load someone else's server
 MAX_CLIENTS, MAX_SECONDS = 64, 600
@@ -139,7 +138,8 @@ def load_model(model: str, image: bytes, args: argparse.Namespace, overrides: li
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked against the tool's bounds; --queue-size defaults to the most --clients."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help=".ckpt, .onnx or .xml files, each served and loaded in turn")
     parser.add_argument(
@@ -178,45 +178,61 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not all(1 <= c <= MAX_CLIENTS for c in args.clients) or not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--clients must be 1-{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
     args.queue_size = args.queue_size or max(args.clients)
+    return args
 
-    if args.image:
-        array = load_image(args.image)
-    else:
-        array = sample_image(args.size, args.size)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
 
+def print_plan(args: argparse.Namespace, width: int, height: int) -> None:
+    """One line: what every run sends and to which server."""
     clients = "/".join(str(c) for c in args.clients)
     print(
         f"seglab load test: {clients} clients x {args.seconds:g} s per model, POST /v1/segment?format="
-        f"{args.format}, {array.shape[1]}x{array.shape[0]} PNG, server on {HOST} (queue {args.queue_size}"
+        f"{args.format}, {width}x{height} PNG, server on {HOST} (queue {args.queue_size}"
         + "".join(f", {override}" for override in args.set)
         + ")",
         flush=True,
     )
+
+
+def print_row(model: str, batching: str, row: dict, seconds: float) -> None:
+    """One run's throughput, latency percentiles and errors."""
+    errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "none"
+    print(
+        f"  {Path(model).name:<24} batching {batching:<3} {row['clients']:>2} clients {row['ok']:>5} ok "
+        f"in {seconds:g} s = {row['throughput_per_s']:6.2f}/s   p50 {row['p50_ms']:7.1f} ms  "
+        f"p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms   errors: {errors}",
+        flush=True,
+    )
+
+
+def print_batching_gain(model: str, rows: list[dict], clients: list[int]) -> None:
+    """The model's requests/s batched over unbatched, per client count ("-" where unbatched served none)."""
+    rate = {(r["batching"], r["clients"]): r["throughput_per_s"] for r in rows if r["model"] == model}
+    print(
+        f"  {Path(model).name}: requests/s batched / unbatched: "
+        + ", ".join(
+            f"{c} clients {rate[('on', c)] / rate[('off', c)]:.2f}x" if rate[("off", c)] else f"{c} clients -"
+            for c in clients
+        ),
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Each model served in turn and loaded by each --clients count (with and without batching for --batching
+    both); prints a line per run and returns the rows, also written to --json."""
+    args = parse_args(argv)
+    array = load_image(args.image) if args.image else sample_image(args.size, args.size)
+    image = png_bytes(array)
+    print_plan(args, array.shape[1], array.shape[0])
     rows = []
     variants = ("on", "off") if args.batching == "both" else (args.batching,)
     for model in args.models:
         for batching in variants:
-            for row in load_model(model, buffer.getvalue(), args, BATCHING[batching]):
+            for row in load_model(model, image, args, BATCHING[batching]):
                 rows.append({**row, "batching": batching})
-                errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "none"
-                print(
-                    f"  {Path(model).name:<24} batching {batching:<3} {row['clients']:>2} clients {row['ok']:>5} ok "
-                    f"in {args.seconds:g} s = {row['throughput_per_s']:6.2f}/s   p50 {row['p50_ms']:7.1f} ms  "
-                    f"p95 {row['p95_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms   errors: {errors}",
-                    flush=True,
-                )
+                print_row(model, batching, row, args.seconds)
         if args.batching == "both":
-            rate = {(r["batching"], r["clients"]): r["throughput_per_s"] for r in rows if r["model"] == model}
-            print(
-                f"  {Path(model).name}: requests/s batched / unbatched: "
-                + ", ".join(
-                    f"{c} clients {rate[('on', c)] / rate[('off', c)]:.2f}x" if rate[("off", c)] else f"{c} clients -"
-                    for c in args.clients
-                ),
-                flush=True,
-            )
+            print_batching_gain(model, rows, args.clients)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
