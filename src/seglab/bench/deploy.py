@@ -200,7 +200,7 @@ def bench_predict(model: Path, photos: Path, repeats: int, variants: dict[str, l
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m seglab.bench.deploy", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="section", required=True)
     exports = sub.add_parser("exports")
@@ -219,77 +219,89 @@ def main(argv: list[str] | None = None) -> dict:
     pred.add_argument("--repeats", type=int, default=1)
     pred.add_argument("--threads", type=int)
     pred.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def exports_table(rows: list[dict]) -> str:
+    header = [
+        "export",
+        "runtime",
+        "precision",
+        "MiB",
+        "images/s",
+        "x first",
+        "p50 ms",
+        "p95 ms",
+        "network only",
+        "x first",
+        "mIoU",
+        "drop",
+        "agreement",
+        "checks",
+    ]
+    return text_table(
+        [header]
+        + [
+            [
+                Path(r["model"]).name,
+                r["runtime"],
+                r["precision"],
+                f"{r['size_mb']:.1f}",
+                f"{r['images_per_s']:.2f}",
+                f"{r['speedup']:.2f}",
+                f"{r['latency_p50_ms']:.0f}",
+                f"{r['latency_p95_ms']:.0f}",
+                f"{r['network_images_per_s']:.2f}",
+                f"{r['network_speedup']:.2f}",
+                f"{r['mIoU']:.4f}",
+                f"{r['mIoU_drop']:+.4f}",
+                f"{100 * r['agreement_with_first']:.2f}%",
+                "pass" if r["passes_checks"] else "FAIL",
+            ]
+            for r in rows
+        ]
+    )
+
+
+def run_exports(args: argparse.Namespace) -> dict:
+    """The exports section: measured, printed as a table, and which export to use."""
+    rows = bench_exports(args.models, args.data, args.split, args.repeats)
+    print(
+        f"seglab deploy bench: exports on the {args.split} split ({rows[0]['images']} images at their own size), "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}\n" + exports_table(rows)
+    )
+    print(recommend(rows))
+    return {"exports": rows}
+
+
+def run_predict(args: argparse.Namespace) -> dict:
+    """The predict section: predict.py one image at a time and batched, printed with the target's verdict."""
+    if args.data:
+        fill_photos(args.photos, args.data, args.count, args.size)
+    rows = bench_predict(
+        args.model, args.photos, args.repeats, {"one at a time": ["batch_size=1", "num_workers=0"], "batched": []}
+    )
+    print(
+        f"seglab deploy bench: predict.py over {rows[0]['images']} photos in {args.photos}, median of "
+        f"{args.repeats}\n"
+        + text_table(
+            [["variant", "overrides", "images/s", "x one at a time"]]
+            + [[r["variant"], r["overrides"], f"{r['images_per_s']:.2f}", f"{r['speedup']:.2f}"] for r in rows]
+        )
+    )
+    speedup = rows[-1]["speedup"]
+    print(
+        f"target >= {TARGETS['predict_speedup']}x: {speedup:.2f}x "
+        f"({'met' if speedup >= TARGETS['predict_speedup'] else 'NOT met'})"
+    )
+    return {"predict": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    if args.section == "exports":
-        rows = bench_exports(args.models, args.data, args.split, args.repeats)
-        print(
-            f"seglab deploy bench: exports on the {args.split} split ({rows[0]['images']} images at their own size), "
-            f"{torch.get_num_threads()} threads, median of {args.repeats}\n"
-            + text_table(
-                [
-                    [
-                        "export",
-                        "runtime",
-                        "precision",
-                        "MiB",
-                        "images/s",
-                        "x first",
-                        "p50 ms",
-                        "p95 ms",
-                        "network only",
-                        "x first",
-                        "mIoU",
-                        "drop",
-                        "agreement",
-                        "checks",
-                    ]
-                ]
-                + [
-                    [
-                        Path(r["model"]).name,
-                        r["runtime"],
-                        r["precision"],
-                        f"{r['size_mb']:.1f}",
-                        f"{r['images_per_s']:.2f}",
-                        f"{r['speedup']:.2f}",
-                        f"{r['latency_p50_ms']:.0f}",
-                        f"{r['latency_p95_ms']:.0f}",
-                        f"{r['network_images_per_s']:.2f}",
-                        f"{r['network_speedup']:.2f}",
-                        f"{r['mIoU']:.4f}",
-                        f"{r['mIoU_drop']:+.4f}",
-                        f"{100 * r['agreement_with_first']:.2f}%",
-                        "pass" if r["passes_checks"] else "FAIL",
-                    ]
-                    for r in rows
-                ]
-            )
-        )
-        print(recommend(rows))
-        result = {"exports": rows}
-    else:
-        if args.data:
-            fill_photos(args.photos, args.data, args.count, args.size)
-        rows = bench_predict(
-            args.model, args.photos, args.repeats, {"one at a time": ["batch_size=1", "num_workers=0"], "batched": []}
-        )
-        print(
-            f"seglab deploy bench: predict.py over {rows[0]['images']} photos in {args.photos}, median of "
-            f"{args.repeats}\n"
-            + text_table(
-                [["variant", "overrides", "images/s", "x one at a time"]]
-                + [[r["variant"], r["overrides"], f"{r['images_per_s']:.2f}", f"{r['speedup']:.2f}"] for r in rows]
-            )
-        )
-        speedup = rows[-1]["speedup"]
-        print(
-            f"target >= {TARGETS['predict_speedup']}x: {speedup:.2f}x "
-            f"({'met' if speedup >= TARGETS['predict_speedup'] else 'NOT met'})"
-        )
-        result = {"predict": rows}
+    result = run_exports(args) if args.section == "exports" else run_predict(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

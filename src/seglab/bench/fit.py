@@ -118,12 +118,8 @@ def feed_epochs(cfg: DictConfig, work: Path) -> dict:
     return out
 
 
-def bench_fit(args, work: Path, device: torch.device) -> dict:
-    from pytorch_lightning.profilers import SimpleProfiler
-
-    # The generator's hard mode: JPEG photos of varied sizes and aspect ratios, the long side up to --fit-data-size.
-    root = generate_dataset(work / "fit_data", num_images=args.fit_images, size=args.fit_data_size, seed=0, mode="hard")
-    sizes = [Image.open(p).size for p in sorted((root / "train").glob("*.jpg"))]
+def fit_config(args, root: Path, work: Path) -> DictConfig:
+    """The training config of the timed fit: the bench's model, size and batch over `root`, run under `work`."""
     cfg = bench_config(
         root,
         work / "fit",
@@ -137,18 +133,13 @@ def bench_fit(args, work: Path, device: torch.device) -> dict:
         ],
     )
     cfg.data.num_workers = None  # the default: one worker per core, as a user's run has
-    clock, profiler = FitClock(device), SimpleProfiler()
-    started = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        metrics = train(cfg, extra_callbacks=[clock], profiler=profiler)
-    total_s = time.perf_counter() - started
-    wall = clock.fit_end - started  # from the call to the end of fit: setup, all epochs, validation
-    steps = [s for epoch in clock.steps for s in epoch]
-    n_val, epochs = len(clock.validations), len(clock.steps)
-    durations = profiler.recorded_durations
+    return cfg
+
+
+def per_epoch_costs(clock: FitClock, durations: dict[str, list[float]]) -> dict[str, float]:
+    """Seconds per training epoch, each over the whole fit (sanity check included) divided by the epochs:
+    validating every N epochs divides the first four by N."""
     module = next(k for k in durations if k.startswith("[LightningModule]")).split("]")[1].split(".")[0]
-    # Seconds per training epoch, each over the whole fit (sanity check included) divided by the epochs:
-    # validating every N epochs divides the first four by N.
     totals = {
         "validation_pass": sum(clock.validations),
         "val_steps": sum(clock.val_steps),
@@ -163,7 +154,25 @@ def bench_fit(args, work: Path, device: torch.device) -> dict:
             durations, "[Callback]EarlyStopping", (".on_validation_end", ".on_train_epoch_end")
         ),
     }
-    costs = {k: v / epochs for k, v in totals.items()}
+    return {k: v / len(clock.steps) for k, v in totals.items()}
+
+
+def bench_fit(args, work: Path, device: torch.device) -> dict:
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    # The generator's hard mode: JPEG photos of varied sizes and aspect ratios, the long side up to --fit-data-size.
+    root = generate_dataset(work / "fit_data", num_images=args.fit_images, size=args.fit_data_size, seed=0, mode="hard")
+    sizes = [Image.open(p).size for p in sorted((root / "train").glob("*.jpg"))]
+    cfg = fit_config(args, root, work)
+    clock, profiler = FitClock(device), SimpleProfiler()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = train(cfg, extra_callbacks=[clock], profiler=profiler)
+    total_s = time.perf_counter() - started
+    wall = clock.fit_end - started  # from the call to the end of fit: setup, all epochs, validation
+    steps = [s for epoch in clock.steps for s in epoch]
+    n_val = len(clock.validations)
+    costs = per_epoch_costs(clock, profiler.recorded_durations)
     print("[bench] fit: bare-model ceiling and feeding cost ...", file=sys.stderr, flush=True)
     ceiling_cfg = copy.deepcopy(cfg)
     datamodule = instantiate(ceiling_cfg.data)

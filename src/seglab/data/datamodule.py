@@ -50,6 +50,38 @@ def check_folds(folds: int | None, fold: int | None) -> tuple[int | None, int | 
     return int(folds), int(fold)
 
 
+def check_settings(
+    overlap: str,
+    ignore_index: int,
+    geometry: Mapping | None,
+    image_size: int,
+    batch_size: int,
+    base_size: int | None,
+) -> dict:
+    """The settings checked before the root is resolved (an export unpacked or downloaded); returns the geometry."""
+    if overlap not in OVERLAP_POLICIES:
+        raise SeglabError(f"data.overlap={overlap!r} is not one of {OVERLAP_POLICIES}.")
+    if not 0 <= ignore_index <= 255:
+        raise SeglabError(f"data.ignore_index={ignore_index} must be in 0..255 (masks are 8-bit PNGs).")
+    geometry = dict(geometry or {"kind": "stretch"})
+    if geometry.get("kind") not in GEOMETRIES:
+        raise SeglabError(f"augmentation.geometry.kind={geometry.get('kind')!r} is not one of {GEOMETRIES}.")
+    sizes = [("data.image_size", image_size), ("batch_size", batch_size)]
+    for name, value in [*sizes, *([("data.base_size", base_size)] if geometry["kind"] == "scale_crop" else [])]:
+        if value is None or int(value) <= 0:
+            raise SeglabError(f"{name}={value} must be a positive integer.")
+    return geometry
+
+
+def check_prefetch_factor(prefetch_factor: int | None) -> int | None:
+    if prefetch_factor is not None and int(prefetch_factor) < 1:
+        raise SeglabError(
+            f"data.prefetch_factor={prefetch_factor} must be a positive integer or null "
+            "(null: enough for 4 batches in flight)."
+        )
+    return int(prefetch_factor) if prefetch_factor is not None else None
+
+
 def pad_collate(batch, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (3, h, w) and masks (h, w) of different sizes -> one batch padded at the bottom and right."""
     height = max(image.shape[-2] for image, _ in batch)
@@ -116,18 +148,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         roboflow_format: str = "coco-segmentation",
     ):
         super().__init__()
-        if overlap not in OVERLAP_POLICIES:
-            raise SeglabError(f"data.overlap={overlap!r} is not one of {OVERLAP_POLICIES}.")
-        if not 0 <= ignore_index <= 255:
-            raise SeglabError(f"data.ignore_index={ignore_index} must be in 0..255 (masks are 8-bit PNGs).")
-        self.geometry = dict(geometry or {"kind": "stretch"})
-        if self.geometry.get("kind") not in GEOMETRIES:
-            raise SeglabError(f"augmentation.geometry.kind={self.geometry.get('kind')!r} is not one of {GEOMETRIES}.")
-        scale_crop = self.geometry["kind"] == "scale_crop"
-        sizes = [("data.image_size", image_size), ("batch_size", batch_size)]
-        for name, value in [*sizes, *([("data.base_size", base_size)] if scale_crop else [])]:
-            if value is None or int(value) <= 0:
-                raise SeglabError(f"{name}={value} must be a positive integer.")
+        self.geometry = check_settings(overlap, ignore_index, geometry, image_size, batch_size, base_size)
         # A .zip is unpacked once, a RoboFlow version downloaded once (seglab.data.transfer); from here on the root
         # is the export folder.
         self.root = resolve_root(root, exports_dir, roboflow, roboflow_format)
@@ -146,19 +167,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.ignore_index = ignore_index
         self.image_size = int(image_size)
         # The long side of the scale images are trained and predicted at; None: stretched (original recipe).
-        self.base_size = int(base_size) if scale_crop else None
+        self.base_size = int(base_size) if self.geometry["kind"] == "scale_crop" else None
         self.mean, self.std = list(mean), list(std)
         self.augmentations = list(augmentations)
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".seglab_cache"
         self.image_cache = bool(image_cache)
-        if prefetch_factor is not None and int(prefetch_factor) < 1:
-            raise SeglabError(
-                f"data.prefetch_factor={prefetch_factor} must be a positive integer or null "
-                "(null: enough for 4 batches in flight)."
-            )
-        self.prefetch_factor = int(prefetch_factor) if prefetch_factor is not None else None
+        self.prefetch_factor = check_prefetch_factor(prefetch_factor)
         self.splits_file = Path(splits_file) if splits_file else None
         self.source: Source | None = None
         self.groups: Groups | None = None

@@ -82,13 +82,7 @@ def generate_dataset(
     categories = categories_of(mode)
     kept: list[tuple[int, shapes.Photo]] = []  # the first `shared` training photos, copied into valid/test
     wrong: list[tuple[str, str, str]] = []
-    # round(wrong_labels x training photos) of them, drawn apart from the photos' own generators (the photos stay
-    # as they are without the option), never a fixed case.
-    mislabelled = set(
-        np.random.default_rng([seed, 7])
-        .permutation(np.arange(fixed_cases, sizes[0]))[: round(wrong_labels * sizes[0])]
-        .tolist()
-    )
+    mislabelled = mislabelled_positions(seed, fixed_cases, sizes[0], wrong_labels)
     class_ids = [c["id"] for c in categories if c["id"] > 0]
     image_index = 0
     for split_number, (split, split_size) in enumerate(zip(layouts.SPLIT_NAMES, sizes, strict=True)):
@@ -106,30 +100,50 @@ def generate_dataset(
             if split == "train" and position in mislabelled:
                 photo, what = mislabel(photo, np.random.default_rng([seed, image_index, 7]), class_ids)
                 wrong.append((split, name, what))
-            files.append((name, photo, image_index))
-            # RoboFlow augments the training split only: the photo, then copies-1 augmented copies of it.
-            for k in range(1, copies if split == "train" else 1):
-                copy_rng = np.random.default_rng([seed, image_index, k])
-                files.append(
-                    (
-                        f"img_{image_index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg",
-                        make_copy(photo, copy_rng),
-                        image_index,
-                    )
-                )
+            # RoboFlow augments the training split only.
+            files += with_copies(name, photo, image_index, seed, copies if split == "train" else 1)
             if split == "train" and position < shared:
                 kept.append((image_index, photo))
             image_index += 1
         if split != "train":
-            for index, photo in kept:
-                copy_rng = np.random.default_rng([seed, index, 1000 + split_number])
-                files.append(
-                    (f"img_{index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng), index)
-                )
+            files += shared_copies(kept, seed, split_number)
         write_split(folder, files, categories, fmt, extra_name)
     if wrong_labels > 0:
         write_list(out, wrong)
     return out
+
+
+def mislabelled_positions(seed: int, fixed_cases: int, train_size: int, wrong_labels: float) -> set[int]:
+    """The positions of the training photos given a wrong label: round(wrong_labels x training photos) of them,
+    drawn apart from the photos' own generators (the photos stay as they are without the option), never a fixed
+    case."""
+    return set(
+        np.random.default_rng([seed, 7])
+        .permutation(np.arange(fixed_cases, train_size))[: round(wrong_labels * train_size)]
+        .tolist()
+    )
+
+
+def with_copies(
+    name: str, photo: shapes.Photo, index: int, seed: int, copies: int
+) -> list[tuple[str, shapes.Photo, int]]:
+    """The files of photo `index`: the photo, then copies-1 augmented copies of it."""
+    files = [(name, photo, index)]
+    for k in range(1, copies):
+        copy_rng = np.random.default_rng([seed, index, k])
+        files.append((f"img_{index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng), index))
+    return files
+
+
+def shared_copies(
+    kept: list[tuple[int, shapes.Photo]], seed: int, split_number: int
+) -> list[tuple[str, shapes.Photo, int]]:
+    """A copy of each kept training photo for the split numbered split_number, as RoboFlow's own split shares one."""
+    files = []
+    for index, photo in kept:
+        copy_rng = np.random.default_rng([seed, index, 1000 + split_number])
+        files.append((f"img_{index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng), index))
+    return files
 
 
 def generate_video(
