@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,8 @@ from seglab.calibration import (
     split_sample,
     store_temperature,
 )
+from seglab.data.datamodule import SegmentationDataModule
+from seglab.data.dataset import SegmentationDataset
 from seglab.errors import SeglabError
 from seglab.metrics import (
     METHOD,
@@ -38,6 +41,7 @@ from seglab.metrics import (
 )
 from seglab.models.checkpoint import build_datamodule, load_checkpoint
 from seglab.models.inference import EXPORT_MODELS, Predictor, TorchModel, load_predictor, module_meta
+from seglab.models.module import SegmentationModule
 from seglab.runtime import inference_autocast, resolve_device
 from seglab.viz import confusion_matrix_figure, panel_figure
 
@@ -228,7 +232,8 @@ def load_model(cfg: DictConfig, device: torch.device):
     return module, Predictor(TorchModel(module, device), module_meta(module), **cfg.inference)
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def check_config(cfg: DictConfig) -> None:
+    """The checkpoint, split and resolution settings, refused with what to give instead before anything loads."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise SeglabError(
             "ckpt_path is required: python evaluate.py "
@@ -238,6 +243,23 @@ def evaluate(cfg: DictConfig) -> dict:
         raise SeglabError(f"split={cfg.split!r} is not one of {SPLITS}.")
     if cfg.resolution not in RESOLUTIONS:
         raise SeglabError(f"resolution={cfg.resolution!r} is not one of {tuple(RESOLUTIONS)}.")
+
+
+@dataclass
+class EvaluationRun:
+    """What the split is scored with and on, and where the outputs go."""
+
+    module: SegmentationModule | SimpleNamespace  # for an export, what build_datamodule reads of one (load_model)
+    predictor: Predictor
+    datamodule: SegmentationDataModule  # the checkpoint's own data, at the user's data.* overrides
+    dataset: SegmentationDataset  # the split's
+    device: torch.device
+    out: Path
+
+
+def open_run(cfg: DictConfig) -> EvaluationRun:
+    """The output folder (made), the model and its Predictor, and the checkpoint's data with its splits (written to
+    splits.json) set up."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -246,52 +268,79 @@ def evaluate(cfg: DictConfig) -> dict:
         module, cfg.ckpt_path, OmegaConf.to_container(cfg.data, resolve=True), splits_file=out / "splits.json"
     )
     datamodule.setup("test")
-    dataset = datamodule.datasets[cfg.split]
-    names, n, ignore = module.class_names, len(module.class_names), module.ignore_index
+    return EvaluationRun(module, predictor, datamodule, datamodule.datasets[cfg.split], device, out)
 
-    fitted = calibrated(cfg, predictor, datamodule) if cfg.calibrate else None
+
+@dataclass
+class SplitScores:
+    """What predicting the split's images gives."""
+
+    values: dict  # segmentation_metrics over all the split's pixels; "confmat" its confusion matrix
+    confusions: np.ndarray  # one confusion matrix per image: (images, classes, classes)
+    modes: dict[str, int]  # resolution=original: images per resolved inference mode
+    sampled: list  # resolution=original: each image's sampled pixels (logits, target), for the calibration error
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.values["confmat"].numpy()
+
+
+def score_split(cfg: DictConfig, run: EvaluationRun) -> SplitScores:
+    """Every image of the split predicted at the chosen resolution and compared with its mask."""
+    n, ignore = len(run.module.class_names), run.module.ignore_index
     metrics = segmentation_metrics(n, ignore)
     confusions, modes, sampled = [], {}, []
     log.info(
         "Evaluating %s on the %s split (%d images) at %s",
         cfg.ckpt_path,
         cfg.split,
-        len(dataset),
+        len(run.dataset),
         RESOLUTIONS[cfg.resolution],
     )
     with torch.no_grad():
         if cfg.resolution == "model":
-            module.inference = {**module.inference, **OmegaConf.to_container(cfg.inference)}  # as the Predictor
-            pairs = model_resolution_pairs(module, datamodule, cfg.split, device)
+            run.module.inference = {**run.module.inference, **OmegaConf.to_container(cfg.inference)}  # as the Predictor
+            pairs = model_resolution_pairs(run.module, run.datamodule, cfg.split, run.device)
         else:
-            pairs = original_resolution_pairs(predictor, dataset, modes, sampled)
+            pairs = original_resolution_pairs(run.predictor, run.dataset, modes, sampled)
         for pred, target in pairs:
             metrics.update(pred[None], target[None])
             confusions.append(image_confusions(pred[None], target[None], n, ignore)[0].cpu().numpy())
     confusions = np.stack(confusions) if confusions else np.zeros((0, n, n), np.int64)
-    image_iou = [float(v) for v in scores(confusions)["mIoU"]]
-    samples = datamodule.splits[cfg.split]
+    return SplitScores(metrics.compute(), confusions, modes, sampled)
+
+
+def per_image_record(cfg: DictConfig, run: EvaluationRun, confusions: np.ndarray) -> dict:
+    """Each image's confusion matrix, file, scene and whether it is unseen, saved to per_image.npz (seglab.metrics)."""
+    samples = run.datamodule.splits[cfg.split]
     per_image = {
         "confusion": confusions,
-        "images": [datamodule.relative(s.image) for s in samples],
-        "units": [datamodule.scene_of(s) for s in samples],
+        "images": [run.datamodule.relative(s.image) for s in samples],
+        "units": [run.datamodule.scene_of(s) for s in samples],
         # Training images are seen by definition; val/test: no copy or look-alike in train.
-        "unseen": datamodule.unseen(cfg.split) if cfg.split != "train" else [False] * len(samples),
+        "unseen": run.datamodule.unseen(cfg.split) if cfg.split != "train" else [False] * len(samples),
     }
-    save_per_image(out / "per_image.npz", **{cfg.split: per_image})
+    save_per_image(run.out / "per_image.npz", **{cfg.split: per_image})
+    return per_image
 
-    values = metrics.compute()
-    counts = values["confmat"].numpy()
+
+def evaluation_result(
+    cfg: DictConfig, run: EvaluationRun, scored: SplitScores, per_image: dict, fitted: dict | None
+) -> dict:
+    """metrics.json's content but for the worst images; with resolution=original, reliability.png is written."""
+    values, counts, names = scored.values, scored.counts, run.module.class_names
     per_class = per_class_report(counts, names)
-    result = {
+    return {
         "checkpoint": str(cfg.ckpt_path),
-        "data_root": str(datamodule.root),
+        "data_root": str(run.datamodule.root),
         "split": cfg.split,
         "resolution": cfg.resolution,
         "computed_at": RESOLUTIONS[cfg.resolution],
         # How the predictions were made (resolution=original): settings and images per resolved mode.
-        "inference": {**predictor.settings(), "images_per_mode": modes} if cfg.resolution == "original" else None,
-        "images": len(dataset),
+        "inference": {**run.predictor.settings(), "images_per_mode": scored.modes}
+        if cfg.resolution == "original"
+        else None,
+        "images": len(run.dataset),
         "pixels": int(counts.sum()),
         "mIoU": float(values["mIoU"]),
         "mIoU_no_background": mean_without_background(per_class, "IoU"),
@@ -303,30 +352,44 @@ def evaluate(cfg: DictConfig) -> dict:
         "mRecall": float(values["mRecall"]),
         "per_class": per_class,
         # The scores with their 95 % intervals, on all images and on those with no copy or look-alike in train.
-        "uncertainty": {"method": METHOD, **with_unseen(confusions, per_image["units"], per_image["unseen"], names)},
+        "uncertainty": {
+            "method": METHOD,
+            **with_unseen(scored.confusions, per_image["units"], per_image["unseen"], names),
+        },
         "class_names": names,
         # What predicting the split's most frequent class everywhere scores, and flags (seglab.metrics.diagnose).
         "diagnosis": diagnose(counts, names, float(values["mIoU"])),
         # Expected calibration error (resolution=original): the plain softmax and with the model's temperature.
-        "calibration": calibration_report(predictor, sampled, cfg.split, out, fitted) if sampled else None,
+        "calibration": calibration_report(run.predictor, scored.sampled, cfg.split, run.out, fitted)
+        if scored.sampled
+        else None,
     }
 
+
+def write_tables(
+    split: str, run: EvaluationRun, counts: np.ndarray, image_names: list[str], image_iou: list[float], per_image: dict
+) -> None:
+    """confusion_matrix.csv and .png; per_image.csv: each image's mIoU, scene and whether it is unseen."""
+    names, out = run.module.class_names, run.out
     write_confusion_csv(counts, names, out / "confusion_matrix.csv")
     confusion_matrix_figure(
-        counts, names, title=f"{cfg.split} split, {len(dataset)} images: % of each true class"
+        counts, names, title=f"{split} split, {len(run.dataset)} images: % of each true class"
     ).savefig(out / "confusion_matrix.png")
-    image_names = [p.name for p, _ in dataset.items]
     with (out / "per_image.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "mIoU", "scene", "unseen"])
         writer.writerows(zip(image_names, image_iou, per_image["units"], per_image["unseen"], strict=True))
 
-    overlays = out / "overlays"
+
+def save_overlays(cfg: DictConfig, run: EvaluationRun, image_names: list[str], image_iou: list[float]) -> list[dict]:
+    """Panels in overlays/ of the first num_overlays images and of the worst_k by mIoU; the worst, as metrics.json
+    lists them."""
+    overlays = run.out / "overlays"
     overlays.mkdir(exist_ok=True)
-    for i in range(min(cfg.num_overlays, len(dataset))):
+    for i in range(min(cfg.num_overlays, len(run.dataset))):
         save_panel(
-            predictor,
-            dataset,
+            run.predictor,
+            run.dataset,
             i,
             f"{image_names[i]}   mIoU {image_iou[i]:.3f}",
             overlays / f"{i:03d}_{Path(image_names[i]).stem}.png",
@@ -334,22 +397,36 @@ def evaluate(cfg: DictConfig) -> dict:
         )
     # Images whose pixels are all ignored have no IoU and cannot be among the worst.
     ranked = sorted((i for i, v in enumerate(image_iou) if not math.isnan(v)), key=image_iou.__getitem__)
-    result["worst"] = [{"image": image_names[i], "mIoU": image_iou[i]} for i in ranked[: cfg.worst_k]]
     for rank, i in enumerate(ranked[: cfg.worst_k], start=1):
         save_panel(
-            predictor,
-            dataset,
+            run.predictor,
+            run.dataset,
             i,
             f"worst #{rank}: {image_names[i]}   mIoU {image_iou[i]:.3f}",
             overlays / f"worst{rank:02d}_{Path(image_names[i]).stem}.png",
             cfg.opacity,
         )
+    return [{"image": image_names[i], "mIoU": image_iou[i]} for i in ranked[: cfg.worst_k]]
 
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+
+def evaluate(cfg: DictConfig) -> dict:
+    """The checkpoint's (or export's) metrics on the split with their intervals, written to metrics.json with the
+    per-image scores, the confusion matrix and overlay panels of the first and the worst images; the table printed."""
+    check_config(cfg)
+    run = open_run(cfg)
+    fitted = calibrated(cfg, run.predictor, run.datamodule) if cfg.calibrate else None
+    scored = score_split(cfg, run)
+    image_iou = [float(v) for v in scores(scored.confusions)["mIoU"]]
+    per_image = per_image_record(cfg, run, scored.confusions)
+    result = evaluation_result(cfg, run, scored, per_image, fitted)
+    image_names = [p.name for p, _ in run.dataset.items]
+    write_tables(cfg.split, run, scored.counts, image_names, image_iou, per_image)
+    result["worst"] = save_overlays(cfg, run, image_names, image_iou)
+    (run.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"\nseglab evaluation: {cfg.ckpt_path}\n"
-        f"  {cfg.split} split of {datamodule.root}, {len(dataset)} images, "
-        f"metrics at {RESOLUTIONS[cfg.resolution]}\n\n{format_table(result)}\n\n  outputs: {out}",
+        f"  {cfg.split} split of {run.datamodule.root}, {len(run.dataset)} images, "
+        f"metrics at {RESOLUTIONS[cfg.resolution]}\n\n{format_table(result)}\n\n  outputs: {run.out}",
         flush=True,
     )
     return result

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -35,6 +36,7 @@ from seglab.conversions import (
     quantize_int8,
     quantize_openvino,
 )
+from seglab.data.datamodule import SegmentationDataModule
 from seglab.data.transfer import default_exports_dir
 from seglab.errors import SeglabError, first_line
 from seglab.export_checks import check_masks, check_parity, parity_image
@@ -230,99 +232,154 @@ def refuse_fixed_size(module: SegmentationModule) -> None:
         )
 
 
-def export(cfg: DictConfig) -> dict:
-    validate(cfg)
+@dataclass
+class ExportSource:
+    """The checkpoint being exported and what its export is checked against."""
+
+    ckpt: Path
+    digest: str  # the checkpoint's sha256: the sidecar's source_sha256 and the trace cache's key
+    reference: Predictor  # the checkpoint's own Predictor on the CPU, where the export traces it too
+    data: SegmentationDataModule | None  # its labelled data; None when that folder is not there
+
+    @property
+    def module(self) -> SegmentationModule:
+        return self.reference.model.module
+
+
+def open_checkpoint(cfg: DictConfig, output: Path) -> ExportSource:
+    """The checkpoint's reference Predictor and labelled data, refused before any tracing where its architecture
+    would export at a fixed size only or a reduced precision has no data to calibrate and check on; the output's
+    folder made."""
     ckpt = Path(cfg.ckpt_path)
-    output = resolve_output(cfg)
-    precision = cfg.precision
-    # The reference: the checkpoint's own Predictor on the CPU, where the export traces it too.
     reference = load_predictor(ckpt, device="cpu")
     module = reference.model.module
     refuse_fixed_size(module)
     data = labelled_data(cfg, module, ckpt)
-    if data is None and precision != "fp32":
+    if data is None and cfg.precision != "fp32":
         root = cfg.data_root or module.meta.get("config", {}).get("data", {}).get("root")
         raise SeglabError(
-            f"precision={precision} needs the checkpoint's labelled data (calibration and the mask "
+            f"precision={cfg.precision} needs the checkpoint's labelled data (calibration and the mask "
             f"check), but {root} is not there. Give its folder with data_root=<export folder>."
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     digest = sha256(ckpt)
-    log.info("exporting %s -> %s (%s, opset %d, %s)", ckpt, output, cfg.format, cfg.opset, precision)
+    log.info("exporting %s -> %s (%s, opset %d, %s)", ckpt, output, cfg.format, cfg.opset, cfg.precision)
+    return ExportSource(ckpt, digest, reference, data)
+
+
+def trace_fp32(cfg: DictConfig, source: ExportSource, path: Path) -> bool:
+    """The checkpoint's fp32 ONNX graph at path, from the trace cache if it holds it (trace_cache=true); True when
+    it came from there."""
+    if not cfg.trace_cache:
+        export_onnx(source.module, path, cfg.opset)
+        return False
+    return cached_trace(
+        path, trace_cache_path(source.digest, cfg.opset), lambda graph: export_onnx(source.module, graph, cfg.opset)
+    )
+
+
+def like_reference(model, reference: Predictor) -> Predictor:
+    """A Predictor of an exported model with the reference's inference policy (mode, flip TTA, overlap)."""
+    return Predictor(model, reference.meta, mode=reference.mode, flip=reference.flip, overlap=reference.overlap)
+
+
+def check_candidate_masks(cfg: DictConfig, source: ExportSource, candidate: Predictor) -> dict:
+    """The mask check of the model the export writes on the labelled split (seglab.export_checks.check_masks)."""
+    masks_cfg = cfg.parity.masks
+    return check_masks(
+        source.reference,
+        candidate,
+        source.data.datasets[masks_cfg.split],
+        masks_cfg.split,
+        f"{cfg.format} {cfg.precision}",
+        masks_cfg.max_miou_drop,
+        masks_cfg.min_agreement,
+    )
+
+
+@dataclass
+class CheckedModel:
+    """The model the export writes, in the work folder, and how it came to be."""
+
+    path: Path
+    conversion: dict | None  # how it was made from the fp32 graph; None for the fp32 ONNX graph itself
+    from_cache: bool  # the fp32 graph came from the trace cache
+    parity: dict  # the checks it passed: logits against PyTorch's, and its masks (or why they were not checked)
+
+
+def build_checked_model(cfg: DictConfig, source: ExportSource, work: Path) -> CheckedModel:
+    """The fp32 graph traced and its logits checked against PyTorch's, then the model to write made from it and its
+    masks checked; a failed check raises."""
+    fp32_path = work / "fp32.onnx"
+    from_cache = trace_fp32(cfg, source, fp32_path)
+    image, image_name = parity_image(cfg, source.module)
+    traced = like_reference(OnnxModel(fp32_path), source.reference)
+    parity = check_parity(
+        source.reference, traced, image, image_name, cfg.parity.rtol, cfg.parity.min_agreement, cfg.parity.seed
+    )
+    model_path, conversion = convert(cfg, fp32_path, source.reference, source.data)
+    if source.data is None:
+        parity["masks"] = {"skipped": "the checkpoint's data is not there (data_root=<folder> gives it)"}
+        log.warning("mask check skipped: no labelled data (give data_root=<folder>)")
+    else:
+        candidate = (
+            traced if model_path == fp32_path else like_reference(RUNTIMES[cfg.format](model_path), source.reference)
+        )
+        parity["masks"] = check_candidate_masks(cfg, source, candidate)
+    return CheckedModel(model_path, conversion, from_cache, parity)
+
+
+def sidecar_for(cfg: DictConfig, source: ExportSource, model: CheckedModel) -> dict:
+    """The sidecar JSON's content: what load_predictor needs to run the model, and where it came from and which
+    checks it passed."""
+    reference = source.reference
+    return {
+        **{k: v for k, v in reference.meta.items() if k != "source"},
+        "palette": [list(c) for c in reference.palette],
+        "format": cfg.format,
+        "precision": cfg.precision,
+        "opset": cfg.opset,  # of the ONNX graph an OpenVINO IR is converted from
+        "input": {"name": "image", "layout": "NCHW float32, normalised with mean/std; N, H, W dynamic"},
+        "output": {"name": "logits", "layout": "NCHW float32 at the input's H, W (main head only)"},
+        **({"conversion": model.conversion} if model.conversion else {}),
+        "size_bytes": sum(f.stat().st_size for f in model_files(model.path)),
+        "source_checkpoint": str(source.ckpt.resolve()),
+        "source_sha256": source.digest,
+        "trace": "cache" if model.from_cache else "traced",
+        "torch_version": torch.__version__,
+        "parity": model.parity,
+    }
+
+
+def move_into_place(work: Path, model_path: Path, sidecar: dict, output: Path) -> None:
+    """The sidecar written in the work folder, then the checked model's files and the sidecar renamed to the
+    output's names."""
+    sidecar_tmp = work / "sidecar.json"
+    sidecar_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    for source, target in zip(model_files(model_path)[::-1], model_files(output)[::-1], strict=True):
+        os.replace(source, target)  # an IR's .bin before its .xml: a visible .xml always has its weights
+    os.replace(sidecar_tmp, output.with_suffix(".json"))
+
+
+def export(cfg: DictConfig) -> dict:
+    """The checkpoint's model in the chosen format and precision, and its sidecar JSON, written only when its
+    logits and masks have passed the checks against PyTorch; the summary printed."""
+    validate(cfg)
+    output = resolve_output(cfg)
+    source = open_checkpoint(cfg, output)
     # Everything is written in a hidden folder beside the output and moved into place only when every check has
     # passed: a failed or interrupted export leaves nothing behind.
     with tempfile.TemporaryDirectory(prefix=f".{output.stem}-export-", dir=output.parent) as work:
-        work = Path(work)
-        fp32_path = work / "fp32.onnx"
-        if cfg.trace_cache:
-            from_cache = cached_trace(
-                fp32_path, trace_cache_path(digest, cfg.opset), lambda path: export_onnx(module, path, cfg.opset)
-            )
-        else:
-            export_onnx(module, fp32_path, cfg.opset)
-            from_cache = False
-
-        image, image_name = parity_image(cfg, module)
-        traced = Predictor(
-            OnnxModel(fp32_path), reference.meta, mode=reference.mode, flip=reference.flip, overlap=reference.overlap
-        )
-        parity = check_parity(
-            reference, traced, image, image_name, cfg.parity.rtol, cfg.parity.min_agreement, cfg.parity.seed
-        )
-        model_path, conversion = convert(cfg, fp32_path, reference, data)
-        masks_cfg = cfg.parity.masks
-        if data is None:
-            parity["masks"] = {"skipped": "the checkpoint's data is not there (data_root=<folder> gives it)"}
-            log.warning("mask check skipped: no labelled data (give data_root=<folder>)")
-        else:
-            candidate = (
-                traced
-                if model_path == fp32_path
-                else Predictor(
-                    RUNTIMES[cfg.format](model_path),
-                    reference.meta,
-                    mode=reference.mode,
-                    flip=reference.flip,
-                    overlap=reference.overlap,
-                )
-            )
-            parity["masks"] = check_masks(
-                reference,
-                candidate,
-                data.datasets[masks_cfg.split],
-                masks_cfg.split,
-                f"{cfg.format} {precision}",
-                masks_cfg.max_miou_drop,
-                masks_cfg.min_agreement,
-            )
-        sidecar = {
-            **{k: v for k, v in reference.meta.items() if k != "source"},
-            "palette": [list(c) for c in reference.palette],
-            "format": cfg.format,
-            "precision": precision,
-            "opset": cfg.opset,  # of the ONNX graph an OpenVINO IR is converted from
-            "input": {"name": "image", "layout": "NCHW float32, normalised with mean/std; N, H, W dynamic"},
-            "output": {"name": "logits", "layout": "NCHW float32 at the input's H, W (main head only)"},
-            **({"conversion": conversion} if conversion else {}),
-            "size_bytes": sum(f.stat().st_size for f in model_files(model_path)),
-            "source_checkpoint": str(ckpt.resolve()),
-            "source_sha256": digest,
-            "trace": "cache" if from_cache else "traced",
-            "torch_version": torch.__version__,
-            "parity": parity,
-        }
-        sidecar_tmp = work / "sidecar.json"
-        sidecar_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
-        for source, target in zip(model_files(model_path)[::-1], model_files(output)[::-1], strict=True):
-            os.replace(source, target)  # an IR's .bin before its .xml: a visible .xml always has its weights
-        os.replace(sidecar_tmp, output.with_suffix(".json"))
-    report(output, cfg.format, precision, sidecar, from_cache)
+        model = build_checked_model(cfg, source, Path(work))
+        sidecar = sidecar_for(cfg, source, model)
+        move_into_place(Path(work), model.path, sidecar, output)
+    report(output, cfg.format, cfg.precision, sidecar, model.from_cache)
     return {
         "output": str(output),
         "sidecar": str(output.with_suffix(".json")),
         "format": cfg.format,
-        "precision": precision,
-        "parity": parity,
+        "precision": cfg.precision,
+        "parity": model.parity,
     }
 
 

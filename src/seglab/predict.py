@@ -14,7 +14,8 @@ import json
 import logging
 import multiprocessing
 from collections import Counter
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,8 @@ def export_files(fmt: str, entries: list[dict], class_names: list[str], project:
     )
 
 
-def predict(cfg: DictConfig) -> dict:
+def check_config(cfg: DictConfig) -> None:
+    """The settings, each refused with what to give instead before the model is loaded."""
     missing = [k for k in ("ckpt_path", "input") if OmegaConf.is_missing(cfg, k)]  # `???` in predict.yaml
     if missing:
         verb = "is" if len(missing) == 1 else "are"
@@ -219,35 +221,44 @@ def predict(cfg: DictConfig) -> dict:
         )
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise SeglabError(f"batch_size={cfg.batch_size} must be a whole number >= 1 (1: one image at a time).")
-    predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
+
+
+@dataclass
+class ImageInputs:
+    """The images to predict and where their files go: the input (a file or a folder), the output folder, the image
+    files, their indices in batches of one size, and how many worker processes read them."""
+
+    source: Path
+    out: Path
+    images: list[Path]
+    batches: list[list[int]]
+    workers: int
+
+
+def open_inputs(cfg: DictConfig) -> ImageInputs:
+    """The input's images batched by size, the worker count for them, and the output folder, made."""
     source, out = Path(cfg.input), Path(cfg.output)
     images = list_images(source, skip=out)
     batches = size_batches(images, cfg.batch_size)
     workers = resolve_workers(cfg.num_workers, len(batches))
     out.mkdir(parents=True, exist_ok=True)
+    return ImageInputs(source, out, images, batches, workers)
 
-    # What the mask values mean, next to the masks.
-    if cfg.format == "seglab":
-        with (out / "classes.csv").open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["index", "class", "r", "g", "b"])
-            for i, (class_name, color) in enumerate(zip(predictor.class_names, predictor.palette, strict=True)):
-                writer.writerow([i, class_name, *color])
-            if cfg.min_confidence is not None:
-                writer.writerow(
-                    [predictor.ignore_index, f"unsure (top probability < {cfg.min_confidence})", 255, 255, 255]
-                )
 
-    stems = Counter((p.parent, p.stem) for p in images)
+def write_class_legend(path: Path, predictor, min_confidence: float | None) -> None:
+    """What the mask values mean, next to the masks: index, class and colour; with min_confidence the unsure value."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["index", "class", "r", "g", "b"])
+        for i, (class_name, color) in enumerate(zip(predictor.class_names, predictor.palette, strict=True)):
+            writer.writerow([i, class_name, *color])
+        if min_confidence is not None:
+            writer.writerow([predictor.ignore_index, f"unsure (top probability < {min_confidence})", 255, 255, 255])
 
-    def destination(path: Path) -> tuple[Path, str]:
-        # Sub-folders of the input are kept, so equal file names in different folders never collide.
-        target = out / (path.relative_to(source).parent if source.is_dir() else Path())
-        # photo.jpg and photo.png side by side: keep both, named photo_jpg_mask.png and photo_png_mask.png.
-        name = path.stem if stems[(path.parent, path.stem)] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
-        return target, name
 
-    options = {
+def file_options(cfg: DictConfig, predictor) -> dict:
+    """What write_outputs needs to write each image's files, picklable for the writer processes."""
+    return {
         "palette": predictor.palette,
         "opacity": cfg.opacity,
         "confidence": cfg.confidence,
@@ -258,83 +269,128 @@ def predict(cfg: DictConfig) -> dict:
         "min_confidence": cfg.min_confidence,
         "unsure": predictor.ignore_index,
     }
-    pixels = np.zeros(
-        len(predictor.class_names) + (cfg.min_confidence is not None and cfg.format == "seglab"), np.int64
-    )
+
+
+def destinations(inputs: ImageInputs) -> list[tuple[Path, str]]:
+    """(folder, name) of each image's files in the output folder."""
+    stems = Counter((p.parent, p.stem) for p in inputs.images)
+    found = []
+    for path in inputs.images:
+        # Sub-folders of the input are kept, so equal file names in different folders never collide.
+        target = inputs.out / (path.relative_to(inputs.source).parent if inputs.source.is_dir() else Path())
+        # photo.jpg and photo.png side by side: keep both, named photo_jpg_mask.png and photo_png_mask.png.
+        name = path.stem if stems[(path.parent, path.stem)] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
+        found.append((target, name))
+    return found
+
+
+def writer_pool(workers: int) -> Executor:
+    """Where the images' files are written. Resizing the logits back, the argmax, the overlay and PNG encoding take
+    ~40x the network's time on a 2048 px photo (docs/deployment.md): with workers they run in as many writer
+    processes, fed the logits at the network's scale; without, in one thread beside the network."""
+    if workers:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=one_thread)
+    return ThreadPoolExecutor(1, thread_name_prefix="seglab-write")
+
+
+def collect(batch_files: list[Future], pixels: np.ndarray, entries: list[dict]) -> None:
+    """Waits for one batch's files; adds their pixel counts to `pixels` and their export entries to `entries`."""
+    for counts, entry in (f.result() for f in batch_files):
+        pixels += counts
+        entries.append(entry)
+
+
+def predict_files(inputs: ImageInputs, predictor, options: dict) -> tuple[np.ndarray, list[dict]]:
+    """Every image's files, written while the next batch is predicted (at most workers + 1 batches wait for the
+    writers): the pixel count per class over all images (with min_confidence and format=seglab, the unsure pixels
+    last) and the export entries."""
+    images, workers, places = inputs.images, inputs.workers, destinations(inputs)
+    counts_unsure = options["min_confidence"] is not None and options["format"] == "seglab"
+    pixels = np.zeros(len(predictor.class_names) + counts_unsure, np.int64)
     entries: list[dict] = []
-
-    def collect(batch_files: list[Future]) -> None:
-        nonlocal pixels
-        for counts, entry in (f.result() for f in batch_files):
-            pixels += counts
-            entries.append(entry)
-
     loader = DataLoader(
-        ImageFiles(images, predictor.preprocess), batch_sampler=batches, num_workers=workers, collate_fn=as_list
+        ImageFiles(images, predictor.preprocess), batch_sampler=inputs.batches, num_workers=workers, collate_fn=as_list
     )
-    # Resizing the logits back, the argmax, the overlay and PNG encoding take ~40x the network's time on a 2048 px
-    # photo (docs/deployment.md): with workers they run in as many writer processes, fed the logits at the
-    # network's scale; without, in one thread beside the network. At most workers + 1 batches wait for them.
-    files = (
-        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=one_thread)
-        if workers
-        else ThreadPoolExecutor(1, thread_name_prefix="seglab-write")
-    )
-    with files:
+    with writer_pool(workers) as files:
         pending: list[list[Future]] = []
         for batch in loader:
             failed = next((item for item in batch if isinstance(item, SeglabError)), None)
             if failed is not None:
                 raise failed
-            indices, decoded, inputs = zip(*batch, strict=True)
-            logits = predictor.batch_logits(list(inputs), None)
+            indices, decoded, net_inputs = zip(*batch, strict=True)
+            logits = predictor.batch_logits(list(net_inputs), None)
             if len(pending) > workers:
-                collect(pending.pop(0))
+                collect(pending.pop(0), pixels, entries)
             pending.append(
                 [
-                    files.submit(write_outputs, *destination(images[i]), images[i], image.numpy(), one, options)
+                    files.submit(write_outputs, *places[i], images[i], image.numpy(), one, options)
                     for i, image, one in zip(indices, decoded, logits, strict=True)
                 ]
             )
             for i, image in zip(indices, decoded, strict=True):
                 log.info("%s: %dx%d", images[i], image.shape[1], image.shape[0])
         for batch_files in pending:
-            collect(batch_files)
+            collect(batch_files, pixels, entries)
+    return pixels, entries
 
-    classes = len(predictor.class_names)
-    share = {c: float(p / max(pixels[:classes].sum(), 1)) for c, p in zip(predictor.class_names, pixels, strict=False)}
+
+def pixel_share(pixels: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """Each class's share of the predicted pixels; with a count of unsure pixels after the classes', theirs too."""
+    classes = len(class_names)
+    share = {c: float(p / max(pixels[:classes].sum(), 1)) for c, p in zip(class_names, pixels, strict=False)}
     if len(pixels) > classes:
         share["unsure"] = float(pixels[classes] / max(pixels[:classes].sum(), 1))
+    return share
+
+
+def upload_predictions(upload: str, entries: list[dict], class_names: list[str], project: str, out: Path) -> str:
+    """Each image with its COCO pre-annotation sent to the RoboFlow project as a prediction; what was sent."""
+    items = [(e["folder"] / e["file_name"], json.dumps(coco_document(class_names, [e], project))) for e in entries]
+    batch = f"seglab pre-annotations {out.resolve().name}"
+    return (
+        f"uploaded to RoboFlow project {upload} as predictions, batch {batch!r}: "
+        f"{upload_images(upload, items, batch)} image(s)"
+    )
+
+
+def finish_outputs(cfg: DictConfig, class_names: list[str], entries: list[dict], out: Path) -> list[str]:
+    """The export's per-folder files and the upload, if asked for; one line per kind of file written."""
     written = [f"masks: <name>{MASK_SUFFIX} (class indices, see classes.csv); overlays: <name>{OVERLAY_SUFFIX}"]
     project = cfg.project or (cfg.upload.split("/")[-1] if cfg.upload else out.resolve().name)
     if cfg.format != "seglab":
-        written = [export_files(cfg.format, entries, predictor.class_names, project)]
+        written = [export_files(cfg.format, entries, class_names, project)]
     if cfg.upload:
-        items = [
-            (e["folder"] / e["file_name"], json.dumps(coco_document(predictor.class_names, [e], project)))
-            for e in entries
-        ]
-        batch = f"seglab pre-annotations {out.resolve().name}"
-        written.append(
-            f"uploaded to RoboFlow project {cfg.upload} as predictions, batch {batch!r}: "
-            f"{upload_images(cfg.upload, items, batch)} image(s)"
-        )
+        written.append(upload_predictions(cfg.upload, entries, class_names, project, out))
     if cfg.confidence:
         written.append(f"confidence: <name>{CONFIDENCE_SUFFIX} (top class probability, 0-255 = 0-1)")
     if cfg.probabilities:
         written.append(f"probabilities: <name>{PROBABILITIES_SUFFIX} (float16, classes x height x width)")
+    return written
+
+
+def predict(cfg: DictConfig) -> dict:
+    """Every input image's files (format=seglab: mask, overlay, and on request confidence and probabilities; else
+    an export to label from), the class legend or the export's files, and the summary printed."""
+    check_config(cfg)
+    predictor = load_predictor(cfg.ckpt_path, device=cfg.device, **cfg.inference)
+    inputs = open_inputs(cfg)
+    if cfg.format == "seglab":
+        write_class_legend(inputs.out / "classes.csv", predictor, cfg.min_confidence)
+    pixels, entries = predict_files(inputs, predictor, file_options(cfg, predictor))
+    share = pixel_share(pixels, predictor.class_names)
+    written = finish_outputs(cfg, predictor.class_names, entries, inputs.out)
     print(
-        f"\nseglab prediction: {len(images)} image(s) -> {out}\n"
+        f"\nseglab prediction: {len(inputs.images)} image(s) -> {inputs.out}\n"
         + "".join(f"  {w}\n" for w in written)
         + "  predicted pixel share: "
         + ", ".join(f"{k} {100 * v:.1f}%" for k, v in share.items()),
         flush=True,
     )
     return {
-        "images": len(images),
-        "output": str(out),
+        "images": len(inputs.images),
+        "output": str(inputs.out),
         "pixel_share": share,
         "inference": predictor.settings(),
-        "batches": len(batches),
-        "num_workers": workers,
+        "batches": len(inputs.batches),
+        "num_workers": inputs.workers,
     }
