@@ -96,6 +96,17 @@ def test_the_longest_chain_of_imports_between_parts_is_seven():
     assert floor(highest) <= 7, f"{highest} stands on floor {floor(highest)}: {sorted(arrows[highest])}"
 
 
+def test_no_function_is_longer_than_a_reader_can_hold():
+    longer = []
+    for path in sorted((SRC / "seglab").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    longer.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines})")
+    assert longer == [], "split these by the steps they take: " + ", ".join(longer)
+
+
 def test_no_module_is_longer_than_a_reader_can_hold():
     longest = max((len(p.read_text().splitlines()), str(p.relative_to(SRC))) for p in (SRC / "seglab").rglob("*.py"))
     assert longest[0] <= 450, f"{longest[1]} has {longest[0]} lines: split it by what its parts do"
