@@ -226,13 +226,19 @@ def test_export_parity_for_every_architecture(compose_train, tmp_path, demo_root
     np.testing.assert_array_equal(from_onnx.predict(image), from_ckpt.predict(image))
 
 
-@pytest.mark.slow  # three tiny trainings, exports and servers
+@pytest.mark.slow  # four tiny trainings, exports and servers
 @pytest.mark.parametrize(
-    ("model", "encoder"), [("unet", "tu-resnet18"), ("fpn", "tu-efficientnet_b0"), ("upernet", "tu-convnext_atto")]
+    ("model", "encoder"),
+    [
+        ("unet", "tu-resnet18"),
+        ("fpn", "tu-efficientnet_b0"),
+        ("upernet", "tu-convnext_atto"),
+        ("deeplabv3plus", "tu-resnet18"),
+    ],
 )
 def test_smp_decoders_over_timm_encoders_train_export_and_serve(compose_train, tmp_path, demo_root, model, encoder):
-    """UNet, FPN and UPerNet (conf/model, with small encoders of the same timm families as their configs' ResNet-50,
-    EfficientNet-B0 and ConvNeXt-Tiny) go the whole way as the other networks do: trained, exported with parity,
+    """UNet, FPN, UPerNet and DeepLabV3+ (conf/model, with small encoders of the same timm families as their
+    configs' ResNet-50, EfficientNet-B0 and ConvNeXt-Tiny) go the whole way as the other networks do: trained, exported with parity,
     and served, the served mask equal to the checkpoint's. UPerNet's graph would run at its traced size only: its
     export is refused with the reason, and the server takes its checkpoint."""
     from fastapi.testclient import TestClient

@@ -83,6 +83,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     # smp's decoders over the encoder model.encoder names.
     "unet": Architecture(SMP, {"model": "Unet"}),
     "fpn": Architecture(SMP, {"model": "FPN"}),
+    "deeplabv3plus": Architecture(SMP, {"model": "DeepLabV3Plus"}),
     "upernet": Architecture(
         SMP,
         {"model": "UPerNet"},
