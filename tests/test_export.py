@@ -238,9 +238,9 @@ def test_export_parity_for_every_architecture(compose_train, tmp_path, demo_root
 )
 def test_smp_decoders_over_timm_encoders_train_export_and_serve(compose_train, tmp_path, demo_root, model, encoder):
     """UNet, FPN, UPerNet and DeepLabV3+ (conf/model, with small encoders of the same timm families as their
-    configs' ResNet-50, EfficientNet-B0 and ConvNeXt-Tiny) go the whole way as the other networks do: trained, exported with parity,
-    and served, the served mask equal to the checkpoint's. UPerNet's graph would run at its traced size only: its
-    export is refused with the reason, and the server takes its checkpoint."""
+    configs' ResNet-50, EfficientNet-B0 and ConvNeXt-Tiny) go the whole way as the other networks do: trained,
+    exported with parity, and served, the served mask equal to the checkpoint's. UPerNet's graph would run at its
+    traced size only: its export is refused with the reason, and the server takes its checkpoint."""
     from fastapi.testclient import TestClient
 
     from seglab.serve.app import create_app
