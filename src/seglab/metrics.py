@@ -295,11 +295,6 @@ def scalar_metrics(values: dict[str, torch.Tensor], class_names: Sequence[str], 
     return out
 
 
-# Optimizers with a fused kernel on CUDA and on CPU: one pass over all parameters instead of several operations
-# per tensor. On CPU the default is a Python loop over the tensors: fused Adam's step is 4-5x faster there
-# (DeepLabV3-MobileNetV3 89 -> 17 ms, ResNet-50 258 -> 64 ms, one thread), a fifth of a 128 px training step.
-
-
 # mIoU within this of the trivial model's counts as no better (a few pixels of a class found by chance).
 MARGIN = 0.02
 DOMINANT_SHARE = 0.95  # one class predicted on this share of the pixels ...

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=48, help="synthetic images to generate")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run (loop and model)")
-    # Compiling DeepLab's training graph takes minutes on a small CPU (13 min on a busy 2-core one).
+    # Compiling DeepLab's training graph takes minutes on a small CPU (docs/performance.md).
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,

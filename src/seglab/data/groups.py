@@ -63,7 +63,7 @@ DIHEDRAL = (
 )
 HASH_INPUT = 128  # the grayscale image is read at about this long side, then area-averaged to 32 x 32 (what
 HASH_SIDE = 32  # the DCT hash reads): area averaging onto a square commutes with flips and quarter turns
-FEATURE_SIDE = 384  # SIFT on the image with this long side: copies' shared detail survives, ~30 ms a photo
+FEATURE_SIDE = 384  # SIFT on the image with this long side: copies' shared detail survives, and it stays cheap
 FEATURES_PER_IMAGE = 150
 CANDIDATES = 6  # images per image whose features are checked pair by pair, by votes of nearest descriptors
 MIN_VOTES = 3
@@ -164,7 +164,7 @@ def phash_variants(gray: Image.Image) -> list[int]:
 
 
 def read_gray(path: Path | io.BytesIO, side: int) -> np.ndarray:
-    """Grayscale with the long side at `side` (JPEGs decoded at a reduced scale: a 2048 px photo in ~5 ms)."""
+    """Grayscale with the long side at `side` (JPEGs decoded at a reduced scale, much faster than in full)."""
     with Image.open(path) as im:
         im.draft("L", (side, side))
         gray = np.asarray(im.convert("L"))

@@ -117,8 +117,8 @@ def cache_folder(
     return cache_dir / f"{content}-{hashlib.sha256(policy.encode()).hexdigest()[:8]}"
 
 
-# Rasterising a 2048 px photo's mask and writing its PNG takes ~30 ms (measured on data/hard), so a
-# 192-photo export is ~6 s in one process; below this many masks a pool costs more than it saves.
+# Rasterising a photo's mask and writing its PNG is quick next to starting worker processes: below this many masks
+# a pool costs more than it saves.
 PARALLEL_FROM = 16
 
 

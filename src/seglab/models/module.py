@@ -24,6 +24,8 @@ LOSS_CHECK_EPOCHS = 3
 MIN_PRIOR = 1e-6
 
 
+# Optimizers with a fused kernel on CUDA and on CPU: one pass over all parameters instead of several operations per
+# tensor (on CPU the default is a Python loop over the tensors, several times slower).
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 FUSED_DEVICES = ("cuda", "cpu")
 

@@ -39,7 +39,7 @@ def _torchvision(arch, num_classes, weights, weights_backbone, aux_loss, encoder
 
 
 def _smp(arch, num_classes, weights, weights_backbone, aux_loss, encoder, options) -> nn.Module:
-    from seglab.models.smp_nets import smp_network  # smp costs ~0.5 s to import: only when used
+    from seglab.models.smp_nets import smp_network  # smp is slow to import: only when used
 
     options = dict(options)
     fixed = options.pop("encoder", None)  # an architecture with its own encoder (SegFormer's MiT)

@@ -79,7 +79,7 @@ def render_dense(rng: np.random.Generator, size: int) -> Photo:
             polygon = np.round(
                 np.clip(ellipse(centre, semi_major, semi_minor, rng.uniform(0, np.pi)), 0, [width, height]), 2
             )
-            # Rasterised in its bounding box only (a full 2048 px frame per attempt made a photo take ~5 s).
+            # Rasterised in its bounding box only: a full 2048 px frame per attempt is the slow part of a photo.
             x0, y0 = np.floor(polygon.min(axis=0)).astype(int)
             x1, y1 = np.minimum(np.ceil(polygon.max(axis=0)).astype(int) + 1, [width, height])
             local = rasterize_polygon(polygon - [x0, y0], y1 - y0, x1 - x0).astype(bool)
