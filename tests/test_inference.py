@@ -118,6 +118,17 @@ def test_flip_averages_the_image_and_its_mirror(tiny_net):
     assert not torch.allclose(flipped, run(tiny_net)(x))  # the network is not mirror-symmetric
 
 
+def test_a_predictor_of_another_model_keeps_the_metadata_and_the_policy(tiny_net):
+    meta = {**META, "image_size": 32, "base_size": 100, "temperature": 0.5}
+    image = np.random.default_rng(4).integers(0, 256, (90, 140, 3), dtype=np.uint8)
+    first = Predictor(channels_as_logits, meta, mode="slide", flip=True, overlap=0.5, tile_batch=3)
+    other = first.with_model(run(tiny_net))
+    assert other.model is not first.model and other.meta == first.meta and other.temperature == 0.5
+    assert (other.mode, other.flip, other.overlap, other.tile_batch) == ("slide", True, 0.5, 3)
+    same = Predictor(run(tiny_net), meta, mode="slide", flip=True, overlap=0.5, tile_batch=3)
+    torch.testing.assert_close(other.logits(image), same.logits(image))
+
+
 def two_halves(x: torch.Tensor) -> torch.Tensor:
     """Logits (0, ln 3, 0) on the left half, (ln 4, 0, 0) on the right: softmax (1, 3, 1) / 5 and (4, 1, 1) / 6."""
     logits = torch.zeros(x.shape[0], 3, *x.shape[-2:])

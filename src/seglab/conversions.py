@@ -41,14 +41,7 @@ class PredictorCalibration:
 
     def __init__(self, reference: Predictor, images: Iterator[np.ndarray], input_name: str, count: int | None = None):
         self.recorder = InputRecorder(len(reference.class_names))
-        self.predictor = Predictor(
-            self.recorder,
-            reference.meta,
-            mode=reference.mode,
-            flip=reference.flip,
-            overlap=reference.overlap,
-            tile_batch=reference.tile_batch,
-        )
+        self.predictor = reference.with_model(self.recorder)
         self.images, self.input_name, self.fed, self.shapes = images, input_name, 0, set()
         self.count, self.left_in_range = count, None  # None: no range, every image
 

@@ -278,11 +278,6 @@ def trace_fp32(cfg: DictConfig, source: ExportSource, path: Path) -> bool:
     )
 
 
-def like_reference(model, reference: Predictor) -> Predictor:
-    """A Predictor of an exported model with the reference's inference policy (mode, flip TTA, overlap)."""
-    return Predictor(model, reference.meta, mode=reference.mode, flip=reference.flip, overlap=reference.overlap)
-
-
 def check_candidate_masks(cfg: DictConfig, source: ExportSource, candidate: Predictor) -> dict:
     """The mask check of the model the export writes on the labelled split (seglab.export_checks.check_masks)."""
     masks_cfg = cfg.parity.masks
@@ -313,7 +308,7 @@ def build_checked_model(cfg: DictConfig, source: ExportSource, work: Path) -> Ch
     fp32_path = work / "fp32.onnx"
     from_cache = trace_fp32(cfg, source, fp32_path)
     image, image_name = parity_image(cfg, source.module)
-    traced = like_reference(OnnxModel(fp32_path), source.reference)
+    traced = source.reference.with_model(OnnxModel(fp32_path))
     parity = check_parity(
         source.reference, traced, image, image_name, cfg.parity.rtol, cfg.parity.min_agreement, cfg.parity.seed
     )
@@ -322,9 +317,7 @@ def build_checked_model(cfg: DictConfig, source: ExportSource, work: Path) -> Ch
         parity["masks"] = {"skipped": "the checkpoint's data is not there (data_root=<folder> gives it)"}
         log.warning("mask check skipped: no labelled data (give data_root=<folder>)")
     else:
-        candidate = (
-            traced if model_path == fp32_path else like_reference(RUNTIMES[cfg.format](model_path), source.reference)
-        )
+        candidate = traced if model_path == fp32_path else source.reference.with_model(RUNTIMES[cfg.format](model_path))
         parity["masks"] = check_candidate_masks(cfg, source, candidate)
     return CheckedModel(model_path, conversion, from_cache, parity)
 

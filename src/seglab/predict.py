@@ -286,7 +286,7 @@ def destinations(inputs: ImageInputs) -> list[tuple[Path, str]]:
 
 def writer_pool(workers: int) -> Executor:
     """Where the images' files are written. Resizing the logits back, the argmax, the overlay and PNG encoding take
-    ~40x the network's time on a 2048 px photo (docs/deployment.md): with workers they run in as many writer
+    many times the network's time on a large photo (docs/deployment.md): with workers they run in as many writer
     processes, fed the logits at the network's scale; without, in one thread beside the network."""
     if workers:
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=one_thread)

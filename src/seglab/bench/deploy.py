@@ -65,9 +65,7 @@ def network_inputs(first: Predictor, images: list[np.ndarray]) -> list[torch.Ten
     """The network's own inputs for these images (tiles, batches), to time the network apart from pre-processing
     and resizing back."""
     recorder = InputRecorder(len(first.class_names))
-    feeder = Predictor(
-        recorder, first.meta, mode=first.mode, flip=first.flip, overlap=first.overlap, tile_batch=first.tile_batch
-    )
+    feeder = first.with_model(recorder)
     for image in images:
         feeder.logits(image)
     return [torch.from_numpy(x) for x in recorder.inputs]

@@ -111,6 +111,13 @@ class Predictor:
         )
         self.preprocess = Preprocess(self.transform)
 
+    def with_model(self, model: Model) -> Predictor:
+        """A Predictor of another model (an export of this one, a recorder of its inputs) with this one's metadata
+        and inference policy, so both see the same tiles and flips."""
+        return Predictor(
+            model, self.meta, mode=self.mode, flip=self.flip, overlap=self.overlap, tile_batch=self.tile_batch
+        )
+
     @property
     def mode(self) -> str:
         return self.policy.mode
