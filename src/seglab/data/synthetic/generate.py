@@ -94,14 +94,15 @@ def generate_dataset(
         for position in range(split_size):
             # One generator per photo: photo i is the same whatever num_images or the split sizes are.
             rng = np.random.default_rng([seed, image_index])
-            name = f"img_{image_index:04d}_jpg.rf.{rng.bytes(4).hex()}.jpg"
+            stem = f"img_{image_index:04d}"
+            name = f"{stem}_jpg.rf.{rng.bytes(4).hex()}.jpg"
             fixed = position if split == "train" and position < fixed_cases else None
             photo = render(mode, rng, size, object_scale, fixed)
             if split == "train" and position in mislabelled:
                 photo, what = mislabel(photo, np.random.default_rng([seed, image_index, 7]), class_ids)
                 wrong.append((split, name, what))
             # RoboFlow augments the training split only.
-            files += with_copies(name, photo, image_index, seed, copies if split == "train" else 1)
+            files += with_copies(name, photo, stem, image_index, (seed, image_index), copies if split == "train" else 1)
             if split == "train" and position < shared:
                 kept.append((image_index, photo))
             image_index += 1
@@ -124,14 +125,19 @@ def mislabelled_positions(seed: int, fixed_cases: int, train_size: int, wrong_la
     )
 
 
+def roboflow_copy(stem: str, photo: shapes.Photo, rng: np.random.Generator) -> tuple[str, shapes.Photo]:
+    """An augmented copy of the photo and RoboFlow's name for it (`<stem>_jpg.rf.<hash>.jpg`), both drawn from rng."""
+    return f"{stem}_jpg.rf.{rng.bytes(4).hex()}.jpg", make_copy(photo, rng)
+
+
 def with_copies(
-    name: str, photo: shapes.Photo, index: int, seed: int, copies: int
-) -> list[tuple[str, shapes.Photo, int]]:
-    """The files of photo `index`: the photo, then copies-1 augmented copies of it."""
-    files = [(name, photo, index)]
+    name: str, photo: shapes.Photo, stem: str, source: int | str, key: tuple[int, int], copies: int
+) -> list[tuple[str, shapes.Photo, int | str]]:
+    """The files of one photo (`source`: its index or its uploaded name): the photo, then copies-1 augmented
+    copies of it, copy k drawn from the generator seeded [*key, k]."""
+    files = [(name, photo, source)]
     for k in range(1, copies):
-        copy_rng = np.random.default_rng([seed, index, k])
-        files.append((f"img_{index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng), index))
+        files.append((*roboflow_copy(stem, photo, np.random.default_rng([*key, k])), source))
     return files
 
 
@@ -139,11 +145,10 @@ def shared_copies(
     kept: list[tuple[int, shapes.Photo]], seed: int, split_number: int
 ) -> list[tuple[str, shapes.Photo, int]]:
     """A copy of each kept training photo for the split numbered split_number, as RoboFlow's own split shares one."""
-    files = []
-    for index, photo in kept:
-        copy_rng = np.random.default_rng([seed, index, 1000 + split_number])
-        files.append((f"img_{index:04d}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng), index))
-    return files
+    return [
+        (*roboflow_copy(f"img_{index:04d}", photo, np.random.default_rng([seed, index, 1000 + split_number])), index)
+        for index, photo in kept
+    ]
 
 
 def generate_video(
@@ -166,13 +171,8 @@ def generate_video(
         for index, ((stem, photo), at) in enumerate(zip(frames, where, strict=True)):
             if at != split_number:
                 continue
-            rng = np.random.default_rng([seed, index])
-            files.append((f"{stem}_jpg.rf.{rng.bytes(4).hex()}.jpg", photo, f"{stem}.jpg"))
-            for k in range(1, copies if split == "train" else 1):
-                copy_rng = np.random.default_rng([seed, index, k])
-                files.append(
-                    (f"{stem}_jpg.rf.{copy_rng.bytes(4).hex()}.jpg", make_copy(photo, copy_rng), f"{stem}.jpg")
-                )
+            name = f"{stem}_jpg.rf.{np.random.default_rng([seed, index]).bytes(4).hex()}.jpg"
+            files += with_copies(name, photo, stem, f"{stem}.jpg", (seed, index), copies if split == "train" else 1)
         if files:
             (out / split).mkdir(parents=True, exist_ok=True)
             write_split(out / split, files, shapes.CATEGORIES, fmt, extra_name)
