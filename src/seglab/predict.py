@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from seglab.data.datamodule import default_num_workers
+from seglab.data.loaders import default_num_workers
 from seglab.data.masks import load_image
 from seglab.data.sources import IMAGE_SUFFIXES, MASK_SUFFIX
 from seglab.data.transfer import upload_images

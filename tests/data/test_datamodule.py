@@ -89,6 +89,30 @@ def test_a_train_split_smaller_than_a_batch_is_one_batch(demo_root, tmp_path, ca
         dm.train_dataloader()
 
 
+def test_a_small_train_split_is_passed_over_again_to_fill_min_epoch_samples(demo_root, tmp_path):
+    dm = make_datamodule(demo_root, tmp_path, batch_size=8, min_epoch_samples=40)
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert loader.batch_size == 8 and len(loader) == 5  # 40 samples // 8, not 16 // 8 = 2 batches
+    torch.manual_seed(0)
+    drawn = list(loader.sampler)
+    # two whole permutations of the 16 images, then 8 of a third: every image 2 or 3 times, none 4 times
+    assert len(drawn) == 40
+    assert sorted(drawn[:16]) == sorted(drawn[16:32]) == list(range(16))
+    assert len(set(drawn[32:])) == 8
+    # fewer images than a batch: the batch is full (crops of the same images), not the split's size
+    dm.datasets["train"].items = dm.datasets["train"].items[:3]
+    small = dm.train_dataloader()
+    assert small.batch_size == 8 and len(small) == 5
+    # a split as large as the floor is one plain pass, shuffled
+    dm = make_datamodule(demo_root, tmp_path, batch_size=8, min_epoch_samples=16)
+    dm.setup()
+    assert len(dm.train_dataloader()) == 2 and len(dm.val_dataloader().sampler) == 2
+    for wrong in (-1, 2.5, True, None):
+        with pytest.raises(SeglabError, match=r"data.min_epoch_samples=.* must be a whole number >= 0"):
+            make_datamodule(demo_root, tmp_path, min_epoch_samples=wrong)
+
+
 def test_missing_test_folder_is_carved_from_train(demo_root, tmp_path):
     root = tmp_path / "export"
     shutil.copytree(demo_root, root, ignore=shutil.ignore_patterns("test"))

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from seglab.data.datamodule import SegmentationDataModule, default_num_workers, default_prefetch_factor
+from seglab.data.datamodule import SegmentationDataModule
 from seglab.data.dataset import SegmentationDataset
 from seglab.data.image_cache import ImageCache
+from seglab.data.loaders import default_num_workers, default_prefetch_factor
 
 
 class Raw:

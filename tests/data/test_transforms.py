@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from seglab.data.datamodule import pad_collate
+from seglab.data.loaders import pad_collate
 from seglab.data.transforms import ClassAwareCrop, build_transforms, class_counts
 
 CONF = Path(__file__).resolve().parents[2] / "conf"

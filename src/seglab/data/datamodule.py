@@ -1,14 +1,11 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -16,6 +13,7 @@ from seglab.data.dataset import SegmentationDataset, value_lut
 from seglab.data.groups import SPLIT_UNITS, Groups, group_samples
 from seglab.data.image_cache import ImageCache
 from seglab.data.image_checks import check_images
+from seglab.data.loaders import check_min_epoch_samples, check_prefetch_factor, default_num_workers, make_loader
 from seglab.data.masks import OVERLAP_POLICIES, build_mask_cache
 from seglab.data.sources import Sample, Source, discover, make_palette
 from seglab.data.splits import (
@@ -73,38 +71,6 @@ def check_settings(
     return geometry
 
 
-def check_prefetch_factor(prefetch_factor: int | None) -> int | None:
-    if prefetch_factor is not None and int(prefetch_factor) < 1:
-        raise SeglabError(
-            f"data.prefetch_factor={prefetch_factor} must be a positive integer or null "
-            "(null: enough for 4 batches in flight)."
-        )
-    return int(prefetch_factor) if prefetch_factor is not None else None
-
-
-def pad_collate(batch, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (3, h, w) and masks (h, w) of different sizes -> one batch padded at the bottom and right."""
-    height = max(image.shape[-2] for image, _ in batch)
-    width = max(image.shape[-1] for image, _ in batch)
-    images = torch.zeros((len(batch), 3, height, width), dtype=batch[0][0].dtype)
-    masks = torch.full((len(batch), height, width), ignore_index, dtype=batch[0][1].dtype)
-    for i, (image, mask) in enumerate(batch):
-        images[i, :, : image.shape[-2], : image.shape[-1]] = image
-        masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
-    return images, masks
-
-
-def default_num_workers() -> int:
-    """One DataLoader worker per usable core: decoding and augmenting is what keeps a GPU fed."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def default_prefetch_factor(num_workers: int) -> int:
-    """Batches each worker prepares ahead: at least torch's 2, and enough that 4 batches are queued in all,
-    so one slow image (a large JPEG on a cache miss) does not starve a step when there are few workers."""
-    return max(2, math.ceil(4 / num_workers))
-
-
 def square(height: int, width: int, size: int) -> tuple[int, int]:
     return size, size
 
@@ -143,6 +109,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         splits_file: str | None = None,
         image_cache: bool = True,
         prefetch_factor: int | None = None,
+        min_epoch_samples: int = 0,
         exports_dir: str | None = None,
         roboflow: str | None = None,
         roboflow_format: str = "coco-segmentation",
@@ -175,6 +142,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".seglab_cache"
         self.image_cache = bool(image_cache)
         self.prefetch_factor = check_prefetch_factor(prefetch_factor)
+        self.min_epoch_samples = check_min_epoch_samples(min_epoch_samples)
         self.splits_file = Path(splits_file) if splits_file else None
         self.source: Source | None = None
         self.groups: Groups | None = None
@@ -401,41 +369,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
 
     def loader(self, split: str, train: bool = False) -> DataLoader:
-        dataset = self.datasets[split]
-        batch_size = self.batch_size
-        if train and len(dataset) < batch_size:
-            # An export of a few images (RoboFlow users label 6 to start with): one batch of all of them, rather than
-            # no training at all. DeepLabV3's image-level pooling normalises over the batch: two at the least.
-            if len(dataset) < 2:
-                raise SeglabError(
-                    f"The train split has {len(dataset)} image(s); training needs 2 or more. Add "
-                    "images, or move some from valid/test (data.resplit=true)."
-                )
-            log.warning(
-                "The train split has %d image(s), fewer than batch_size=%d: training on batches of %d.",
-                len(dataset),
-                batch_size,
-                len(dataset),
-            )
-            batch_size = len(dataset)
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            # Whole images at the base scale differ in size: pad them into one batch (masks with the ignore
-            # index, so padding is never scored). Training crops all have the same size.
-            collate_fn=None
-            if train or self.base_size is None
-            else partial(pad_collate, ignore_index=self.ignore_index),
-            # DeepLabV3's ASPP pooling branch fails on a batch of one: drop the ragged last batch.
-            drop_last=train,
+        return make_loader(
+            self.datasets[split],
+            self.batch_size,
+            train,
+            min_epoch_samples=self.min_epoch_samples if train else 0,
+            pad_value=None if train or self.base_size is None else self.ignore_index,
             num_workers=self.num_workers,
-            # Pinned batches let Lightning's copy to the GPU run without blocking (it passes non_blocking=True).
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            prefetch_factor=(self.prefetch_factor or default_prefetch_factor(self.num_workers))
-            if self.num_workers > 0
-            else None,
+            prefetch_factor=self.prefetch_factor,
         )
 
     def train_dataloader(self) -> DataLoader:
