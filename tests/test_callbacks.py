@@ -1,12 +1,14 @@
 import io
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from seglab.callbacks import stack_with_gaps, val_confusion_matrix
+from seglab.callbacks import EarlyStopping, stack_with_gaps, val_confusion_matrix
 from seglab.data.datamodule import SegmentationDataModule
 from seglab.models.checkpoint import load_checkpoint
 from seglab.models.module import SegmentationModule
@@ -83,3 +85,51 @@ def test_rows_of_different_sizes_are_padded_with_white():
     assert grid.shape == (4, 3, 3)
     assert (grid[0] == 0).all() and (grid[1] == 255).all()  # row a, then the gap
     assert (grid[2:, :2] == 7).all() and (grid[2:, 2] == 255).all()  # row b, padded at its end
+
+
+class ScriptedValidation(pl.LightningModule):
+    """A one-weight model whose validation logs a scripted val/mIoU per epoch beside a fixed trivial score."""
+
+    def __init__(self, mious: list[float], trivial: float = 0.3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.mious, self.trivial = mious, trivial
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/mIoU", self.mious[self.current_epoch])
+        self.log("val/trivial_mIoU", self.trivial)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def stopped_after(mious: list[float], tmp_path, **kwargs) -> int:
+    """The epochs a real Trainer ran with seglab's EarlyStopping (patience 2) on scripted validation scores."""
+    data = DataLoader(TensorDataset(torch.ones(4, 1)), batch_size=2)
+    stopper = EarlyStopping(monitor="val/mIoU", mode="max", patience=2, **kwargs)
+    trainer = pl.Trainer(
+        max_epochs=len(mious),
+        callbacks=[stopper],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(ScriptedValidation(mious), data, data)
+    return trainer.current_epoch
+
+
+def test_early_stopping_patience_starts_when_val_miou_leaves_the_trivial_score(tmp_path):
+    # trivial 0.3: epochs 0-4 at 0.31 (within the 0.02 margin), the model leaves it at epoch 5 and then stalls
+    mious = [0.31] * 5 + [0.5] * 7
+    # Lightning's rule: best 0.31 at epoch 0, no gain at epochs 1 and 2: stops after epoch 2 (3 epochs run)
+    assert stopped_after(mious, tmp_path, after_trivial=False) == 3
+    # patience from epoch 5: best 0.5, no gain at 6 and 7: stops after epoch 7 (8 epochs run)
+    assert stopped_after(mious, tmp_path) == 8
+    # a run that never leaves the trivial score runs to max_epochs
+    assert stopped_after([0.3] * 6, tmp_path) == 6
