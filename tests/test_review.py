@@ -5,14 +5,13 @@ import csv
 import subprocess
 import sys
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from seglab.config import compose_config
 from seglab.errors import SeglabError
-from seglab.review import region_score, review, scored, summarised, suspect_mask
+from seglab.review import review, scored, summarised, suspect_mask
 
 
 def item(name: str, label: np.ndarray, predicted: np.ndarray, sure: float = 0.9) -> dict:
@@ -45,59 +44,6 @@ def test_a_label_the_model_contradicts_ranks_first_with_its_region_outlined():
         assert np.array_equal(suspect_mask(wrong).astype(bool), truth == 1)
         assert wrong["suspect_share"] == 16 * 16 / 64**2
     assert all(not suspect_mask(i).any() and i["suspect_share"] == 0 for i in agreeing)
-
-
-RING = np.ones((3, 3), np.uint8)
-
-
-def unsure_outlines(label: np.ndarray, edge: float = 0.45, sure: float = 0.9) -> np.ndarray:
-    """A model that agrees with the label, sure inside objects and background, unsure across each outline: it
-    gives the object 1 - edge on the object's outer 1 px ring and on the background's 1 px ring around it."""
-    probabilities = np.full((3, *label.shape), (1 - sure) / 2, np.float32)
-    for c in range(3):
-        probabilities[c][label == c] = sure
-    for c in (1, 2):
-        inside = (label == c).astype(np.uint8)
-        rings = cv2.dilate(inside, RING).astype(bool) & ~cv2.erode(inside, RING).astype(bool)
-        probabilities[:, rings] = 0
-        probabilities[0, rings], probabilities[c, rings] = edge, 1 - edge
-    return probabilities
-
-
-def test_an_object_of_the_wrong_class_ranks_above_images_whose_only_doubt_is_their_outlines():
-    agreeing = []
-    for i in range(4):
-        label = np.zeros((64, 64), np.int64)
-        for row in range(2, 62, 12):  # 25 squares of 8 x 8: many outlines
-            for column in range(2 + i, 60, 12):
-                label[row : row + 8, column : column + 8] = 1 + (row + column) // 12 % 2
-        agreeing.append(summarised(f"ok{i}.jpg", "fold0", label, unsure_outlines(label)))
-    label = squares(2, (24, 24))  # a 16 x 16 object labelled class 2; the model gives it 0.5 class 1, 0.45 class 2
-    probabilities = unsure_outlines(label)
-    inside = cv2.erode((label == 2).astype(np.uint8), RING).astype(bool)
-    probabilities[:, inside] = np.array([0.05, 0.5, 0.45], np.float32)[:, None]
-    swapped = summarised("swapped.jpg", "fold0", label, probabilities)
-    # Each agreeing square: labelled region (36 px inside at 0.9 + 28 px at 0.55) / 64 = 0.747; predicted region,
-    # one px larger, (32.4 + 15.4 + 36 px of background at 0.45) / 100 = 0.64, the least trusted.
-    assert [round(i["score"], 6) for i in agreeing] == [0.64] * 4
-    # The swapped square: predicted class 1 on its 14 x 14 inside, where the label's class gets 0.45.
-    assert round(swapped["score"], 6) == 0.45
-    # cleanlab's softmin over all pixels ranks it below them: their outlines hold more unsure pixels.
-    assert all(i["cleanlab_score"] < swapped["cleanlab_score"] for i in agreeing)
-
-
-def test_regions_too_small_to_judge_and_background_alone_are_not_scored_as_objects():
-    label = np.zeros((200, 200), np.int64)
-    label[10:13, 10:15] = 1  # 15 px: under the 16 px floor
-    self_confidence = np.full(label.shape, 0.9, np.float32)
-    self_confidence[10:13, 10:15] = 0.0
-    probabilities = np.stack([1 - self_confidence, self_confidence, np.zeros_like(self_confidence)])
-    probabilities[:, label == 1] = np.array([1.0, 0.0, 0.0], np.float32)[:, None]
-    # the whole image's mean: (40000 - 15) x 0.9 / 40000
-    assert region_score(label, probabilities, self_confidence) == pytest.approx((40000 - 15) * 0.9 / 40000)
-    label[13, 10:14] = 1  # 4 px more: a 19 px region, every pixel at self-confidence 0, is judged
-    self_confidence[13, 10:14] = 0.0
-    assert region_score(label, probabilities, self_confidence) == pytest.approx(0.0)
 
 
 def test_large_images_are_kept_on_the_grid_and_their_suspect_region_drawn_back_at_full_size():

@@ -4,21 +4,15 @@
     python -m seglab.review run=<that run folder> [top=20] [output=<folder>]
 
 A model that never trained on an image predicts it without having learnt its label: where its probabilities
-disagree with the label, the label may be wrong. The pixel scores are cleanlab's (its segmentation module, not a
-copy): each pixel's self-confidence, the probability the model gives the labelled class. A label error is a region
-(an object swapped to another class, erased, or drawn where there is none), so an image is scored by its least
-trusted region: the lowest mean self-confidence over the connected regions the label gives an object class, the
-ones the model predicts one, and the whole image (low: likely wrong). cleanlab's own image score (softmin over all
-pixels) is kept beside it: it leans on the least confident pixels anywhere, and the edges of every object have
-some, so it ranks a swapped or erased object below images whose only doubt is their outlines (docs/results.md,
-"Label review"). Per pixel, `find_label_issues` (confident learning, with per-class thresholds over all held-out
-images, on a common grid of GRID x GRID px) marks the suspect regions. A run without folds is reviewed on its val
-and test images (its `heldout/` if it has one, else predicted now by its best checkpoint); cross-validation
-reviews every image.
+disagree with the label, the label may be wrong. The scores are cleanlab's (its segmentation module, not a copy):
+per image, `get_label_quality_scores` (softmin over the pixels' self-confidence, the probability the model gives
+the labelled class; low: likely wrong); per pixel, `find_label_issues` (confident learning, with per-class
+thresholds over all held-out images, on a common grid of GRID x GRID px) marks the suspect regions. A run without
+folds is reviewed on its val and test images (its `heldout/` if it has one, else predicted now by its best
+checkpoint); cross-validation reviews every image.
 
-Writes review.csv (every image, most suspect first: its file in the export as RoboFlow names it, the score,
-cleanlab's image score, the share of suspect pixels, the fold) and sheet.png (the top images: image | label |
-model, suspect regions outlined).
+Writes review.csv (every image, most suspect first: its file in the export as RoboFlow names it, the score, the
+share of suspect pixels, the fold) and sheet.png (the top images: image | label | model, suspect regions outlined).
 """
 
 from __future__ import annotations
@@ -42,9 +36,6 @@ from seglab.viz import SHEET_WIDTH, overlay, picture_sheet
 
 GRID = 64  # px: every held-out image on one grid for cleanlab's dataset-wide thresholds
 OUTLINE = (255, 255, 0)
-# Regions smaller than this share of the image (and 16 px) are too small to judge a label by: their mean is a few
-# pixels' noise. 1e-4: 16 px of a 400 px photo's 160,000, 420 px (about 20 x 20) of a 2048 px square.
-MIN_REGION_SHARE = 1e-4
 
 
 def best_checkpoint(run: Path) -> Path:
@@ -96,40 +87,17 @@ def held_out_image(run: Path, split: str, i: int, heldout: Path, stored_name: st
     return image, labelled, probabilities
 
 
-def region_score(label: np.ndarray, probabilities: np.ndarray, self_confidence: np.ndarray) -> float:
-    """The lowest mean self-confidence over the image's regions: each connected region of an object class (not
-    background, class 0) in the label and in the model's prediction, and the whole image. A swapped or drawn-in
-    object is a labelled region the model gives little of its class; an erased one a predicted region whose
-    pixels are labelled background."""
-    lowest = float(self_confidence.mean())
-    smallest = max(16, MIN_REGION_SHARE * label.size)
-    weights = self_confidence.ravel().astype(np.float64)
-    for classes in (label, probabilities.argmax(axis=0)):
-        for c in np.unique(classes):
-            if c == 0:
-                continue
-            count, regions = cv2.connectedComponents((classes == c).astype(np.uint8), connectivity=8)
-            areas = np.bincount(regions.ravel(), minlength=count)[1:]
-            sums = np.bincount(regions.ravel(), weights=weights, minlength=count)[1:]
-            judged = areas >= smallest
-            if judged.any():
-                lowest = min(lowest, float((sums[judged] / areas[judged]).min()))
-    return lowest
-
-
 def summarised(file: str, fold: str, label: np.ndarray, probabilities: np.ndarray, source: tuple = ()) -> dict:
-    """What the review keeps of one image while it reads the others: its region score and cleanlab's image score
-    (at the image's size), its label and probabilities on the GRID (for the dataset-wide thresholds), its size,
-    and where to read it again. Full-size probabilities of a few hundred large photos would not fit in memory
-    together."""
+    """What the review keeps of one image while it reads the others: its cleanlab score (at the image's size), its
+    label and probabilities on the GRID (for the dataset-wide thresholds), its size, and where to read it again.
+    Full-size probabilities of a few hundred large photos would not fit in memory together."""
     from cleanlab.segmentation.rank import get_label_quality_scores
 
-    scores, self_confidence = get_label_quality_scores(label[None], probabilities[None], verbose=False)
+    scores, _ = get_label_quality_scores(label[None], probabilities[None], verbose=False)
     return {
         "file": file,
         "fold": fold,
-        "score": region_score(label, probabilities, self_confidence[0]),
-        "cleanlab_score": float(scores[0]),
+        "score": float(scores[0]),
         "shape": label.shape,
         "source": source,
         "grid_label": cv2.resize(label.astype(np.uint8), (GRID, GRID), interpolation=cv2.INTER_NEAREST),
@@ -234,18 +202,9 @@ def review(cfg: DictConfig) -> dict:
     items.sort(key=lambda i: (i["score"], i["file"]))
     with (out / "review.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["rank", "file", "score", "cleanlab_score", "suspect_share", "fold"])
+        writer.writerow(["rank", "file", "score", "suspect_share", "fold"])
         for rank, item in enumerate(items, 1):
-            writer.writerow(
-                [
-                    rank,
-                    item["file"],
-                    f"{item['score']:.6f}",
-                    f"{item['cleanlab_score']:.6f}",
-                    f"{item['suspect_share']:.6f}",
-                    item["fold"],
-                ]
-            )
+            writer.writerow([rank, item["file"], f"{item['score']:.6f}", f"{item['suspect_share']:.6f}", item["fold"]])
     sheet(items[: cfg.top], out / "sheet.png")
     run_model.cache_clear()
     print(
