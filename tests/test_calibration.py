@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from seglab.calibration import calibration_error, fit_temperature, pixel_sample, reliability
+from seglab.calibration import (
+    calibration_error,
+    calibration_line,
+    calibration_summary,
+    fit_temperature,
+    pixel_sample,
+    reliability,
+)
 from seglab.models.checkpoint import load_checkpoint
 from seglab.models.inference import Predictor, load_predictor
 
@@ -34,6 +41,26 @@ def test_an_over_confident_model_gets_its_temperature_back():
     before, after = calibration_error(sharp, target), calibration_error(sharp, target, temperature)
     assert before > 0.1 and after < 0.01 and after <= before / 2
     assert torch.equal(sharp.argmax(dim=1), (sharp / temperature).argmax(dim=1))  # masks never change
+
+
+def test_a_temperature_that_does_not_lower_the_val_ece_is_not_kept():
+    # 920 pixels right, 5 logits apart (p = 0.987), and 80 wrong ones 200 apart (a wrong label the model is sure
+    # of): the cross-entropy falls as T grows without end, and flattening the right pixels to near 1/3 raises the ECE.
+    logits = torch.zeros(1000, 3)
+    logits[:920, 0], logits[920:, 1] = 5.0, 200.0
+    target = torch.zeros(1000, dtype=torch.int64)
+    fitted = fit_temperature(logits, target)
+    assert fitted > 100 and calibration_error(logits, target, fitted) > 0.5 > calibration_error(logits, target)
+    summary = calibration_summary((logits, target), (logits, target))
+    assert summary["temperature"] == 1.0 and summary["not_kept"]["temperature"] == fitted
+    assert summary["val"]["ece_after"] == summary["val"]["ece_before"] == calibration_error(logits, target)
+    assert calibration_line(summary).startswith(f"T = 1 (the softmax): the T = {fitted:.3f} fitted on val did not")
+    # the over-confident model of the test above keeps its T
+    generator = torch.Generator().manual_seed(0)
+    honest = torch.randn(20_000, 3, generator=generator) * 1.5
+    target = torch.multinomial(honest.softmax(dim=1), 1, generator=generator).squeeze(1)
+    kept = calibration_summary((honest * 3, target), None)
+    assert kept["temperature"] == pytest.approx(3.0, rel=0.05) and "not_kept" not in kept
 
 
 def test_pixel_sample_leaves_out_ignored_pixels_and_keeps_the_pairs():

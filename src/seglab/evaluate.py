@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seglab.calibration import (
     calibration_error,
+    calibration_line,
     calibration_summary,
     finite,
     pixel_sample,
@@ -192,7 +193,7 @@ def calibrated(cfg: DictConfig, predictor: Predictor, datamodule) -> dict:
         raise SeglabError(f"calibrate=true: {summary['skipped']} ({cfg.ckpt_path}).")
     store_temperature(cfg.ckpt_path, summary)
     predictor.temperature = summary["temperature"]
-    log.info("Calibrated: T = %.4f fitted on val, stored in %s", summary["temperature"], cfg.ckpt_path)
+    log.info("Calibrated: %s; stored in %s", calibration_line(summary), cfg.ckpt_path)
     return summary
 
 
