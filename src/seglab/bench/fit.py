@@ -129,6 +129,10 @@ def fit_config(args, root: Path, work: Path) -> DictConfig:
             f"max_epochs={args.fit_epochs}",
             f"batch_size={args.batch_size}",
             "callbacks.progress_bar.refresh_rate=0",
+            # An epoch is one pass over the export's train split (10 photos with --quick), as the
+            # bench's per-epoch costs in docs/performance.md were measured, not the 64 samples a small split
+            # is drawn up to by default.
+            "data.min_epoch_samples=0",
             *args.overrides,
         ],
     )
