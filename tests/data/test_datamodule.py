@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import masks_by_name
+from pytorch_lightning.trainer.connectors.data_connector import _get_distributed_sampler
+from pytorch_lightning.trainer.states import RunningStage
 from torch.utils.data import RandomSampler, SequentialSampler
 
 import seglab.data.datamodule as datamodule_module
@@ -100,6 +102,12 @@ def test_a_small_train_split_is_passed_over_again_to_fill_min_epoch_samples(demo
     assert len(drawn) == 40
     assert sorted(drawn[:16]) == sorted(drawn[16:32]) == list(range(16))
     assert len(set(drawn[32:])) == 8
+    # Under DDP Lightning splits what the sampler draws between the processes: 20 of the 40 each, not 8 of one pass
+    # (its own code, as the trainer calls it for a training loader on 2 processes)
+    shared = _get_distributed_sampler(
+        loader, shuffle=True, overfit_batches=0, mode=RunningStage.TRAINING, num_replicas=2, rank=0
+    )
+    assert len(shared) == 20 and set(shared) <= set(range(16))
     # fewer images than a batch: the batch is full (crops of the same images), not the split's size
     dm.datasets["train"].items = dm.datasets["train"].items[:3]
     small = dm.train_dataloader()

@@ -9,7 +9,7 @@ import os
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from seglab.errors import SeglabError
 
@@ -57,6 +57,22 @@ def default_prefetch_factor(num_workers: int) -> int:
     return max(2, math.ceil(4 / num_workers))
 
 
+class EpochSampler(Sampler[int]):
+    """torch's RandomSampler drawing num_samples per epoch (whole permutations, then part of one), under a type of
+    its own: under DDP Lightning replaces a RandomSampler with a DistributedSampler over the dataset, which draws
+    one pass and drops num_samples, while it wraps any other sampler and splits what it draws between the
+    processes."""
+
+    def __init__(self, dataset: Dataset, num_samples: int):
+        self.sampler = RandomSampler(dataset, num_samples=num_samples)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def training_batch_size(images: int, batch_size: int, samples: int) -> int:
     """The batch size an epoch of `samples` draws from `images` training images can keep."""
     if images < 2:
@@ -93,8 +109,7 @@ def make_loader(
     different sizes padded into a batch, masks with it (the ignore index, never scored)."""
     sampler, samples = None, len(dataset)
     if train and min_epoch_samples > len(dataset):
-        # torch's RandomSampler without replacement concatenates permutations when asked for more than one pass.
-        sampler, samples = RandomSampler(dataset, num_samples=min_epoch_samples), min_epoch_samples
+        sampler, samples = EpochSampler(dataset, min_epoch_samples), min_epoch_samples
     return DataLoader(
         dataset,
         batch_size=training_batch_size(len(dataset), batch_size, samples) if train else batch_size,
