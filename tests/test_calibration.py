@@ -61,6 +61,9 @@ def test_a_temperature_that_does_not_lower_the_val_ece_is_not_kept():
     target = torch.multinomial(honest.softmax(dim=1), 1, generator=generator).squeeze(1)
     kept = calibration_summary((honest * 3, target), None)
     assert kept["temperature"] == pytest.approx(3.0, rel=0.05) and "not_kept" not in kept
+    # no labelled val pixels: nothing to fit or judge, the softmax as it is
+    empty = calibration_summary((torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)), None)
+    assert empty == {"temperature": 1.0, "fitted_on": "val", "pixels": 0, "bins": 15}
 
 
 def test_pixel_sample_leaves_out_ignored_pixels_and_keeps_the_pairs():

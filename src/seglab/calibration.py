@@ -138,11 +138,11 @@ def calibration_summary(val: tuple, test: tuple | None) -> dict:
     # The cross-entropy T is ruled by the few pixels the model is surest and wrong about (a wrong label in val,
     # logits 200 apart): on one of 20 generated folds it chose T = 20 and the val ECE went 0.037 -> 0.419. A T that
     # does not lower the val ECE is not kept (docs/evaluation.md, "Calibrated confidence").
-    kept = calibration_error(*val, fitted) < calibration_error(*val)
-    summary = {"temperature": fitted if kept else 1.0, "fitted_on": "val", "pixels": int(len(val[1])), "bins": BINS}
+    kept = not len(val[1]) or calibration_error(*val, fitted) < calibration_error(*val)
+    temperature = fitted if kept else 1.0
+    summary = {"temperature": temperature, "fitted_on": "val", "pixels": int(len(val[1])), "bins": BINS}
     if not kept:
         summary["not_kept"] = {"temperature": fitted, "why": "it did not lower the val ECE"}
-    temperature = summary["temperature"]
     for name, sample in (("val", val), ("test", test)):
         if sample is not None and len(sample[1]):
             summary[name] = {
