@@ -25,6 +25,7 @@ from seglab.errors import SeglabError
 from seglab.metrics import METHOD, describe, diagnose, interval_text, save_per_image, units_text, with_unseen
 from seglab.models.losses import build_criterion
 from seglab.models.module import SegmentationModule
+from seglab.models.schedulers import resolve_auto
 from seglab.runtime import resolve_runtime
 from seglab.tables import text_table
 from seglab.trackers import build_loggers, finish_trackers, tracker_rows
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 def build_module(cfg: DictConfig, datamodule) -> SegmentationModule:
     """The network, loss and optimizer from config, sized by the data's classes."""
+    resolve_auto(cfg)  # train() resolved it already (and printed it); the bench and tests build from a config
     net = instantiate(cfg.model, num_classes=datamodule.num_classes)
     meta = {
         "image_size": datamodule.image_size,
@@ -245,6 +247,9 @@ def open_run(cfg: DictConfig) -> tuple[DictConfig, str | None, Path]:
     if cfg.get("resume"):
         cfg = resumed_config(cfg)
         resume_from = str(Path(cfg.resume) / "checkpoints" / "last.ckpt")
+    chosen = resolve_auto(cfg)
+    if chosen:
+        print(f"seglab schedule: {chosen}", flush=True)
     check_config(cfg)
     out = Path(cfg.paths.output_dir)
     if resume_from is None:

@@ -17,6 +17,12 @@ from seglab.runtime import fast_defaults
 ARCHS = sorted(ARCHITECTURES)
 
 
+def from_scratch(weights: str | None, weights_backbone: str | None, weights_path: str | None) -> bool:
+    """No pretrained weights of any kind: what the `auto` settings of BatchNorm momentum and the learning rate
+    (seglab.models.schedulers.resolve_auto) decide by."""
+    return not (weights or weights_backbone or weights_path)
+
+
 def build_network(
     arch: str,
     num_classes: int,
@@ -43,7 +49,7 @@ def build_network(
         # fast and its running statistics, averaged over the last ~100 steps, describe a network of several epochs
         # ago: eval-mode predictions collapse to one class (docs/training.md, "Training recipe"). PyTorch's 0.1 follows
         # them; pretrained weights come with statistics that fit, and keep the architecture's own momentum.
-        bn_momentum = 0.1 if not (weights or weights_backbone or weights_path) else None
+        bn_momentum = 0.1 if from_scratch(weights, weights_backbone, weights_path) else None
     if bn_momentum is not None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -4,7 +4,44 @@ with the optimizer and the total number of optimizer steps (conf/scheduler)."""
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig, open_dict
 from torch.optim.lr_scheduler import LinearLR, PolynomialLR, SequentialLR
+
+from seglab.models.networks import from_scratch
+
+# optimizer.lr=auto: the original recipe's rate for fine-tuning pretrained weights, and 10x it from scratch, where
+# decayed by poly it did better on all five real exports it was tried on (docs/training.md, "Learning rate").
+FINE_TUNING_LR, FROM_SCRATCH_LR = 1.0e-4, 1.0e-3
+
+
+def resolve_auto(cfg: DictConfig) -> str:
+    """Make optimizer.lr=auto and scheduler=auto (the defaults) concrete, in `cfg` itself, so the checkpoint and
+    the trackers keep the values trained with. From scratch, scheduler=auto is poly and lr=auto 1e-3; with
+    pretrained weights they are a constant rate and 1e-4. lr=auto under a constant rate is 1e-4 from scratch too:
+    1e-3 held constant did worse there (docs/training.md). Returns what was chosen and why, "" if nothing was
+    auto; a second call finds nothing left to resolve."""
+    model = cfg.model
+    scratch = from_scratch(model.get("weights"), model.get("weights_backbone"), model.get("weights_path"))
+    chosen = []
+    if cfg.get("scheduler") and cfg.scheduler.get("from_scratch_only"):
+        if scratch:
+            with open_dict(cfg.scheduler):
+                del cfg.scheduler["from_scratch_only"]
+        else:
+            cfg.scheduler = None
+        chosen.append(f"scheduler=auto -> {'poly' if scratch else 'constant'}")
+    if cfg.optimizer.get("lr") == "auto":
+        cfg.optimizer.lr = FROM_SCRATCH_LR if scratch and cfg.get("scheduler") else FINE_TUNING_LR
+        held = "" if cfg.get("scheduler") else " (held constant)"
+        chosen.append(f"optimizer.lr=auto -> {cfg.optimizer.lr:g}{held}")
+    if not chosen:
+        return ""
+    why = (
+        "trained from scratch (model.weights, weights_backbone and weights_path are null)"
+        if scratch
+        else "fine-tuning pretrained weights"
+    )
+    return f"{', '.join(chosen)}: {why}"
 
 
 def warmup_poly(
