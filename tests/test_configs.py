@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from seglab.models.inference import Predictor
+from seglab.models.schedulers import FINE_TUNING_LR, FROM_SCRATCH_LR, resolve_auto
 from seglab.runtime import resolve_runtime
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -41,6 +42,7 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group, option, compose_train):
     cfg = compose_train(f"{group}={option}", "model.weights=null", "model.weights_backbone=null")
+    resolve_auto(cfg)  # optimizer.lr and scheduler `auto` -> values, as train() does before it builds them
     datamodule = instantiate(cfg.data)
     assert datamodule.image_size == cfg.data.image_size
     node = cfg.get(group)
@@ -109,7 +111,11 @@ def test_recipe_defaults(compose_train):
     ]
     assert original.train[0].limit == 15 and original.train[1].p == 0.5
     assert list(cfg.data.split_ratios) == [0.8, 0.1, 0.1]
-    assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.Adam", 1e-4, 1e-4)
+    assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.Adam", "auto", 1e-4)
+    assert (
+        resolve_auto(cfg) == "scheduler=auto -> constant, optimizer.lr=auto -> 0.0001: fine-tuning pretrained weights"
+    )
+    assert (cfg.optimizer.lr, cfg.scheduler) == (1e-4, None)  # pretrained: the original recipe's Adam 1e-4, constant
     assert cfg.model.weights == "COCO_WITH_VOC_LABELS_V1" and cfg.loss.aux_weight == 0.5
     # Today's defaults: cross-entropy + -log(Dice), best checkpoint and early stopping (patience 8) by val mIoU.
     assert list(cfg.loss.criterion.weights) == ["ce", "dice"] and cfg.loss.criterion.terms.dice.log_loss
@@ -126,10 +132,76 @@ def test_recipe_defaults(compose_train):
     assert recipe.augmentation == original and recipe.loss.criterion._target_ == "torch.nn.CrossEntropyLoss"
     assert recipe.callbacks.early_stopping.monitor == recipe.callbacks.model_checkpoint.monitor == "val/loss"
     assert (recipe.callbacks.early_stopping.patience, recipe.max_epochs, recipe.batch_size) == (3, 10, 8)
-    assert (recipe.optimizer.lr, recipe.data.image_size) == (1e-4, 513)
+    resolve_auto(recipe)
+    assert (recipe.optimizer.lr, bool(recipe.scheduler), recipe.data.image_size) == (1e-4, False, 513)  # constant
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         sgd = compose("train", overrides=["paths.output_dir=/tmp/x", "optimizer=sgd"]).optimizer
     assert (sgd._target_, sgd.lr, sgd.momentum) == ("torch.optim.SGD", 1e-3, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lr", "poly", "line"),
+    [
+        # From scratch (debug=fast): 1e-3 decayed by poly, better than 1e-4 constant on five real exports.
+        ((), FROM_SCRATCH_LR, True, "scheduler=auto -> poly, optimizer.lr=auto -> 0.001: trained from scratch"),
+        # Any pretrained weights, whole-model, backbone or a local file: the fine-tuning rate, constant.
+        (
+            ("model.weights=COCO_WITH_VOC_LABELS_V1",),
+            FINE_TUNING_LR,
+            False,
+            "scheduler=auto -> constant, optimizer.lr=auto -> 0.0001: fine-tuning pretrained weights",
+        ),
+        (
+            ("model.weights_backbone=IMAGENET1K_V1",),
+            FINE_TUNING_LR,
+            False,
+            "scheduler=auto -> constant, optimizer.lr=auto -> 0.0001: fine-tuning",
+        ),
+        (
+            ("model.weights_path=w.pt",),
+            FINE_TUNING_LR,
+            False,
+            "scheduler=auto -> constant, optimizer.lr=auto -> 0.0001: fine-tuning",
+        ),
+        # A constant rate from scratch (asked for, or the original recipe's) keeps 1e-4: 1e-3 held constant was worse.
+        (
+            ("scheduler=none",),
+            FINE_TUNING_LR,
+            False,
+            "optimizer.lr=auto -> 0.0001 (held constant): trained from scratch",
+        ),
+        (
+            ("recipe=original",),
+            FINE_TUNING_LR,
+            False,
+            "optimizer.lr=auto -> 0.0001 (held constant): trained from scratch",
+        ),
+        # What the user sets is kept; only `auto` is resolved.
+        (("optimizer.lr=3e-4",), 3e-4, True, "scheduler=auto -> poly: trained from scratch"),
+        (("optimizer=sgd",), 1e-3, True, "scheduler=auto -> poly: trained from scratch"),
+        (("scheduler=poly_warmup",), FROM_SCRATCH_LR, False, "optimizer.lr=auto -> 0.001: trained from scratch"),
+        (
+            ("model.weights_backbone=IMAGENET1K_V1", "scheduler=poly"),
+            FINE_TUNING_LR,
+            False,
+            "optimizer.lr=auto -> 0.0001: fine-tuning",
+        ),
+    ],
+)
+def test_auto_learning_rate_and_schedule(overrides, lr, poly, line, compose_train):
+    cfg = compose_train(*overrides)
+    chosen_scheduler = any(o.startswith("scheduler=") for o in overrides) and cfg.scheduler.get("_target_")
+    assert resolve_auto(cfg).startswith(line)
+    assert cfg.optimizer.lr == lr
+    if poly:  # scheduler=auto from scratch: conf/scheduler/poly.yaml exactly, its marker gone
+        assert OmegaConf.to_container(cfg.scheduler) == {
+            "_target_": "torch.optim.lr_scheduler.PolynomialLR",
+            "_partial_": True,
+            "power": 0.9,
+        }
+    else:  # the user's own schedule kept; a constant rate where auto met pretrained weights
+        assert (cfg.scheduler.get("_target_") if cfg.scheduler else None) == (chosen_scheduler or None)
+    assert resolve_auto(cfg) == ""  # resolved once: a second call (build_module after train) finds nothing
 
 
 @pytest.mark.parametrize("config_name", ["evaluate", "predict"])

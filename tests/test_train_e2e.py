@@ -52,6 +52,15 @@ def test_train_script_writes_checkpoint_metrics_and_tensorboard(optimizer, demo_
     assert ckpt["seglab"]["class_names"] == ["background", "disc", "triangle"]
     expected_target = {"adam": "torch.optim.Adam", "sgd": "torch.optim.SGD"}[optimizer]
     assert ckpt["seglab"]["config"]["optimizer"]["_target_"] == expected_target
+    # From scratch (debug=fast): scheduler=auto is poly and Adam's lr=auto is 1e-3, printed and stored resolved.
+    chosen = {"adam": "scheduler=auto -> poly, optimizer.lr=auto -> 0.001", "sgd": "scheduler=auto -> poly"}[optimizer]
+    assert f"seglab schedule: {chosen}: trained from scratch (model.weights, weights_backbone" in proc.stdout
+    assert ckpt["seglab"]["config"]["optimizer"]["lr"] == 1e-3
+    assert ckpt["seglab"]["config"]["scheduler"] == {
+        "_target_": "torch.optim.lr_scheduler.PolynomialLR",
+        "_partial_": True,
+        "power": 0.9,
+    }
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
     splits = json.loads((run_dir / "splits.json").read_text())

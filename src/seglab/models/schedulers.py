@@ -32,7 +32,7 @@ def resolve_auto(cfg: DictConfig) -> str:
         chosen.append(f"scheduler=auto -> {'poly' if scratch else 'constant'}")
     if cfg.optimizer.get("lr") == "auto":
         cfg.optimizer.lr = FROM_SCRATCH_LR if scratch and cfg.get("scheduler") else FINE_TUNING_LR
-        held = "" if cfg.get("scheduler") else " (held constant)"
+        held = " (held constant)" if scratch and not cfg.get("scheduler") else ""
         chosen.append(f"optimizer.lr=auto -> {cfg.optimizer.lr:g}{held}")
     if not chosen:
         return ""
