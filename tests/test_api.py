@@ -13,6 +13,7 @@ from seglab.data.masks import load_image
 from seglab.data.sheet import THUMB
 from seglab.errors import SeglabError
 from seglab.models.checkpoint import load_checkpoint
+from seglab.models.schedulers import resolve_auto
 from seglab.viz import overlay
 
 CLASSES = ["background", "disc", "triangle"]
@@ -51,6 +52,7 @@ def test_two_runs_in_one_process_are_independent(runs):
         # What the model was trained with (stored in its checkpoint) and what resume= would read.
         assert load_checkpoint(run.checkpoint).meta["config"]["optimizer"]["lr"] == lr
         saved = OmegaConf.load(run.run_dir / ".hydra" / "config.yaml")
+        resolve_auto(saved)  # the first run's lr is `auto` there; resume= resolves it as the run did
         assert (saved.optimizer.lr, saved.max_epochs, saved.paths.output_dir) == (lr, epochs, str(run.run_dir))
     assert OmegaConf.load(second.run_dir / ".hydra" / "overrides.yaml") == [
         *runs["smoke"],

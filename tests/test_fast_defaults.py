@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from seglab.callbacks import TrainSpeed
 from seglab.models.checkpoint import load_checkpoint
 from seglab.models.module import use_fused
+from seglab.models.schedulers import resolve_auto
 from seglab.runtime import fast_defaults, resolve_runtime
 
 
@@ -119,6 +120,7 @@ def test_configured_optimizers_are_fused_on_cpu_unless_switched_off(overrides, f
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    resolve_auto(cfg)  # optimizer.lr=auto -> a number, as train() does
     module = SegmentationModule(
         net=torch.nn.Conv2d(3, 2, 1), class_names=["a", "b"], ignore_index=255, optimizer=instantiate(cfg.optimizer)
     )

@@ -140,12 +140,12 @@ def test_every_tracker_records_the_same_run(compose_train, tmp_path):
     assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.tags["run_dir"] == str(run)
     logged = mlflow_scalars(uri, mlflow_run)
     assert {k: logged[k] for k in shared} == {k: approx_series(expected[k]) for k in shared}
-    assert mlflow_run.data.params["optimizer/lr"] == "0.0001" and mlflow_run.data.params["max_epochs"] == "1"
+    assert mlflow_run.data.params["optimizer/lr"] == "0.001" and mlflow_run.data.params["max_epochs"] == "1"
 
     [wandb_run] = (run / "wandb").glob("offline-run-*")  # offline: no WANDB_API_KEY
     logged = wandb_scalars(wandb_run)
     assert {k: logged[k] for k in shared} == {k: approx_series(expected[k]) for k in shared}
-    assert wandb_config(wandb_run)["optimizer/lr"] == 0.0001
+    assert wandb_config(wandb_run)["optimizer/lr"] == 0.001
     assert wandb_exit_code(wandb_run) == 0  # finished, so that the next run starts its own
 
     import wandb
