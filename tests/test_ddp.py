@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from seglab.cli import check_multirun_launch
 from seglab.errors import SeglabError
+from seglab.models.schedulers import resolve_auto
 from seglab.train import build_module, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,4 +145,6 @@ def test_ddp_config_is_per_device_and_refused_in_local_sweeps(compose_train):
     check_multirun_launch(cfg.trainer, "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
     check_multirun_launch(compose_train().trainer, basic)  # one process: any launcher
     with pytest.raises(SeglabError, match="trainer.sync_batchnorm=false"):
-        check_config(compose_train("trainer=ddp", "trainer.accelerator=cpu"))
+        cfg = compose_train("trainer=ddp", "trainer.accelerator=cpu")
+        resolve_auto(cfg)  # as open_run does before it checks: optimizer.lr=auto -> a number
+        check_config(cfg)

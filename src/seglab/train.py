@@ -71,8 +71,6 @@ def check_config(cfg: DictConfig) -> None:
     """Settings that would otherwise fail deep inside a worker or the first optimizer step."""
     for key in ("optimizer.lr", "max_epochs", "batch_size", "data.image_size"):
         value = OmegaConf.select(cfg, key)
-        if key == "optimizer.lr" and value == "auto":  # resolve_auto makes it 1e-4 or 1e-3
-            continue
         if value is None or not isinstance(value, (int, float)) or value <= 0:
             raise SeglabError(f"{key}={value} must be a positive number.")
     trainer = cfg.get("trainer") or {}
