@@ -174,9 +174,26 @@ def test_explicit_class_weights_and_their_errors(counted_split, compose_train):
     cfg = compose_train("loss=ce_weighted", "loss.class_weights=[1,2]")
     with pytest.raises(SeglabError, match=r"2 values for 4 classes \['background', 'a', 'b', 'c'\]"):
         build_criterion(cfg.loss, counted_split)
-    cfg = compose_train("loss=dice_ce", "+loss.class_weights=median_frequency")
-    with pytest.raises(SeglabError, match="class_weights is passed as `weight` to torch.nn.CrossEntropyLoss"):
+    cfg = compose_train("loss=focal", "+loss.class_weights=median_frequency")
+    with pytest.raises(SeglabError, match="FocalLoss with no cross-entropy term. Use loss=ce_weighted, loss=dice_ce"):
         build_criterion(cfg.loss, counted_split)
+
+
+def test_class_weights_weigh_the_cross_entropy_term_of_dice_ce_only(counted_split, compose_train):
+    cfg = compose_train("loss=dice_ce", "loss.class_weights=[0.5,1,2,3]")
+    criterion = build_criterion(cfg.loss, counted_split)
+    assert criterion.terms["ce"].weight.tolist() == [0.5, 1.0, 2.0, 3.0]
+    assert "weight" not in criterion.state_dict() and "terms.ce.weight" not in criterion.state_dict()
+    unweighted = build_criterion(compose_train("loss=dice_ce").loss, counted_split)
+    assert unweighted.terms["ce"].weight is None
+    # Three pixels (classes 0, 1, 2) whose true class gets probability 1/2, 1/4, 1/4: the cross-entropy term is the
+    # weighted mean (0.5 ln 2 + ln 4 + 2 ln 4) / 3.5; the Dice term is the unweighted one's, unchanged.
+    logits = torch.tensor([[np.log(3.0), 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]).float().T.reshape(1, 4, 1, 3)
+    target = torch.tensor([[[0, 1, 2]]])
+    weighted_ce = (0.5 * np.log(2) + np.log(4) + 2 * np.log(4)) / 3.5
+    dice = unweighted.terms["dice"](logits, target).item()
+    assert criterion(logits, target).item() == pytest.approx(weighted_ce + dice, rel=1e-6)
+    assert unweighted(logits, target).item() == pytest.approx((np.log(2) + 2 * np.log(4)) / 3 + dice, rel=1e-6)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

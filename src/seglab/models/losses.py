@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 from torch import nn
 
@@ -80,20 +80,24 @@ def class_weights(spec, datamodule) -> torch.Tensor:
 
 
 def build_criterion(loss_cfg: DictConfig, datamodule) -> nn.Module:
-    """`loss_cfg.criterion` instantiated; with `loss_cfg.class_weights`, given as its `weight` (the datamodule
-    must be set up: median-frequency weights read the train split's masks)."""
+    """`loss_cfg.criterion` instantiated; with `loss_cfg.class_weights`, given as the `weight` of its cross-entropy
+    (of each cross-entropy term of a `WeightedSum`, e.g. dice_ce's: Dice already scores each class by its overlap).
+    The datamodule must be set up: median-frequency weights read the train split's masks."""
     spec = loss_cfg.get("class_weights")
+    criterion = instantiate(loss_cfg.criterion)
     if spec is None:
-        return instantiate(loss_cfg.criterion)
-    target = loss_cfg.criterion._target_
-    if not issubclass(get_class(target), nn.CrossEntropyLoss):
+        return criterion
+    terms = criterion.terms.values() if isinstance(criterion, WeightedSum) else [criterion]
+    weighted = [term for term in terms if isinstance(term, nn.CrossEntropyLoss)]
+    if not weighted:
         raise SeglabError(
             f"loss.class_weights is passed as `weight` to torch.nn.CrossEntropyLoss; "
-            f"loss.criterion is {target}. Use loss=ce_weighted or set loss.class_weights=null."
+            f"loss.criterion is {loss_cfg.criterion._target_} with no cross-entropy term. Use loss=ce_weighted, "
+            f"loss=dice_ce, or set loss.class_weights=null."
         )
     weights = class_weights(spec, datamodule)
-    criterion = instantiate(loss_cfg.criterion)
-    # Recomputed from the data at every start: kept out of checkpoints (non-persistent), so that a
-    # checkpoint loads into a module built with any loss. The module moves it to the device.
-    criterion.register_buffer("weight", weights, persistent=False)
+    for term in weighted:
+        # Recomputed from the data at every start: kept out of checkpoints (non-persistent), so that a
+        # checkpoint loads into a module built with any loss. The module moves it to the device.
+        term.register_buffer("weight", weights.clone(), persistent=False)
     return criterion
