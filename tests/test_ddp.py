@@ -144,7 +144,7 @@ def test_ddp_config_is_per_device_and_refused_in_local_sweeps(compose_train):
         check_multirun_launch(cfg.trainer, "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher")
     check_multirun_launch(cfg.trainer, "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
     check_multirun_launch(compose_train().trainer, basic)  # one process: any launcher
+    cfg = compose_train("trainer=ddp", "trainer.accelerator=cpu")
+    resolve_auto(cfg)  # as open_run does before it checks: optimizer.lr=auto -> a number
     with pytest.raises(SeglabError, match="trainer.sync_batchnorm=false"):
-        cfg = compose_train("trainer=ddp", "trainer.accelerator=cpu")
-        resolve_auto(cfg)  # as open_run does before it checks: optimizer.lr=auto -> a number
         check_config(cfg)

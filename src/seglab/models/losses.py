@@ -87,8 +87,7 @@ def build_criterion(loss_cfg: DictConfig, datamodule) -> nn.Module:
     criterion = instantiate(loss_cfg.criterion)
     if spec is None:
         return criterion
-    terms = criterion.terms.values() if isinstance(criterion, WeightedSum) else [criterion]
-    weighted = [term for term in terms if isinstance(term, nn.CrossEntropyLoss)]
+    weighted = [term for term in criterion.modules() if isinstance(term, nn.CrossEntropyLoss)]  # itself included
     if not weighted:
         raise SeglabError(
             f"loss.class_weights is passed as `weight` to torch.nn.CrossEntropyLoss; "
